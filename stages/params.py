@@ -1,0 +1,341 @@
+"""Every knob of the pipeline, in one place: typed, range-checked and documented.
+
+`params.yaml` is parsed into the dataclasses below. Each field's metadata carries its
+documentation and its allowed range or choices; `load_params` rejects unknown keys, wrong types
+and out-of-range values with a `ParamsError` naming the full key path (e.g. `train.lr`) and what
+was expected. Stages read their groups through `load_params(...)`; no stage reads the YAML itself.
+
+`python -m stages.params` prints the documented schema (the reference for params.yaml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params.yaml key is unknown, missing, of the wrong type or out of range."""
+
+
+def knob(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
+         choices: tuple | None = None) -> Any:
+    """A dataclass field with its documentation and allowed range (inclusive) or choices."""
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage groups
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticParams:
+    num_scenes: int = knob(6, "Number of procedural scenes to generate.", lo=1, hi=100000)
+    scene_size: int = knob(768, "Scene width and height in pixels.", lo=64, hi=65536)
+    labelled_fraction: float = knob(0.5, "Fraction of scenes written with a label raster.", lo=0.0, hi=1.0)
+    pixel_size_m: float = knob(0.6, "Ground sample distance in metres (CRS units) per pixel.", lo=0.05, hi=10.0)
+    crs: str = knob("EPSG:32611", "Projected CRS of the synthetic scenes.")
+    noise_std: float = knob(4.0, "Sensor noise standard deviation in digital numbers (0..255).", lo=0.0, hi=64.0)
+
+
+@dataclass
+class LocalParams:
+    path: str = knob("", "Directory or glob of input rasters (any GDAL-readable format).")
+    labels: str = knob("", "Directory or glob of label rasters; empty = no labels.")
+    label_regex: str = knob("", "Regex with one group extracting the pairing key from a file stem; "
+                            "empty = pair image and label by identical stem.")
+    label_map: dict[int, int] = knob({}, "Optional map from raw label value to class id (0 = ignore); "
+                                     "values absent from a non-empty map are an error.")
+    bands: list[int] = knob([1, 2, 3], "1-based band indices read as R, G, B.", lo=1, hi=64)
+
+
+@dataclass
+class RemoteParams:
+    urls: list[str] = knob([], "COG URLs (http(s):// or s3://) read by range requests through GDAL's "
+                           "virtual file systems, never downloaded whole.")
+    label_urls: list[str] = knob([], "Optional label COG URLs, one per entry of `urls` (or empty).")
+    windows: list[list[int]] = knob([], "Optional pixel window per URL as [col_off, row_off, width, "
+                                    "height]; empty = whole raster.")
+    timeout_s: int = knob(30, "HTTP timeout in seconds for remote reads.", lo=1, hi=3600)
+
+
+@dataclass
+class IngestParams:
+    provider: str = knob("synthetic", "Where the rasters come from.", choices=("synthetic", "local", "remote"))
+    dataset: str = knob("synthetic", "Dataset name: data/shards/<dataset>/ is where build_shards writes.")
+    seed: int = knob(0, "Seed of the synthetic provider.", lo=0, hi=2**31 - 1)
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    local: LocalParams = field(default_factory=LocalParams)
+    remote: RemoteParams = field(default_factory=RemoteParams)
+
+
+@dataclass
+class ShardsParams:
+    tile_size: int = knob(256, "Tile width and height in pixels.", lo=16, hi=8192)
+    max_blank_fraction: float = knob(0.5, "Tiles with more than this fraction of nodata or blank "
+                                     "pixels are dropped.", lo=0.0, hi=1.0)
+    metrics_train_fraction: float = knob(0.25, "Share of labelled groups assigned to `metrics_train` "
+                                         "(model selection); the rest go to `val`.", lo=0.0, hi=1.0)
+    group_regex: str = knob("", "Regex whose first group (applied to the source item id) defines the "
+                            "split group, e.g. 't(\\d+)_' for Dubai; empty = the source raster.")
+    tiles_per_shard: int = knob(256, "Tiles per shard directory.", lo=1, hi=1000000)
+
+
+@dataclass
+class AugParams:
+    seed: int = knob(0, "Seed of the augmentation stream (new draws every epoch, reproducible).", lo=0, hi=2**31 - 1)
+    rotate90: bool = knob(True, "Random 90-degree rotations per view.")
+    flip: bool = knob(True, "Random horizontal/vertical flips per view.")
+    brightness: float = knob(0.2, "Max relative brightness change (RGB only).", lo=0.0, hi=1.0)
+    contrast: float = knob(0.2, "Max relative contrast change (RGB only).", lo=0.0, hi=1.0)
+    saturation: float = knob(0.2, "Max relative saturation change (RGB only).", lo=0.0, hi=1.0)
+    noise_std: float = knob(0.02, "Gaussian noise std on normalised RGB.", lo=0.0, hi=1.0)
+
+
+@dataclass
+class ModelParams:
+    width: int = knob(48, "Teacher encoder channel width.", lo=8, hi=1024)
+    depth: int = knob(4, "Teacher residual blocks at stride 4.", lo=0, hi=64)
+    embed_dim: int = knob(32, "Teacher embedding dimension.", lo=2, hi=1024)
+    max_k: int = knob(8, "Number of soft k-means prototypes (largest k the runtime accepts).", lo=2, hi=16)
+    temperature: float = knob(0.1, "Soft k-means temperature on cosine similarity.", lo=1e-4, hi=10.0)
+    cluster_iters: int = knob(3, "Soft k-means refinement iterations.", lo=0, hi=100)
+    smooth_iters: int = knob(1, "3x3 probability smoothing iterations at stride 4.", lo=0, hi=32)
+    refine_head: bool = knob(False, "Add a learned residual refinement head on the embeddings.")
+    seed: int = knob(0, "Seed of weight and prototype initialisation.", lo=0, hi=2**31 - 1)
+
+
+@dataclass
+class LossParams:
+    consistency: float = knob(1.0, "Weight of the two-view consistency loss.", lo=0.0, hi=100.0)
+    entropy: float = knob(0.1, "Weight of the per-pixel assignment entropy (confidence).", lo=0.0, hi=100.0)
+    marginal_entropy: float = knob(1.0, "Weight of the negative marginal entropy (anti-collapse).", lo=0.0, hi=100.0)
+    smoothness: float = knob(0.1, "Weight of the edge-aware total variation of assignments.", lo=0.0, hi=100.0)
+    edge_sigma: float = knob(0.1, "Image-gradient scale of the edge-aware weights.", lo=1e-4, hi=10.0)
+
+
+@dataclass
+class TrainParams:
+    seed: int = knob(0, "Seed of sampling and training.", lo=0, hi=2**31 - 1)
+    steps: int = knob(300, "Optimiser steps.", lo=1, hi=10**8)
+    batch_size: int = knob(8, "Samples per step.", lo=1, hi=4096)
+    patch_size: int = knob(96, "Training patch size in pixels.", lo=16, hi=4096)
+    lr: float = knob(0.003, "AdamW learning rate.", lo=1e-7, hi=1.0)
+    weight_decay: float = knob(0.0001, "AdamW weight decay.", lo=0.0, hi=1.0)
+    val_every: int = knob(50, "Steps between validation (model selection) runs.", lo=1, hi=10**8)
+    checkpoint_every: int = knob(50, "Steps between resumable checkpoints.", lo=1, hi=10**8)
+    device: str = knob("auto", "Torch device.", choices=("auto", "cpu", "cuda"))
+    threads: int = knob(0, "Torch CPU threads; 0 = all cores.", lo=0, hi=256)
+
+
+@dataclass
+class StudentParams:
+    width: int = knob(32, "Student encoder channel width.", lo=8, hi=1024)
+    depth: int = knob(2, "Student residual blocks.", lo=0, hi=64)
+    embed_dim: int = knob(24, "Student embedding dimension.", lo=2, hi=1024)
+    norm: str = knob("batch", "Normalisation layer (batch norm is folded into convs at export).",
+                     choices=("batch", "none"))
+    dropout: float = knob(0.0, "Channel dropout inside residual blocks (training only).", lo=0.0, hi=0.9)
+
+
+@dataclass
+class DataParams:
+    patch_sizes: list[int] = knob([64, 96, 128], "Patch sizes in pixels used by distillation.", lo=16, hi=4096)
+    patch_size_sampling: str = knob("cycle", "How a step's patch size is chosen.", choices=("cycle", "uniform"))
+
+
+@dataclass
+class DistillParams:
+    seed: int = knob(0, "Seed of sampling and training.", lo=0, hi=2**31 - 1)
+    steps: int = knob(300, "Optimiser steps.", lo=1, hi=10**8)
+    batch_size: int = knob(8, "Samples per step.", lo=1, hi=4096)
+    lr: float = knob(0.003, "AdamW learning rate.", lo=1e-7, hi=1.0)
+    weight_decay: float = knob(0.0001, "AdamW weight decay.", lo=0.0, hi=1.0)
+    ema_decay: float = knob(0.98, "Decay of each patch size's loss EMA used for normalisation.", lo=0.0, hi=0.99999)
+    ema_eps: float = knob(1e-06, "Epsilon added to the EMA before dividing.", lo=0.0, hi=1.0)
+    feature_weight: float = knob(1.0, "Weight of cosine feature distillation.", lo=0.0, hi=100.0)
+    affinity_weight: float = knob(1.0, "Weight of affinity distillation.", lo=0.0, hi=100.0)
+    cluster_weight: float = knob(1.0, "Weight of cluster-assignment distillation.", lo=0.0, hi=100.0)
+    tv_weight: float = knob(0.1, "Weight of edge-aware total variation.", lo=0.0, hi=100.0)
+    affinity_samples: int = knob(256, "Positions sampled per image for affinity distillation.", lo=2, hi=65536)
+    val_every: int = knob(50, "Steps between validation (model selection) runs.", lo=1, hi=10**8)
+    checkpoint_every: int = knob(50, "Steps between resumable checkpoints.", lo=1, hi=10**8)
+
+
+@dataclass
+class ExportParams:
+    source: str = knob("student", "Which checkpoint becomes model/best.", choices=("student", "teacher"))
+
+
+@dataclass
+class EvaluateParams:
+    k: int = knob(0, "Clusters predicted; 0 = the number of label classes.", lo=0, hi=16)
+    seed: int = knob(0, "Seed of centre fitting and baselines.", lo=0, hi=2**31 - 1)
+    num_overlays: int = knob(4, "Overlay images (image | truth | prediction) written as plots.", lo=0, hi=64)
+
+
+@dataclass
+class Params:
+    ingest: IngestParams = field(default_factory=IngestParams)
+    shards: ShardsParams = field(default_factory=ShardsParams)
+    aug: AugParams = field(default_factory=AugParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    loss: LossParams = field(default_factory=LossParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    student: StudentParams = field(default_factory=StudentParams)
+    data: DataParams = field(default_factory=DataParams)
+    distill: DistillParams = field(default_factory=DistillParams)
+    export: ExportParams = field(default_factory=ExportParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, meta: dict) -> Any:
+    """Check `value` against the annotation `tp` (and the field's range), returning the value."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _parse_dataclass(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key, meta)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(v, inner, f"{key}[{i}]", meta) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_convert(k, kt, f"{key} key {k!r}", {}): _convert(v, vt, f"{key}[{k!r}]", {})
+                for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            hint = " (YAML reads '1e-3' as text: write 0.001 or 1.0e-3)" if isinstance(value, str) else ""
+            raise ParamsError(f"{key}: expected a number, got {value!r}{hint}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: expected a string, got {value!r}")
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported params type {tp} for {key}")
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ParamsError(f"{key}: expected one of {list(choices)}, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ParamsError(f"{key}: expected a value in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _parse_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "params.yaml"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, raw)) - set(known))
+    if unknown:
+        names = ", ".join(f"{prefix + '.' if prefix else ''}{k}" for k in unknown)
+        raise ParamsError(f"unknown key(s) {names}; allowed keys in {where}: {sorted(known)}")
+    kwargs = {}
+    for name, f in known.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], key, dict(f.metadata))
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(prefix)
+    return obj
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate an already-loaded YAML mapping. Missing keys take the documented defaults."""
+    return _parse_dataclass(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ParamsError naming the file and key on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return parse_params(raw)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+
+
+def params_hash(*groups: Any) -> str:
+    """Stable sha256 of one or more param groups (dataclasses), for provenance and summaries."""
+    blob = json.dumps([dataclasses.asdict(g) for g in groups], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def describe(cls: type = Params, prefix: str = "") -> list[str]:
+    """One line per knob: key path, type, default, range or choices, documentation."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, key)
+            continue
+        m = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rng = (f" one of {list(m['choices'])}" if m.get("choices")
+               else f" in [{m.get('lo')}, {m.get('hi')}]" if m.get("lo") is not None or m.get("hi") is not None
+               else "")
+        lines.append(f"{key} ({_type_name(tp)}, default {default!r}{rng}): {m.get('doc', '')}")
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        load_params(argv[0])
+        print(f"{argv[0]}: OK")
+    else:
+        print("\n".join(describe()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
