@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import types
 import typing
@@ -43,33 +44,58 @@ def knob(default: Any, doc: str, *, lo: float | None = None, hi: float | None = 
 
 @dataclass
 class SyntheticParams:
-    num_scenes: int = knob(6, "Number of procedural scenes to generate.", lo=1, hi=100000)
-    scene_size: int = knob(768, "Scene width and height in pixels.", lo=64, hi=65536)
-    labelled_fraction: float = knob(0.5, "Fraction of scenes written with a label raster.", lo=0.0, hi=1.0)
+    num_scenes: int = knob(15, "Number of procedural scenes (separate areas: each is its own split group).",
+                           lo=1, hi=100000)
+    scene_size: int = knob(512, "Scene width and height in pixels.", lo=64, hi=65536)
+    labelled_fraction: float = knob(0.67, "Fraction of scenes written with a label raster (rounded to "
+                                    "whole scenes, chosen by the seed).", lo=0.0, hi=1.0)
     pixel_size_m: float = knob(0.6, "Ground sample distance in metres (CRS units) per pixel.", lo=0.05, hi=10.0)
-    crs: str = knob("EPSG:32611", "Projected CRS of the synthetic scenes.")
+    crs: str = knob("EPSG:32611", "Projected CRS of the synthetic scenes (metres).")
     noise_std: float = knob(4.0, "Sensor noise standard deviation in digital numbers (0..255).", lo=0.0, hi=64.0)
 
 
 @dataclass
 class LocalParams:
-    path: str = knob("", "Directory or glob of input rasters (any GDAL-readable format).")
-    labels: str = knob("", "Directory or glob of label rasters; empty = no labels.")
-    label_regex: str = knob("", "Regex with one group extracting the pairing key from a file stem; "
-                            "empty = pair image and label by identical stem.")
+    path: str = knob("", "Directory (raster files in it) or glob of input rasters, any GDAL-readable "
+                     "format; 3-band uint8 after `bands`.")
+    labels: str = knob("", "Directory or glob of single-band label rasters; empty = no labels.")
+    label_regex: str = knob("", "Regex with one group extracting the pairing key from image and label "
+                            "file stems; empty = pair image and label by identical stem.")
     label_map: dict[int, int] = knob({}, "Optional map from raw label value to class id (0 = ignore); "
                                      "values absent from a non-empty map are an error.")
-    bands: list[int] = knob([1, 2, 3], "1-based band indices read as R, G, B.", lo=1, hi=64)
+    bands: list[int] = knob([1, 2, 3], "1-based band indices read as R, G, B (e.g. [1, 2, 3] of 4-band NAIP).",
+                            lo=1, hi=64)
+
+    def check(self, prefix: str) -> None:
+        if len(self.bands) != 3:
+            raise ParamsError(f"{prefix}.bands: expected 3 band indices (R, G, B), got {self.bands!r}")
+        for raw, cls in self.label_map.items():
+            if not (0 <= raw < 65536 and 0 <= cls <= 255):
+                raise ParamsError(f"{prefix}.label_map: expected raw values in [0, 65535] mapped to classes "
+                                  f"in [0, 255], got {raw!r}: {cls!r}")
+        _check_regex(self.label_regex, f"{prefix}.label_regex")
 
 
 @dataclass
 class RemoteParams:
     urls: list[str] = knob([], "COG URLs (http(s):// or s3://) read by range requests through GDAL's "
                            "virtual file systems, never downloaded whole.")
-    label_urls: list[str] = knob([], "Optional label COG URLs, one per entry of `urls` (or empty).")
+    label_urls: list[str] = knob([], "Optional label COG URLs, one per entry of `urls` (or empty); "
+                                 "warped onto the image window's grid (nearest neighbour).")
     windows: list[list[int]] = knob([], "Optional pixel window per URL as [col_off, row_off, width, "
-                                    "height]; empty = whole raster.")
+                                    "height]; empty = whole raster.", lo=0)
     timeout_s: int = knob(30, "HTTP timeout in seconds for remote reads.", lo=1, hi=3600)
+
+    def check(self, prefix: str) -> None:
+        if self.label_urls and len(self.label_urls) != len(self.urls):
+            raise ParamsError(f"{prefix}.label_urls: expected one per URL ({len(self.urls)}), "
+                              f"got {len(self.label_urls)}")
+        if self.windows and len(self.windows) != len(self.urls):
+            raise ParamsError(f"{prefix}.windows: expected one per URL ({len(self.urls)}), got {len(self.windows)}")
+        for i, w in enumerate(self.windows):
+            if len(w) != 4 or w[2] < 1 or w[3] < 1:
+                raise ParamsError(f"{prefix}.windows[{i}]: expected [col_off, row_off, width >= 1, "
+                                  f"height >= 1], got {w!r}")
 
 
 @dataclass
@@ -77,21 +103,46 @@ class IngestParams:
     provider: str = knob("synthetic", "Where the rasters come from.", choices=("synthetic", "local", "remote"))
     dataset: str = knob("synthetic", "Dataset name: data/shards/<dataset>/ is where build_shards writes.")
     seed: int = knob(0, "Seed of the synthetic provider.", lo=0, hi=2**31 - 1)
+    class_names: dict[int, str] = knob({}, "Names of label classes 1..C for the local and remote providers "
+                                       "(synthetic names its own six); empty = unnamed, C = largest label.")
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     local: LocalParams = field(default_factory=LocalParams)
     remote: RemoteParams = field(default_factory=RemoteParams)
+
+    def check(self, prefix: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.dataset):
+            raise ParamsError(f"{prefix}.dataset: expected a folder name of letters, digits, '.', '_' or "
+                              f"'-', got {self.dataset!r}")
+        bad = [k for k in self.class_names if not 1 <= k <= 255]
+        if bad:
+            raise ParamsError(f"{prefix}.class_names: expected class ids in [1, 255], got {bad}")
 
 
 @dataclass
 class ShardsParams:
     tile_size: int = knob(256, "Tile width and height in pixels.", lo=16, hi=8192)
-    max_blank_fraction: float = knob(0.5, "Tiles with more than this fraction of nodata or blank "
-                                     "pixels are dropped.", lo=0.0, hi=1.0)
+    max_blank_fraction: float = knob(0.25, "Tiles with more than this fraction of blank pixels (outside "
+                                     "the raster, nodata/masked, or the whole tile one constant colour) are "
+                                     "dropped.", lo=0.0, hi=1.0)
     metrics_train_fraction: float = knob(0.25, "Share of labelled groups assigned to `metrics_train` "
                                          "(model selection); the rest go to `val`.", lo=0.0, hi=1.0)
-    group_regex: str = knob("", "Regex whose first group (applied to the source item id) defines the "
+    group_regex: str = knob("", "Regex whose first group (searched in the source item id) defines the "
                             "split group, e.g. 't(\\d+)_' for Dubai; empty = the source raster.")
     tiles_per_shard: int = knob(256, "Tiles per shard directory.", lo=1, hi=1000000)
+
+    def check(self, prefix: str) -> None:
+        _check_regex(self.group_regex, f"{prefix}.group_regex")
+
+
+def _check_regex(pattern: str, key: str) -> None:
+    if not pattern:
+        return
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise ParamsError(f"{key}: not a valid regular expression {pattern!r}: {e}") from None
+    if compiled.groups < 1:
+        raise ParamsError(f"{key}: expected a regex with one capture group, got {pattern!r}")
 
 
 @dataclass
