@@ -9,8 +9,10 @@ complete (nothing outside that folder is touched):
     <dataset>/<split>/shard-NNNNN/<tile>.tif        3-band uint8 GeoTIFF window of the source
     <dataset>/<split>/shard-NNNNN/<tile>.label.tif  1-band uint8 label on the same grid (labelled only)
 
-Tiles are `shards.tile_size` pixels on a grid anchored at the raster's top-left corner; tiles that
-overrun the right/bottom edge are padded (image 0, label 0 = ignore, GeoTIFF mask = invalid).
+Tiles are `shards.tile_size` pixels on a grid anchored at the raster's top-left corner. The last
+tile of a row/column is shifted inward to end at the raster edge; in its label the pixels it
+shares with the previous tile are 0 (ignore), so every labelled source pixel is scored exactly once.
+A raster smaller than a tile gives one padded tile (image 0, label 0, GeoTIFF mask = invalid).
 A tile is dropped when more than `shards.max_blank_fraction` of it is blank: outside the raster,
 nodata/masked in the source, or the whole tile one constant colour.
 
@@ -71,11 +73,27 @@ def labelled_split(key: str, metrics_train_fraction: float) -> str:
     return "metrics_train" if group_unit(key) < metrics_train_fraction else "val"
 
 
+def _tile_starts(n: int, tile: int) -> list[tuple[int, int]]:
+    """(start, leading pixels already covered by the previous tile) along one axis of n pixels."""
+    if n <= tile:
+        return [(0, 0)]
+    starts = [(s, 0) for s in range(0, n - tile + 1, tile)]
+    last = starts[-1][0]
+    if last + tile < n:
+        starts.append((n - tile, last + tile - (n - tile)))
+    return starts
+
+
 def tile_windows(width: int, height: int, tile: int):
-    """Windows (pixel units) of a tile grid anchored at (0, 0); edge tiles overrun the raster."""
-    for row in range(0, height, tile):
-        for col in range(0, width, tile):
-            yield Window(col, row, tile, tile)
+    """(window, covered_rows, covered_cols) of a tile grid anchored at (0, 0), in pixels.
+
+    The last tile along an axis is shifted inward to end at the raster edge (real pixels, not
+    padding); its first `covered_*` rows/cols repeat the previous tile. Rasters smaller than a tile
+    give one tile that overruns the edge (padded).
+    """
+    for row, covered_rows in _tile_starts(height, tile):
+        for col, covered_cols in _tile_starts(width, tile):
+            yield Window(col, row, tile, tile), covered_rows, covered_cols
 
 
 def blank_fraction(rgb: np.ndarray, valid: np.ndarray) -> float:
@@ -174,7 +192,7 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
                 if src.count != 3 or src.dtypes[0] != "uint8":
                     raise ShardsError(f"{image_path}: expected 3-band uint8, found {src.count} band(s) "
                                       f"of {src.dtypes[0]}")
-                for win in tile_windows(src.width, src.height, T):
+                for win, covered_rows, covered_cols in tile_windows(src.width, src.height, T):
                     valid = read_valid(src, win, [1, 2, 3])
                     rgb = read(src, [1, 2, 3], win, boundless=True, fill=0)
                     if blank_fraction(rgb, valid) > params.max_blank_fraction:
@@ -185,6 +203,9 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
                     if lab_src is not None:
                         label = read_label_aligned(lab_src, src, win)
                         label[~valid] = 0
+                        # Pixels repeated from the previous tile are scored there only.
+                        label[:covered_rows] = 0
+                        label[:, :covered_cols] = 0
                         counts = np.bincount(label.ravel(), minlength=256)
                         if counts[num_classes + 1:].any():
                             bad = np.nonzero(counts[num_classes + 1:])[0] + num_classes + 1

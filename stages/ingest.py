@@ -57,6 +57,10 @@ class NoCRSWarning(UserWarning):
     """Rasters without a CRS: ingested on their pixel grid only."""
 
 
+class UnpairedLabelWarning(UserWarning):
+    """Label rasters without a matching image (e.g. images selected by a glob): ignored."""
+
+
 @dataclass
 class Item:
     """One raster to ingest: `image` is a path or GDAL virtual path; `window` in source pixels."""
@@ -332,8 +336,8 @@ def local_items(params: IngestParams) -> list[Item]:
         items.append(Item(item_id, str(f), str(label) if label else None, str(f.resolve())))
     orphans = sorted(str(by_key[k]) for k in set(by_key) - used)
     if orphans:
-        raise IngestError(f"ingest.local.labels: {len(orphans)} label raster(s) pair with no image, "
-                          f"e.g. {orphans[:3]}")
+        warnings.warn(f"ingest.local.labels: {len(orphans)} label raster(s) pair with no image and are "
+                      f"ignored, e.g. {orphans[:3]}", UnpairedLabelWarning, stacklevel=2)
     return items
 
 
@@ -438,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params).ingest
         with warnings.catch_warnings():
             warnings.simplefilter("always", NoCRSWarning)
+            warnings.simplefilter("always", UnpairedLabelWarning)
             warnings.showwarning = lambda m, c, *a, **k: print(f"warning: {m}", file=sys.stderr)
             entries = ingest(params, Path(args.out))
     except (ParamsError, IngestError, RasterError) as e:

@@ -381,7 +381,11 @@ def describe(cls: type = Params, prefix: str = "") -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv:
-        load_params(argv[0])
+        try:
+            load_params(argv[0])
+        except ParamsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"{argv[0]}: OK")
     else:
         print("\n".join(describe()))
