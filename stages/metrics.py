@@ -1,10 +1,20 @@
-"""Cluster-to-class scores: confusion matrices and Hungarian-matched IoU.
+"""Cluster-to-class scores: confusion matrices, Hungarian matching and the two protocols.
 
 Unsupervised clusters have arbitrary ids, so a prediction is scored after matching clusters to
 classes one-to-one (scipy's Hungarian solver, maximising matched pixels). Conventions:
-- ground-truth labels <= 0 are ignored; classes are 1..C (row/column c-1 of the matrices);
+- ground-truth labels <= 0 are ignored (in the truth only); classes are 1..C (row/column c-1);
 - every predicted pixel of a non-ignored truth pixel counts: a cluster left unmatched (more
   clusters than classes) counts as an error for the class it covers.
+
+Two protocols (both reported by `evaluate`):
+- per tile: each tile's clusters are matched to classes on that tile alone (partition quality:
+  is each tile cut along class boundaries?). The matched (class x class) confusions of all tiles
+  are summed and IoU is computed once from the sum, so big tiles weigh by their pixels.
+- global: one matching for the whole split from the summed raw (cluster x class) confusion (the
+  same cluster id must mean the same class on every tile).
+Both end in a matched confusion `(C, C + 1)`: rows are true classes, columns the class a pixel's
+cluster was matched to, the last column "matched to no class". `scores_from_matched` turns that
+into IoU and accuracy, so the two protocols share one definition of IoU.
 """
 
 from __future__ import annotations
@@ -28,6 +38,59 @@ def confusion(pred: np.ndarray, target: np.ndarray, num_clusters: int, num_class
         num_clusters, num_classes)
 
 
+def hungarian_mapping(conf: np.ndarray) -> np.ndarray:
+    """cluster -> matched class index (0-based) or -1, maximising matched pixels one-to-one."""
+    conf = np.asarray(conf, dtype=np.float64)
+    rows, cols = linear_sum_assignment(conf, maximize=True)
+    mapping = np.full(conf.shape[0], -1, dtype=np.int64)
+    mapping[rows] = cols
+    return mapping
+
+
+def matched_confusion(conf: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """Raw (clusters, C) confusion + cluster->class mapping -> (C, C + 1) matched confusion.
+
+    Entry [t, p] counts pixels of true class t whose cluster is matched to class p; column C
+    counts pixels whose cluster is matched to no class (always errors).
+    """
+    conf = np.asarray(conf, dtype=np.int64)
+    num_clusters, num_classes = conf.shape
+    mapping = np.asarray(mapping, dtype=np.int64)
+    if mapping.shape != (num_clusters,):
+        raise ValueError(f"mapping has shape {mapping.shape}, expected ({num_clusters},)")
+    out = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+    for cluster, cls in enumerate(mapping):
+        out[:, cls if cls >= 0 else num_classes] += conf[cluster]
+    return out
+
+
+def scores_from_matched(matched: np.ndarray) -> dict:
+    """IoU per class, mIoU and pixel accuracy from a (C, C + 1) matched confusion.
+
+    IoU_c = TP / (TP + FP + FN) with TP = [c, c], true area = row c, predicted area = column c.
+    per_class_iou is NaN for a class absent from both truth and prediction; mIoU averages over
+    classes present in the truth (pixels predicted as an absent class still count: they are
+    false negatives in their true class's row).
+    """
+    matched = np.asarray(matched, dtype=np.float64)
+    num_classes = matched.shape[0]
+    if matched.shape != (num_classes, num_classes + 1):
+        raise ValueError(f"matched confusion must be (C, C + 1), got {matched.shape}")
+    inter = np.diag(matched[:, :num_classes])
+    true_area = matched.sum(axis=1)
+    pred_area = matched[:, :num_classes].sum(axis=0)
+    union = true_area + pred_area - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / union, np.nan)
+    present = true_area > 0
+    total = matched.sum()
+    return {
+        "miou": float(np.mean(iou[present])) if present.any() else float("nan"),
+        "per_class_iou": [float(v) for v in iou],
+        "pixel_accuracy": float(inter.sum() / total) if total > 0 else float("nan"),
+    }
+
+
 def hungarian_scores(conf: np.ndarray) -> dict:
     """Match clusters to classes one-to-one on a confusion matrix; IoU per class and accuracy.
 
@@ -35,25 +98,40 @@ def hungarian_scores(conf: np.ndarray) -> dict:
     "pixel_accuracy", "mapping" (cluster -> class index or -1)}. mIoU averages over classes
     present in the truth.
     """
-    conf = np.asarray(conf, dtype=np.float64)
-    rows, cols = linear_sum_assignment(conf, maximize=True)
-    num_clusters, num_classes = conf.shape
-    mapping = np.full(num_clusters, -1, dtype=np.int64)
-    mapping[rows] = cols
-    inter = np.zeros(num_classes)
-    pred_area = np.zeros(num_classes)
-    for r, c in zip(rows, cols):
-        inter[c] = conf[r, c]
-        pred_area[c] = conf[r].sum()
-    true_area = conf.sum(axis=0)
-    union = true_area + pred_area - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, inter / union, np.nan)
-    present = true_area > 0
-    total = conf.sum()
-    return {
-        "miou": float(np.nanmean(np.where(present, iou, np.nan))) if present.any() else float("nan"),
-        "per_class_iou": [float(v) for v in iou],
-        "pixel_accuracy": float(inter.sum() / total) if total > 0 else float("nan"),
-        "mapping": mapping.tolist(),
-    }
+    mapping = hungarian_mapping(conf)
+    return {**scores_from_matched(matched_confusion(conf, mapping)), "mapping": mapping.tolist()}
+
+
+class ProtocolScores:
+    """Accumulates tiles under both protocols; `.result()` gives the scores of each.
+
+    add(pred, target) per tile, with pred cluster ids in [0, num_clusters) and target 0..C.
+    """
+
+    def __init__(self, num_clusters: int, num_classes: int):
+        if num_clusters < 1 or num_classes < 1:
+            raise ValueError(f"need >= 1 cluster and class, got {num_clusters}, {num_classes}")
+        self.num_clusters, self.num_classes = num_clusters, num_classes
+        self.global_confusion = np.zeros((num_clusters, num_classes), dtype=np.int64)
+        self.per_tile_matched = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+        self.tiles = 0
+
+    def add(self, pred: np.ndarray, target: np.ndarray) -> None:
+        conf = confusion(pred, target, self.num_clusters, self.num_classes)
+        self.global_confusion += conf
+        self.per_tile_matched += matched_confusion(conf, hungarian_mapping(conf))
+        self.tiles += 1
+
+    def global_mapping(self) -> np.ndarray:
+        return hungarian_mapping(self.global_confusion)
+
+    def global_matched(self) -> np.ndarray:
+        return matched_confusion(self.global_confusion, self.global_mapping())
+
+    def result(self) -> dict:
+        """{"global": scores + "mapping", "per_tile": scores}."""
+        return {
+            "global": {**scores_from_matched(self.global_matched()),
+                       "mapping": self.global_mapping().tolist()},
+            "per_tile": scores_from_matched(self.per_tile_matched),
+        }
