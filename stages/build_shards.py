@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from stages.params import ParamsError, ShardsParams, load_params
 from stages.rasterio_utils import (RasterError, fresh_tmp_dir, open_raster, read, read_label_aligned,
-                                   read_valid, replace_dir, write_geotiff)
+                                   read_valid, replace_dir, window_transform, write_geotiff)
 
 SPLITS = ("train", "metrics_train", "val")
 
@@ -216,7 +216,7 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
                     col, row = int(win.col_off), int(win.row_off)
                     writers[split].add(
                         f"{e['item_id']}_r{row:06d}_c{col:06d}", rgb, label, valid,
-                        crs=src.crs, transform=src.window_transform(win), source_item=e["item_id"],
+                        crs=src.crs, transform=window_transform(win, src.transform), source_item=e["item_id"],
                         window=[col, row, T, T], class_hist=class_hist)
                     split_groups[split].add(groups[e["item_id"]])
                     kept += 1

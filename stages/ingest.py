@@ -42,7 +42,7 @@ from stages import synthetic
 from stages.params import IngestParams, ParamsError, load_params
 from stages.rasterio_utils import (GDAL_READ_ENV, Grid, RasterError, crs_string, fresh_tmp_dir,
                                    geotiff_profile, has_mask, open_raster, read, read_label_aligned,
-                                   replace_dir, sha256_file)
+                                   replace_dir, sha256_file, window_transform)
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".jpg", ".jpeg", ".png", ".jp2", ".img", ".bmp", ".gif"}
 BLOCK_ROWS = 512  # rows copied per read/write; bounds memory to ~BLOCK_ROWS * width * bands bytes
@@ -192,7 +192,7 @@ def _copy_raster(item: Item, dst_image: Path, dst_label: Path | None, bands: lis
                 raise IngestError(f"{item.image}: window {list(item.window)} is outside the raster "
                                   f"({src.width}x{src.height})")
         full = Window(c0, r0, w, h)
-        transform = src.window_transform(full)
+        transform = window_transform(full, src.transform)
         masked = has_mask(src)
 
         def blocks():
@@ -443,7 +443,15 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always", NoCRSWarning)
             warnings.simplefilter("always", UnpairedLabelWarning)
-            warnings.showwarning = lambda m, c, *a, **k: print(f"warning: {m}", file=sys.stderr)
+            default_show = warnings.showwarning
+
+            def show(message, category, *rest, **kw):
+                if issubclass(category, (NoCRSWarning, UnpairedLabelWarning)):
+                    print(f"warning: {message}", file=sys.stderr)
+                else:
+                    default_show(message, category, *rest, **kw)
+
+            warnings.showwarning = show
             entries = ingest(params, Path(args.out))
     except (ParamsError, IngestError, RasterError) as e:
         print(f"error: {e}", file=sys.stderr)

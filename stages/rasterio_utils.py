@@ -24,7 +24,6 @@ from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.warp import reproject
 from rasterio.windows import Window
-from rasterio.windows import transform as window_transform
 
 # GDAL settings for every read: libjpeg warnings ("premature end of data") become errors, so a
 # truncated JPEG fails loudly instead of returning grey-filled pixels.
@@ -85,6 +84,11 @@ def read(src: rasterio.DatasetReader, indexes: int | Sequence[int], window: Wind
     except (RasterioError, OSError) as e:
         raise RasterError(f"{src.name}: read failed at window {window}: {e} "
                           "(truncated or corrupt file?)") from None
+
+
+def window_transform(window: Window, transform: Affine) -> Affine:
+    """Affine transform of a window's pixel grid (its top-left pixel corner becomes the origin)."""
+    return transform @ Affine.translation(window.col_off, window.row_off)
 
 
 def has_mask(src: rasterio.DatasetReader) -> bool:
