@@ -102,36 +102,75 @@ def hungarian_scores(conf: np.ndarray) -> dict:
     return {**scores_from_matched(matched_confusion(conf, mapping)), "mapping": mapping.tolist()}
 
 
-class ProtocolScores:
-    """Accumulates tiles under both protocols; `.result()` gives the scores of each.
-
-    add(pred, target) per tile, with pred cluster ids in [0, num_clusters) and target 0..C.
-    """
+class PerTileProtocol:
+    """Per-tile protocol: each tile matched on its own, matched confusions summed over tiles."""
 
     def __init__(self, num_clusters: int, num_classes: int):
         if num_clusters < 1 or num_classes < 1:
             raise ValueError(f"need >= 1 cluster and class, got {num_clusters}, {num_classes}")
         self.num_clusters, self.num_classes = num_clusters, num_classes
-        self.global_confusion = np.zeros((num_clusters, num_classes), dtype=np.int64)
-        self.per_tile_matched = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+        self.matched = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
         self.tiles = 0
 
     def add(self, pred: np.ndarray, target: np.ndarray) -> None:
         conf = confusion(pred, target, self.num_clusters, self.num_classes)
-        self.global_confusion += conf
-        self.per_tile_matched += matched_confusion(conf, hungarian_mapping(conf))
+        self.matched += matched_confusion(conf, hungarian_mapping(conf))
         self.tiles += 1
 
-    def global_mapping(self) -> np.ndarray:
-        return hungarian_mapping(self.global_confusion)
+    def result(self) -> dict:
+        return scores_from_matched(self.matched)
 
-    def global_matched(self) -> np.ndarray:
-        return matched_confusion(self.global_confusion, self.global_mapping())
+
+class GlobalProtocol:
+    """Global protocol: raw confusions summed over tiles, one matching for the whole split."""
+
+    def __init__(self, num_clusters: int, num_classes: int):
+        if num_clusters < 1 or num_classes < 1:
+            raise ValueError(f"need >= 1 cluster and class, got {num_clusters}, {num_classes}")
+        self.num_clusters, self.num_classes = num_clusters, num_classes
+        self.confusion = np.zeros((num_clusters, num_classes), dtype=np.int64)
+        self.tiles = 0
+
+    def add(self, pred: np.ndarray, target: np.ndarray) -> None:
+        self.confusion += confusion(pred, target, self.num_clusters, self.num_classes)
+        self.tiles += 1
+
+    def mapping(self) -> np.ndarray:
+        return hungarian_mapping(self.confusion)
+
+    @property
+    def matched(self) -> np.ndarray:
+        return matched_confusion(self.confusion, self.mapping())
 
     def result(self) -> dict:
-        """{"global": scores + "mapping", "per_tile": scores}."""
-        return {
-            "global": {**scores_from_matched(self.global_matched()),
-                       "mapping": self.global_mapping().tolist()},
-            "per_tile": scores_from_matched(self.per_tile_matched),
-        }
+        return scores_from_matched(self.matched)
+
+
+def row_percent_records(matched: np.ndarray, class_names: list[str], unmatched_name: str = "unmatched"
+                        ) -> list[dict]:
+    """A matched confusion as records for DVC's `confusion` plot template (which counts records).
+
+    Each true class (row) becomes exactly 100 {"actual", "predicted"} records, one per percent of
+    its pixels (largest-remainder rounding), so the plot reads as a row-normalised confusion in
+    percent, small classes stay visible and the file stays small whatever the pixel count. Rows of
+    classes absent from the truth give no records; the "unmatched" column appears only if used.
+    """
+    matched = np.asarray(matched, dtype=np.int64)
+    num_classes = matched.shape[0]
+    if matched.shape != (num_classes, num_classes + 1) or len(class_names) != num_classes:
+        raise ValueError(f"expected a (C, C + 1) matrix and C names, got {matched.shape} and {len(class_names)}")
+    columns = list(class_names) + [unmatched_name]
+    records = []
+    for t, row in enumerate(matched):
+        total = row.sum()
+        if total == 0:
+            continue
+        exact = row * 100.0 / total
+        units = np.floor(exact).astype(np.int64)
+        # Hand the remaining units to the largest remainders (ties: lowest column), so a row sums to 100.
+        order = sorted(range(len(row)), key=lambda j: (-(exact[j] - units[j]), j))
+        for j in order[: 100 - units.sum()]:
+            units[j] += 1
+        for j, n in enumerate(units):
+            records += [{"actual": class_names[t], "predicted": columns[j]}] * int(n)
+    return records

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from stages.metrics import (ProtocolScores, confusion, hungarian_mapping, hungarian_scores,
-                            matched_confusion, scores_from_matched)
+from stages.metrics import (GlobalProtocol, PerTileProtocol, confusion, hungarian_mapping, hungarian_scores,
+                            matched_confusion, row_percent_records, scores_from_matched)
 
 
 def two_class_mask(h=8, w=8, split=6):
@@ -82,25 +82,26 @@ def test_per_tile_and_global_protocols_differ_when_ids_swap_between_tiles():
     t = two_class_mask(split=4)  # 32 px of each class
     a = (t == 2).astype(np.uint8)  # tile A: class 1 -> cluster 0
     b = 1 - a                       # tile B: the same partition, ids swapped
-    acc = ProtocolScores(2, 2)
-    acc.add(a, t)
-    acc.add(b, t)
-    r = acc.result()
-    assert r["per_tile"]["miou"] == 1.0 and r["per_tile"]["pixel_accuracy"] == 1.0
+    per_tile, glob = PerTileProtocol(2, 2), GlobalProtocol(2, 2)
+    for pred in (a, b):
+        per_tile.add(pred, t)
+        glob.add(pred, t)
+    assert per_tile.result()["miou"] == 1.0 and per_tile.result()["pixel_accuracy"] == 1.0
     # Globally each cluster covers half of each class: IoU = 32 / (64 + 64 - 32) = 1/3.
-    assert r["global"]["miou"] == pytest.approx(1 / 3)
-    assert r["global"]["pixel_accuracy"] == pytest.approx(0.5)
+    assert glob.result()["miou"] == pytest.approx(1 / 3)
+    assert glob.result()["pixel_accuracy"] == pytest.approx(0.5)
 
 
 def test_protocols_agree_when_ids_are_consistent():
     rng = np.random.default_rng(1)
-    acc = ProtocolScores(3, 3)
+    per_tile, glob = PerTileProtocol(3, 3), GlobalProtocol(3, 3)
     for _ in range(4):
         t = rng.integers(0, 4, size=(8, 8))  # 0 = ignored
         pred = (t + 1) % 3  # the same permutation on every tile; ignored pixels predicted too
-        acc.add(pred, t)
-    r = acc.result()
-    assert r["global"]["miou"] == r["per_tile"]["miou"] == 1.0
+        per_tile.add(pred, t)
+        glob.add(pred, t)
+    assert glob.result()["miou"] == per_tile.result()["miou"] == 1.0
+    assert glob.mapping().tolist() == [1, 2, 0]  # cluster (c + 1) % 3 holds class c
 
 
 def test_per_tile_weights_tiles_by_pixels():
@@ -109,12 +110,12 @@ def test_per_tile_weights_tiles_by_pixels():
     p1 = (t1 == 2).astype(np.uint8)
     t2 = np.array([[1, 1, 2, 2]])
     p2 = np.array([[0, 1, 1, 0]])  # any matching gets 2 of 4 right
-    acc = ProtocolScores(2, 2)
+    acc = PerTileProtocol(2, 2)
     acc.add(p1, t1)
     acc.add(p2, t2)
-    m = acc.per_tile_matched
+    m = acc.matched
     assert m.sum() == 64 and np.trace(m[:, :2]) == 62
-    assert acc.result()["per_tile"]["pixel_accuracy"] == pytest.approx(62 / 64)
+    assert acc.result()["pixel_accuracy"] == pytest.approx(62 / 64)
 
 
 def test_class_absent_from_truth_is_nan_and_left_out_of_miou():
@@ -149,3 +150,17 @@ def test_hungarian_mapping_is_one_to_one_and_maximal():
     conf = np.array([[5, 4, 0], [4, 0, 0], [0, 0, 1]])
     # Greedy (cluster 0 -> class 0) gets 5 + 0 + 1; the optimum is 4 + 4 + 1.
     assert hungarian_mapping(conf).tolist() == [1, 0, 2]
+
+
+def test_row_percent_records_rows_sum_to_100_and_round_fairly():
+    matched = np.array([[1, 1, 1, 0], [0, 0, 0, 0], [0, 5, 990, 5]])
+    names = ["water", "tree", "road"]
+    recs = row_percent_records(matched, names)
+    count = lambda a, p: sum(r["actual"] == a and r["predicted"] == p for r in recs)
+    assert sum(r["actual"] == "water" for r in recs) == 100
+    assert sorted(count("water", p) for p in names) == [33, 33, 34]
+    assert not any(r["actual"] == "tree" for r in recs)  # absent from truth: no row
+    # 99 % exactly, then 0.5 % each to tree and unmatched: the tie goes to the first column.
+    assert (count("road", "road"), count("road", "tree"), count("road", "unmatched")) == (99, 1, 0)
+    with pytest.raises(ValueError):
+        row_percent_records(matched, names[:2])
