@@ -176,3 +176,20 @@ class EmaNormaliser:
     def load_state_dict(self, state: dict) -> None:
         self.ema = {str(k): float(v) for k, v in state["ema"].items()}
         self.last = {str(k): float(v) for k, v in state["last"].items()}
+
+
+def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between aligned cells of two views, divided by log(#candidates).
+
+    e_a, e_b: unit embeddings (B, D, h, w) already mapped to the same ground grid; idx (B, N) flat
+    cells sampled per image. Cell i of view a must pick cell i of view b among all B * N sampled
+    cells of view b (and vice versa). Near 0 for views that are perfectly matched and
+    discriminative, about 1 for chance; the assignment losses alone are satisfied by colour-only
+    clusters, this term makes the embedding tell apart cells that look alike in colour.
+    """
+    a = gather_positions(e_a, idx).reshape(-1, e_a.shape[1])
+    b = gather_positions(e_b, idx).reshape(-1, e_b.shape[1])
+    logits = a @ b.T / temperature
+    target = torch.arange(len(a), device=a.device)
+    ce = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    return ce / math.log(len(a))

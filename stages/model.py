@@ -188,11 +188,18 @@ class SoftKMeansHead(nn.Module):
         self.temperature, self.iters = temperature, iters
 
     def forward(self, emb: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """emb (B, D, h, w) unit -> probs (B, k, h, w) and the refined centres (k, D)."""
+        """emb (B, D, h, w) unit -> probs (B, k, h, w) and the centres used (k, D).
+
+        In training mode the (normalised) prototypes are the centres. Refining them on the batch
+        while training has a collapsed fixed point: at a temperature above the spread of the
+        embeddings soft k-means pulls every centre to the batch mean, all assignments turn
+        uniform and the consistency loss is trivially zero. In eval mode the prototypes seed
+        `iters` soft k-means iterations on the given embeddings.
+        """
         b, d, h, w = emb.shape
         flat = emb.permute(0, 2, 3, 1).reshape(-1, d)
         protos = self.prototypes if k is None else self.prototypes[:k]
-        probs, centres = soft_kmeans(flat, protos, self.temperature, self.iters)
+        probs, centres = soft_kmeans(flat, protos, self.temperature, 0 if self.training else self.iters)
         return probs.view(b, h, w, -1).permute(0, 3, 1, 2), centres
 
 

@@ -176,6 +176,10 @@ class LossParams:
     marginal_entropy: float = knob(1.0, "Weight of the negative marginal entropy (anti-collapse).", lo=0.0, hi=100.0)
     smoothness: float = knob(0.1, "Weight of the edge-aware total variation of assignments.", lo=0.0, hi=100.0)
     edge_sigma: float = knob(0.1, "Image-gradient scale of the edge-aware weights.", lo=1e-4, hi=10.0)
+    contrastive: float = knob(1.0, "Weight of the dense two-view contrastive (InfoNCE) term on embeddings.",
+                              lo=0.0, hi=100.0)
+    contrastive_temperature: float = knob(0.2, "Temperature of the dense contrastive term.", lo=1e-3, hi=10.0)
+    contrastive_samples: int = knob(128, "Cells sampled per image for the dense contrastive term.", lo=2, hi=65536)
 
 
 @dataclass

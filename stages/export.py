@@ -1,0 +1,86 @@
+"""Stage `export`: the student (or the teacher, by `export.source`) -> model/best, the numpy artifact.
+
+The encoder is turned into the runtime's explicit layer list with batch norm folded into the conv
+weights (`Encoder.export_layers`), the clustering settings (temperature, soft k-means iterations,
+smoothing, max_k) come from the teacher checkpoint that defined the clusters, and everything goes
+through `runtime.artifact.write_artifact`, which validates the artifact exactly as the runtime's
+loader does and writes it to a temporary directory that is renamed into place. `metrics.json` holds
+the source model's validation score and the step it was reached at.
+
+    python -m stages.export [--params params.yaml] [--teacher model/teacher] [--student model/student]
+                            [--out model/best]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from runtime.artifact import build_meta, write_artifact
+from runtime.errors import ArtifactError
+from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, Encoder
+from stages.params import ParamsError, load_params
+from stages.train import TrainingError, load_teacher, teacher_info
+from stages.train_distill import load_student, student_info
+
+
+def git_commit() -> str:
+    """HEAD of the repository the stage runs in, with '+dirty' for uncommitted changes; 'unknown' outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Path) -> Path:
+    """Write model/best from the chosen checkpoint; returns the artifact directory."""
+    t_info = teacher_info(teacher_dir)
+    cfg = t_info["config"]
+    if source == "student":
+        encoder: Encoder = load_student(student_dir)
+        info = student_info(student_dir)
+        if info["teacher"]["fingerprint"] != t_info["fingerprint"]:
+            raise TrainingError(f"{student_dir}: the student was distilled from another teacher than "
+                                f"{teacher_dir} (rerun train_distill)")
+    elif source == "teacher":
+        encoder, info = load_teacher(teacher_dir).encoder, t_info
+    else:
+        raise TrainingError(f"export.source must be 'student' or 'teacher', got {source!r}")
+    layers, arrays = encoder.export_layers()
+    meta = build_meta(embed_dim=encoder.embed_dim, max_k=cfg["max_k"], temperature=cfg["temperature"],
+                      cluster_iters_default=cfg["cluster_iters"], smooth_iters_default=cfg["smooth_iters"],
+                      input_mean=INPUT_MEAN, input_std=INPUT_STD, input_scale=INPUT_SCALE,
+                      supports_learned_refine=encoder.refine is not None,
+                      receptive_field=encoder.receptive_field, git_commit=git_commit(),
+                      params_hash=info["fingerprint"], source=source)
+    val = info["val"]
+    metrics = {"source": source, "val_metric": val["metric"], "val_score": val["score"], "val_step": val["step"],
+               "teacher_val_score": t_info["val"]["score"]}
+    return write_artifact(out_dir, layers=layers, arrays=arrays, meta=meta, metrics=metrics, overwrite=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="Export the trained model to the numpy artifact (DVC stage `export`).")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--teacher", default="model/teacher")
+    ap.add_argument("--student", default="model/student")
+    ap.add_argument("--out", default="model/best")
+    args = ap.parse_args(argv)
+    try:
+        p = load_params(args.params)
+        dst = export_model(p.export.source, Path(args.teacher), Path(args.student), Path(args.out))
+    except (ParamsError, TrainingError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {p.export.source} to {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

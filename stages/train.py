@@ -1,0 +1,558 @@
+"""Stage `train`: the teacher (`MonolithicSegmenter`) learns land-cover clusters without labels.
+
+Objective (stages.losses, weights in params.yaml `loss`): two augmented views of every patch
+(stages.augment) go through the network in one batch and share one set of soft k-means centres;
+their assignment maps are mapped back to the source pixel grid and must agree (consistency), be
+confident (pixel entropy), use every cluster (marginal entropy) and change mostly across image edges
+(edge-aware TV).
+
+Model selection: every `train.val_every` steps the encoder is scored by Hungarian-matched mIoU on
+the labelled `metrics_train` split under the global protocol (one set of k-means centres for the
+whole split, k = number of classes), and the best weights are kept. Without labelled tiles the score
+is minus the training loss on a fixed held-out batch from tiles excluded from training.
+
+Resumable: the full state (weights, optimiser, best weights, step) is written every
+`train.checkpoint_every` steps to model/checkpoints/teacher/last.pt (DVC-persisted). Data windows and
+augmentations are pure functions of (seed, step) and the learning rate of the step, so a run killed
+and restarted ends exactly where an uninterrupted run ends. A checkpoint written under other params
+or data is not resumed (the run says so and starts over).
+
+Outputs: model/teacher/model.pt (best weights + architecture, `load_teacher`), DVCLive metrics and
+per-step plots in results/train/.
+
+    python -m stages.train [--params params.yaml] [--shards data/shards] [--out model/teacher] ...
+
+This module also holds the pieces shared with `train_distill`: validation scoring, checkpoint I/O,
+the learning-rate schedule and DVCLive set-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from stages import losses
+from stages.augment import invert_each, make_views
+from stages.metrics import confusion, hungarian_scores
+from stages.model import MonolithicSegmenter, normalise_rgb, smooth_probs, upsample_to
+from stages.params import ParamsError, load_params
+
+TEACHER_FORMAT = "landseg-teacher"
+CHECKPOINT_VERSION = 1
+USAGE_THRESHOLD = 0.02  # a cluster "holds" pixels when it has at least 2 % of them
+
+
+class TrainingError(RuntimeError):
+    """Bad input to a training stage: missing data, checkpoint or teacher, or a mismatch."""
+
+
+# --------------------------------------------------------------------------------------------
+# Run set-up shared by the training stages
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device is 'cuda' but torch sees no CUDA device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+
+
+def lr_at(step: int, total: int, base_lr: float) -> float:
+    """Linear warm-up over the first 5 % of steps, then cosine decay to 5 % of `base_lr`."""
+    warmup = max(1, int(0.05 * total))
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base_lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def read_summary(dataset_root: Path) -> dict:
+    path = dataset_root / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainingError(f"{path}: shard summary not found (run the build_shards stage first)") from None
+    except json.JSONDecodeError as e:
+        raise TrainingError(f"{path}: not valid JSON: {e}") from None
+    for key in ("num_classes", "counts"):
+        if key not in summary:
+            raise TrainingError(f"{path}: missing key {key!r}")
+    return summary
+
+
+def training_sources(dataset_root: Path) -> list[Path]:
+    from stages.datasets import split_sources
+
+    sources = list(split_sources(dataset_root, "train"))
+    if not sources:
+        raise TrainingError(f"{dataset_root}: the 'train' split has no tiles to train on")
+    return sources
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: Hungarian-matched mIoU under the global protocol
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LabelledSet:
+    """Labelled validation tiles: uint8 RGB (H, W, 3) images and uint8 (H, W) labels (0 = ignore)."""
+
+    images: list[np.ndarray]
+    labels: list[np.ndarray]
+    num_classes: int
+    split: str
+
+
+def load_labelled_split(dataset_root: Path, split: str = "metrics_train") -> Optional[LabelledSet]:
+    """The split's labelled tiles, or None when the dataset has none (then use a held-out batch)."""
+    summary = read_summary(dataset_root)
+    if int(summary["counts"].get(split, 0)) == 0 or not summary.get("num_classes"):
+        return None
+    from stages.datasets import TileDataset
+
+    ds = TileDataset(dataset_root, split, require_labels=True)
+    images, labels = [], []
+    for i in range(len(ds)):
+        item = ds[i]
+        images.append(item["image"])
+        labels.append(item["label"])
+    if not images:
+        return None
+    return LabelledSet(images, labels, int(summary["num_classes"]), split)
+
+
+@torch.no_grad()
+def embed_images(encoder: torch.nn.Module, images: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Unit embeddings (D, ceil(H/4), ceil(W/4)) of each uint8 (H, W, 3) image, on the CPU."""
+    out = []
+    for img in images:
+        x = normalise_rgb(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].to(device))
+        out.append(encoder(x)[0].float().cpu())
+    return out
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 30) -> torch.Tensor:
+    """k unit centres of unit rows x (N, D): k-means++ seeding on cosine distance, then Lloyd."""
+    if x.shape[0] < k:
+        raise TrainingError(f"cannot fit {k} centres to {x.shape[0]} embeddings")
+    g = torch.Generator().manual_seed(seed)
+    centres = [x[torch.randint(x.shape[0], (1,), generator=g)].squeeze(0)]
+    dist = (1.0 - x @ centres[0]).clamp_min(0)
+    for _ in range(1, k):
+        probs = dist / dist.sum() if dist.sum() > 0 else torch.full_like(dist, 1.0 / len(dist))
+        centres.append(x[torch.multinomial(probs, 1, generator=g)].squeeze(0))
+        dist = torch.minimum(dist, (1.0 - x @ centres[-1]).clamp_min(0))
+    c = torch.stack(centres)
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(dim=1)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        empty = sums.norm(dim=1) == 0
+        c = torch.where(empty[:, None], c, F.normalize(sums, dim=1, eps=1e-12))
+    return c
+
+
+def sample_embeddings(embs: list[torch.Tensor], per_image: int, seed: int) -> torch.Tensor:
+    """Up to `per_image` random cells of each (D, h, w) map, stacked (N, D)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for e in embs:
+        flat = e.reshape(e.shape[0], -1).T
+        rows.append(flat[torch.randperm(len(flat), generator=g)[:per_image]])
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def global_scores(embs: list[torch.Tensor], labelled: LabelledSet, temperature: float,
+                  smooth_iters: int, seed: int = 0, samples_per_image: int = 1024) -> dict:
+    """Hungarian mIoU with one set of k-means centres (k = classes) for the whole split.
+
+    Labels follow the runtime's path: softmax(cos / T) assignments at stride 4, `smooth_iters` 3x3
+    smoothing, fixed-scale bilinear upsampling, argmax.
+    """
+    k = labelled.num_classes
+    centres = spherical_kmeans(sample_embeddings(embs, samples_per_image, seed), k, seed)
+    conf = np.zeros((k, k), dtype=np.int64)
+    counts = np.zeros(k, dtype=np.int64)
+    for e, label in zip(embs, labelled.labels):
+        probs = torch.softmax(torch.einsum("dhw,kd->khw", e, centres) / temperature, dim=0)[None]
+        probs = upsample_to(smooth_probs(probs, smooth_iters), *label.shape)
+        pred = probs[0].argmax(dim=0).numpy()
+        conf += confusion(pred, label, k, k)
+        counts += np.bincount(pred.ravel(), minlength=k)
+    scores = hungarian_scores(conf)
+    usage = counts / counts.sum()
+    return {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
+            "min_cluster_share": float(usage.min())}
+
+
+def cluster_usage(probs: torch.Tensor) -> np.ndarray:
+    """Share of cells whose argmax is each cluster; probs (..., k, h, w) or (N, k)."""
+    k = probs.shape[-3] if probs.ndim >= 3 else probs.shape[-1]
+    arg = probs.argmax(dim=-3 if probs.ndim >= 3 else -1).reshape(-1)
+    return np.bincount(arg.cpu().numpy(), minlength=k) / arg.numel()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and outputs
+# --------------------------------------------------------------------------------------------
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_output_dir(dst: Path, files: dict[str, Callable[[Path], None]]) -> None:
+    """Write each file with its writer into a temporary directory beside `dst`, then swap it in."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        old = None
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> Optional[dict]:
+    """The resumable state at `path` if it was written under the same fingerprint, else None."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say so, never resume from it
+        raise TrainingError(f"{path}: cannot read checkpoint ({e}); delete it to start over") from None
+    if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
+        tqdm.write(f"{path}: written under other params or data; starting over")
+        return None
+    return state
+
+
+def run_fingerprint(*groups, data_hash: str) -> str:
+    """Identity of a run: the params that shape its results (not device/threads) and the data."""
+    blobs = []
+    for g in groups:
+        d = dataclasses.asdict(g)
+        for volatile in ("device", "threads"):
+            d.pop(volatile, None)
+        blobs.append(d)
+    blob = json.dumps([blobs, str(data_hash)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# DVCLive
+# --------------------------------------------------------------------------------------------
+
+
+def open_live(results_dir: Path, resume_step: int):
+    """DVCLive logger writing results_dir/metrics.json and results_dir/plots/metrics/*.tsv.
+
+    Never rewrites dvc.yaml (the stage declares its metrics and plots) and never saves experiments
+    itself (`dvc exp run` does). When resuming from a checkpoint taken after `resume_step` steps,
+    plot rows logged after that checkpoint (by the interrupted run) are dropped first, so the curves
+    hold each step exactly once.
+    """
+    from dvclive import Live
+
+    if resume_step > 0:
+        for tsv in (results_dir / "plots" / "metrics").rglob("*.tsv"):
+            lines = tsv.read_text().splitlines()
+            header, rows = lines[:1], lines[1:]
+            step_col = header[0].split("\t").index("step") if header else -1
+            kept = [r for r in rows if step_col >= 0 and int(r.split("\t")[step_col]) < resume_step]
+            tsv.write_text("\n".join(header + kept) + "\n")
+    live = Live(str(results_dir), resume=resume_step > 0, dvcyaml=None, save_dvc_exp=False,
+                report=None)
+    live.step = resume_step
+    return live
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher
+# --------------------------------------------------------------------------------------------
+
+
+def teacher_config(model_params) -> dict:
+    return {"width": model_params.width, "depth": model_params.depth, "embed_dim": model_params.embed_dim,
+            "max_k": model_params.max_k, "temperature": model_params.temperature,
+            "cluster_iters": model_params.cluster_iters, "smooth_iters": model_params.smooth_iters,
+            "refine_head": model_params.refine_head, "seed": model_params.seed}
+
+
+def build_teacher(config: dict) -> MonolithicSegmenter:
+    return MonolithicSegmenter(config["width"], config["depth"], config["embed_dim"], config["max_k"],
+                               config["temperature"], config["cluster_iters"], config["smooth_iters"],
+                               config["refine_head"], config["seed"])
+
+
+def load_teacher(path: str | Path, expect: Optional[dict] = None) -> MonolithicSegmenter:
+    """The trained teacher from `model/teacher/model.pt` (or its directory), in eval mode.
+
+    `expect`: optional architecture (as `teacher_config`) the file must match. Raises TrainingError
+    when the file is missing, not a teacher checkpoint, or does not match.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.exists():
+        raise TrainingError(f"{path}: teacher checkpoint not found (run the train stage first)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainingError(f"{path}: cannot read teacher checkpoint ({e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != TEACHER_FORMAT:
+        raise TrainingError(f"{path}: not a teacher checkpoint (format {blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r}, "
+                            f"expected {TEACHER_FORMAT!r})")
+    config = blob["config"]
+    if expect is not None:
+        diff = {k: (config.get(k), v) for k, v in expect.items() if config.get(k) != v}
+        if diff:
+            raise TrainingError(f"{path}: teacher architecture does not match the declared one "
+                                f"(key: (file, declared)): {diff}")
+    model = build_teacher(config)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise TrainingError(f"{path}: weights do not match the teacher architecture {config}: {e}") from None
+    return model.eval()
+
+
+def teacher_info(path: str | Path) -> dict:
+    """Config, validation record and provenance stored with a teacher checkpoint (no weights)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    load_teacher(path)  # validates
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in blob.items() if k != "state_dict"}
+
+
+def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: torch.Generator
+                   ) -> dict[str, torch.Tensor]:
+    """All teacher loss terms for a list of two views; both views share one set of centres.
+
+    `generator` draws the cells of the dense contrastive term.
+    """
+    b = views[0].input.shape[0]
+    out = model(torch.cat([v.input for v in views]))
+    probs, emb = out["probs"], out["embeddings"]
+    aligned = [invert_each(probs[i * b:(i + 1) * b], v.transforms) for i, v in enumerate(views)]
+    emb_aligned = [invert_each(emb[i * b:(i + 1) * b], v.transforms) for i, v in enumerate(views)]
+    h, w = emb.shape[2:]
+    idx = losses.sample_positions(b, h * w, loss_params.contrastive_samples, generator)
+    terms = {
+        "contrastive": losses.dense_contrastive(emb_aligned[0], emb_aligned[1], idx,
+                                                loss_params.contrastive_temperature),
+        "consistency": losses.consistency(aligned[0], aligned[1]),
+        "entropy": losses.pixel_entropy(probs),
+        "marginal_entropy": losses.marginal_entropy(probs),
+        "smoothness": losses.edge_aware_tv(probs, torch.cat([v.guide for v in views]), loss_params.edge_sigma),
+    }
+    terms["total"] = sum(getattr(loss_params, name) * value for name, value in terms.items())
+    terms["_probs"] = probs
+    return terms
+
+
+class HeldOutBatch:
+    """Fallback model-selection set when no labelled tiles exist: a fixed batch, fixed views."""
+
+    def __init__(self, sources: list[Path], patch_size: int, batch_size: int, seed: int):
+        from stages.datasets import RandomWindowBatches
+
+        self.batch, _ = RandomWindowBatches(sources, [patch_size], batch_size, seed,
+                                            "cycle", True).batch(0)
+
+
+def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, results_dir: Path,
+                  aug, model_params, loss_params, train_params, *,
+                  stop_after: Optional[int] = None, progress: bool = True) -> dict:
+    """Train the teacher; returns the best validation record. See the module docstring.
+
+    stop_after: stop (as if killed) once this many steps are done, without writing `out_dir`
+    (used by the resume test).
+    """
+    from stages.datasets import RandomWindowBatches
+
+    if train_params.patch_size % 4:
+        raise TrainingError(f"train.patch_size must be a multiple of 4 (the network stride), got "
+                            f"{train_params.patch_size}")
+    set_threads(train_params.threads)
+    device = resolve_device(train_params.device)
+    summary = read_summary(dataset_root)
+    sources = training_sources(dataset_root)
+    labelled = load_labelled_split(dataset_root)
+    heldout = None
+    if labelled is None:
+        if len(sources) < 2:
+            raise TrainingError(f"{dataset_root}: no labelled metrics_train tiles and fewer than 2 train "
+                                "tiles: nothing to hold out for model selection")
+        n_held = max(1, len(sources) // 10)
+        heldout = HeldOutBatch(sources[-n_held:], train_params.patch_size, train_params.batch_size,
+                               train_params.seed + 1)
+        sources = sources[:-n_held]
+    batches = RandomWindowBatches(sources, [train_params.patch_size], train_params.batch_size,
+                                  train_params.seed, "cycle", True)
+
+    config = teacher_config(model_params)
+    model = build_teacher(config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=train_params.lr, weight_decay=train_params.weight_decay)
+    fingerprint = run_fingerprint(aug, model_params, loss_params, train_params,
+                                  data_hash=summary.get("params_hash", ""))
+    ckpt_path = checkpoint_dir / "last.pt"
+    state = load_checkpoint(ckpt_path, fingerprint)
+    start, best = 0, {"score": -math.inf, "step": -1, "metric": None, "state_dict": None}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, best = int(state["step"]), state["best"]
+        tqdm.write(f"resuming teacher training from {ckpt_path} at step {start}")
+
+    def validate() -> dict:
+        model.eval()
+        with torch.no_grad():
+            if labelled is not None:
+                embs = embed_images(model.encoder, labelled.images, device)
+                scores = global_scores(embs, labelled, model.head.temperature, model.smooth_iters,
+                                       seed=train_params.seed)
+                probs, _ = model.head(torch.cat([e.reshape(e.shape[0], -1) for e in embs], 1).T[:, :, None, None].to(device))
+                usage = cluster_usage(probs[:, :, 0, 0])
+                record = {"metric": f"{labelled.split}/miou", "score": scores["miou"], **scores}
+            else:
+                views = make_views(heldout.batch, 0, aug)
+                views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
+                terms = teacher_losses(model, views, loss_params, torch.Generator().manual_seed(0))
+                usage = cluster_usage(terms["_probs"])
+                record = {"metric": "heldout/neg_loss", "score": -float(terms["total"])}
+        model.train()
+        record["clusters_ge_2pct"] = int((usage >= USAGE_THRESHOLD).sum())
+        record["usage"] = usage
+        return record
+
+    live = open_live(results_dir, start)
+    model.train()
+    bar = tqdm(range(start, train_params.steps), initial=start, total=train_params.steps,
+               desc="train teacher", disable=not progress, dynamic_ncols=True)
+    data_wait = 0.0
+    t_start = time.perf_counter()
+    for step in bar:
+        t0 = time.perf_counter()
+        batch, _ = batches.batch(step)
+        views = make_views(batch, step, aug)
+        views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
+        data_wait += time.perf_counter() - t0
+        lr = lr_at(step, train_params.steps, train_params.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        terms = teacher_losses(model, views, loss_params,
+                               torch.Generator().manual_seed(train_params.seed * 1_000_003 + step))
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        opt.step()
+
+        usage = cluster_usage(terms["_probs"].detach())
+        for name, value in terms.items():
+            if not name.startswith("_"):
+                live.log_metric(f"train/{name}", float(value.detach()))
+        live.log_metric("train/lr", lr)
+        live.log_metric("train/clusters_ge_2pct", int((usage >= USAGE_THRESHOLD).sum()))
+        done = step + 1
+        if done % train_params.val_every == 0 or done == train_params.steps:
+            record = validate()
+            live.log_metric(f"val/{record['metric'].split('/', 1)[1]}", record["score"])
+            live.log_metric("val/clusters_ge_2pct", record["clusters_ge_2pct"])
+            live.log_metric("val/min_cluster_share", float(record["usage"].min()))
+            if record["score"] > best["score"]:
+                best = {"score": float(record["score"]), "step": done, "metric": record["metric"],
+                        "clusters_ge_2pct": record["clusters_ge_2pct"],
+                        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", val=f"{record['score']:.3f}")
+        live.next_step()
+        if done % train_params.checkpoint_every == 0 or done == train_params.steps:
+            atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
+                               "model": model.state_dict(), "optimizer": opt.state_dict(), "best": best},
+                              ckpt_path)
+        if stop_after is not None and done >= stop_after:
+            live.end()
+            return {"stopped_at": done}
+
+    elapsed = time.perf_counter() - t_start
+    if best["state_dict"] is None:
+        raise TrainingError("no validation ran, so there is no best checkpoint (check train.val_every)")
+    live.summary["best/score"] = best["score"]
+    live.summary["best/step"] = best["step"]
+    live.summary["best/clusters_ge_2pct"] = best["clusters_ge_2pct"]
+    live.summary["max_k"] = model_params.max_k
+    live.make_summary()
+    live.end()
+
+    blob = {"format": TEACHER_FORMAT, "config": config, "state_dict": best["state_dict"],
+            "val": {"metric": best["metric"], "score": best["score"], "step": best["step"],
+                    "clusters_ge_2pct": best["clusters_ge_2pct"]},
+            "fingerprint": fingerprint}
+    write_output_dir(out_dir, {"model.pt": lambda p: torch.save(blob, p)})
+    ran = train_params.steps - start
+    tqdm.write(f"teacher: best {best['metric']} = {best['score']:.4f} at step {best['step']}; "
+               f"{ran} steps in {elapsed:.1f}s, data wait {100 * data_wait / max(elapsed, 1e-9):.1f}%")
+    return blob["val"]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="Train the teacher segmenter (DVC stage `train`).")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--shards", default="data/shards", help="shards root; the dataset is ingest.dataset")
+    ap.add_argument("--out", default="model/teacher")
+    ap.add_argument("--checkpoints", default="model/checkpoints/teacher")
+    ap.add_argument("--results", default="results/train")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        p = load_params(args.params)
+        train_teacher(Path(args.shards) / p.ingest.dataset, Path(args.out), Path(args.checkpoints),
+                      Path(args.results), p.aug, p.model, p.loss, p.train, progress=not args.no_progress)
+    except (ParamsError, TrainingError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Stage `train_distill`: a small single-scale student `Encoder` learns from the frozen teacher.
+
+Each step draws a batch of random windows at one patch size from `data.patch_sizes` (chosen by
+`data.patch_size_sampling`, in pixels), one random dihedral transform per window (the teacher and
+the student see the same pixels), and computes, at that patch size (stages.losses):
+
+- feature distillation: 1 - cos between the student's embedding, mapped to the teacher's width by a
+  learned 1x1 projection (identity when the widths agree), and the teacher's embedding;
+- affinity distillation: the student's and the teacher's cosine affinities between the same
+  `distill.affinity_samples` cells per image must agree (width-free: it shapes the student's own
+  embedding space, which is what the runtime clusters);
+- cluster distillation: KL(teacher || student) of soft assignments to the teacher's centres
+  (the teacher's prototypes refined on the batch), the student through its projection;
+- edge-aware TV of the student's assignments.
+
+Patch sizes produce losses of different magnitudes, so each patch size's weighted loss is divided
+by its own EMA (`distill.ema_decay`, `distill.ema_eps`) and the normalised losses are merged by a
+geometric mean (stages.losses.EmaNormaliser). Raw and normalised per-size losses and the merged
+value are logged with DVCLive. Model selection, checkpoints and resume work as in `stages.train`.
+Only the student encoder is written to model/student/model.pt (the projection is a training aid).
+
+    python -m stages.train_distill [--params params.yaml] [--teacher model/teacher] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from stages import losses
+from stages.augment import apply_each, draw_transforms, normalise01, step_generator, to_rgb01
+from stages.model import Encoder, student_from_params
+from stages.params import ParamsError, load_params
+from stages.train import (CHECKPOINT_VERSION, USAGE_THRESHOLD, HeldOutBatch, TrainingError, atomic_torch_save,
+                          cluster_usage, embed_images, global_scores, load_checkpoint, load_labelled_split,
+                          load_teacher, lr_at, open_live, read_summary, resolve_device, run_fingerprint,
+                          set_threads, teacher_config, teacher_info, training_sources, write_output_dir)
+
+STUDENT_FORMAT = "landseg-student"
+
+
+def student_config(student) -> dict:
+    return {"width": student.width, "depth": student.depth, "embed_dim": student.embed_dim,
+            "norm": student.norm, "dropout": student.dropout}
+
+
+class Distiller(nn.Module):
+    """The student encoder plus the learned 1x1 projection to the teacher's embedding width."""
+
+    def __init__(self, student: Encoder, teacher_dim: int):
+        super().__init__()
+        self.student = student
+        self.project = (nn.Conv2d(student.embed_dim, teacher_dim, 1) if student.embed_dim != teacher_dim
+                        else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (student unit embeddings (B, Ds, h, w), projected unit embeddings (B, Dt, h, w))."""
+        emb = self.student(x)
+        return emb, F.normalize(self.project(emb), dim=1, eps=1e-12)
+
+
+def distill_losses(distiller: Distiller, teacher, x: torch.Tensor, guide: torch.Tensor, distill,
+                   edge_sigma: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Weighted distillation terms for one batch at one patch size; 'raw' is their weighted sum."""
+    with torch.no_grad():
+        t_emb = teacher.encoder(x)
+        t_probs, t_centres = teacher.head(t_emb)
+    s_emb, s_proj = distiller(x)
+    s_logits = torch.einsum("bdhw,kd->bkhw", s_proj, t_centres) / teacher.head.temperature
+    s_probs = torch.softmax(s_logits, dim=1)
+    b, _, h, w = t_emb.shape
+    idx = losses.sample_positions(b, h * w, distill.affinity_samples, generator)
+    terms = {
+        "feature": losses.cosine_distillation(s_proj, t_emb),
+        "affinity": losses.affinity_distillation(s_emb, t_emb, idx),
+        "cluster": losses.cluster_distillation(s_probs, t_probs),
+        "tv": losses.edge_aware_tv(s_probs, guide, edge_sigma),
+    }
+    weights = {"feature": distill.feature_weight, "affinity": distill.affinity_weight,
+               "cluster": distill.cluster_weight, "tv": distill.tv_weight}
+    terms["raw"] = sum(weights[name] * value for name, value in terms.items())
+    terms["_probs"] = s_probs
+    return terms
+
+
+def load_student(path: str | Path) -> Encoder:
+    """The distilled student from `model/student/model.pt` (or its directory), in eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.exists():
+        raise TrainingError(f"{path}: student checkpoint not found (run the train_distill stage first)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainingError(f"{path}: cannot read student checkpoint ({e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != STUDENT_FORMAT:
+        raise TrainingError(f"{path}: not a student checkpoint (expected format {STUDENT_FORMAT!r})")
+    c = blob["config"]
+    model = Encoder(c["width"], c["depth"], c["embed_dim"], c["norm"], c["dropout"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise TrainingError(f"{path}: weights do not match the student architecture {c}: {e}") from None
+    return model.eval()
+
+
+def student_info(path: str | Path) -> dict:
+    """Config, validation record and teacher settings stored with a student checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    load_student(path)  # validates
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in blob.items() if k != "state_dict"}
+
+
+def prepare_batch(batch_uint8: np.ndarray, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random dihedral transform per window (shared by teacher and student) -> (input, guide)."""
+    transforms = draw_transforms(step_generator(seed, step, stream=1), len(batch_uint8), True, True)
+    guide = apply_each(to_rgb01(batch_uint8), transforms)
+    return normalise01(guide), guide
+
+
+def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpoint_dir: Path,
+                  results_dir: Path, model_params, loss_params, student, data, distill, train_params, *,
+                  stop_after: Optional[int] = None, progress: bool = True) -> dict:
+    """Distil the teacher into the student; returns the best validation record.
+
+    `model_params` is the declared teacher architecture (the checkpoint must match it);
+    `loss_params.edge_sigma` sets the TV edge weights; `train_params` gives device and threads.
+    """
+    from stages.datasets import RandomWindowBatches
+
+    bad = [s for s in data.patch_sizes if s % 4]
+    if bad:
+        raise TrainingError(f"data.patch_sizes must be multiples of 4 (the network stride), got {bad}")
+    if not data.patch_sizes:
+        raise TrainingError("data.patch_sizes is empty")
+    set_threads(train_params.threads)
+    device = resolve_device(train_params.device)
+    teacher = load_teacher(teacher_path, expect=teacher_config(model_params)).to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    t_info = teacher_info(teacher_path)
+    summary = read_summary(dataset_root)
+    sources = training_sources(dataset_root)
+    labelled = load_labelled_split(dataset_root)
+    heldout = None
+    if labelled is None:
+        if len(sources) < 2:
+            raise TrainingError(f"{dataset_root}: no labelled metrics_train tiles and fewer than 2 train "
+                                "tiles: nothing to hold out for model selection")
+        n_held = max(1, len(sources) // 10)
+        heldout = HeldOutBatch(sources[-n_held:], min(data.patch_sizes), distill.batch_size, distill.seed + 1)
+        sources = sources[:-n_held]
+    batches = RandomWindowBatches(sources, data.patch_sizes, distill.batch_size, distill.seed,
+                                  data.patch_size_sampling, True)
+
+    torch.manual_seed(distill.seed)
+    distiller = Distiller(student_from_params(student), teacher.encoder.embed_dim).to(device)
+    opt = torch.optim.AdamW(distiller.parameters(), lr=distill.lr, weight_decay=distill.weight_decay)
+    normaliser = losses.EmaNormaliser(distill.ema_decay, distill.ema_eps)
+    fingerprint = run_fingerprint(student, data, distill, data_hash=(
+        f"{summary.get('params_hash', '')}:{t_info['fingerprint']}:{loss_params.edge_sigma}"))
+    ckpt_path = checkpoint_dir / "last.pt"
+    state = load_checkpoint(ckpt_path, fingerprint)
+    start, best = 0, {"score": -math.inf, "step": -1, "metric": None, "state_dict": None}
+    if state is not None:
+        distiller.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        normaliser.load_state_dict(state["normaliser"])
+        start, best = int(state["step"]), state["best"]
+        tqdm.write(f"resuming distillation from {ckpt_path} at step {start}")
+
+    def validate() -> dict:
+        distiller.eval()
+        with torch.no_grad():
+            if labelled is not None:
+                embs = embed_images(distiller.student, labelled.images, device)
+                scores = global_scores(embs, labelled, teacher.head.temperature, teacher.smooth_iters,
+                                       seed=distill.seed)
+                record = {"metric": f"{labelled.split}/miou", "score": scores["miou"],
+                          "min_cluster_share": scores["min_cluster_share"]}
+            else:
+                x, guide = prepare_batch(heldout.batch, distill.seed + 1, 0)
+                terms = distill_losses(distiller, teacher, x.to(device), guide.to(device), distill,
+                                       loss_params.edge_sigma, torch.Generator().manual_seed(distill.seed))
+                usage = cluster_usage(terms["_probs"])
+                record = {"metric": "heldout/neg_loss", "score": -float(terms["raw"]),
+                          "min_cluster_share": float(usage.min())}
+        distiller.train()
+        return record
+
+    live = open_live(results_dir, start)
+    distiller.train()
+    bar = tqdm(range(start, distill.steps), initial=start, total=distill.steps, desc="distil student",
+               disable=not progress, dynamic_ncols=True)
+    t_start, data_wait = time.perf_counter(), 0.0
+    for step in bar:
+        t0 = time.perf_counter()
+        batch, size = batches.batch(step)
+        x, guide = prepare_batch(batch, distill.seed, step)
+        x, guide = x.to(device), guide.to(device)
+        data_wait += time.perf_counter() - t0
+        torch.manual_seed(distill.seed * 1_000_003 + step)  # dropout draws: a function of the step
+        lr = lr_at(step, distill.steps, distill.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        gen = torch.Generator().manual_seed(distill.seed * 1_000_003 + step)
+        terms = distill_losses(distiller, teacher, x, guide, distill, loss_params.edge_sigma, gen)
+        key = str(size)
+        normalised = normaliser.normalise(key, terms["raw"])
+        merged = normaliser.merged(key, normalised)
+        opt.zero_grad(set_to_none=True)
+        merged.backward()
+        opt.step()
+
+        for name in ("feature", "affinity", "cluster", "tv"):
+            live.log_metric(f"distill/{name}", float(terms[name].detach()))
+        live.log_metric(f"distill/raw_p{size}", float(terms["raw"].detach()))
+        live.log_metric(f"distill/normalised_p{size}", float(normalised.detach()))
+        live.log_metric("distill/merged_geomean", float(merged.detach()))
+        live.log_metric("distill/lr", lr)
+        usage = cluster_usage(terms["_probs"].detach())
+        live.log_metric("distill/clusters_ge_2pct", int((usage >= USAGE_THRESHOLD).sum()))
+        done = step + 1
+        if done % distill.val_every == 0 or done == distill.steps:
+            record = validate()
+            live.log_metric(f"val/{record['metric'].split('/', 1)[1]}", record["score"])
+            live.log_metric("val/min_cluster_share", record["min_cluster_share"])
+            if record["score"] > best["score"]:
+                best = {"score": float(record["score"]), "step": done, "metric": record["metric"],
+                        "state_dict": {k: v.detach().cpu().clone()
+                                       for k, v in distiller.student.state_dict().items()}}
+            bar.set_postfix(merged=f"{float(merged.detach()):.3f}", val=f"{record['score']:.3f}")
+        live.next_step()
+        if done % distill.checkpoint_every == 0 or done == distill.steps:
+            atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
+                               "model": distiller.state_dict(), "optimizer": opt.state_dict(),
+                               "normaliser": normaliser.state_dict(), "best": best}, ckpt_path)
+        if stop_after is not None and done >= stop_after:
+            live.end()
+            return {"stopped_at": done}
+
+    elapsed = time.perf_counter() - t_start
+    if best["state_dict"] is None:
+        raise TrainingError("no validation ran, so there is no best checkpoint (check distill.val_every)")
+    live.summary["best/score"] = best["score"]
+    live.summary["best/step"] = best["step"]
+    live.make_summary()
+    live.end()
+    blob = {"format": STUDENT_FORMAT, "config": student_config(student), "state_dict": best["state_dict"],
+            "val": {"metric": best["metric"], "score": best["score"], "step": best["step"]},
+            "teacher": {"config": t_info["config"], "val": t_info["val"], "fingerprint": t_info["fingerprint"]},
+            "fingerprint": fingerprint}
+    write_output_dir(out_dir, {"model.pt": lambda p: torch.save(blob, p)})
+    tqdm.write(f"student: best {best['metric']} = {best['score']:.4f} at step {best['step']}; "
+               f"{distill.steps - start} steps in {elapsed:.1f}s, data wait "
+               f"{100 * data_wait / max(elapsed, 1e-9):.1f}%")
+    return blob["val"]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="Distil the teacher into the student (DVC stage `train_distill`).")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--shards", default="data/shards", help="shards root; the dataset is ingest.dataset")
+    ap.add_argument("--teacher", default="model/teacher")
+    ap.add_argument("--out", default="model/student")
+    ap.add_argument("--checkpoints", default="model/checkpoints/student")
+    ap.add_argument("--results", default="results/train_distill")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        p = load_params(args.params)
+        train_student(Path(args.shards) / p.ingest.dataset, Path(args.teacher), Path(args.out),
+                      Path(args.checkpoints), Path(args.results), p.model, p.loss, p.student, p.data,
+                      p.distill, p.train, progress=not args.no_progress)
+    except (ParamsError, TrainingError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Teacher training end to end on tiny shards: outputs, logs, no collapse, resume == uninterrupted."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from stages.params import AugParams, LossParams, ModelParams, TrainParams
+from stages.synthetic import render_scene
+from stages.train import TrainingError, load_teacher, main, spherical_kmeans, train_teacher
+
+
+def write_tiny_shards(root: Path, scenes: int = 4, size: int = 128, tile: int = 64) -> Path:
+    """Contract-format shards of small synthetic scenes: even scenes unlabelled (train), scene 1
+    labelled metrics_train, other odd scenes val. Returns the dataset root."""
+    counts = {"train": 0, "metrics_train": 0, "val": 0}
+    index = {s: [] for s in counts}
+    for sc in range(scenes):
+        rgb = np.zeros((3, size, size), np.uint8)
+        lab = np.zeros((size, size), np.uint8)
+        for r0, block, lblock in render_scene(0, sc, size, 4.0):
+            rgb[:, r0:r0 + block.shape[1]] = block
+            lab[r0:r0 + lblock.shape[0]] = lblock
+        split = "train" if sc % 2 == 0 else ("metrics_train" if sc == 1 else "val")
+        shard = root / split / "shard-00000"
+        shard.mkdir(parents=True, exist_ok=True)
+        for r in range(0, size, tile):
+            for c in range(0, size, tile):
+                item = f"s{sc}_{r}_{c}"
+                profile = dict(driver="GTiff", width=tile, height=tile, dtype="uint8", crs="EPSG:32611",
+                               transform=from_origin(500000 + c * 0.6, 4000000 - r * 0.6, 0.6, 0.6))
+                with rasterio.open(shard / f"{item}.tif", "w", count=3, **profile) as dst:
+                    dst.write(rgb[:, r:r + tile, c:c + tile])
+                target, hist = None, None
+                if split != "train":
+                    with rasterio.open(shard / f"{item}.label.tif", "w", count=1, **profile) as dst:
+                        dst.write(lab[None, r:r + tile, c:c + tile])
+                    target = f"{item}.label.tif"
+                    vals, n = np.unique(lab[r:r + tile, c:c + tile], return_counts=True)
+                    hist = {str(int(v)): int(k) for v, k in zip(vals, n)}
+                index[split].append({"item_id": item, "split": split, "input": f"{item}.tif", "target": target,
+                                     "source_item": f"s{sc}", "window": [c, r, tile, tile], "class_hist": hist})
+                counts[split] += 1
+    for split, rows in index.items():
+        shard = root / split / "shard-00000"
+        shard.mkdir(parents=True, exist_ok=True)
+        (shard / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "summary.json").write_text(json.dumps({
+        "dataset": "tiny", "num_classes": 6, "class_names": None, "counts": counts, "class_hist": {},
+        "params_hash": "tiny"}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    return write_tiny_shards(tmp_path_factory.mktemp("shards") / "tiny")
+
+
+def tiny_params(steps=6, **train):
+    model = ModelParams(width=16, depth=1, embed_dim=8, max_k=4)
+    t = dict(steps=steps, batch_size=2, patch_size=32, val_every=3, checkpoint_every=2, threads=1, device="cpu")
+    t.update(train)
+    return AugParams(), model, LossParams(contrastive_samples=32), TrainParams(**t)
+
+
+def run(tmp: Path, dataset: Path, params, **kw):
+    return train_teacher(dataset, tmp / "teacher", tmp / "ckpt", tmp / "results", *params, progress=False, **kw)
+
+
+def test_train_writes_teacher_logs_and_selects_best(tmp_path, tiny_dataset):
+    record = run(tmp_path, tiny_dataset, tiny_params())
+    teacher = load_teacher(tmp_path / "teacher")
+    assert not teacher.training and teacher.head.prototypes.shape == (4, 8)
+    assert record["metric"] == "metrics_train/miou" and record["step"] in (3, 6)
+    assert 0.0 <= record["score"] <= 1.0
+    metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert metrics["step"] == 6 and "consistency" in metrics["train"] and "miou" in metrics["val"]
+    assert metrics["best/score"] == pytest.approx(record["score"])
+    steps = (tmp_path / "results/plots/metrics/train/total.tsv").read_text().splitlines()[1:]
+    assert [int(r.split("\t")[0]) for r in steps] == list(range(6))
+    assert (tmp_path / "ckpt" / "last.pt").exists()
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_dataset):
+    params = tiny_params(steps=6)
+    run(tmp_path / "full", tiny_dataset, params)
+    # "kill" after step 3: the last checkpoint is at step 2, step 3's work is lost
+    assert run(tmp_path / "cut", tiny_dataset, params, stop_after=3) == {"stopped_at": 3}
+    assert not (tmp_path / "cut" / "teacher").exists()
+    run(tmp_path / "cut", tiny_dataset, params)
+    full = torch.load(tmp_path / "full/teacher/model.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut/teacher/model.pt", weights_only=True)
+    assert full["val"] == cut["val"]
+    for k, v in full["state_dict"].items():
+        assert torch.equal(v, cut["state_dict"][k]), k
+    last_full = torch.load(tmp_path / "full/ckpt/last.pt", weights_only=True)["model"]
+    last_cut = torch.load(tmp_path / "cut/ckpt/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, last_cut[k]) for k, v in last_full.items())
+    # the resumed run's curves hold every step exactly once
+    rows = (tmp_path / "cut/results/plots/metrics/train/total.tsv").read_text().splitlines()[1:]
+    assert [int(r.split("\t")[0]) for r in rows] == list(range(6))
+    assert rows == (tmp_path / "full/results/plots/metrics/train/total.tsv").read_text().splitlines()[1:]
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tmp_path, tiny_dataset, capsys):
+    run(tmp_path, tiny_dataset, tiny_params(steps=2))
+    aug, model, loss, train = tiny_params(steps=2)
+    run(tmp_path, tiny_dataset, (aug, model, loss, TrainParams(**{**train.__dict__, "lr": 0.001})))
+    out = capsys.readouterr()
+    assert "starting over" in out.out + out.err
+
+
+def test_no_cluster_collapse(tmp_path, tiny_dataset):
+    """After a short training at least half of the max_k clusters hold >= 2 % of validation pixels."""
+    aug, model, loss, train = tiny_params(steps=12, val_every=12, checkpoint_every=12)
+    run(tmp_path, tiny_dataset, (aug, model, loss, train))
+    metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert metrics["val"]["clusters_ge_2pct"] >= model.max_k // 2
+    assert metrics["train"]["clusters_ge_2pct"] >= model.max_k // 2
+
+
+def test_teacher_errors(tmp_path, tiny_dataset):
+    with pytest.raises(TrainingError, match="not found"):
+        load_teacher(tmp_path / "missing")
+    bad = tmp_path / "bad.pt"
+    torch.save({"format": "something-else"}, bad)
+    with pytest.raises(TrainingError, match="not a teacher checkpoint"):
+        load_teacher(bad)
+    run(tmp_path, tiny_dataset, tiny_params(steps=1, val_every=1))
+    with pytest.raises(TrainingError, match="does not match"):
+        load_teacher(tmp_path / "teacher", expect={"width": 999})
+    aug, model, loss, train = tiny_params()
+    with pytest.raises(TrainingError, match="multiple of 4"):
+        run(tmp_path / "x", tiny_dataset, (aug, model, loss, TrainParams(patch_size=30)))
+
+
+def test_main_reports_missing_shards(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("train: {steps: 1}\n")
+    code = main(["--params", str(params), "--shards", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t"),
+                 "--checkpoints", str(tmp_path / "c"), "--results", str(tmp_path / "r"), "--no-progress"])
+    assert code == 2
+    assert "summary.json" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_spherical_kmeans_finds_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(3, 5, generator=g), dim=1)
+    x = torch.nn.functional.normalize(centres.repeat_interleave(50, 0) + 0.05 * torch.randn(150, 5, generator=g), dim=1)
+    found = spherical_kmeans(x, 3, seed=0)
+    assert torch.allclose((found @ centres.T).max(dim=0).values, torch.ones(3), atol=0.01)
