@@ -74,13 +74,33 @@ def open_raster(path: str | Path, *, what: str = "raster") -> Iterator[rasterio.
             src.close()
 
 
+def _clip(window: Window, width: int, height: int) -> tuple[Window | None, int, int]:
+    """The part of `window` inside a width x height raster and its offset inside the window."""
+    c0, r0 = max(int(window.col_off), 0), max(int(window.row_off), 0)
+    c1 = min(int(window.col_off + window.width), width)
+    r1 = min(int(window.row_off + window.height), height)
+    if c1 <= c0 or r1 <= r0:
+        return None, 0, 0
+    return Window(c0, r0, c1 - c0, r1 - r0), r0 - int(window.row_off), c0 - int(window.col_off)
+
+
 def read(src: rasterio.DatasetReader, indexes: int | Sequence[int], window: Window | None = None,
          *, boundless: bool = False, fill: int = 0) -> np.ndarray:
-    """Windowed read with errors that name the file (truncated or corrupt data raise)."""
+    """Windowed read with errors that name the file (truncated or corrupt data raise).
+
+    `boundless=True` allows windows that overrun the raster; outside pixels get `fill`. (Done by
+    reading the intersection: rasterio's own boundless reads build a VRT per call, much slower.)
+    """
     try:
-        if boundless:
-            return src.read(indexes, window=window, boundless=True, fill_value=fill)
-        return src.read(indexes, window=window)
+        if not boundless or window is None:
+            return src.read(indexes, window=window)
+        part, dr, dc = _clip(window, src.width, src.height)
+        h, w = int(window.height), int(window.width)
+        shape = (h, w) if isinstance(indexes, int) else (len(indexes), h, w)
+        out = np.full(shape, fill, dtype=src.dtypes[0])
+        if part is not None:
+            out[..., dr:dr + int(part.height), dc:dc + int(part.width)] = src.read(indexes, window=part)
+        return out
     except (RasterioError, OSError) as e:
         raise RasterError(f"{src.name}: read failed at window {window}: {e} "
                           "(truncated or corrupt file?)") from None
@@ -100,12 +120,9 @@ def read_valid(src: rasterio.DatasetReader, window: Window, indexes: Sequence[in
     """bool (h, w): pixel inside the raster extent and valid in every band's dataset mask."""
     h, w = int(window.height), int(window.width)
     inside = np.zeros((h, w), dtype=bool)
-    full = Window(0, 0, src.width, src.height)
-    try:
-        part = window.intersection(full)
-    except Exception:  # rasterio raises WindowError when they do not intersect
+    part, r0, c0 = _clip(window, src.width, src.height)
+    if part is None:
         return inside
-    r0, c0 = int(part.row_off - window.row_off), int(part.col_off - window.col_off)
     ph, pw = int(part.height), int(part.width)
     if has_mask(src):
         try:
