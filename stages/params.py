@@ -179,7 +179,7 @@ class LossParams:
     contrastive: float = knob(1.0, "Weight of the dense two-view contrastive (InfoNCE) term on embeddings.",
                               lo=0.0, hi=100.0)
     contrastive_temperature: float = knob(0.2, "Temperature of the dense contrastive term.", lo=1e-3, hi=10.0)
-    contrastive_samples: int = knob(128, "Cells sampled per image for the dense contrastive term.", lo=2, hi=65536)
+    contrastive_samples: int = knob(32, "Cells sampled per image for the dense contrastive term.", lo=2, hi=65536)
 
 
 @dataclass
