@@ -417,8 +417,7 @@ def ingest(params: IngestParams, out_dir: Path) -> list[dict]:
         else:
             with rasterio.Env(GDAL_HTTP_TIMEOUT=str(params.remote.timeout_s),
                               GDAL_HTTP_CONNECTTIMEOUT=str(params.remote.timeout_s),
-                              GDAL_HTTP_MAX_RETRY="0", GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR",
-                              CPL_VSIL_CURL_USE_HEAD="NO", **GDAL_READ_ENV):
+                              GDAL_HTTP_MAX_RETRY="0", GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", **GDAL_READ_ENV):
                 entries, info = ingest_rasters(items, params, tmp, {}, [1, 2, 3])
         with open(tmp / "manifest.jsonl", "w") as f:
             for e in entries:
