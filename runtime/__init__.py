@@ -1,10 +1,18 @@
 """landseg runtime: numpy-only inference for the exported segmenter (runs inside QGIS's Python).
 
-Importing this package needs numpy only; rasterio is imported lazily by `segment_raster`.
+    import runtime
+    model = runtime.load_model("model/best")
+    labels = model.predict_labels(rgb_uint8_hw3, k=6)            # one image, centres fitted on it
+    runtime.segment_raster("in.tif", "out.tif", k=6, model=model)  # any size, seamless, tiled
+
+Importing this package needs numpy only; rasterio is imported lazily inside `segment_raster`.
 """
 
 from .artifact import Artifact, build_meta, load_artifact, write_artifact
 from .errors import ArtifactError, Cancelled, InputError, LandsegError, OutputExistsError, RasterReadError
+from .model import Model, load_model
+from .raster import segment_raster
 
-__all__ = ["Artifact", "ArtifactError", "Cancelled", "InputError", "LandsegError", "OutputExistsError",
-           "RasterReadError", "build_meta", "load_artifact", "write_artifact"]
+__all__ = ["Artifact", "ArtifactError", "Cancelled", "InputError", "LandsegError", "Model",
+           "OutputExistsError", "RasterReadError", "build_meta", "load_artifact", "load_model",
+           "segment_raster", "write_artifact"]

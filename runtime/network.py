@@ -21,16 +21,21 @@ Layer ops (what `stages.model.Encoder.export_layers()` emits, validated by `vali
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from ._blas import blas_threads
 from .errors import ArtifactError
 
 ACTIVATIONS = ("relu", "none")
-# Upper bound of one band's im2col buffer. A few MB keeps the buffer and the band's output in the
-# last-level cache while the sgemm streams over it (measured in benchmarks/runtime_bench.py).
-DEFAULT_BAND_BYTES = 4 << 20
+# Upper bound of one band's im2col buffer. About 1-2 MB keeps a band's buffer and output in cache
+# while its single-threaded sgemm runs, with enough bands to keep every thread busy
+# (measured with benchmarks/runtime_bench.py --band-bytes).
+DEFAULT_BAND_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -151,41 +156,40 @@ class ConvWeights:
 
 
 def conv2d(x: np.ndarray, cw: ConvWeights, skip: np.ndarray | None = None, act: str | None = None,
-           band_bytes: int = DEFAULT_BAND_BYTES) -> np.ndarray:
+           band_bytes: int = DEFAULT_BAND_BYTES, pool: "BandPool | None" = None) -> np.ndarray:
     """act(conv(x) + bias [+ skip]) for channels-last x (H, W, C_in) -> (H_out, W_out, C_out).
 
     `skip` (same shape as the output) is added before the activation (a fused residual add);
-    `act` overrides the layer's own activation (used for the residual's activation).
+    `act` overrides the layer's own activation (used for the residual's activation). Bands of output
+    rows run on `pool` (serially when None); each band's result depends only on its own rows, so
+    the output is the same whatever the band size or the number of threads.
     """
     h, w, c = x.shape
     k, s, d, p = cw.kernel, cw.stride, cw.dilation, cw.padding
     ho, wo = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
     out = np.empty((ho, wo, cw.cout), dtype=np.float32)
     act = cw.act if act is None else act
-    if k == 1 and s == 1:
-        xin = x if p == 0 else np.pad(x, ((p, p), (p, p), (0, 0)))
-        rows_per_band = ho
-        cols = None
-    else:
-        xin = np.pad(x, ((p, p), (p, p), (0, 0))) if p else x
-        kkc = k * k * c
-        rows_per_band = max(1, min(ho, band_bytes // max(1, wo * kkc * 4)))
-        cols = np.empty((rows_per_band, wo, kkc), dtype=np.float32)
-    for r0 in range(0, ho, rows_per_band):
+    pointwise = k == 1 and s == 1
+    xin = np.pad(x, ((p, p), (p, p), (0, 0))) if p else x
+    kkc = k * k * c
+    row_bytes = wo * (c if pointwise else kkc) * 4
+    rows_per_band = max(1, min(ho, band_bytes // max(1, row_bytes)))
+
+    def band(r0: int) -> None:
         r1 = min(ho, r0 + rows_per_band)
         n = r1 - r0
-        if cols is None:
+        if pointwise:
             a = xin[r0:r1].reshape(-1, c)
         else:
-            band = cols[:n]
+            cols = _scratch(n * wo * kkc).reshape(n, wo, kkc)
             for dy in range(k):
                 rs = r0 * s + dy * d
                 rows = xin[rs: rs + (n - 1) * s + 1: s]
                 for dx in range(k):
                     cs = dx * d
                     j = (dy * k + dx) * c
-                    band[:, :, j:j + c] = rows[:, cs: cs + (wo - 1) * s + 1: s]
-            a = band.reshape(-1, band.shape[-1])
+                    cols[:, :, j:j + c] = rows[:, cs: cs + (wo - 1) * s + 1: s]
+            a = cols.reshape(-1, kkc)
         o = out[r0:r1].reshape(-1, cw.cout)
         np.matmul(a, cw.matrix, out=o)
         o += cw.bias
@@ -193,7 +197,49 @@ def conv2d(x: np.ndarray, cw: ConvWeights, skip: np.ndarray | None = None, act: 
             o += skip[r0:r1].reshape(-1, cw.cout)
         if act == "relu":
             np.maximum(o, 0.0, out=o)
+
+    starts = range(0, ho, rows_per_band)
+    if pool is None:
+        for r0 in starts:
+            band(r0)
+    else:
+        pool.map(band, starts)
     return out
+
+
+_local = threading.local()
+
+
+def _scratch(size: int) -> np.ndarray:
+    """A per-thread float32 buffer of at least `size` elements (reused across bands and layers)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _local.buf = np.empty(size, dtype=np.float32)
+    return buf[:size]
+
+
+class BandPool:
+    """A thread pool running a conv's row bands in parallel with single-threaded BLAS calls.
+
+    numpy releases the GIL in copies and sgemm, so `threads` bands run truly in parallel. The pool
+    is only used inside `Network.__call__`, which limits BLAS to one thread for its duration.
+    """
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="landseg-band")
+
+    def map(self, fn, items) -> None:
+        # list() re-raises the first exception of any band
+        list(self._executor.map(fn, items))
+
+
+def default_threads() -> int:
+    """CPU cores available to this process."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -207,9 +253,18 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 class Network:
     """Executes a validated layer list on channels-last float32 input."""
 
-    def __init__(self, layers: list, arrays: dict, band_bytes: int = DEFAULT_BAND_BYTES):
+    def __init__(self, layers: list, arrays: dict, band_bytes: int = DEFAULT_BAND_BYTES,
+                 threads: int | None = None):
         self.summary = validate_layers(layers)
         self.band_bytes = band_bytes
+        self.threads = default_threads() if threads is None else threads
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        self._blas = blas_threads()
+        # Parallel bands need single-threaded BLAS; without control over it, run bands serially
+        # and let BLAS thread each sgemm (same results, slower).
+        self.parallel = self.threads > 1 and self._blas.available
+        self._pool = BandPool(self.threads) if self.parallel else None
         self.layers = layers
         self.convs: dict[str, ConvWeights] = {}
 
@@ -224,13 +279,25 @@ class Network:
         collect(layers)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self._run(self.layers, x)
+        """Channels-last normalised input (H, W, 3) float32 -> (ceil(H/4), ceil(W/4), D) embeddings."""
+        if x.ndim != 3 or x.shape[2] != self.summary.in_channels:
+            raise ValueError(f"expected input (H, W, {self.summary.in_channels}), got {x.shape}")
+        if not self.parallel:
+            return self._run(self.layers, x)
+        with self._blas.single_threaded():
+            return self._run(self.layers, x)
+
+    def describe(self) -> str:
+        """How the forward pass is parallelised (for logs and the benchmark)."""
+        if self.parallel:
+            return f"{self.threads} band threads, single-threaded BLAS ({self._blas.description})"
+        return f"serial bands, BLAS's own threading ({self._blas.description})"
 
     def _run(self, ops, x: np.ndarray) -> np.ndarray:
         for layer in ops:
             op = layer["op"]
             if op == "conv":
-                x = conv2d(x, self.convs[layer["name"]], band_bytes=self.band_bytes)
+                x = conv2d(x, self.convs[layer["name"]], band_bytes=self.band_bytes, pool=self._pool)
             elif op == "residual":
                 inner = layer["layers"]
                 last = inner[-1]
@@ -238,7 +305,7 @@ class Network:
                     # fuse the skip add and the residual's activation into the last conv's bands
                     h = self._run(inner[:-1], x)
                     x = conv2d(h, self.convs[last["name"]], skip=x, act=layer["act"],
-                               band_bytes=self.band_bytes)
+                               band_bytes=self.band_bytes, pool=self._pool)
                 else:
                     h = self._run(inner, x)
                     h += x

@@ -1,0 +1,179 @@
+"""Clustering in numpy: spherical soft k-means on unit embeddings, plain k-means on RGB.
+
+Both use a deterministic greedy k-means++ initialisation (seeded numpy Generator; each new centre is
+the best, by potential, of 2 + ln(k) candidates drawn proportionally to the squared distance to the
+nearest chosen centre), so the same samples and seed always give the same centres.
+
+- `fit_centres(emb, k, temperature, iters, seed)`: unit embeddings (N, D) -> (k, D) unit centres by
+  spherical soft k-means (the model's clustering head: probs = softmax(cos / temperature), centres
+  = normalised probability-weighted means). Collapse guard: after every update, a centre that
+  receives (almost) no probability mass, or that coincides with another centre, is re-seeded at
+  the sample worst explained by the remaining centres, so k stays k distinct clusters.
+- `soft_assign(emb, centres, temperature)`: (N, D) -> (N, k) probabilities.
+- `kmeans(x, k, seed, iters)` / `assign(x, centres)`: Euclidean k-means (Lloyd) for the RGB
+  baselines; an empty cluster is re-seeded at the point farthest from its centre.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import InputError
+
+# A centre whose total responsibility is below this fraction of one sample's is considered dead.
+_DEAD_MASS = 1e-3
+# Two unit centres closer than this cosine are duplicates.
+_DUPLICATE_COS = 1.0 - 1e-6
+_CHUNK = 65536  # rows per distance block (bounds memory to CHUNK * k)
+
+
+def _check_samples(x: np.ndarray, k: int, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise InputError(f"{name}: expected a non-empty (N, F) array, got shape {x.shape}")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"{name}: k must be a positive integer, got {k!r}")
+    if x.shape[0] < k:
+        raise InputError(f"{name}: {x.shape[0]} samples cannot make {k} clusters")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.all(np.isfinite(x)):
+        raise InputError(f"{name}: samples contain NaN or infinite values")
+    return x
+
+
+def _greedy_kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator, sqdist) -> np.ndarray:
+    """Indices of k initial centres. sqdist(x, c (m, F)) -> (N, m) squared distances."""
+    n = x.shape[0]
+    trials = 2 + int(math.log(k))
+    first = int(rng.integers(n))
+    chosen = [first]
+    closest = sqdist(x, x[first:first + 1])[:, 0]
+    for _ in range(1, k):
+        total = float(closest.sum())
+        if total <= 0.0:
+            # every sample already coincides with a centre: take the next unused indices in order
+            remaining = np.setdiff1d(np.arange(n), np.asarray(chosen))
+            chosen.append(int(remaining[0]))
+            continue
+        cand = np.searchsorted(np.cumsum(closest, dtype=np.float64), rng.random(trials) * total)
+        cand = np.minimum(cand, n - 1)
+        d = np.minimum(closest[:, None], sqdist(x, x[cand]))  # (N, trials)
+        best = int(np.argmin(d.sum(axis=0)))
+        chosen.append(int(cand[best]))
+        closest = d[:, best]
+    return np.asarray(chosen)
+
+
+def _normalise_rows(c: np.ndarray) -> np.ndarray:
+    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+
+def _chord_sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    # squared chord distance between unit vectors: 2 - 2 cos, clipped at 0 against rounding
+    return np.maximum(2.0 - 2.0 * (x @ c.T).astype(np.float64), 0.0)
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in place, float32."""
+    logits -= logits.max(axis=-1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=-1, keepdims=True)
+    return logits
+
+
+def soft_assign(emb: np.ndarray, centres: np.ndarray, temperature: float) -> np.ndarray:
+    """(N, D) unit embeddings, (k, D) centres -> (N, k) float32 softmax(cos / temperature)."""
+    c = _normalise_rows(np.asarray(centres, dtype=np.float32)).astype(np.float32)
+    logits = emb @ c.T
+    logits /= np.float32(temperature)
+    return softmax_rows(logits)
+
+
+def fit_centres(emb: np.ndarray, k: int, temperature: float, iters: int, seed: int = 0) -> np.ndarray:
+    """Spherical soft k-means on unit rows `emb` (N, D): k-means++ init then `iters` soft updates."""
+    x = _normalise_rows(_check_samples(emb, k, "fit_centres"))
+    rng = np.random.default_rng(seed)
+    c = x[_greedy_kmeanspp(x, k, rng, _chord_sqdist)].copy()
+    c = _reseed_collapsed(x, c, np.full(k, np.inf))
+    for _ in range(iters):
+        p = soft_assign(x, c, temperature)
+        mass = p.sum(axis=0)
+        c = _normalise_rows((p.T @ x).astype(np.float32))
+        c = _reseed_collapsed(x, c, mass)
+    return c.astype(np.float32)
+
+
+def _reseed_collapsed(x: np.ndarray, c: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    """Replace dead or duplicate centres by the samples worst explained by the others."""
+    k = c.shape[0]
+    bad = set(np.flatnonzero(mass < _DEAD_MASS).tolist())
+    cos = c @ c.T
+    for i in range(k):
+        if i in bad:
+            continue
+        for j in range(i + 1, k):
+            if j not in bad and cos[i, j] > _DUPLICATE_COS:
+                bad.add(j)
+    if not bad:
+        return c
+    c = c.copy()
+    keep = [i for i in range(k) if i not in bad]
+    best = (x @ c[keep].T).max(axis=1) if keep else np.full(x.shape[0], -np.inf, np.float32)
+    for i in sorted(bad):
+        j = int(np.argmin(best))  # first of the worst-explained samples: deterministic
+        c[i] = x[j]
+        best = np.maximum(best, x @ c[i])
+    return c
+
+
+def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
+    """Euclidean k-means (greedy k-means++ init, Lloyd iterations): (N, F) -> (k, F) float32 centres.
+
+    Stops early when no assignment changes. Computed in float64 for stable sums.
+    """
+    x32 = _check_samples(x, k, "kmeans")
+    x64 = x32.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    c = x64[_greedy_kmeanspp(x64, k, rng, _sqdist)].copy()
+    labels = None
+    for _ in range(iters):
+        new = _nearest(x64, c)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        counts = np.bincount(labels, minlength=k)
+        sums = np.zeros_like(c)
+        np.add.at(sums, labels, x64)
+        empty = np.flatnonzero(counts == 0)
+        c = sums / np.maximum(counts, 1)[:, None]
+        if empty.size:
+            # re-seed empty clusters at the points farthest from their current centres
+            d = np.sum((x64 - c[labels]) ** 2, axis=1)
+            for e in empty:
+                j = int(np.argmax(d))
+                c[e] = x64[j]
+                d[j] = -1.0
+    return c.astype(np.float32)
+
+
+def _sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    d = (x * x).sum(axis=1)[:, None] - 2.0 * (x @ c.T) + (c * c).sum(axis=1)[None, :]
+    return np.maximum(d, 0.0)
+
+
+def _nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape[0], dtype=np.int64)
+    for s in range(0, x.shape[0], _CHUNK):
+        out[s:s + _CHUNK] = np.argmin(_sqdist(x[s:s + _CHUNK], c), axis=1)
+    return out
+
+
+def assign(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index (int64) of the nearest centre (Euclidean) for each row of x (N, F)."""
+    x = np.asarray(x)
+    centres = np.asarray(centres)
+    if x.ndim != 2 or centres.ndim != 2 or x.shape[1] != centres.shape[1]:
+        raise InputError(f"assign: expected x (N, F) and centres (k, F), got {x.shape} and {centres.shape}")
+    return _nearest(x.astype(np.float64), centres.astype(np.float64))

@@ -1,0 +1,276 @@
+"""`Model`: the exported encoder plus clustering, on numpy arrays.
+
+Units and conventions: images are uint8 RGB arrays (H, W, 3) in pixels; the network works on a
+stride-4 grid of cells (cell (i, j) covers pixels 4i..4i+3, 4j..4j+3; ceil(H/4) x ceil(W/4) cells).
+Probabilities are softmax(cos(embedding, centre) / temperature) on cells, optionally smoothed by
+`smooth_probs` (3x3 mean over valid neighbours, renormalised), then upsampled to pixels by
+`upsample4` (bilinear, fixed scale 4, half-pixel centres, cropped): the same maths as
+`stages.model.smooth_probs` / `upsample_to`, which the tests check numerically.
+
+Centres: `fit_centres(images, k)` fits one set of k centres for many images (the "global"
+protocol: the same id means the same cluster everywhere); `predict_*(rgb, k)` with centres=None
+fits them on that image alone; `artifact_centres(k)` returns precomputed ones when the artifact
+carries `centres_k<K>`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import cluster
+from .artifact import FORMAT_NAME, FORMAT_VERSION, load_artifact, validate
+from .errors import InputError
+from .network import DEFAULT_BAND_BYTES, Network
+
+DEFAULT_SAMPLES = 50_000  # embeddings (cells) drawn to fit centres
+_LABEL_BAND_CELLS = 64  # cell rows upsampled at a time when only labels are needed
+
+
+class Model:
+    """An exported encoder ready to embed, cluster and segment RGB arrays (numpy only)."""
+
+    def __init__(self, layers: list, arrays: dict, meta: dict, *, threads: int | None = None,
+                 band_bytes: int = DEFAULT_BAND_BYTES):
+        meta = dict(meta)
+        meta.setdefault("format", FORMAT_NAME)
+        meta.setdefault("format_version", FORMAT_VERSION)
+        meta["layers"] = layers
+        arrays = {k: np.asarray(v, dtype=np.float32) if np.asarray(v).dtype == np.float64 else v
+                  for k, v in arrays.items()}
+        validate(layers, arrays, meta, where="in-memory model")
+        self.meta = meta
+        self.arrays = arrays
+        self.network = Network(layers, arrays, band_bytes=band_bytes, threads=threads)
+        self._mean = np.asarray(meta["input_mean"], dtype=np.float32)
+        self._std = np.asarray(meta["input_std"], dtype=np.float32)
+        self._scale = np.float32(meta["input_scale"])
+
+    # -- properties ---------------------------------------------------------------------------
+    embed_dim = property(lambda self: self.meta["embed_dim"])
+    max_k = property(lambda self: self.meta["max_k"])
+    stride = property(lambda self: self.meta["stride"])
+    temperature = property(lambda self: self.meta["temperature"])
+    receptive_field = property(lambda self: self.meta["receptive_field"])
+    smooth_iters_default = property(lambda self: self.meta["smooth_iters_default"])
+    cluster_iters_default = property(lambda self: self.meta["cluster_iters_default"])
+
+    def halo(self, smooth_iters: int | None = None) -> int:
+        """Pixels of context a tile needs on each side so that its core equals the untiled result:
+        the receptive field, plus one cell per smoothing iteration and one for bilinear upsampling,
+        rounded up to a multiple of the stride (tile origins stay on the cell grid)."""
+        smooth = self.smooth_iters_default if smooth_iters is None else smooth_iters
+        px = self.receptive_field + self.stride * (smooth + 1)
+        return -(-px // self.stride) * self.stride
+
+    def check_k(self, k) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 2 <= k <= self.max_k:
+            raise InputError(f"k must be an integer in 2..{self.max_k} (this model's max_k), got {k!r}")
+        return int(k)
+
+    def artifact_centres(self, k: int) -> np.ndarray:
+        """The artifact's precomputed centres for k (InputError if it carries none)."""
+        k = self.check_k(k)
+        c = self.arrays.get(f"centres_k{k}")
+        if c is None:
+            have = sorted(int(n[len("centres_k"):]) for n in self.arrays if n.startswith("centres_k"))
+            raise InputError(f"the model carries no precomputed centres for k={k} "
+                             f"(it has them for k in {have or 'none'}); fit them instead")
+        return c
+
+    # -- embeddings ---------------------------------------------------------------------------
+    def _check_rgb(self, rgb) -> np.ndarray:
+        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise InputError("expected an RGB image as a uint8 array (H, W, 3), got "
+                             f"{getattr(rgb, 'dtype', type(rgb).__name__)} {getattr(rgb, 'shape', '')}")
+        if rgb.shape[0] < 1 or rgb.shape[1] < 1:
+            raise InputError(f"empty image {rgb.shape}")
+        return rgb
+
+    def normalise(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) -> float32 (rgb / input_scale - input_mean) / input_std, channels last."""
+        x = rgb.astype(np.float32)
+        x /= self._scale
+        x -= self._mean
+        x /= self._std
+        return x
+
+    def embed_cells(self, rgb: np.ndarray) -> np.ndarray:
+        """Channels-last unit embeddings (ceil(H/4), ceil(W/4), D) float32."""
+        return self.network(self.normalise(self._check_rgb(rgb)))
+
+    def embed(self, rgb: np.ndarray) -> np.ndarray:
+        """Unit embeddings (D, ceil(H/4), ceil(W/4)) float32, as the torch encoder's output."""
+        return np.ascontiguousarray(self.embed_cells(rgb).transpose(2, 0, 1))
+
+    # -- centres --------------------------------------------------------------------------------
+    def fit_centres(self, images, k: int, seed: int = 0, samples: int = DEFAULT_SAMPLES,
+                    iters: int | None = None) -> np.ndarray:
+        """One set of (k, D) centres for a list of uint8 RGB images (the global protocol)."""
+        if isinstance(images, np.ndarray):
+            images = [images]
+        return self.fit_centres_from_cells([self.embed_cells(im) for im in images], k, seed, samples, iters)
+
+    def fit_centres_from_cells(self, cells, k: int, seed: int = 0, samples: int = DEFAULT_SAMPLES,
+                               iters: int | None = None) -> np.ndarray:
+        """Centres from channels-last embeddings (h, w, D) or flat (N, D) arrays, e.g. from
+        `embed_cells` (lets a caller embed once and reuse the embeddings to predict).
+
+        Draws at most `samples` cells uniformly (seeded) across all inputs, then runs spherical soft
+        k-means (`iters` updates, default the artifact's cluster_iters_default)."""
+        k = self.check_k(k)
+        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < k:
+            raise InputError(f"samples must be an integer >= k={k}, got {samples!r}")
+        flat = [np.asarray(c, dtype=np.float32).reshape(-1, self.embed_dim) for c in cells]
+        x = sample_rows(flat, samples, seed)
+        it = self.cluster_iters_default if iters is None else iters
+        if isinstance(it, bool) or not isinstance(it, (int, np.integer)) or it < 0:
+            raise InputError(f"iters must be an integer >= 0, got {it!r}")
+        return cluster.fit_centres(x, k, self.temperature, int(it), seed)
+
+    def _centres(self, k: int, centres) -> np.ndarray:
+        c = np.asarray(centres, dtype=np.float32)
+        if c.shape != (k, self.embed_dim):
+            raise InputError(f"centres must have shape (k, embed_dim) = ({k}, {self.embed_dim}), got {c.shape}")
+        if not np.all(np.isfinite(c)) or np.any(np.linalg.norm(c, axis=1) == 0):
+            raise InputError("centres must be finite non-zero vectors")
+        return c
+
+    # -- probabilities and labels ------------------------------------------------------------------
+    def cell_proba(self, cells: np.ndarray, centres: np.ndarray, smooth_iters: int | None = None) -> np.ndarray:
+        """(h, w, D) embeddings -> (k, h, w) cell probabilities (smoothed `smooth_iters` times)."""
+        h, w, d = cells.shape
+        p = cluster.soft_assign(cells.reshape(-1, d), centres, self.temperature)
+        p = np.ascontiguousarray(p.T).reshape(-1, h, w)
+        smooth = self.smooth_iters_default if smooth_iters is None else smooth_iters
+        if isinstance(smooth, bool) or not isinstance(smooth, (int, np.integer)) or smooth < 0:
+            raise InputError(f"smooth_iters must be an integer >= 0, got {smooth!r}")
+        return smooth_probs(p, int(smooth))
+
+    def _prepare(self, rgb, k, centres, seed, samples, iters):
+        k = self.check_k(k)
+        cells = self.embed_cells(rgb)
+        if centres is None:
+            centres = self.fit_centres_from_cells([cells], k, seed, samples, iters)
+        return cells, self._centres(k, centres)
+
+    def predict_proba(self, rgb: np.ndarray, k: int, centres=None, smooth_iters: int | None = None,
+                      seed: int = 0, samples: int = DEFAULT_SAMPLES, iters: int | None = None) -> np.ndarray:
+        """float32 (k, H, W) cluster probabilities; centres=None fits them on this image alone."""
+        cells, c = self._prepare(rgb, k, centres, seed, samples, iters)
+        return upsample4(self.cell_proba(cells, c, smooth_iters), rgb.shape[0], rgb.shape[1])
+
+    def predict_labels(self, rgb: np.ndarray, k: int, centres=None, smooth_iters: int | None = None,
+                       seed: int = 0, samples: int = DEFAULT_SAMPLES, iters: int | None = None) -> np.ndarray:
+        """uint8 (H, W) cluster ids 0..k-1 (argmax of predict_proba, computed in row bands)."""
+        cells, c = self._prepare(rgb, k, centres, seed, samples, iters)
+        return labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), rgb.shape[0], rgb.shape[1])
+
+
+def load_model(path, *, threads: int | None = None) -> Model:
+    """Load and validate an artifact directory (e.g. model/best) as a `Model`."""
+    art = load_artifact(Path(path))
+    return Model(art.layers, art.arrays, art.meta, threads=threads)
+
+
+def sample_rows(arrays: list, samples: int, seed: int) -> np.ndarray:
+    """At most `samples` rows drawn uniformly without replacement (seeded) from the concatenation
+    of the (N_i, D) arrays, in index order; all rows when there are fewer."""
+    sizes = np.asarray([a.shape[0] for a in arrays], dtype=np.int64)
+    total = int(sizes.sum())
+    if total == 0:
+        raise InputError("no embeddings to fit centres on (empty images or all nodata)")
+    if total <= samples:
+        return np.concatenate(arrays, axis=0)
+    idx = np.sort(np.random.default_rng(seed).choice(total, size=samples, replace=False))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    parts = []
+    for i, a in enumerate(arrays):
+        lo, hi = np.searchsorted(idx, bounds[i]), np.searchsorted(idx, bounds[i + 1])
+        parts.append(a[idx[lo:hi] - bounds[i]])
+    return np.concatenate(parts, axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Post-processing on the stride-4 grid (numerically as stages.model.smooth_probs / upsample_to)
+# --------------------------------------------------------------------------------------------
+
+
+def _box3(x: np.ndarray, axis: int) -> np.ndarray:
+    """Sum of each element and its in-bounds neighbours along `axis` (zero outside)."""
+    out = x.copy()
+    n = x.shape[axis]
+    if n > 1:
+        lo = [slice(None)] * x.ndim
+        hi = [slice(None)] * x.ndim
+        lo[axis], hi[axis] = slice(1, None), slice(None, n - 1)
+        out[tuple(lo)] += x[tuple(hi)]
+        out[tuple(hi)] += x[tuple(lo)]
+    return out
+
+
+def _valid_counts(n: int) -> np.ndarray:
+    c = np.full(n, 3.0 if n > 2 else float(min(n, 2)), dtype=np.float32)
+    if n > 1:
+        c[0] = c[-1] = 2.0
+    else:
+        c[0] = 1.0
+    return c
+
+
+def smooth_probs(probs: np.ndarray, iters: int) -> np.ndarray:
+    """(k, h, w): `iters` times a 3x3 mean over valid neighbours, renormalised over k."""
+    if iters <= 0:
+        return probs
+    k, h, w = probs.shape
+    count = _valid_counts(h)[:, None] * _valid_counts(w)[None, :]
+    for _ in range(iters):
+        probs = _box3(_box3(probs, 1), 2)
+        probs /= count
+        probs /= np.maximum(probs.sum(axis=0, keepdims=True), 1e-12)
+    return probs
+
+
+# Bilinear weights (fixed scale 4, half-pixel centres) of output phase 0..3 of cell i:
+# (weight of the previous cell, of cell i, of the next cell)
+_PHASES = ((0.375, 0.625, 0.0), (0.125, 0.875, 0.0), (0.0, 0.875, 0.125), (0.0, 0.625, 0.375))
+
+
+def _up4_axis(x: np.ndarray, axis: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Upsample cells lo..hi-1 of `axis` by 4 (4 * (hi - lo) outputs); neighbours beyond the array
+    are clamped to its edge, as torch's bilinear interpolation does."""
+    n = x.shape[axis]
+    hi = n if hi is None else hi
+    i = np.arange(lo, hi)
+    cur = np.take(x, i, axis=axis)
+    prv = np.take(x, np.maximum(i - 1, 0), axis=axis)
+    nxt = np.take(x, np.minimum(i + 1, n - 1), axis=axis)
+    phases = []
+    for wp, wc, wn in _PHASES:
+        phases.append(np.float32(wp) * prv + np.float32(wc) * cur if wp else
+                      np.float32(wc) * cur + np.float32(wn) * nxt)
+    out = np.stack(phases, axis=axis + 1)
+    shape = list(cur.shape)
+    shape[axis] *= 4
+    return out.reshape(shape)
+
+
+def upsample4(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(C, h, w) cells -> (C, height, width) pixels: bilinear, fixed scale 4, cropped."""
+    return np.ascontiguousarray(_up4_axis(_up4_axis(x, 2)[:, :, :width], 1)[:, :height])
+
+
+def labels_from_cell_proba(probs: np.ndarray, height: int, width: int,
+                           band_cells: int = _LABEL_BAND_CELLS) -> np.ndarray:
+    """argmax over k of upsample4(probs) as uint8 (height, width), in bands of cell rows so memory
+    stays at a few bands whatever the image size (same values as the full upsample)."""
+    wide = _up4_axis(probs, 2)[:, :, :width]  # (k, h, width)
+    h = probs.shape[1]
+    out = np.empty((height, width), dtype=np.uint8)
+    for c0 in range(0, h, band_cells):
+        c1 = min(h, c0 + band_cells)
+        rows = _up4_axis(wide, 1, c0, c1)
+        y0, y1 = 4 * c0, min(height, 4 * c1)
+        out[y0:y1] = np.argmax(rows[:, : y1 - y0], axis=0)
+    return out

@@ -1,0 +1,295 @@
+"""Whole-raster segmentation: `segment_raster(src, dst, k, model)`.
+
+Any GDAL-readable RGB raster, of any size, is segmented tile by tile with memory bounded by the
+tile size, and the result is identical to segmenting the raster in one piece:
+
+- Tiles are `tile` x `tile` pixel cores on a grid whose origins are multiples of 4 (the network's
+  stride), each read with a halo of `Model.halo()` pixels (receptive field + smoothing + upsampling
+  reach, rounded up to a multiple of 4) clipped at the raster edge. Every output pixel therefore
+  sees exactly the input it would see untiled, and the stride-4 cell grid never shifts.
+- Cluster centres are fitted once per raster (before any tile) from embeddings of seeded sample
+  windows spread over a 4 x 4 grid across the raster, so every tile is assigned against the same
+  centres: no seams, no label permutation between tiles. Alternatively, centres="artifact" uses the
+  model's precomputed `centres_k<K>` (the same ids across rasters) or an explicit (k, D) array.
+- Input nodata (GDAL masks: nodata value, alpha or mask band) stays nodata: those pixels are fed to
+  the network as the neutral mean colour and written as NODATA = 255 in the output.
+- Output: single-band uint8 GeoTIFF (tiled 256 x 256, DEFLATE, BIGTIFF when needed) in the source
+  CRS and transform, cluster ids 0..k-1 with a colour table, optional internal overviews (nearest).
+  It is written under a hidden temporary name beside `dst` and renamed when complete: an error,
+  a cancel or an interruption leaves no partial `dst`.
+
+rasterio (GDAL) is imported inside the functions, so `import runtime` stays numpy-only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import Cancelled, InputError, OutputExistsError, RasterReadError
+from .model import DEFAULT_SAMPLES, Model, labels_from_cell_proba, load_model
+
+NODATA = 255  # output value of pixels that are nodata in the input (cluster ids are 0..k-1 <= 15)
+DEFAULT_TILE = 1024
+SAMPLE_GRID = 4  # centres are fitted from SAMPLE_GRID x SAMPLE_GRID sample windows
+SAMPLE_CORE = 256  # pixels: side of each sample window's core (cells used for fitting)
+BLOCK = 256  # output GeoTIFF block size
+GDAL_CACHE_MB = 64  # bounded GDAL block cache: memory must not grow with the raster
+# Distinct colours for cluster ids 0..15 (qualitative palette, readable on imagery).
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+           (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+           (196, 156, 148)]
+
+
+@dataclass
+class SegmentResult:
+    """What `segment_raster` did: destination, k, the centres used and where they came from."""
+
+    dst: Path
+    k: int
+    centres: np.ndarray
+    centres_source: str
+    tiles: int
+    seconds: float
+
+
+def _check_int(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise InputError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def select_bands(count: int, bands, src) -> tuple[int, int, int]:
+    """The 1-based (R, G, B) band indices to read from a raster with `count` bands."""
+    if count < 3:
+        raise InputError(f"{src}: has {count} band(s); an RGB raster with at least 3 bands is required")
+    if bands is None:
+        if count == 3:
+            return (1, 2, 3)
+        raise InputError(f"{src}: has {count} bands; say which three are red, green and blue "
+                         f"(bands=(1, 2, 3) / --bands 1,2,3)")
+    bands = tuple(bands)
+    if len(bands) != 3 or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool)
+                                  for b in bands):
+        raise InputError(f"bands must be three band numbers (R, G, B), got {bands!r}")
+    bad = [b for b in bands if not 1 <= b <= count]
+    if bad:
+        raise InputError(f"{src}: band(s) {bad} out of range; the raster has bands 1..{count}")
+    return tuple(int(b) for b in bands)
+
+
+def _grid(size: int, step: int) -> list[tuple[int, int]]:
+    return [(s, min(step, size - s)) for s in range(0, size, step)]
+
+
+class _Reader:
+    """Reads RGB windows (H, W, 3) uint8 plus a nodata mask, with nodata pixels set to a neutral colour."""
+
+    def __init__(self, ds, bands, model: Model, src):
+        self.ds, self.bands, self.src = ds, list(bands), src
+        fill = np.asarray(model.meta["input_mean"]) * model.meta["input_scale"]
+        self.fill = np.clip(np.round(fill), 0, 255).astype(np.uint8)
+
+    def read(self, row0: int, col0: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
+        win = Window(col0, row0, width, height)
+        try:
+            data = self.ds.read(self.bands, window=win)
+            masks = self.ds.read_masks(self.bands, window=win)
+        except (RasterioError, OSError) as e:
+            raise RasterReadError(f"{self.src}: GDAL failed to read window rows {row0}..{row0 + height}, "
+                                  f"cols {col0}..{col0 + width}: {e}") from None
+        rgb = np.ascontiguousarray(data.transpose(1, 2, 0))
+        nodata = (masks == 0).any(axis=0)
+        if nodata.any():
+            rgb[nodata] = self.fill
+        return rgb, nodata
+
+
+def fit_raster_centres(reader: _Reader, height: int, width: int, model: Model, k: int, seed: int,
+                       samples: int, iters: int | None) -> np.ndarray:
+    """Centres from embeddings of seeded sample windows spread across the raster.
+
+    The raster is split into a SAMPLE_GRID x SAMPLE_GRID grid; in each grid cell one window core of
+    SAMPLE_CORE pixels is placed at a seeded random position (multiple of 4), read with a margin of
+    the receptive field so that its cells' embeddings equal the untiled ones, and its cells without
+    nodata pixels are pooled. At most `samples` cells are then drawn (seeded) to fit the centres.
+    Independent of the tile size, so tiled and untiled runs use the same centres.
+    """
+    stride = model.stride
+    margin = -(-model.receptive_field // stride) * stride
+    rng = np.random.default_rng(seed)
+    pooled = []
+    for gi in range(SAMPLE_GRID):
+        for gj in range(SAMPLE_GRID):
+            origin = []
+            for g, size in ((gi, height), (gj, width)):
+                lo, hi = g * size // SAMPLE_GRID, (g + 1) * size // SAMPLE_GRID
+                pos = int(rng.integers(lo, max(lo, hi - SAMPLE_CORE) + 1))
+                pos = min(pos, max(0, size - SAMPLE_CORE)) // stride * stride
+                origin.append(pos)
+            (r0, c0) = origin
+            r1, c1 = min(height, r0 + SAMPLE_CORE), min(width, c0 + SAMPLE_CORE)
+            wr0, wc0 = max(0, r0 - margin), max(0, c0 - margin)
+            wr1, wc1 = min(height, r1 + margin), min(width, c1 + margin)
+            rgb, nodata = reader.read(wr0, wc0, wr1 - wr0, wc1 - wc0)
+            cells = model.embed_cells(rgb)
+            # cells of the core only (their whole receptive field lies inside the window)
+            a0, b0 = (r0 - wr0) // stride, (c0 - wc0) // stride
+            a1, b1 = -(-(r1 - wr0) // stride), -(-(c1 - wc0) // stride)
+            core = cells[a0:a1, b0:b1]
+            # a cell is usable when none of its pixels is nodata
+            pad = np.ones((cells.shape[0] * stride, cells.shape[1] * stride), dtype=bool)
+            pad[:nodata.shape[0], :nodata.shape[1]] = nodata
+            pad[nodata.shape[0]:, :] = False
+            pad[:, nodata.shape[1]:] = False
+            bad = pad.reshape(cells.shape[0], stride, cells.shape[1], stride).any(axis=(1, 3))[a0:a1, b0:b1]
+            pooled.append(core[~bad])
+    if sum(p.shape[0] for p in pooled) < k:
+        raise InputError(f"{reader.src}: too few valid (non-nodata) pixels in the sample windows to fit "
+                         f"{k} clusters")
+    return model.fit_centres_from_cells(pooled, k, seed=seed, samples=samples, iters=iters)
+
+
+def _overview_factors(height: int, width: int) -> list[int]:
+    factors, f = [], 2
+    while max(height, width) / f >= BLOCK:
+        factors.append(f)
+        f *= 2
+    return factors or ([2] if max(height, width) >= 2 * 16 else [])
+
+
+def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=None,
+                   centres=None, seed: int = 0, samples: int = DEFAULT_SAMPLES,
+                   iters: int | None = None, smooth_iters: int | None = None,
+                   overwrite: bool = False, overviews: bool = False,
+                   progress: Callable[[int, int], None] | None = None,
+                   cancel: Callable[[], bool] | None = None) -> SegmentResult:
+    """Segment the RGB raster `src` into k clusters, writing a uint8 GeoTIFF to `dst`.
+
+    model: a `Model` or an artifact directory path. tile: core tile side in pixels (multiple of 4).
+    bands: 1-based (R, G, B) band numbers, required for rasters with more than 3 bands.
+    centres: None or "fit" (fit once on this raster, seeded), "artifact" (the model's centres_k<K>),
+    or a (k, embed_dim) array. samples/iters: cells drawn and soft k-means updates for fitting.
+    smooth_iters: probability smoothing passes (default: the artifact's). progress(done, total) is
+    called after every tile; cancel() is polled before every tile and, when it returns True, the run
+    stops with `Cancelled` and nothing is written to `dst`. Returns a `SegmentResult`.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, Model):
+        model = load_model(model)
+    k = model.check_k(k)
+    tile = _check_int("tile", tile, 16)
+    if tile % model.stride:
+        raise InputError(f"tile must be a multiple of {model.stride} pixels, got {tile}")
+    samples = _check_int("samples", samples, k)
+    smooth = model.smooth_iters_default if smooth_iters is None else _check_int("smooth_iters", smooth_iters, 0)
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise OutputExistsError(f"{dst}: output exists (pass overwrite=True / --overwrite to replace it)")
+    if dst.is_dir():
+        raise InputError(f"{dst}: is a directory, expected a GeoTIFF file path")
+    if not dst.parent.is_dir():
+        raise InputError(f"{dst.parent}: output directory does not exist")
+
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.errors import RasterioError
+
+    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 1024 * 1024):
+        try:
+            ds = rasterio.open(src)
+        except (RasterioError, OSError) as e:
+            raise RasterReadError(f"{src}: GDAL cannot read this raster: {e}") from None
+        try:
+            with ds:
+                bands = select_bands(ds.count, bands, src)
+                dtypes = {ds.dtypes[b - 1] for b in bands}
+                if dtypes != {"uint8"}:
+                    raise InputError(f"{src}: bands {bands} are {sorted(dtypes)}; 8-bit (uint8) RGB is "
+                                     f"required (rescale to 0..255 first, e.g. gdal_translate -ot Byte -scale)")
+                height, width = ds.height, ds.width
+                reader = _Reader(ds, bands, model, src)
+
+                if centres is None or (isinstance(centres, str) and centres == "fit"):
+                    c = fit_raster_centres(reader, height, width, model, k, seed, samples, iters)
+                    source = f"fitted on this raster (seed {seed})"
+                elif isinstance(centres, str) and centres == "artifact":
+                    c = model.artifact_centres(k)
+                    source = "artifact"
+                elif isinstance(centres, str):
+                    raise InputError(f"centres must be 'fit', 'artifact' or a (k, D) array, got {centres!r}")
+                else:
+                    c = model._centres(k, centres)
+                    source = "given"
+
+                halo = model.halo(smooth)
+                profile = {
+                    "driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "uint8",
+                    "crs": ds.crs, "transform": ds.transform, "nodata": NODATA, "tiled": True,
+                    "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate", "BIGTIFF": "IF_SAFER",
+                }
+                tiles = [(r, h, c0, w) for r, h in _grid(height, tile) for c0, w in _grid(width, tile)]
+                with rasterio.open(tmp, "w", **profile) as out:
+                    for i, (r0, rh, c0, cw) in enumerate(tiles):
+                        if cancel is not None and cancel():
+                            raise Cancelled(f"cancelled after {i} of {len(tiles)} tiles; {dst} not written")
+                        labels = _segment_tile(reader, model, c, smooth, halo, height, width, r0, rh, c0, cw)
+                        out.write(labels[None], window=rasterio.windows.Window(c0, r0, cw, rh))
+                        if progress is not None:
+                            progress(i + 1, len(tiles))
+                    cmap = {i: PALETTE[i % len(PALETTE)] + (255,) for i in range(k)}
+                    cmap[NODATA] = (0, 0, 0, 0)
+                    out.write_colormap(1, cmap)
+                    out.set_band_description(1, f"cluster id 0..{k - 1} ({NODATA} = nodata)")
+                    prov = model.meta["provenance"]
+                    out.update_tags(landseg_k=str(k), landseg_centres=source,
+                                    landseg_model_commit=prov["git_commit"],
+                                    landseg_model_params_hash=prov["params_hash"])
+                if overviews:
+                    factors = _overview_factors(height, width)
+                    if factors:
+                        with rasterio.open(tmp, "r+") as out:
+                            out.build_overviews(factors, Resampling.nearest)
+                            out.update_tags(ns="rio_overview", resampling="nearest")
+            os.replace(tmp, dst)
+        except BaseException as e:
+            for leftover in (tmp, tmp.with_name(tmp.name + ".aux.xml"), tmp.with_name(tmp.name + ".ovr")):
+                leftover.unlink(missing_ok=True)
+            if isinstance(e, RasterioError):
+                raise RasterReadError(f"{src}: GDAL error while segmenting: {e}") from None
+            raise
+    return SegmentResult(dst, k, c, source, len(tiles), time.perf_counter() - t_start)
+
+
+def _segment_tile(reader: _Reader, model: Model, centres: np.ndarray, smooth: int, halo: int,
+                  height: int, width: int, r0: int, rh: int, c0: int, cw: int) -> np.ndarray:
+    """Labels (rh, cw) of one tile core, computed on the core plus its halo."""
+    s = model.stride
+    wr0, wc0 = max(0, r0 - halo), max(0, c0 - halo)
+    wr1, wc1 = min(height, r0 + rh + halo), min(width, c0 + cw + halo)
+    rgb, nodata = reader.read(wr0, wc0, wr1 - wr0, wc1 - wc0)
+    core_nodata = nodata[r0 - wr0: r0 - wr0 + rh, c0 - wc0: c0 - wc0 + cw]
+    if core_nodata.all():
+        return np.full((rh, cw), NODATA, dtype=np.uint8)
+    probs = model.cell_proba(model.embed_cells(rgb), centres, smooth)
+    # core cells plus one neighbour cell each side (bilinear upsampling reaches one cell)
+    a0, b0 = (r0 - wr0) // s, (c0 - wc0) // s
+    a1, b1 = -(-(r0 - wr0 + rh) // s), -(-(c0 - wc0 + cw) // s)
+    p0, q0 = max(a0 - 1, 0), max(b0 - 1, 0)
+    p1, q1 = min(a1 + 1, probs.shape[1]), min(b1 + 1, probs.shape[2])
+    labels = labels_from_cell_proba(probs[:, p0:p1, q0:q1], min(4 * (p1 - p0), (wr1 - wr0) - 4 * p0),
+                                    min(4 * (q1 - q0), (wc1 - wc0) - 4 * q0))
+    y0, x0 = (r0 - wr0) - 4 * p0, (c0 - wc0) - 4 * q0
+    core = labels[y0:y0 + rh, x0:x0 + cw].copy()
+    core[core_nodata] = NODATA
+    return core
