@@ -110,6 +110,55 @@ def training_sources(dataset_root: Path) -> list[Path]:
     return sources
 
 
+class Prefetcher:
+    """Prepares step i + 1's batch in a background thread while step i trains.
+
+    `make(step)` must be a pure function of the step (as `RandomWindowBatches.batch` and
+    `make_views` are), so prefetching changes nothing but the time spent waiting for data, which
+    `wait_s` accumulates (time the training loop was blocked on the next batch).
+    """
+
+    def __init__(self, make: Callable[[int], object], start: int, stop: int, depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self.wait_s = 0.0
+
+        def work():
+            for step in range(start, stop):
+                if self._stop.is_set():
+                    return
+                try:
+                    item = (step, make(step), None)
+                except BaseException as e:  # re-raised in the training loop, never swallowed
+                    item = (step, None, e)
+                self._queue.put(item)
+                if item[2] is not None:
+                    return
+
+        self._thread = threading.Thread(target=work, daemon=True, name="prefetch")
+        self._thread.start()
+
+    def get(self, step: int):
+        t0 = time.perf_counter()
+        got, item, error = self._queue.get()
+        self.wait_s += time.perf_counter() - t0
+        if error is not None:
+            raise error
+        assert got == step, f"prefetcher out of order: wanted step {step}, got {got}"
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()
+            except Exception:
+                self._thread.join(0.01)
+
+
 # --------------------------------------------------------------------------------------------
 # Validation: Hungarian-matched mIoU under the global protocol
 # --------------------------------------------------------------------------------------------
@@ -471,68 +520,68 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     model.train()
     bar = tqdm(range(start, train_params.steps), initial=start, total=train_params.steps,
                desc="train teacher", disable=not progress, dynamic_ncols=True)
-    data_wait = 0.0
+    prefetch = Prefetcher(lambda i: make_views(batches.batch(i)[0], i, aug), start, train_params.steps)
     t_start = time.perf_counter()
-    for step in bar:
-        t0 = time.perf_counter()
-        batch, _ = batches.batch(step)
-        views = make_views(batch, step, aug)
-        views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
-        data_wait += time.perf_counter() - t0
-        lr = lr_at(step, train_params.steps, train_params.lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        terms = teacher_losses(model, views, loss_params,
-                               torch.Generator().manual_seed(train_params.seed * 1_000_003 + step))
-        opt.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        opt.step()
+    try:
+        for step in bar:
+            views = prefetch.get(step)
+            views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
+            lr = lr_at(step, train_params.steps, train_params.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            terms = teacher_losses(model, views, loss_params,
+                                   torch.Generator().manual_seed(train_params.seed * 1_000_003 + step))
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            opt.step()
 
-        usage = cluster_usage(terms["_probs"].detach())
-        for name, value in terms.items():
-            if not name.startswith("_"):
-                live.log_metric(f"train/{name}", float(value.detach()))
-        live.log_metric("train/lr", lr)
-        live.log_metric("train/clusters_ge_2pct", int((usage >= USAGE_THRESHOLD).sum()))
-        done = step + 1
-        if done % train_params.val_every == 0 or done == train_params.steps:
-            record = validate()
-            live.log_metric(f"val/{record['metric'].split('/', 1)[1]}", record["score"])
-            live.log_metric("val/clusters_ge_2pct", record["clusters_ge_2pct"])
-            live.log_metric("val/min_cluster_share", float(record["usage"].min()))
-            if record["score"] > best["score"]:
-                best = {"score": float(record["score"]), "step": done, "metric": record["metric"],
-                        "clusters_ge_2pct": record["clusters_ge_2pct"],
-                        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-            bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", val=f"{record['score']:.3f}")
-        live.next_step()
-        if done % train_params.checkpoint_every == 0 or done == train_params.steps:
-            atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
-                               "model": model.state_dict(), "optimizer": opt.state_dict(), "best": best},
-                              ckpt_path)
-        if stop_after is not None and done >= stop_after:
-            live.end()
-            return {"stopped_at": done}
+            usage = cluster_usage(terms["_probs"].detach())
+            for name, value in terms.items():
+                if not name.startswith("_"):
+                    live.log_metric(f"train/{name}", float(value.detach()))
+            live.log_metric("train/lr", lr)
+            live.log_metric("train/clusters_ge_2pct", int((usage >= USAGE_THRESHOLD).sum()))
+            done = step + 1
+            if done % train_params.val_every == 0 or done == train_params.steps:
+                record = validate()
+                live.log_metric(f"val/{record['metric'].split('/', 1)[1]}", record["score"])
+                live.log_metric("val/clusters_ge_2pct", record["clusters_ge_2pct"])
+                live.log_metric("val/min_cluster_share", float(record["usage"].min()))
+                if record["score"] > best["score"]:
+                    best = {"score": float(record["score"]), "step": done, "metric": record["metric"],
+                            "clusters_ge_2pct": record["clusters_ge_2pct"],
+                            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", val=f"{record['score']:.3f}")
+            live.next_step()
+            if done % train_params.checkpoint_every == 0 or done == train_params.steps:
+                atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
+                                   "model": model.state_dict(), "optimizer": opt.state_dict(), "best": best},
+                                  ckpt_path)
+            if stop_after is not None and done >= stop_after:
+                live.end()
+                return {"stopped_at": done}
 
-    elapsed = time.perf_counter() - t_start
-    if best["state_dict"] is None:
-        raise TrainingError("no validation ran, so there is no best checkpoint (check train.val_every)")
-    live.summary["best/score"] = best["score"]
-    live.summary["best/step"] = best["step"]
-    live.summary["best/clusters_ge_2pct"] = best["clusters_ge_2pct"]
-    live.summary["max_k"] = model_params.max_k
-    live.make_summary()
-    live.end()
+        elapsed = time.perf_counter() - t_start
+        if best["state_dict"] is None:
+            raise TrainingError("no validation ran, so there is no best checkpoint (check train.val_every)")
+        live.summary["best/score"] = best["score"]
+        live.summary["best/step"] = best["step"]
+        live.summary["best/clusters_ge_2pct"] = best["clusters_ge_2pct"]
+        live.summary["max_k"] = model_params.max_k
+        live.make_summary()
+        live.end()
 
-    blob = {"format": TEACHER_FORMAT, "config": config, "state_dict": best["state_dict"],
-            "val": {"metric": best["metric"], "score": best["score"], "step": best["step"],
-                    "clusters_ge_2pct": best["clusters_ge_2pct"]},
-            "fingerprint": fingerprint}
-    write_output_dir(out_dir, {"model.pt": lambda p: torch.save(blob, p)})
-    ran = train_params.steps - start
-    tqdm.write(f"teacher: best {best['metric']} = {best['score']:.4f} at step {best['step']}; "
-               f"{ran} steps in {elapsed:.1f}s, data wait {100 * data_wait / max(elapsed, 1e-9):.1f}%")
-    return blob["val"]
+        blob = {"format": TEACHER_FORMAT, "config": config, "state_dict": best["state_dict"],
+                "val": {"metric": best["metric"], "score": best["score"], "step": best["step"],
+                        "clusters_ge_2pct": best["clusters_ge_2pct"]},
+                "fingerprint": fingerprint}
+        write_output_dir(out_dir, {"model.pt": lambda p: torch.save(blob, p)})
+        ran = train_params.steps - start
+        tqdm.write(f"teacher: best {best['metric']} = {best['score']:.4f} at step {best['step']}; "
+                   f"{ran} steps in {elapsed:.1f}s, data wait {100 * prefetch.wait_s / max(elapsed, 1e-9):.1f}%")
+        return blob["val"]
+    finally:
+        prefetch.close()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

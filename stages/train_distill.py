@@ -41,7 +41,7 @@ from stages import losses
 from stages.augment import apply_each, draw_transforms, normalise01, step_generator, to_rgb01
 from stages.model import Encoder, student_from_params
 from stages.params import ParamsError, load_params
-from stages.train import (CHECKPOINT_VERSION, USAGE_THRESHOLD, HeldOutBatch, TrainingError, atomic_torch_save,
+from stages.train import (CHECKPOINT_VERSION, USAGE_THRESHOLD, HeldOutBatch, Prefetcher, TrainingError, atomic_torch_save,
                           cluster_usage, embed_images, global_scores, load_checkpoint, load_labelled_split,
                           load_teacher, lr_at, open_live, read_summary, resolve_device, run_fingerprint,
                           set_threads, teacher_config, teacher_info, training_sources, write_output_dir)
@@ -206,52 +206,57 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
     distiller.train()
     bar = tqdm(range(start, distill.steps), initial=start, total=distill.steps, desc="distil student",
                disable=not progress, dynamic_ncols=True)
-    t_start, data_wait = time.perf_counter(), 0.0
-    for step in bar:
-        t0 = time.perf_counter()
-        batch, size = batches.batch(step)
-        x, guide = prepare_batch(batch, distill.seed, step)
-        x, guide = x.to(device), guide.to(device)
-        data_wait += time.perf_counter() - t0
-        torch.manual_seed(distill.seed * 1_000_003 + step)  # dropout draws: a function of the step
-        lr = lr_at(step, distill.steps, distill.lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        gen = torch.Generator().manual_seed(distill.seed * 1_000_003 + step)
-        terms = distill_losses(distiller, teacher, x, guide, distill, loss_params.edge_sigma, gen)
-        key = str(size)
-        normalised = normaliser.normalise(key, terms["raw"])
-        merged = normaliser.merged(key, normalised)
-        opt.zero_grad(set_to_none=True)
-        merged.backward()
-        opt.step()
+    def make(i: int):
+        batch, size = batches.batch(i)
+        return (size, *prepare_batch(batch, distill.seed, i))
 
-        for name in ("feature", "affinity", "cluster", "tv"):
-            live.log_metric(f"distill/{name}", float(terms[name].detach()))
-        live.log_metric(f"distill/raw_p{size}", float(terms["raw"].detach()))
-        live.log_metric(f"distill/normalised_p{size}", float(normalised.detach()))
-        live.log_metric("distill/merged_geomean", float(merged.detach()))
-        live.log_metric("distill/lr", lr)
-        usage = cluster_usage(terms["_probs"].detach())
-        live.log_metric("distill/clusters_ge_2pct", int((usage >= USAGE_THRESHOLD).sum()))
-        done = step + 1
-        if done % distill.val_every == 0 or done == distill.steps:
-            record = validate()
-            live.log_metric(f"val/{record['metric'].split('/', 1)[1]}", record["score"])
-            live.log_metric("val/min_cluster_share", record["min_cluster_share"])
-            if record["score"] > best["score"]:
-                best = {"score": float(record["score"]), "step": done, "metric": record["metric"],
-                        "state_dict": {k: v.detach().cpu().clone()
-                                       for k, v in distiller.student.state_dict().items()}}
-            bar.set_postfix(merged=f"{float(merged.detach()):.3f}", val=f"{record['score']:.3f}")
-        live.next_step()
-        if done % distill.checkpoint_every == 0 or done == distill.steps:
-            atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
-                               "model": distiller.state_dict(), "optimizer": opt.state_dict(),
-                               "normaliser": normaliser.state_dict(), "best": best}, ckpt_path)
-        if stop_after is not None and done >= stop_after:
-            live.end()
-            return {"stopped_at": done}
+    prefetch = Prefetcher(make, start, distill.steps)
+    t_start = time.perf_counter()
+    try:
+        for step in bar:
+            size, x, guide = prefetch.get(step)
+            x, guide = x.to(device), guide.to(device)
+            torch.manual_seed(distill.seed * 1_000_003 + step)  # dropout draws: a function of the step
+            lr = lr_at(step, distill.steps, distill.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            gen = torch.Generator().manual_seed(distill.seed * 1_000_003 + step)
+            terms = distill_losses(distiller, teacher, x, guide, distill, loss_params.edge_sigma, gen)
+            key = str(size)
+            normalised = normaliser.normalise(key, terms["raw"])
+            merged = normaliser.merged(key, normalised)
+            opt.zero_grad(set_to_none=True)
+            merged.backward()
+            opt.step()
+
+            for name in ("feature", "affinity", "cluster", "tv"):
+                live.log_metric(f"distill/{name}", float(terms[name].detach()))
+            live.log_metric(f"distill/raw_p{size}", float(terms["raw"].detach()))
+            live.log_metric(f"distill/normalised_p{size}", float(normalised.detach()))
+            live.log_metric("distill/merged_geomean", float(merged.detach()))
+            live.log_metric("distill/lr", lr)
+            usage = cluster_usage(terms["_probs"].detach())
+            live.log_metric("distill/clusters_ge_2pct", int((usage >= USAGE_THRESHOLD).sum()))
+            done = step + 1
+            if done % distill.val_every == 0 or done == distill.steps:
+                record = validate()
+                live.log_metric(f"val/{record['metric'].split('/', 1)[1]}", record["score"])
+                live.log_metric("val/min_cluster_share", record["min_cluster_share"])
+                if record["score"] > best["score"]:
+                    best = {"score": float(record["score"]), "step": done, "metric": record["metric"],
+                            "state_dict": {k: v.detach().cpu().clone()
+                                           for k, v in distiller.student.state_dict().items()}}
+                bar.set_postfix(merged=f"{float(merged.detach()):.3f}", val=f"{record['score']:.3f}")
+            live.next_step()
+            if done % distill.checkpoint_every == 0 or done == distill.steps:
+                atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
+                                   "model": distiller.state_dict(), "optimizer": opt.state_dict(),
+                                   "normaliser": normaliser.state_dict(), "best": best}, ckpt_path)
+            if stop_after is not None and done >= stop_after:
+                live.end()
+                return {"stopped_at": done}
+    finally:
+        prefetch.close()
 
     elapsed = time.perf_counter() - t_start
     if best["state_dict"] is None:
@@ -267,7 +272,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
     write_output_dir(out_dir, {"model.pt": lambda p: torch.save(blob, p)})
     tqdm.write(f"student: best {best['metric']} = {best['score']:.4f} at step {best['step']}; "
                f"{distill.steps - start} steps in {elapsed:.1f}s, data wait "
-               f"{100 * data_wait / max(elapsed, 1e-9):.1f}%")
+               f"{100 * prefetch.wait_s / max(elapsed, 1e-9):.1f}%")
     return blob["val"]
 
 
