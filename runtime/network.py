@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._blas import blas_threads
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 
 ACTIVATIONS = ("relu", "none")
 # Upper bound of one band's im2col buffer. About 1-2 MB keeps a band's buffer and output in cache
@@ -259,7 +259,7 @@ class Network:
         self.band_bytes = band_bytes
         self.threads = default_threads() if threads is None else threads
         if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise InputError(f"threads must be >= 1, got {self.threads}")
         self._blas = blas_threads()
         # Parallel bands need single-threaded BLAS; without control over it, run bands serially
         # and let BLAS thread each sgemm (same results, slower).

@@ -1,0 +1,171 @@
+"""Command line: `python -m runtime segment IN OUT --k 6` (also installed as `landseg-segment`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LandsegError
+
+DESCRIPTION = """\
+Segment an RGB aerial image (any GDAL-readable raster, e.g. a GeoTIFF orthophoto) into K land-cover
+clusters with the exported landseg model. The output is a single-band 8-bit GeoTIFF with the same
+extent, CRS and pixel grid as the input: each pixel holds a cluster id 0..K-1 (with a colour
+table for QGIS), and pixels that are nodata in the input are written as 255 (the output's nodata
+value). Clusters are unsupervised: the ids are not classes; name them by looking at the result.
+
+The raster is processed in tiles, so any size works; the result is the same as processing it in
+one piece. Cluster centres are fitted once per raster from samples across it; use --centres
+artifact (or a saved .npy) to keep the same ids across several rasters.
+"""
+
+EPILOG = """\
+examples:
+  python -m runtime segment ortho.tif clusters.tif --k 6
+  landseg-segment naip_rgbn.tif clusters.tif --k 5 --bands 1,2,3 --overviews
+  landseg-segment a.tif a_k6.tif --k 6 --save-centres centres_k6.npy
+  landseg-segment b.tif b_k6.tif --k 6 --centres centres_k6.npy     # same ids as a.tif
+  python -m runtime info --model model/best                          # what the model is
+
+exit status: 0 on success, 2 on bad input (message on stderr), 130 when interrupted.
+The output is written under a temporary name and renamed when complete, so an error or an
+interruption never leaves a partial file at OUT.
+"""
+
+
+def _bands(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected band numbers like 1,2,3, got {text!r}") from None
+
+
+def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="IN", help="input RGB raster (8-bit, 3 bands or more with --bands)")
+    p.add_argument("output", metavar="OUT", help="output GeoTIFF of cluster ids")
+    p.add_argument("--k", type=int, required=True, help="number of clusters, 2..max_k of the model (often 8)")
+    p.add_argument("--model", default="model/best",
+                   help="model directory with model.npz, meta.json, metrics.json (default: %(default)s)")
+    p.add_argument("--bands", type=_bands, default=None, metavar="R,G,B",
+                   help="1-based band numbers of red, green and blue; required when the input has "
+                        "more than 3 bands (e.g. 1,2,3 for NAIP RGBN)")
+    p.add_argument("--tile", type=int, default=1024, metavar="PIXELS",
+                   help="tile side in pixels, a multiple of 4; memory grows with it, results do not "
+                        "change (default: %(default)s)")
+    p.add_argument("--centres", default="fit", metavar="fit|artifact|FILE.npy",
+                   help="'fit': fit cluster centres on this raster (default); 'artifact': the model's "
+                        "precomputed centres for K; or a .npy file written by --save-centres")
+    p.add_argument("--save-centres", default=None, metavar="FILE.npy",
+                   help="save the centres used, to reuse them on other rasters with --centres")
+    p.add_argument("--seed", type=int, default=0, help="seed of the centre fitting (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="embedding samples used to fit centres (default: 50000)")
+    p.add_argument("--cluster-iters", type=int, default=None, metavar="N",
+                   help="soft k-means iterations when fitting centres (default: the model's)")
+    p.add_argument("--smooth-iters", type=int, default=None, metavar="N",
+                   help="3x3 probability smoothing passes; 0 = none (default: the model's)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: all available cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overviews", action="store_true", help="build internal overviews (nearest) for fast display")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+class _Progress:
+    """A tqdm bar when tqdm is importable, else one plain line per tile (display only)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar = quiet, None
+        if not quiet:
+            try:
+                from tqdm import tqdm
+
+                self._tqdm = tqdm
+            except ImportError:
+                self._tqdm = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self._tqdm is not None:
+            if self.bar is None:
+                self.bar = self._tqdm(total=total, unit="tile", desc="segmenting", file=sys.stderr)
+            self.bar.update(done - self.bar.n)
+        else:
+            print(f"segmenting: tile {done}/{total} ({100 * done // total}%)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_segment(args) -> int:
+    from .model import DEFAULT_SAMPLES, load_model
+    from .raster import segment_raster
+
+    model = load_model(args.model, threads=args.threads)
+    centres = args.centres
+    if centres not in ("fit", "artifact"):
+        path = Path(centres)
+        try:
+            centres = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise LandsegError(f"{path}: cannot read centres (.npy from --save-centres): {e}") from None
+    progress = _Progress(args.quiet)
+    try:
+        result = segment_raster(args.input, args.output, args.k, model, tile=args.tile, bands=args.bands,
+                                centres=centres, seed=args.seed,
+                                samples=DEFAULT_SAMPLES if args.samples is None else args.samples,
+                                iters=args.cluster_iters, smooth_iters=args.smooth_iters,
+                                overwrite=args.overwrite, overviews=args.overviews, progress=progress)
+    finally:
+        progress.close()
+    if args.save_centres:
+        try:
+            np.save(args.save_centres, result.centres, allow_pickle=False)
+        except OSError as e:
+            raise LandsegError(f"{args.save_centres}: cannot save centres: {e}") from None
+    if not args.quiet:
+        print(f"wrote {result.dst}: {result.k} clusters (ids 0..{result.k - 1}, 255 = nodata), "
+              f"{result.tiles} tile(s), {result.seconds:.1f} s; centres {result.centres_source}",
+              file=sys.stderr)
+    return 0
+
+
+def run_info(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime info",
+                                description="Print what a model artifact is (meta.json and metrics.json).")
+    p.add_argument("--model", default="model/best", help="model directory (default: %(default)s)")
+    args = p.parse_args(argv)
+    from .artifact import load_artifact
+
+    art = load_artifact(args.model)
+    meta = {k: v for k, v in art.meta.items() if k != "layers"}
+    meta["layers"] = f"{len(art.layers)} top-level layers"
+    meta["precomputed_centres_for_k"] = sorted(int(n[9:]) for n in art.arrays if n.startswith("centres_k"))
+    print(json.dumps({"meta": meta, "metrics": art.metrics}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Entry point of `landseg-segment IN OUT --k K ...` and `python -m runtime segment|info ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "info":
+            return run_info(argv[1:])
+        if argv and argv[0] == "segment":
+            argv = argv[1:]
+        return run_segment(segment_parser(prog).parse_args(argv))
+    except LandsegError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130

@@ -1,0 +1,229 @@
+"""The numpy runtime on arrays: numeric parity with the torch model, clustering, numpy-only import."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime import cluster
+from runtime.errors import InputError
+from runtime.model import Model, load_model, smooth_probs, upsample4
+from runtime.network import output_size
+from runtime_fixtures import encoder_meta, random_encoder, synthetic_rgb, write_encoder_artifact
+from stages.model import normalise_rgb
+from stages.model import smooth_probs as torch_smooth_probs
+from stages.model import upsample_to as torch_upsample_to
+
+REPO = Path(__file__).resolve().parents[1]
+# sizes not divisible by 4 (and tiny ones) exercise borders and the ceil(H/4) grid
+SIZES = [(67, 93), (64, 64), (33, 5), (1, 1), (2, 7)]
+
+
+def _model(enc, **kw) -> Model:
+    layers, arrays = enc.export_layers()
+    return Model(layers, arrays, encoder_meta(enc, **kw))
+
+
+def _torch_embed(enc, rgb: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return enc(normalise_rgb(torch.from_numpy(rgb).permute(2, 0, 1)[None]))[0].numpy()
+
+
+def _torch_labels(emb: np.ndarray, centres: np.ndarray, temperature: float, smooth: int, h: int, w: int):
+    e = torch.from_numpy(emb)
+    d = e.shape[0]
+    with torch.no_grad():
+        c = F.normalize(torch.from_numpy(centres), dim=1)
+        probs = torch.softmax(e.permute(1, 2, 0).reshape(-1, d) @ c.T / temperature, dim=1)
+        probs = probs.T.reshape(1, -1, *e.shape[1:])
+        up = torch_upsample_to(torch_smooth_probs(probs, smooth), h, w)[0]
+    return up.numpy(), up.argmax(dim=0).numpy()
+
+
+@pytest.mark.parametrize("arch", [
+    dict(width=16, depth=2, embed_dim=8),               # teacher-like: residual blocks
+    dict(width=8, depth=0, embed_dim=6),                 # stem + head only
+    dict(width=16, depth=1, embed_dim=8, refine=True),   # learned refinement head
+])
+def test_embeddings_match_torch_within_1e4(arch):
+    enc = random_encoder(**arch, seed=3)
+    model = _model(enc)
+    rng = np.random.default_rng(0)
+    for h, w in SIZES:
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ours = model.embed(rgb)
+        ref = _torch_embed(enc, rgb)
+        assert ours.shape == ref.shape == (arch["embed_dim"], output_size(h), output_size(w))
+        assert ours.dtype == np.float32
+        np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_labels_and_probabilities_match_torch():
+    enc = random_encoder(width=16, depth=2, embed_dim=8, seed=5)
+    model = _model(enc, smooth_iters=2)
+    for i, (h, w) in enumerate([(131, 97), (64, 64), (30, 9)]):
+        rgb = synthetic_rgb(h, w, seed=i)
+        centres = model.fit_centres([rgb], k=5, seed=i)
+        ref_probs, ref_labels = _torch_labels(_torch_embed(enc, rgb), centres, 0.1, 2, h, w)
+        probs = model.predict_proba(rgb, 5, centres=centres)
+        labels = model.predict_labels(rgb, 5, centres=centres)
+        assert probs.shape == (5, h, w) and labels.shape == (h, w) and labels.dtype == np.uint8
+        np.testing.assert_allclose(probs, ref_probs, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
+        assert (labels == ref_labels).mean() >= 0.999
+        # borders included: the outer 4-pixel frame agrees as well as the interior
+        frame = np.ones((h, w), bool)
+        frame[4:-4, 4:-4] = False
+        assert (labels[frame] == ref_labels[frame]).mean() >= 0.999
+        # banded labels are exactly the argmax of the full probabilities
+        np.testing.assert_array_equal(labels, probs.argmax(axis=0))
+
+
+@pytest.mark.parametrize("shape,iters", [((4, 9, 13), 1), ((3, 1, 5), 2), ((2, 2, 1), 3), ((5, 6, 6), 0)])
+def test_smoothing_and_upsampling_match_torch(shape, iters):
+    rng = np.random.default_rng(1)
+    p = rng.random(shape, dtype=np.float32)
+    p /= p.sum(axis=0, keepdims=True)
+    ours = smooth_probs(p.copy(), iters)
+    ref = torch_smooth_probs(torch.from_numpy(p)[None], iters)[0].numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    np.testing.assert_allclose(ours.sum(axis=0), 1.0, atol=1e-6)  # still normalised at borders
+    for h, w in [(4 * shape[1], 4 * shape[2]), (4 * shape[1] - 3, 4 * shape[2] - 1)]:
+        up = upsample4(ours, h, w)
+        ref_up = torch_upsample_to(torch.from_numpy(ours)[None], h, w)[0].numpy()
+        assert up.shape == ref_up.shape == (shape[0], h, w)
+        np.testing.assert_allclose(up, ref_up, atol=1e-6)
+
+
+def test_thread_count_and_band_size_do_not_change_results():
+    enc = random_encoder(width=16, depth=1, embed_dim=8)
+    layers, arrays = enc.export_layers()
+    meta = encoder_meta(enc)
+    rgb = synthetic_rgb(90, 70, seed=2)
+    ref = Model(layers, arrays, meta, threads=1).embed(rgb)
+    for threads, band in [(2, 1 << 12), (3, 1 << 16), (2, 1 << 24)]:
+        got = Model(layers, arrays, meta, threads=threads, band_bytes=band).embed(rgb)
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_fit_centres_is_deterministic_distinct_and_global():
+    model = _model(random_encoder(width=16, depth=1, embed_dim=8))
+    images = [synthetic_rgb(64, 80, seed=s) for s in range(3)]
+    a = model.fit_centres(images, k=6, seed=0, samples=500)
+    b = model.fit_centres(images, k=6, seed=0, samples=500)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (6, 8) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    # no two identical centres (random weights put all embeddings in a narrow cone, so the
+    # separation itself is small here; test_soft_kmeans_recovers... checks quality)
+    cos = a.astype(np.float64) @ a.T.astype(np.float64)
+    assert cos[~np.eye(6, dtype=bool)].max() < 1 - 1e-6
+    # the global protocol: the same centres label every image consistently
+    for im in images:
+        lab = model.predict_labels(im, 6, centres=a)
+        assert lab.max() < 6
+    # cells reused: fitting from precomputed embeddings equals fitting from images
+    cells = [model.embed_cells(im) for im in images]
+    np.testing.assert_array_equal(model.fit_centres_from_cells(cells, 6, seed=0, samples=500), a)
+
+
+def test_soft_kmeans_recovers_separated_directions_and_reseeds_collapsed_centres():
+    rng = np.random.default_rng(0)
+    truth = np.eye(4, 16, dtype=np.float32)
+    x = np.repeat(truth, 200, axis=0) + rng.normal(0, 0.05, (800, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    c = cluster.fit_centres(x, 4, temperature=0.1, iters=10, seed=1)
+    assert sorted(np.argmax(c @ truth.T, axis=1).tolist()) == [0, 1, 2, 3]
+    # duplicate / dead centres get re-seeded at the worst-explained samples
+    dup = np.stack([truth[0], truth[0], truth[1], truth[1]])
+    fixed = cluster._reseed_collapsed(x, dup, np.ones(4))
+    assert sorted(np.argmax(fixed @ truth.T, axis=1).tolist()) == [0, 1, 2, 3]
+    # a degenerate input (all samples identical) still returns k centres without failing
+    same = np.tile(truth[:1], (50, 1))
+    assert cluster.fit_centres(same, 3, 0.1, 3, seed=0).shape == (3, 16)
+
+
+def test_euclidean_kmeans_and_assign_for_rgb_baselines():
+    rng = np.random.default_rng(0)
+    means = np.array([[20, 20, 20], [200, 30, 30], [30, 200, 30]], np.float32)
+    x = np.concatenate([m + rng.normal(0, 5, (300, 3)) for m in means]).astype(np.float32)
+    c = cluster.kmeans(x, 3, seed=0, iters=50)
+    np.testing.assert_array_equal(c, cluster.kmeans(x, 3, seed=0, iters=50))
+    order = np.argsort(c[:, 0] + 2 * c[:, 1])
+    np.testing.assert_allclose(c[order], means[[0, 1, 2]], atol=2.0)
+    labels = cluster.assign(x, c)
+    assert labels.shape == (900,)
+    for i in range(3):
+        assert len(np.unique(labels[i * 300:(i + 1) * 300])) == 1
+    with pytest.raises(InputError, match="cannot make 5 clusters"):
+        cluster.kmeans(x[:3], 5)
+
+
+def test_bad_arrays_and_arguments_raise_clear_errors():
+    model = _model(random_encoder(width=8, depth=0, embed_dim=4))
+    rgb = synthetic_rgb(16, 16)
+    with pytest.raises(InputError, match="uint8 array"):
+        model.embed(rgb.astype(np.float32))
+    with pytest.raises(InputError, match=r"\(H, W, 3\)"):
+        model.embed(rgb[..., :2])
+    for k in (1, 9, 2.5, True):
+        with pytest.raises(InputError, match=r"k must be an integer in 2\.\.8"):
+            model.predict_labels(rgb, k)
+    with pytest.raises(InputError, match=r"centres must have shape \(k, embed_dim\) = \(3, 4\)"):
+        model.predict_labels(rgb, 3, centres=np.ones((3, 5)))
+    with pytest.raises(InputError, match="no precomputed centres for k=3"):
+        model.artifact_centres(3)
+
+
+NUMPY_ONLY = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = ("torch", "scipy", "rasterio", "stages")
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"blocked import of {name}")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    import numpy as np
+    import runtime
+    from runtime import cluster
+    model = runtime.load_model(sys.argv[1])
+    rgb = np.random.default_rng(0).integers(0, 256, (37, 41, 3), dtype=np.uint8)
+    labels = model.predict_labels(rgb, k=3)
+    assert labels.shape == (37, 41) and labels.max() < 3
+    centres = cluster.kmeans(rgb.reshape(-1, 3).astype(np.float32), 3, seed=0)
+    assert cluster.assign(rgb.reshape(-1, 3), centres).shape == (37 * 41,)
+    loaded = sorted(m.split(".")[0] for m in sys.modules if m.split(".")[0] in BLOCKED)
+    assert not loaded, loaded
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("NUMPY-ONLY OK")
+""")
+
+
+def test_runtime_imports_loads_and_predicts_with_numpy_only(tmp_path):
+    art = write_encoder_artifact(tmp_path / "best", random_encoder(width=8, depth=1, embed_dim=4))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(REPO)
+    res = subprocess.run([sys.executable, "-c", NUMPY_ONLY, str(art)], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "NUMPY-ONLY OK" in res.stdout
+
+
+def test_load_model_from_disk_equals_in_memory_model(tmp_path):
+    enc = random_encoder(width=8, depth=1, embed_dim=4)
+    art = write_encoder_artifact(tmp_path / "best", enc)
+    rgb = synthetic_rgb(20, 24)
+    np.testing.assert_array_equal(load_model(art).embed(rgb), _model(enc).embed(rgb))
