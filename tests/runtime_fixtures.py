@@ -64,8 +64,10 @@ def synthetic_rgb(height: int, width: int, seed: int = 0, regions: int = 5) -> n
 
 
 def write_raster(path: Path, bands_hwc: np.ndarray, nodata=None, crs: str = "EPSG:32611",
-                 origin=(500000.0, 4000000.0), pixel: float = 0.6, tiled: bool = True) -> Path:
-    """Write (H, W, C) as a GeoTIFF with a north-up transform."""
+                 origin=(500000.0, 4000000.0), pixel: float = 0.6, tiled: bool = True,
+                 photometric: str | None = None) -> Path:
+    """Write (H, W, C) as a GeoTIFF with a north-up transform (GDAL's default for 4 bytes bands
+    is RGBA: pass photometric="minisblack" for four plain bands such as RGBN)."""
     import rasterio
     from rasterio.transform import from_origin
 
@@ -77,6 +79,8 @@ def write_raster(path: Path, bands_hwc: np.ndarray, nodata=None, crs: str = "EPS
                        blockysize=16 * max(1, min(16, h // 16)))
     if nodata is not None:
         profile["nodata"] = nodata
+    if photometric is not None:
+        profile["photometric"] = photometric
     with rasterio.open(path, "w", **profile) as ds:
         ds.write(bands_hwc.transpose(2, 0, 1))
     return path

@@ -1,0 +1,94 @@
+"""The command line: `python -m runtime segment ...` / `landseg-segment`, and `python -m runtime info`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from runtime.cli import main
+from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = write_encoder_artifact(root / "best", random_encoder(width=8, depth=1, embed_dim=4))
+    src = write_raster(root / "in.tif", synthetic_rgb(70, 90, seed=1))
+    return root, model, src
+
+
+def _run(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=120)
+
+
+def test_help_explains_inputs_outputs_and_options(tmp_path):
+    res = _run("--help", cwd=tmp_path)
+    assert res.returncode == 0
+    for text in ("IN", "OUT", "--k", "--model", "--bands", "--tile", "--overwrite", "--overviews",
+                 "nodata", "cluster id", "examples:", "exit status"):
+        assert text in res.stdout, text
+
+
+def test_segment_writes_output_and_reuses_saved_centres(setup, tmp_path):
+    root, model, src = setup
+    out, centres = tmp_path / "out.tif", tmp_path / "c.npy"
+    res = _run("segment", src, out, "--k", 3, "--model", model, "--tile", 32, "--overviews",
+               "--save-centres", centres, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "wrote" in res.stderr and "3 clusters" in res.stderr
+    with rasterio.open(out) as ds:
+        labels = ds.read(1)
+        assert labels.shape == (70, 90) and labels.max() < 3 and ds.overviews(1) == [2]
+    assert np.load(centres).shape == (3, 4)
+    # the console-script form (no sub-command) with saved centres and a different tile reproduces it
+    assert main([str(src), str(tmp_path / "again.tif"), "--k", "3", "--model", str(model),
+                 "--centres", str(centres), "--quiet"]) == 0
+    with rasterio.open(tmp_path / "again.tif") as ds:
+        np.testing.assert_array_equal(ds.read(1), labels)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--k", "12"], "k must be an integer in 2..8"),
+    (["--k", "3", "--tile", "30"], "multiple of 4"),
+    (["--k", "3", "--model", "nowhere"], "model artifact directory not found"),
+    (["--k", "3", "--centres", "missing.npy"], "cannot read centres"),
+])
+def test_bad_input_exits_2_with_a_message_and_no_output(setup, tmp_path, capsys, extra, message):
+    root, model, src = setup
+    args = [str(src), str(tmp_path / "out.tif"), "--model", str(model), *extra]
+    if "--model" in extra:
+        args = [str(src), str(tmp_path / "out.tif"), *extra]
+    assert main(["segment", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_existing_output_and_unreadable_input_exit_2(setup, tmp_path, capsys):
+    root, model, src = setup
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"keep")
+    assert main([str(src), str(out), "--k", "3", "--model", str(model)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"keep"
+    bad = tmp_path / "bad.tif"
+    bad.write_text("not a raster")
+    assert main([str(bad), str(tmp_path / "o.tif"), "--k", "3", "--model", str(model)]) == 2
+    assert "GDAL cannot read" in capsys.readouterr().err
+
+
+def test_info_prints_meta_and_metrics(setup, capsys):
+    root, model, src = setup
+    assert main(["info", "--model", str(model)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["meta"]["format"] == "landseg-segmenter" and info["metrics"] == {"note": "random weights"}

@@ -1,0 +1,175 @@
+"""segment_raster: seamless tiling, nodata, georeferencing, output format, and refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+
+from runtime import segment_raster
+from runtime.errors import Cancelled, InputError, OutputExistsError, RasterReadError
+from runtime.model import load_model
+from runtime.raster import NODATA
+from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    enc = random_encoder(width=16, depth=1, embed_dim=8, seed=7)
+    centres = np.eye(K, 8, dtype=np.float32)
+    return write_encoder_artifact(tmp_path_factory.mktemp("model") / "best", enc, centres={K: centres})
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_model(model_dir)
+
+
+@pytest.fixture(scope="module")
+def rgb():
+    img = synthetic_rgb(203, 178, seed=3)  # neither side a multiple of 4 or of the tile
+    img[:13, :21] = 0  # a nodata corner
+    img[120:126, 60:90] = 0  # and a nodata strip inside a tile
+    return img
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory, rgb):
+    return write_raster(tmp_path_factory.mktemp("src") / "rgb.tif", rgb, nodata=0)
+
+
+def _read(path):
+    with rasterio.open(path) as ds:
+        return ds.read(1), ds.profile, ds
+
+
+def test_tiled_equals_untiled_exactly(tmp_path, src, model):
+    whole = segment_raster(src, tmp_path / "whole.tif", K, model, tile=1024)
+    tiled = segment_raster(src, tmp_path / "tiled.tif", K, model, tile=32)
+    odd = segment_raster(src, tmp_path / "odd.tif", K, model, tile=52)
+    assert whole.tiles == 1 and tiled.tiles == 7 * 6 and odd.tiles == 4 * 4
+    np.testing.assert_array_equal(whole.centres, tiled.centres)
+    a, b, c = (_read(tmp_path / f"{n}.tif")[0] for n in ("whole", "tiled", "odd"))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+    assert len(np.unique(a[a != NODATA])) >= 2
+
+
+def test_raster_labels_equal_array_prediction_with_the_same_centres(tmp_path, rgb):
+    # without nodata the raster path is exactly the array path
+    enc = random_encoder(width=16, depth=1, embed_dim=8, seed=7)
+    clean = synthetic_rgb(90, 70, seed=4)
+    path = write_raster(tmp_path / "clean.tif", clean)
+    model = load_model(write_encoder_artifact(tmp_path / "m", enc))
+    res = segment_raster(path, tmp_path / "out.tif", K, model, tile=32)
+    expected = model.predict_labels(clean, K, centres=res.centres)
+    np.testing.assert_array_equal(_read(tmp_path / "out.tif")[0], expected)
+
+
+def test_nodata_georeferencing_and_format_are_kept(tmp_path, src, rgb, model):
+    segment_raster(src, tmp_path / "out.tif", K, model, tile=64, overviews=True)
+    labels, profile, _ = _read(tmp_path / "out.tif")
+    nodata = (rgb == 0).all(axis=2)
+    assert (labels[nodata] == NODATA).all()
+    assert (labels[~nodata] < K).all()
+    with rasterio.open(src) as s, rasterio.open(tmp_path / "out.tif") as o:
+        assert o.crs == s.crs and o.transform == s.transform
+        assert (o.width, o.height, o.count, o.dtypes[0]) == (s.width, s.height, 1, "uint8")
+        assert o.nodata == NODATA
+        assert o.profile["tiled"] and o.compression.name.lower() == "deflate"
+        assert o.overviews(1) == [2]
+        cmap = o.colormap(1)
+        assert len({cmap[i] for i in range(K)}) == K and cmap[NODATA][3] == 0
+        assert o.tags()["landseg_k"] == str(K)
+
+
+def test_artifact_and_given_centres(tmp_path, src, model):
+    res = segment_raster(src, tmp_path / "a.tif", K, model, centres="artifact")
+    np.testing.assert_array_equal(res.centres, model.artifact_centres(K))
+    given = segment_raster(src, tmp_path / "b.tif", K, model, centres=res.centres, tile=48)
+    np.testing.assert_array_equal(_read(tmp_path / "a.tif")[0], _read(tmp_path / "b.tif")[0])
+    assert given.centres_source == "given"
+    with pytest.raises(InputError, match="no precomputed centres for k=3"):
+        segment_raster(src, tmp_path / "c.tif", 3, model, centres="artifact")
+    assert not (tmp_path / "c.tif").exists()
+
+
+def test_four_bands_need_a_band_selection(tmp_path, rgb, model):
+    rgbn = np.concatenate([rgb, rgb[..., :1]], axis=2)
+    # NIR first, then R, G, B, as four plain bands
+    path = write_raster(tmp_path / "rgbn.tif", rgbn[..., [3, 0, 1, 2]], photometric="minisblack")
+    with pytest.raises(InputError, match=r"has 4 bands; say which three are red, green and blue"):
+        segment_raster(path, tmp_path / "out.tif", K, model)
+    assert not (tmp_path / "out.tif").exists()
+    with pytest.raises(InputError, match=r"band\(s\) \[5\] out of range"):
+        segment_raster(path, tmp_path / "out.tif", K, model, bands=(2, 3, 5))
+    segment_raster(path, tmp_path / "out.tif", K, model, bands=(2, 3, 4), centres="artifact")
+    plain = write_raster(tmp_path / "rgb.tif", rgb)
+    segment_raster(plain, tmp_path / "ref.tif", K, model, centres="artifact")
+    np.testing.assert_array_equal(_read(tmp_path / "out.tif")[0], _read(tmp_path / "ref.tif")[0])
+    # RGBA: GDAL's alpha band is the nodata mask
+    alpha = np.full(rgb.shape[:2] + (1,), 255, np.uint8)
+    alpha[50:60, 70:100] = 0
+    rgba = write_raster(tmp_path / "rgba.tif", np.concatenate([rgb, alpha], axis=2))
+    segment_raster(rgba, tmp_path / "rgba_out.tif", K, model, bands=(1, 2, 3), centres="artifact")
+    got = _read(tmp_path / "rgba_out.tif")[0]
+    assert (got[50:60, 70:100] == NODATA).all()
+    keep = alpha[..., 0] > 0
+    assert (got[keep] != NODATA).all()
+
+
+@pytest.mark.parametrize("bands", [1, 2])
+def test_one_or_two_band_rasters_are_refused(tmp_path, rgb, model, bands):
+    path = write_raster(tmp_path / "few.tif", rgb[..., :bands])
+    with pytest.raises(InputError, match=f"has {bands} band\\(s\\); an RGB raster"):
+        segment_raster(path, tmp_path / "out.tif", K, model, bands=(1, 1, 1))
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_bad_arguments_and_inputs_are_refused(tmp_path, src, rgb, model):
+    out = tmp_path / "out.tif"
+    for k in (1, 9):
+        with pytest.raises(InputError, match=r"k must be an integer in 2\.\.8"):
+            segment_raster(src, out, k, model)
+    with pytest.raises(InputError, match="multiple of 4"):
+        segment_raster(src, out, K, model, tile=30)
+    wide = write_raster(tmp_path / "u16.tif", rgb.astype(np.uint16) * 200)
+    with pytest.raises(InputError, match=r"uint16.*8-bit"):
+        segment_raster(wide, out, K, model)
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"II*\x00 this is not a tiff")
+    with pytest.raises(RasterReadError, match="junk.tif: GDAL cannot read"):
+        segment_raster(junk, out, K, model)
+    with pytest.raises(RasterReadError, match="missing.tif"):
+        segment_raster(tmp_path / "missing.tif", out, K, model)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.tif", "u16.tif"]
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, src, model):
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match="exists"):
+        segment_raster(src, out, K, model)
+    assert out.read_bytes() == b"precious"
+    segment_raster(src, out, K, model, overwrite=True)
+    assert _read(out)[0].shape == (203, 178)
+
+
+def test_cancel_and_interruption_leave_no_partial_output(tmp_path, src, model):
+    out = tmp_path / "out.tif"
+    calls = []
+    with pytest.raises(Cancelled, match="cancelled after 3 of"):
+        segment_raster(src, out, K, model, tile=32, progress=lambda d, n: calls.append((d, n)),
+                       cancel=lambda: len(calls) >= 3)
+    assert calls == [(1, 42), (2, 42), (3, 42)]
+
+    def interrupt(done, total):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        segment_raster(src, out, K, model, tile=32, progress=interrupt)
+    assert list(tmp_path.iterdir()) == []  # neither dst nor the temporary file
