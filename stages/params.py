@@ -237,9 +237,16 @@ class ExportParams:
 
 @dataclass
 class EvaluateParams:
-    k: int = knob(0, "Clusters predicted; 0 = the number of label classes.", lo=0, hi=16)
-    seed: int = knob(0, "Seed of centre fitting and baselines.", lo=0, hi=2**31 - 1)
-    num_overlays: int = knob(4, "Overlay images (image | truth | prediction) written as plots.", lo=0, hi=64)
+    k: int = knob(0, "Clusters predicted by the model and every baseline; 0 = the number of label "
+                  "classes (summary.json num_classes). Must be >= 2 and <= the artifact's max_k.", lo=0, hi=16)
+    seed: int = knob(0, "Seed of centre fitting (model, teacher, baselines) and of pixel sampling.", lo=0, hi=2**31 - 1)
+    num_overlays: int = knob(4, "Overlay images (image | truth | prediction) written as plots; the first "
+                             "tiles of the val split in index order.", lo=0, hi=64)
+    samples_per_tile: int = knob(4096, "Pixels (baselines) or stride-4 embeddings (model, teacher) sampled "
+                                 "per tile, seeded, to fit cluster centres: all tiles' samples for the "
+                                 "global protocol, one tile's for the per-tile protocol.", lo=16, hi=10**7)
+    kmeans_iters: int = knob(50, "Lloyd iterations of the baselines' k-means (stops early when stable).",
+                             lo=1, hi=1000)
 
 
 @dataclass

@@ -1,0 +1,348 @@
+"""Stage `evaluate`: score model/best through the numpy runtime, beside the baselines, on `val`.
+
+What users run is what is scored: the exported artifact is loaded with `runtime.load_model` and
+segments every labelled tile of the `val` split with k = summary.json's num_classes (or
+`evaluate.k`). Beside it, on exactly the same tiles, k and protocols:
+- `teacher`: the trained teacher's encoder, run through the same runtime code (in memory);
+- `kmeans_rgb`: k-means on raw RGB (what the QGIS plugin offers for free);
+- `kmeans_features`: k-means on hand-crafted colour + texture features (see `stages/baselines.py`).
+
+Two protocols (definitions in `stages/metrics.py`), each with its own cluster centres:
+- `global`: one set of centres fitted on samples from all val tiles, one Hungarian matching for
+  the whole split: the same cluster id must mean the same class everywhere (what a GIS user gets
+  from one model on one region);
+- `per_tile`: centres fitted on each tile alone and matched on that tile (partition quality).
+Truth labels 0 are ignored; every predicted pixel of a labelled pixel counts.
+
+Outputs (written to a temporary directory, then moved into `--out`; on any error the previous
+metrics.json is removed so nothing stale looks current):
+- `metrics.json`: per method and protocol mIoU, pixel accuracy, IoU per class; `ratio_miou`
+  (model / method) per protocol;
+- `plots/confusion.json`: the model's global-protocol matched confusion for `dvc plots`
+  (`confusion` template), 100 records per true class, one per percent of its pixels;
+- `plots/overlays/<item_id>.png`: image | truth | model prediction (global protocol), each
+  predicted cluster drawn in the colour of the class it is matched to, unmatched clusters magenta.
+
+    python -m stages.evaluate [--params params.yaml] [--shards data/shards/<dataset>]
+                              [--model model/best] [--teacher model/teacher] [--out results/evaluate]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from runtime import Model, load_model
+from runtime.model import labels_from_cell_proba
+from runtime.artifact import build_meta
+from runtime.errors import LandsegError
+from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
+from stages.datasets import DatasetError, read_index, read_label, read_rgb
+from stages.metrics import GlobalProtocol, PerTileProtocol, row_percent_records
+from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, output_size
+from stages.params import EvaluateParams, ParamsError, load_params
+from stages.rasterio_utils import RasterError
+from stages.train import TrainingError, load_teacher, teacher_info
+
+METHODS = ("model", "teacher", "kmeans_rgb", "kmeans_features")
+BASELINES = METHODS[1:]
+
+# Overlay colours (RGB) by class id 1..16; 0 (ignored) is black, unmatched clusters magenta.
+PALETTE = np.array([
+    [0, 0, 0], [31, 119, 180], [44, 160, 44], [188, 189, 34], [140, 86, 75], [127, 127, 127],
+    [214, 39, 40], [23, 190, 207], [255, 127, 14], [148, 103, 189], [174, 199, 232], [152, 223, 138],
+    [255, 187, 120], [196, 156, 148], [199, 199, 199], [219, 219, 141], [158, 218, 229],
+], dtype=np.uint8)
+UNMATCHED_COLOUR = np.array([255, 0, 255], dtype=np.uint8)
+OVERLAY_GAP_PX = 4
+
+
+class EvaluateError(ValueError):
+    """Evaluation inputs missing or inconsistent (no labelled tiles, label out of range, bad k)."""
+
+
+class Segmenter(Protocol):
+    """How evaluate drives a method: rows to cluster per image, centres from rows, labels.
+
+    `features(rgb)` -> (N, F) float32 rows (pixels for the baselines, stride-4 cells for the
+    network); `fit(samples, k, seed)` -> (k, F) centres; `labels(feats, (H, W), centres)` -> uint8
+    (H, W) cluster ids in [0, k).
+    """
+
+    def features(self, rgb: np.ndarray) -> np.ndarray: ...
+
+    def fit(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray: ...
+
+    def labels(self, feats: np.ndarray, shape: tuple[int, int], centres: np.ndarray) -> np.ndarray: ...
+
+
+class RuntimeSegmenter:
+    """A runtime `Model` as a `Segmenter`, through the same calls `Model.predict_labels` makes
+    (embed_cells -> fit_centres_from_cells -> cell_proba -> labels_from_cell_proba), so each tile
+    is embedded once per pass instead of once per call."""
+
+    def __init__(self, model: Model):
+        self.model = model
+
+    def features(self, rgb: np.ndarray) -> np.ndarray:
+        cells = self.model.embed_cells(rgb)
+        return cells.reshape(-1, cells.shape[2])
+
+    def fit(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+        return self.model.fit_centres_from_cells([samples], k, seed=seed, samples=len(samples))
+
+    def labels(self, feats: np.ndarray, shape: tuple[int, int], centres: np.ndarray) -> np.ndarray:
+        h, w = shape
+        cells = feats.reshape(output_size(h), output_size(w), -1)
+        return labels_from_cell_proba(self.model.cell_proba(cells, centres), h, w)
+
+
+def sample_rows(feats: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """At most n rows, uniformly without replacement, in index order (all rows if fewer)."""
+    if len(feats) <= n:
+        return feats
+    return feats[np.sort(rng.choice(len(feats), n, replace=False))]
+
+
+@dataclass
+class LabelledTiles:
+    item_ids: list[str]
+    images: list[np.ndarray]   # uint8 (H, W, 3)
+    labels: list[np.ndarray]   # uint8 (H, W), 0 = ignored, 1..num_classes
+
+
+def read_summary(dataset_root: Path) -> dict:
+    path = dataset_root / "summary.json"
+    if not path.is_file():
+        raise EvaluateError(f"{path}: dataset summary not found (run build_shards)")
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EvaluateError(f"{path}: not valid JSON: {e}") from None
+    n = summary.get("num_classes") if isinstance(summary, dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise EvaluateError(f"{path}: expected an integer num_classes >= 1, got {n!r}")
+    return summary
+
+
+def class_names(summary: dict) -> list[str]:
+    """Names of classes 1..num_classes (from summary.json, else class_<c>)."""
+    names = summary.get("class_names") or {}
+    return [str(names.get(str(c), f"class_{c}")) for c in range(1, summary["num_classes"] + 1)]
+
+
+def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val") -> LabelledTiles:
+    """Every tile of `split` with its label; errors on unlabelled tiles or labels > num_classes."""
+    records = read_index(dataset_root, split)
+    if not records:
+        raise EvaluateError(f"{dataset_root / split}: split {split!r} has no tiles to evaluate on")
+    unlabelled = [r.item_id for r in records if r.target is None]
+    if unlabelled:
+        raise EvaluateError(f"{dataset_root / split}: {len(unlabelled)} of {len(records)} tiles have no "
+                            f"label (e.g. {unlabelled[:3]}); evaluation needs every tile labelled")
+    tiles = LabelledTiles([], [], [])
+    for r in records:
+        rgb, label = read_rgb(r.input), read_label(r.target)
+        if label.shape != rgb.shape[:2]:
+            raise EvaluateError(f"{r.target}: label is {label.shape}, image {r.input} is {rgb.shape[:2]}")
+        if label.size and int(label.max()) > num_classes:
+            raise EvaluateError(f"{r.target}: label value {int(label.max())} exceeds num_classes "
+                                f"{num_classes} of {dataset_root / 'summary.json'}")
+        tiles.item_ids.append(r.item_id)
+        tiles.images.append(rgb)
+        tiles.labels.append(label)
+    if not any((lab > 0).any() for lab in tiles.labels):
+        raise EvaluateError(f"{dataset_root / split}: every label pixel is 0 (ignored); nothing to score")
+    return tiles
+
+
+def load_model_dir(model_dir: Path) -> Model:
+    if not (model_dir / "meta.json").is_file():
+        raise EvaluateError(f"{model_dir}: exported model not found (no meta.json; run the export stage)")
+    return load_model(model_dir)
+
+
+def teacher_model(teacher_path: Path) -> Model:
+    """The teacher's encoder as an in-memory runtime Model (same settings export would write)."""
+    teacher = load_teacher(teacher_path)
+    cfg = teacher_info(teacher_path)["config"]
+    encoder = teacher.encoder
+    layers, arrays = encoder.export_layers()
+    meta = build_meta(embed_dim=encoder.embed_dim, max_k=cfg["max_k"], temperature=cfg["temperature"],
+                      cluster_iters_default=cfg["cluster_iters"], smooth_iters_default=cfg["smooth_iters"],
+                      input_mean=INPUT_MEAN, input_std=INPUT_STD, input_scale=INPUT_SCALE,
+                      supports_learned_refine=encoder.refine is not None,
+                      receptive_field=encoder.receptive_field, git_commit="in-memory",
+                      params_hash="in-memory", created="in-memory", source="teacher")
+    return Model(layers, arrays, meta)
+
+
+def score_method(method: Segmenter, tiles: LabelledTiles, k: int, num_classes: int, seed: int,
+                 samples_per_tile: int, name: str, keep: int
+                 ) -> tuple[GlobalProtocol, PerTileProtocol, list[np.ndarray]]:
+    """Both protocols for one method, in two passes over the tiles (memory bounded by one tile).
+
+    Pass 1 samples `samples_per_tile` rows of every tile and fits the global centres. Pass 2 labels
+    every tile with them (global protocol) and with centres fitted on that tile's own sample
+    (per-tile protocol). Returns the accumulators and the first `keep` global predictions.
+    """
+    glob, per_tile = GlobalProtocol(k, num_classes), PerTileProtocol(k, num_classes)
+    rng = np.random.default_rng(seed)
+    progress = dict(unit="tile", file=sys.stderr, disable=None, leave=False)
+    pooled = [sample_rows(method.features(rgb), samples_per_tile, rng)
+              for rgb in tqdm(tiles.images, desc=f"{name}: sample", **progress)]
+    centres = method.fit(np.concatenate(pooled), k, seed=seed)
+    del pooled
+    kept = []
+    for i, (rgb, label) in enumerate(tqdm(list(zip(tiles.images, tiles.labels)), desc=f"{name}: label",
+                                          **progress)):
+        feats = method.features(rgb)
+        pred = method.labels(feats, label.shape, centres)
+        glob.add(pred, label)
+        if i < keep:
+            kept.append(pred)
+        own = method.fit(sample_rows(feats, samples_per_tile, rng), k, seed=seed)
+        per_tile.add(method.labels(feats, label.shape, own), label)
+    return glob, per_tile, kept
+
+
+def _scores_json(scores: dict, names: list[str]) -> dict:
+    # JSON has no NaN: a class absent from truth and prediction gets null.
+    nan_to_none = lambda v: None if v != v else round(v, 6)
+    return {"miou": nan_to_none(scores["miou"]), "pixel_accuracy": nan_to_none(scores["pixel_accuracy"]),
+            "iou": {n: nan_to_none(v) for n, v in zip(names, scores["per_class_iou"])}}
+
+
+def overlay(rgb: np.ndarray, label: np.ndarray, pred: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """(H, 3W + 2 gap, 3) uint8: image | truth | prediction coloured by matched class."""
+    cluster_colours = np.stack([PALETTE[1 + c % (len(PALETTE) - 1)] if c >= 0 else UNMATCHED_COLOUR
+                                for c in mapping])
+    truth = PALETTE[np.minimum(label, len(PALETTE) - 1)]
+    gap = np.full((rgb.shape[0], OVERLAY_GAP_PX, 3), 255, np.uint8)
+    return np.concatenate([rgb, gap, truth, gap, cluster_colours[pred]], axis=1)
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """(H, W, 3) uint8 -> PNG through GDAL's PNG driver (no georeferencing, no sidecar)."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with rasterio.Env(GDAL_PAM_ENABLED="NO"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="PNG", width=rgb.shape[1], height=rgb.shape[0], count=3,
+                           dtype="uint8") as dst:
+            dst.write(rgb.transpose(2, 0, 1))
+
+
+def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: Path,
+             params: EvaluateParams, dataset: str = "") -> dict:
+    """Score model/best, the teacher and both baselines on `val`; write metrics and plots to out_dir."""
+    dataset_root, out_dir = Path(dataset_root), Path(out_dir)
+    _remove_outputs(out_dir)  # nothing from an earlier run may look current if this one fails
+    summary = read_summary(dataset_root)
+    num_classes, names = summary["num_classes"], class_names(summary)
+    model = load_model_dir(Path(model_dir))
+    teacher = teacher_model(Path(teacher_path))
+    k = params.k or num_classes
+    max_k = min(model.meta["max_k"], teacher.meta["max_k"])
+    if not 2 <= k <= max_k:
+        raise EvaluateError(f"k = {k} ({'evaluate.k' if params.k else 'num_classes of summary.json'}) must lie "
+                            f"in [2, {max_k}] (max_k of {model_dir} and the teacher)")
+    tiles = load_val_tiles(dataset_root, num_classes)
+
+    methods: dict[str, Segmenter] = {
+        "model": RuntimeSegmenter(model),
+        "teacher": RuntimeSegmenter(teacher),
+        "kmeans_rgb": KMeansBaseline(rgb_features, params.kmeans_iters),
+        "kmeans_features": KMeansBaseline(handcrafted_features, params.kmeans_iters),
+    }
+    metrics: dict = {"dataset": dataset or summary.get("dataset", ""), "split": "val", "k": k,
+                     "num_classes": num_classes, "tiles": len(tiles.images),
+                     "labelled_pixels": int(sum((lab > 0).sum() for lab in tiles.labels))}
+    results, model_glob, model_preds = {}, None, []
+    for name, method in methods.items():
+        keep = params.num_overlays if name == "model" else 0
+        glob, per_tile, kept = score_method(method, tiles, k, num_classes, params.seed,
+                                            params.samples_per_tile, name, keep)
+        results[name] = {"global": glob.result(), "per_tile": per_tile.result()}
+        metrics[name] = {proto: _scores_json(s, names) for proto, s in results[name].items()}
+        if name == "model":
+            model_glob, model_preds = glob, kept
+    metrics["ratio_miou"] = {
+        proto: {b: (round(results["model"][proto]["miou"] / results[b][proto]["miou"], 6)
+                    if results[b][proto]["miou"] > 0 else None) for b in BASELINES}
+        for proto in ("global", "per_tile")}
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "plots" / "overlays").mkdir(parents=True)
+        (tmp / "plots" / "confusion.json").write_text(
+            json.dumps(row_percent_records(model_glob.matched, names), indent=None) + "\n")
+        mapping = model_glob.mapping()
+        for item_id, rgb, label, pred in zip(tiles.item_ids, tiles.images, tiles.labels, model_preds):
+            write_png(tmp / "plots" / "overlays" / f"{item_id}.png", overlay(rgb, label, pred, mapping))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        _install_outputs(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return metrics
+
+
+def _remove_outputs(out_dir: Path) -> None:
+    """Delete this stage's outputs in out_dir (metrics first: its presence means 'complete')."""
+    (out_dir / "metrics.json").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "plots", ignore_errors=True)
+
+
+def _install_outputs(tmp: Path, out_dir: Path) -> None:
+    """Move plots, then metrics.json (last, by atomic rename) from tmp into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_outputs(out_dir)
+    os.replace(tmp / "plots", out_dir / "plots")
+    os.replace(tmp / "metrics.json", out_dir / "metrics.json")
+
+
+def print_table(metrics: dict) -> None:
+    print(f"{'method':<16} {'global mIoU':>11} {'global acc':>10} {'tile mIoU':>10} {'tile acc':>9}")
+    for name in METHODS:
+        g, t = metrics[name]["global"], metrics[name]["per_tile"]
+        print(f"{name:<16} {g['miou']:>11.4f} {g['pixel_accuracy']:>10.4f} {t['miou']:>10.4f} "
+              f"{t['pixel_accuracy']:>9.4f}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="Score model/best (numpy runtime), the teacher and k-means "
+                                 "baselines on the val split (DVC stage `evaluate`).")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--shards", default=None, help="dataset root (default data/shards/<ingest.dataset>)")
+    ap.add_argument("--model", default="model/best")
+    ap.add_argument("--teacher", default="model/teacher")
+    ap.add_argument("--out", default="results/evaluate")
+    args = ap.parse_args(argv)
+    try:
+        p = load_params(args.params)
+        shards = Path(args.shards) if args.shards else Path("data/shards") / p.ingest.dataset
+        metrics = evaluate(shards, Path(args.model), Path(args.teacher), Path(args.out), p.evaluate,
+                           dataset=p.ingest.dataset)
+    except (ParamsError, EvaluateError, DatasetError, RasterError, TrainingError, LandsegError) as e:
+        _remove_outputs(Path(args.out))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(metrics)
+    print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
