@@ -1,0 +1,325 @@
+"""The evaluate stage on hand-made shards, a small real artifact and a small real teacher checkpoint.
+
+The tiles are flat colours per class (plus noise), so k-means on RGB must segment them perfectly:
+that pins the wiring (tile/label alignment, both protocols, matching) to a known answer, while
+the untrained networks give arbitrary but deterministic scores.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+
+from runtime.artifact import build_meta, write_artifact
+from stages import evaluate as ev
+from stages.baselines import KMeansBaseline, handcrafted_features, lab_from_rgb, rgb_features
+from stages.metrics import GlobalProtocol, PerTileProtocol
+from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, Encoder
+from stages.params import EvaluateParams
+from stages.rasterio_utils import write_geotiff
+from stages.train import TEACHER_FORMAT, build_teacher
+
+TILE = 32
+CLASS_RGB = {1: (30, 60, 200), 2: (40, 170, 40), 3: (200, 190, 150)}  # water, tree, soil
+NAMES = {"1": "water", "2": "tree canopy", "3": "bare soil"}
+
+
+def make_tile(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three class regions (vertical bands of seeded widths), a few ignored pixels, noise."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(6, TILE - 6), 2, replace=False))
+    label = np.ones((TILE, TILE), np.uint8)
+    label[:, cuts[0]:] = 2
+    label[:, cuts[1]:] = 3
+    rgb = np.stack([np.array(CLASS_RGB[c], np.int16) for c in label.ravel()]).reshape(TILE, TILE, 3)
+    rgb = np.clip(rgb + rng.integers(-6, 7, rgb.shape), 0, 255).astype(np.uint8)
+    label[rng.random(label.shape) < 0.05] = 0  # unlabelled pixels, ignored in the truth only
+    return rgb, label
+
+
+def write_dataset(root: Path, n_tiles: int = 4, labels: bool = True, label_fn=None) -> Path:
+    """A one-shard `val` split in the shard contract (see stages/datasets.py)."""
+    shard = root / "val" / "shard-00000"
+    shard.mkdir(parents=True)
+    lines = []
+    for i in range(n_tiles):
+        rgb, label = make_tile(i)
+        if label_fn is not None:
+            label = label_fn(i, label)
+        item = f"scene-{i:04d}_r000000_c000000"
+        transform = Affine(0.6, 0, 500000 + 100 * i, 0, -0.6, 4000000)
+        write_geotiff(shard / f"{item}.tif", rgb.transpose(2, 0, 1), crs="EPSG:32611", transform=transform)
+        if labels:
+            write_geotiff(shard / f"{item}.label.tif", label, crs="EPSG:32611", transform=transform)
+        lines.append(json.dumps({"item_id": item, "split": "val", "input": f"{item}.tif",
+                                 "target": f"{item}.label.tif" if labels else None,
+                                 "source_item": f"scene-{i:04d}", "window": [0, 0, TILE, TILE],
+                                 "class_hist": None}))
+    (shard / "index.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "summary.json").write_text(json.dumps({
+        "dataset": "handmade", "num_classes": 3, "class_names": NAMES, "counts": {"val": n_tiles},
+        "class_hist": {}, "params_hash": "test"}))
+    return root
+
+
+def write_model(dst: Path, max_k: int = 4) -> Path:
+    torch.manual_seed(0)
+    enc = Encoder(width=8, depth=1, embed_dim=6).eval()
+    layers, arrays = enc.export_layers()
+    meta = build_meta(embed_dim=6, max_k=max_k, temperature=0.1, cluster_iters_default=3, smooth_iters_default=1,
+                      input_mean=INPUT_MEAN, input_std=INPUT_STD, input_scale=INPUT_SCALE,
+                      supports_learned_refine=False, receptive_field=enc.receptive_field,
+                      git_commit="test", params_hash="test", created="2026-01-01T00:00:00+00:00")
+    return write_artifact(dst, layers=layers, arrays=arrays, meta=meta, metrics={})
+
+
+def write_teacher(dst: Path) -> Path:
+    """A teacher checkpoint as the train stage writes it (format, config, state_dict, val, fingerprint)."""
+    config = {"width": 8, "depth": 1, "embed_dim": 6, "max_k": 4, "temperature": 0.1, "cluster_iters": 2,
+              "smooth_iters": 1, "refine_head": False, "seed": 0}
+    model = build_teacher(config).eval()
+    dst.mkdir(parents=True)
+    torch.save({"format": TEACHER_FORMAT, "config": config, "state_dict": model.state_dict(),
+                "val": {"metric": "none", "score": 0.0, "step": 0}, "fingerprint": "test"}, dst / "model.pt")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    return {"shards": write_dataset(root / "shards"), "model": write_model(root / "best"),
+            "teacher": write_teacher(root / "teacher"), "root": root}
+
+
+def small_params(**kw) -> EvaluateParams:
+    return EvaluateParams(**{"k": 0, "seed": 0, "num_overlays": 2, "samples_per_tile": 256, "kmeans_iters": 20, **kw})
+
+
+def run_main(inputs, out: Path, evaluate_yaml: str = "", **override) -> int:
+    """`python -m stages.evaluate` on a params file of its own (the repo's may be mid-edit)."""
+    params = out.parent / "params.yaml"
+    params.parent.mkdir(parents=True, exist_ok=True)
+    params.write_text("evaluate:\n  samples_per_tile: 256\n  kmeans_iters: 20\n" + evaluate_yaml)
+    argv = ["--params", str(params), "--shards", str(override.get("shards", inputs["shards"])),
+            "--model", str(override.get("model", inputs["model"])),
+            "--teacher", str(override.get("teacher", inputs["teacher"])), "--out", str(out)]
+    return ev.main(argv)
+
+
+@pytest.fixture(scope="module")
+def result(inputs):
+    out = inputs["root"] / "results" / "evaluate"
+    metrics = ev.evaluate(inputs["shards"], inputs["model"], inputs["teacher"], out, small_params())
+    return metrics, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline features
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lab_known_colours():
+    rgb = np.array([[[255, 255, 255], [0, 0, 0], [255, 0, 0], [128, 128, 128]]], np.uint8)
+    lab = lab_from_rgb(rgb)[0]
+    np.testing.assert_allclose(lab[0], [100, 0, 0], atol=0.01)
+    np.testing.assert_allclose(lab[1], [0, 0, 0], atol=0.01)
+    np.testing.assert_allclose(lab[2], [53.24, 80.09, 67.20], atol=0.05)  # sRGB red, D65
+    np.testing.assert_allclose(lab[3], [53.59, 0, 0], atol=0.05)
+
+
+def test_handcrafted_features_colour_and_texture():
+    flat = np.full((20, 24, 3), 90, np.uint8)
+    f = handcrafted_features(flat)
+    assert f.shape == (20 * 24, 4) and f.dtype == np.float32
+    np.testing.assert_allclose(f[:, :3], lab_from_rgb(flat).reshape(-1, 3), atol=1e-3)  # blur of a constant
+    np.testing.assert_allclose(f[:, 3], 0, atol=1e-3)  # no texture
+    checker = np.where((np.indices((20, 24)).sum(0) % 2)[..., None] == 1, 200, 20).astype(np.uint8).repeat(3, 2)
+    tex = handcrafted_features(checker)[:, 3].reshape(20, 24)
+    L = lab_from_rgb(checker)[..., 0]
+    # Inside, a 9x9 window holds 41 of one and 40 of the other value: std ~ half the L difference.
+    assert tex[10, 12] == pytest.approx((L.max() - L.min()) / 2, rel=0.01)
+    with pytest.raises(ValueError, match="uint8"):
+        handcrafted_features(flat.astype(np.float32))
+
+
+def test_kmeans_baseline_separates_flat_colours():
+    rgb, label = make_tile(7)
+    b = KMeansBaseline(rgb_features, iters=20)
+    feats = b.features(rgb)
+    pred = b.labels(feats, label.shape, b.fit(feats, 3, seed=0))
+    acc = GlobalProtocol(3, 3)
+    acc.add(pred, label)
+    assert acc.result()["miou"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def test_metrics_cover_every_method_and_protocol(result):
+    metrics, out = result
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert (metrics["k"], metrics["num_classes"], metrics["tiles"]) == (3, 3, 4)
+    for method in ev.METHODS:
+        for proto in ("global", "per_tile"):
+            s = metrics[method][proto]
+            assert 0.0 <= s["miou"] <= 1.0 and 0.0 <= s["pixel_accuracy"] <= 1.0
+            assert list(s["iou"]) == ["water", "tree canopy", "bare soil"]
+            assert s["miou"] == pytest.approx(np.mean(list(s["iou"].values())), abs=1e-5)
+    for proto in ("global", "per_tile"):
+        for b in ev.BASELINES:
+            assert metrics["ratio_miou"][proto][b] == pytest.approx(
+                metrics["model"][proto]["miou"] / metrics[b][proto]["miou"], rel=1e-4)
+
+
+def test_flat_colour_tiles_are_perfect_for_rgb_kmeans(result):
+    metrics, _ = result
+    for proto in ("global", "per_tile"):
+        assert metrics["kmeans_rgb"][proto]["miou"] == 1.0
+        assert metrics["kmeans_rgb"][proto]["pixel_accuracy"] == 1.0
+
+
+def test_labelled_pixel_count_ignores_zero(inputs, result):
+    metrics, _ = result
+    expected = sum(int((make_tile(i)[1] > 0).sum()) for i in range(4))
+    assert metrics["labelled_pixels"] == expected < 4 * TILE * TILE
+
+
+def test_model_scores_match_a_direct_runtime_run(inputs, result):
+    """The stage's model numbers equal Model.predict_labels (what users call) scored by hand."""
+    from runtime import load_model
+
+    metrics, _ = result
+    model = load_model(inputs["model"])
+    tiles = ev.load_val_tiles(inputs["shards"], 3)
+    per_tile = PerTileProtocol(3, 3)
+    for rgb, label in zip(tiles.images, tiles.labels):
+        # per-tile protocol: centres fitted on the tile's own 256 sampled cells (all 64 here)
+        per_tile.add(model.predict_labels(rgb, 3, seed=0), label)
+    assert metrics["model"]["per_tile"]["miou"] == pytest.approx(per_tile.result()["miou"], abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_confusion_plot_and_overlays(result):
+    metrics, out = result
+    records = json.loads((out / "plots" / "confusion.json").read_text())
+    assert {r["actual"] for r in records} == {"water", "tree canopy", "bare soil"}
+    for name in ("water", "tree canopy", "bare soil"):
+        assert sum(r["actual"] == name for r in records) == 100
+    pngs = sorted((out / "plots" / "overlays").glob("*.png"))
+    assert [p.stem for p in pngs] == ["scene-0000_r000000_c000000", "scene-0001_r000000_c000000"]
+    assert not list((out / "plots" / "overlays").glob("*.xml"))  # no GDAL sidecars
+    with rasterio.open(pngs[0]) as src:
+        assert src.driver == "PNG" and (src.count, src.height, src.width) == (3, TILE, 3 * TILE + 2 * ev.OVERLAY_GAP_PX)
+        panel = src.read().transpose(1, 2, 0)
+    rgb, label = make_tile(0)
+    np.testing.assert_array_equal(panel[:, :TILE], rgb)
+    truth = panel[:, TILE + ev.OVERLAY_GAP_PX: 2 * TILE + ev.OVERLAY_GAP_PX]
+    np.testing.assert_array_equal(truth, ev.PALETTE[label])
+
+
+def test_overlay_colours_clusters_by_matched_class():
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    label = np.array([[1, 2, 0], [2, 2, 1]], np.uint8)
+    pred = np.array([[2, 0, 1], [0, 0, 1]], np.uint8)
+    mapping = np.array([1, -1, 0])  # cluster 0 -> class 2, cluster 1 unmatched, cluster 2 -> class 1
+    img = ev.overlay(rgb, label, pred, mapping)
+    right = img[:, 2 * 3 + 2 * ev.OVERLAY_GAP_PX:]
+    np.testing.assert_array_equal(right[0, 0], ev.PALETTE[1])
+    np.testing.assert_array_equal(right[0, 1], ev.PALETTE[2])
+    np.testing.assert_array_equal(right[0, 2], ev.UNMATCHED_COLOUR)
+
+
+def test_deterministic_outputs(inputs, result):
+    _, out = result
+    out2 = inputs["root"] / "again"
+    ev.evaluate(inputs["shards"], inputs["model"], inputs["teacher"], out2, small_params())
+    for rel in ["metrics.json", "plots/confusion.json", "plots/overlays/scene-0000_r000000_c000000.png"]:
+        assert (out / rel).read_bytes() == (out2 / rel).read_bytes(), rel
+
+
+def test_explicit_k_above_classes_counts_unmatched_clusters(inputs):
+    out = inputs["root"] / "k4"
+    metrics = ev.evaluate(inputs["shards"], inputs["model"], inputs["teacher"], out, small_params(k=4))
+    assert metrics["k"] == 4
+    # With 4 clusters on 3 flat colours, k-means splits one colour: the extra cluster is unmatched,
+    # so RGB k-means can no longer be perfect in the global protocol.
+    assert metrics["kmeans_rgb"]["global"]["miou"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear message, exit 2, no stale metrics left
+# ---------------------------------------------------------------------------------------------
+
+
+def stale_out(tmp_path: Path) -> Path:
+    out = tmp_path / "results" / "evaluate"
+    (out / "plots").mkdir(parents=True)
+    (out / "metrics.json").write_text('{"model": {"global": {"miou": 0.99}}}')
+    return out
+
+
+def test_missing_model_exits_2_and_removes_stale_metrics(inputs, tmp_path, capsys):
+    out = stale_out(tmp_path)
+    assert run_main(inputs, out, model=tmp_path / "nope") == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and str(tmp_path / "nope") in err and "export" in err
+    assert not (out / "metrics.json").exists() and not (out / "plots").exists()
+
+
+def test_val_without_labels_exits_2(inputs, tmp_path, capsys):
+    shards = write_dataset(tmp_path / "shards", n_tiles=2, labels=False)
+    out = stale_out(tmp_path)
+    assert run_main(inputs, out, shards=shards) == 2
+    err = capsys.readouterr().err
+    assert "no label" in err and str(shards / "val") in err
+    assert not (out / "metrics.json").exists()
+
+
+def test_main_writes_metrics(inputs, tmp_path, capsys):
+    out = tmp_path / "results" / "evaluate"
+    assert run_main(inputs, out) == 0
+    assert "kmeans_features" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["kmeans_rgb"]["global"]["miou"] == 1.0
+
+
+def test_all_ignored_labels_exit_2(inputs, tmp_path, capsys):
+    shards = write_dataset(tmp_path / "shards", n_tiles=2, label_fn=lambda i, lab: np.zeros_like(lab))
+    assert run_main(inputs, tmp_path / "out", shards=shards) == 2
+    assert "nothing to score" in capsys.readouterr().err
+
+
+def test_label_above_num_classes_exits_2_naming_the_file(inputs, tmp_path, capsys):
+    def bad(i, lab):
+        if i == 1:
+            lab = lab.copy()
+            lab[0, 0] = 7
+        return lab
+
+    shards = write_dataset(tmp_path / "shards", n_tiles=2, label_fn=bad)
+    out = stale_out(tmp_path)
+    assert run_main(inputs, out, shards=shards) == 2
+    err = capsys.readouterr().err
+    assert "scene-0001_r000000_c000000.label.tif" in err and "7" in err and "num_classes" in err
+    assert not (out / "metrics.json").exists()
+
+
+def test_missing_teacher_exits_2(inputs, tmp_path, capsys):
+    assert run_main(inputs, tmp_path / "out", teacher=tmp_path / "no_teacher") == 2
+    assert str(tmp_path / "no_teacher") in capsys.readouterr().err
+
+
+def test_k_above_max_k_exits_2(inputs, tmp_path, capsys):
+    assert run_main(inputs, tmp_path / "out", evaluate_yaml="  k: 9\n") == 2
+    assert "max_k" in capsys.readouterr().err
+
+
+def test_empty_val_split_exits_2(inputs, tmp_path, capsys):
+    shards = write_dataset(tmp_path / "shards", n_tiles=0)
+    assert run_main(inputs, tmp_path / "out", shards=shards) == 2
+    assert "no tiles" in capsys.readouterr().err
