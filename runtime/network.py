@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from ._blas import blas_threads
 from .errors import ArtifactError, InputError
@@ -185,6 +186,13 @@ def conv2d(x: np.ndarray, cw: ConvWeights, skip: np.ndarray | None = None, act: 
             for dy in range(k):
                 rs = r0 * s + dy * d
                 rows = xin[rs: rs + (n - 1) * s + 1: s]
+                if d == 1:
+                    # the k taps of one kernel row are k adjacent pixels: copy them as one run of
+                    # k*C floats per output pixel (an overlapping read-only view), not k runs of C
+                    taps = as_strided(rows, shape=(n, wo, k * c),
+                                      strides=(rows.strides[0], s * c * 4, 4), writeable=False)
+                    cols[:, :, dy * k * c:(dy + 1) * k * c] = taps
+                    continue
                 for dx in range(k):
                     cs = dx * d
                     j = (dy * k + dx) * c
