@@ -19,8 +19,10 @@ nodata/masked in the source, or the whole tile one constant colour.
 Splits: tiles of unlabelled rasters go to `train`. Tiles of labelled rasters go to
 `metrics_train` or `val` by a stable hash of their group key (the source item id, or the first
 group of `shards.group_regex` searched in it): sha256(key) as a number in [0, 1) below
-`shards.metrics_train_fraction` -> `metrics_train`. Pieces of one area never straddle splits and
-adding rasters never moves existing tiles.
+`shards.metrics_train_fraction` -> `metrics_train`. Optionally (`shards.train_fraction`, for data
+where everything is labelled) a second hash, of "train/" + key, sends a share of labelled groups to
+`train` without their labels. Pieces of one area never straddle splits and adding rasters never
+moves existing tiles.
 
 Labels whose grid differs from the image are warped onto each tile's grid by GDAL (nearest
 neighbour); reads are windowed, so memory does not grow with raster size.
@@ -69,7 +71,11 @@ def group_unit(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def labelled_split(key: str, metrics_train_fraction: float) -> str:
+def labelled_split(key: str, metrics_train_fraction: float, train_fraction: float = 0.0) -> str:
+    """Split of a labelled group: `train` (labels dropped) by an independent hash, else
+    `metrics_train` or `val`."""
+    if group_unit("train/" + key) < train_fraction:
+        return "train"
     return "metrics_train" if group_unit(key) < metrics_train_fraction else "val"
 
 
@@ -185,7 +191,10 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
         for e in tqdm(entries, desc="build_shards", unit="raster", disable=not progress):
             image_path = raw_dir / e["image"]
             label_path = raw_dir / e["label"] if e["label"] else None
-            split = labelled_split(groups[e["item_id"]], params.metrics_train_fraction) if label_path else "train"
+            split = (labelled_split(groups[e["item_id"]], params.metrics_train_fraction, params.train_fraction)
+                     if label_path else "train")
+            if split == "train":
+                label_path = None  # `train` is unsupervised: labels of groups sent there are not written
             with contextlib.ExitStack() as stack:
                 src = stack.enter_context(open_raster(image_path, what="image"))
                 lab_src = stack.enter_context(open_raster(label_path, what="label raster")) if label_path else None

@@ -126,6 +126,10 @@ class ShardsParams:
                                      "dropped.", lo=0.0, hi=1.0)
     metrics_train_fraction: float = knob(0.25, "Share of labelled groups assigned to `metrics_train` "
                                          "(model selection); the rest go to `val`.", lo=0.0, hi=1.0)
+    train_fraction: float = knob(0.0, "Share of labelled groups sent to `train` without their labels, "
+                                 "for datasets where every raster is labelled (e.g. Dubai). Decided by a "
+                                 "second, independent hash of the group key, so the other groups keep "
+                                 "their metrics_train/val split.", lo=0.0, hi=1.0)
     group_regex: str = knob("", "Regex whose first group (searched in the source item id) defines the "
                             "split group, e.g. 't(\\d+)_' for Dubai; empty = the source raster.")
     tiles_per_shard: int = knob(256, "Tiles per shard directory.", lo=1, hi=1000000)
@@ -154,6 +158,8 @@ class AugParams:
     contrast: float = knob(0.2, "Max relative contrast change (RGB only).", lo=0.0, hi=1.0)
     saturation: float = knob(0.2, "Max relative saturation change (RGB only).", lo=0.0, hi=1.0)
     noise_std: float = knob(0.02, "Gaussian noise std on normalised RGB.", lo=0.0, hi=1.0)
+    channel_gain: float = knob(0.1, "Max relative per-channel gain change (white balance; RGB only).", lo=0.0, hi=1.0)
+    gamma: float = knob(0.15, "Max |log gamma| of a random gamma curve (RGB only).", lo=0.0, hi=2.0)
 
 
 @dataclass

@@ -168,11 +168,17 @@ def _land_use(st: SceneStyle, cu: np.ndarray, cv: np.ndarray) -> np.ndarray:
 
 
 def render_block(seed: int, scene: int, size: int, row0: int, row1: int, noise_std: float,
-                 style: SceneStyle | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rows row0..row1 of scene `scene`: (rgb uint8 (3, h, size), label uint8 (h, size))."""
+                 style: SceneStyle | None = None, col0: int = 0, col1: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels [row0, row1) x [col0, col1) of scene `scene`: (rgb uint8 (3, h, w), label uint8 (h, w)).
+
+    Everything but the sensor noise is a function of global pixel coordinates; the noise stream is
+    keyed by (seed, scene, row0, col0), so a scene is reproducible for a fixed block layout.
+    """
     st = style or scene_style(seed, scene, size)
+    col1 = size if col1 is None else col1
     rows = np.arange(row0, row1, dtype=np.float64)
-    cols = np.arange(0, size, dtype=np.float64)
+    cols = np.arange(col0, col1, dtype=np.float64)
     y, x = np.meshgrid(rows, cols, indexing="ij")
     k = st.key
     u, v, cu, cv = _grid(st, y, x)
@@ -209,7 +215,18 @@ def render_block(seed: int, scene: int, size: int, row0: int, row1: int, noise_s
     tree_level = np.select([use == FOREST, use == MIXED, use == URBAN], [0.38, 0.55, 0.66], 0.7)
     trees = tree_n > tree_level
 
-    bld, roof_h, ridge, roof_edge, _ = _buildings(st, y, x)
+    # Buildings on the block plus a halo as wide as the longest shadow, so shadows are array shifts.
+    halo = int(math.ceil(st.shadow_len)) + 1
+    ey, ex = np.meshgrid(np.arange(row0 - halo, row1 + halo, dtype=np.float64),
+                         np.arange(col0 - halo, col1 + halo, dtype=np.float64), indexing="ij")
+    bld_ext, roof_h_ext, ridge_ext, edge_ext, height_ext = _buildings(st, ey, ex)
+    h, w = row1 - row0, col1 - col0
+
+    def shifted(a, dy=0, dx=0):
+        """a[p - (dy, dx)] for every pixel p of the block."""
+        return a[halo - dy:halo - dy + h, halo - dx:halo - dx + w]
+
+    bld, roof_h, ridge, roof_edge = (shifted(a) for a in (bld_ext, roof_h_ext, ridge_ext, edge_ext))
 
     # Ground: grass vs bare soil per cell and per noise (ploughed fields, construction sites).
     soil_n = fbm(rows, cols, (70.0, 25.0), k + 51)
@@ -271,10 +288,11 @@ def render_block(seed: int, scene: int, size: int, row0: int, row1: int, noise_s
     # Shadows: buildings (sampled along the sun direction, taller ones cast longer shadows)
     # and trees; the ground under a shadow keeps its class.
     shadow = np.zeros(y.shape, dtype=bool)
-    for frac in (0.25, 0.5, 0.75, 1.0):
-        d = frac * st.shadow_len
-        b2, _, _, _, height = _buildings(st, y - d * st.sun_dy, x - d * st.sun_dx)
-        shadow |= b2 & (height >= frac)
+    steps = int(math.ceil(st.shadow_len))
+    for n in range(1, steps + 1):  # one sample per pixel of shadow length
+        frac = n / steps
+        dy, dx = int(round(frac * st.shadow_len * st.sun_dy)), int(round(frac * st.shadow_len * st.sun_dx))
+        shadow |= shifted(bld_ext, dy, dx) & (shifted(height_ext, dy, dx) >= frac)
     tree_shift = 4.0
     sy, sx = int(round(tree_shift * st.sun_dy)), int(round(tree_shift * st.sun_dx))
     trees_shifted = fbm(rows - sy, cols - sx, (40.0, 18.0, 8.0), k + 41) > tree_level
@@ -287,9 +305,12 @@ def render_block(seed: int, scene: int, size: int, row0: int, row1: int, noise_s
     rgb = 255.0 * (np.clip(rgb * gain, 0, 255) / 255.0) ** st.gamma
     rgb = rgb + st.haze * np.array([0.8, 0.9, 1.1], dtype=np.float32)[:, None, None]
     if noise_std > 0:
-        rng = np.random.default_rng([seed, scene, row0, 0xB10C])
+        rng = np.random.default_rng([seed, scene, row0, col0, 0xB10C])
         rgb = rgb + rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(noise_std)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), label
+
+
+BLOCK_COLS = 512  # rendered in 512-px wide pieces: the temporaries stay cache-sized
 
 
 def render_scene(seed: int, scene: int, size: int, noise_std: float, block_rows: int = 256):
@@ -297,5 +318,6 @@ def render_scene(seed: int, scene: int, size: int, noise_std: float, block_rows:
     style = scene_style(seed, scene, size)
     for row0 in range(0, size, block_rows):
         row1 = min(size, row0 + block_rows)
-        rgb, label = render_block(seed, scene, size, row0, row1, noise_std, style)
-        yield row0, rgb, label
+        pieces = [render_block(seed, scene, size, row0, row1, noise_std, style, c, min(size, c + BLOCK_COLS))
+                  for c in range(0, size, BLOCK_COLS)]
+        yield row0, np.concatenate([p[0] for p in pieces], axis=2), np.concatenate([p[1] for p in pieces], axis=1)

@@ -93,6 +93,24 @@ def test_groups_never_straddle_splits_and_unlabelled_go_to_train(tmp_path):
     assert sorted(summary["groups"]["metrics_train"] + summary["groups"]["val"]) == sorted(str(t) for t in range(1, 9))
 
 
+def test_train_fraction_moves_whole_labelled_groups_to_train_without_labels(tmp_path):
+    keys = [f"area-{i}" for i in range(2000)]
+    base = {k: labelled_split(k, 0.25) for k in keys}
+    moved = {k: labelled_split(k, 0.25, 0.4) for k in keys}
+    assert abs(np.mean([v == "train" for v in moved.values()]) - 0.4) < 0.04
+    # Groups not sent to train keep the split they had without train_fraction.
+    assert all(moved[k] == base[k] for k in keys if moved[k] != "train")
+
+    items = [{"item_id": f"t{t}_p{p}", "rgb": random_rgb(32, 32, 10 * t + p), "label": blocky_labels(32, 32, 3, p)}
+             for t in range(12) for p in range(2)]
+    make_raw(tmp_path / "raw", items)
+    summary = build_shards(tmp_path / "raw", tmp_path / "s", "t", shards(group_regex=r"t(\d+)_", train_fraction=0.5))
+    train = read_index(tmp_path / "s" / "t", "train")
+    assert train and all(r.target is None and r.class_hist is None for r in train)
+    assert summary["class_hist"]["train"] == {}
+    assert set(summary["groups"]["train"]).isdisjoint(summary["groups"]["val"] + summary["groups"]["metrics_train"])
+
+
 def test_group_regex_must_match_every_item(tmp_path):
     make_raw(tmp_path / "raw", [{"item_id": "odd_name", "rgb": random_rgb(32, 32), "label": blocky_labels(32, 32, 2)}])
     with pytest.raises(ShardsError, match="odd_name"):

@@ -36,7 +36,8 @@ def _run_main(tmp_path, raw, capsys):
 def _no_leftovers(out: Path):
     """Nothing half-written: no output folder and no temporary sibling."""
     assert not out.exists()
-    assert not [p for p in out.parent.glob(".*tmp*")] if out.parent.exists() else True
+    leftovers = list(out.parent.glob(".*tmp*")) if out.parent.exists() else []
+    assert leftovers == []
 
 
 # --------------------------------------------------------------------------------------------
