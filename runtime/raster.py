@@ -39,7 +39,7 @@ DEFAULT_TILE = 1024
 SAMPLE_GRID = 4  # centres are fitted from SAMPLE_GRID x SAMPLE_GRID sample windows
 SAMPLE_CORE = 256  # pixels: side of each sample window's core (cells used for fitting)
 BLOCK = 256  # output GeoTIFF block size
-GDAL_CACHE_MB = 64  # bounded GDAL block cache: memory must not grow with the raster
+GDAL_CACHE_MB = 16  # bounded GDAL block cache (a few tiles of blocks): memory must not grow with the raster
 # Distinct colours for cluster ids 0..15 (qualitative palette, readable on imagery).
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),

@@ -92,3 +92,11 @@ def test_info_prints_meta_and_metrics(setup, capsys):
     assert main(["info", "--model", str(model)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["meta"]["format"] == "landseg-segmenter" and info["metrics"] == {"note": "random weights"}
+
+
+def test_console_script_is_installed_and_runs(tmp_path):
+    # declared in pyproject.toml as landseg-segment = runtime.cli:main (installed by `make setup`)
+    script = Path(sys.executable).parent / "landseg-segment"
+    assert script.exists(), f"{script} missing: reinstall the project (pip install -e .)"
+    res = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.startswith("usage: landseg-segment")
