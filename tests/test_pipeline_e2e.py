@@ -1,0 +1,103 @@
+"""The whole DAG through DVC, in a temporary git clone of the committed HEAD, with tiny params.
+
+1. `dvc repro` runs all six stages; `dvc metrics show` lists the model's and every baseline's
+   mIoU under both protocols.
+2. The review workflow: commit, then `dvc exp run -S distill.ema_decay=0.99` reruns exactly
+   train_distill, export and evaluate (the data stages and the teacher are untouched), and
+   `dvc metrics diff` reports the evaluate metrics against the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+STAGES = ("ingest", "build_shards", "train", "train_distill", "export", "evaluate")
+
+# Small enough for ~1 minute on 2 cores, big enough that val has labelled tiles and training
+# has unlabelled ones (the split is a stable hash of the scene id, so these numbers are checked).
+TINY = {
+    "ingest": {"synthetic": {"num_scenes": 4, "scene_size": 128, "labelled_fraction": 0.75}},
+    "shards": {"tile_size": 64},
+    "model": {"width": 16, "depth": 1, "embed_dim": 8},
+    "train": {"steps": 4, "batch_size": 2, "patch_size": 48, "val_every": 2, "checkpoint_every": 2, "threads": 1},
+    "student": {"width": 8, "depth": 1, "embed_dim": 8},
+    "data": {"patch_sizes": [32, 48]},
+    # One validation, at the last step: the exported student is the final one, so the experiment's
+    # change of EMA decay reaches model/best (with earlier validations both runs could pick step 2).
+    "distill": {"steps": 4, "batch_size": 2, "val_every": 4, "checkpoint_every": 4, "affinity_samples": 32},
+    "evaluate": {"samples_per_tile": 256, "kmeans_iters": 10, "num_overlays": 1},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    for key, value in over.items():
+        if isinstance(value, dict):
+            merge(base.setdefault(key, {}), value)
+        else:
+            base[key] = value
+    return base
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.mark.slow
+def test_whole_dag_then_experiment(tmp_path):
+    repo = tmp_path / "clone"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0", "OMP_NUM_THREADS": "1",
+           "GIT_AUTHOR_NAME": "e2e", "GIT_AUTHOR_EMAIL": "e2e@example.invalid",
+           "GIT_COMMITTER_NAME": "e2e", "GIT_COMMITTER_EMAIL": "e2e@example.invalid"}
+    run(["git", "clone", "--quiet", str(REPO), str(repo)], tmp_path, env)
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc = str(bin_dir / "dvc")
+
+    # 1. The whole DAG.
+    out = run([dvc, "repro"], repo, env)
+    assert stages_run(out) == set(STAGES), out
+    summary = json.loads((repo / "data/shards/synthetic/summary.json").read_text())
+    assert summary["counts"]["val"] > 0 and summary["counts"]["train"] > 0, summary["counts"]
+
+    shown = json.loads(run([dvc, "metrics", "show", "--json"], repo, env))
+    metrics = shown[""]["data"]["results/evaluate/metrics.json"]["data"]
+    for method in ("model", "teacher", "kmeans_rgb", "kmeans_features"):
+        for proto in ("global", "per_tile"):
+            assert 0.0 < metrics[method][proto]["miou"] <= 1.0, (method, proto)
+    for proto in ("global", "per_tile"):
+        assert metrics["ratio_miou"][proto]["kmeans_rgb"] == pytest.approx(
+            metrics["model"][proto]["miou"] / metrics["kmeans_rgb"][proto]["miou"], rel=1e-4)
+    table = run([dvc, "metrics", "show"], repo, env)
+    assert "model.global.miou" in table and "kmeans_features.per_tile.miou" in table, table
+    assert (repo / "results/evaluate/plots/confusion.json").is_file()
+    assert len(list((repo / "results/evaluate/plots/overlays").glob("*.png"))) == 1
+
+    # 2. Commit the run, then an experiment on the distillation EMA.
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "-m", "tiny run"], repo, env)
+    status = json.loads(run([dvc, "status", "--json"], repo, env) or "{}")
+    assert status == {}, status
+    out = run([dvc, "exp", "run", "-S", "distill.ema_decay=0.99"], repo, env)
+    assert stages_run(out) == {"train_distill", "export", "evaluate"}, out
+    diff = json.loads(run([dvc, "metrics", "diff", "--json"], repo, env))
+    changed = diff.get("results/evaluate/metrics.json", {})
+    assert any(key.startswith("model.") for key in changed), diff
+    assert not any(key.startswith(("kmeans_", "teacher.")) for key in changed), changed  # not model-dependent
