@@ -148,6 +148,13 @@ class Model:
             raise InputError(f"smooth_iters must be an integer >= 0, got {smooth!r}")
         return smooth_probs(p, int(smooth))
 
+    def labels_from_cells(self, cells: np.ndarray, centres, height: int, width: int,
+                          smooth_iters: int | None = None) -> np.ndarray:
+        """uint8 (height, width) labels from `embed_cells` output and (k, D) centres: lets a caller
+        embed each image once, fit global centres on all of them, then label each."""
+        c = self._centres(self.check_k(len(centres)), centres)
+        return labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), height, width)
+
     def _prepare(self, rgb, k, centres, seed, samples, iters):
         k = self.check_k(k)
         cells = self.embed_cells(rgb)

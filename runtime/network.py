@@ -37,6 +37,7 @@ ACTIVATIONS = ("relu", "none")
 # while its single-threaded sgemm runs, with enough bands to keep every thread busy
 # (measured with benchmarks/runtime_bench.py --band-bytes).
 DEFAULT_BAND_BYTES = 2 << 20
+SERIAL_BAND_BYTES = 16 << 20  # when BLAS threads cannot be controlled (see Network)
 
 
 @dataclass(frozen=True)
@@ -269,10 +270,13 @@ class Network:
         if self.threads < 1:
             raise InputError(f"threads must be >= 1, got {self.threads}")
         self._blas = blas_threads()
-        # Parallel bands need single-threaded BLAS; without control over it, run bands serially
-        # and let BLAS thread each sgemm (same results, slower).
+        # Parallel bands need single-threaded BLAS. Without control over the BLAS's threads, run
+        # bands serially with BLAS's own threading, in larger bands (a multi-threaded sgemm needs
+        # tall matrices to pay off): the same results, slower.
         self.parallel = self.threads > 1 and self._blas.available
         self._pool = BandPool(self.threads) if self.parallel else None
+        if not self._blas.available:
+            self.band_bytes = max(band_bytes, SERIAL_BAND_BYTES)
         self.layers = layers
         self.convs: dict[str, ConvWeights] = {}
 
@@ -289,16 +293,18 @@ class Network:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Channels-last normalised input (H, W, 3) float32 -> (ceil(H/4), ceil(W/4), D) embeddings."""
         if x.ndim != 3 or x.shape[2] != self.summary.in_channels:
-            raise ValueError(f"expected input (H, W, {self.summary.in_channels}), got {x.shape}")
-        if not self.parallel:
+            raise InputError(f"expected input (H, W, {self.summary.in_channels}), got {x.shape}")
+        if not self._blas.available:
             return self._run(self.layers, x)
-        with self._blas.single_threaded():
+        with self._blas.single_threaded():  # also when threads == 1: one thread means one thread
             return self._run(self.layers, x)
 
     def describe(self) -> str:
         """How the forward pass is parallelised (for logs and the benchmark)."""
         if self.parallel:
             return f"{self.threads} band threads, single-threaded BLAS ({self._blas.description})"
+        if self._blas.available:
+            return f"1 thread, single-threaded BLAS ({self._blas.description})"
         return f"serial bands, BLAS's own threading ({self._blas.description})"
 
     def _run(self, ops, x: np.ndarray) -> np.ndarray:

@@ -133,6 +133,8 @@ def test_fit_centres_is_deterministic_distinct_and_global():
     # cells reused: fitting from precomputed embeddings equals fitting from images
     cells = [model.embed_cells(im) for im in images]
     np.testing.assert_array_equal(model.fit_centres_from_cells(cells, 6, seed=0, samples=500), a)
+    np.testing.assert_array_equal(model.labels_from_cells(cells[1], a, 64, 80),
+                                  model.predict_labels(images[1], 6, centres=a))
 
 
 def test_soft_kmeans_recovers_separated_directions_and_reseeds_collapsed_centres():
@@ -227,3 +229,22 @@ def test_load_model_from_disk_equals_in_memory_model(tmp_path):
     art = write_encoder_artifact(tmp_path / "best", enc)
     rgb = synthetic_rgb(20, 24)
     np.testing.assert_array_equal(load_model(art).embed(rgb), _model(enc).embed(rgb))
+
+
+def test_forward_without_blas_thread_control_gives_the_same_result(monkeypatch):
+    # e.g. Apple Accelerate: bands run serially with BLAS's own threads (larger bands), same numbers
+    from runtime import network
+
+    enc = random_encoder(width=16, depth=1, embed_dim=8)
+    layers, arrays = enc.export_layers()
+    rgb = synthetic_rgb(70, 90, seed=6)
+    ref = Model(layers, arrays, encoder_meta(enc), threads=2).embed(rgb)
+
+    class NoControl:
+        available = False
+        description = "no BLAS thread control found"
+
+    monkeypatch.setattr(network, "blas_threads", lambda: NoControl())
+    model = Model(layers, arrays, encoder_meta(enc), threads=2)
+    assert not model.network.parallel and "serial" in model.network.describe()
+    np.testing.assert_array_equal(model.embed(rgb), ref)
