@@ -299,7 +299,9 @@ def _convert(value: Any, tp: Any, key: str, meta: dict) -> Any:
         if not isinstance(value, dict):
             raise ParamsError(f"{key}: expected a mapping, got {value!r}")
         kt, vt = typing.get_args(tp)
-        return {_convert(k, kt, f"{key} key {k!r}", {}): _convert(v, vt, f"{key}[{k!r}]", {})
+        # Integer keys written as strings ('1': ...) are what JSON and `dvc exp run -S` produce.
+        return {_convert(int(k) if kt is int and isinstance(k, str) and re.fullmatch(r"-?\d+", k) else k,
+                         kt, f"{key} key {k!r}", {}): _convert(v, vt, f"{key}[{k!r}]", {})
                 for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):

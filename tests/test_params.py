@@ -133,6 +133,16 @@ def test_missing_and_invalid_files_name_the_file(tmp_path, capsys):
     assert "train.steps" in capsys.readouterr().err
 
 
+def test_integer_mapping_keys_may_be_strings():
+    # `dvc exp run -S '+ingest.class_names.1=building'` writes the key as the string '1'.
+    params = parse_params({"ingest": {"class_names": {"1": "building", 2: "land"},
+                                      "local": {"label_map": {"255": 0}}}})
+    assert params.ingest.class_names == {1: "building", 2: "land"}
+    assert params.ingest.local.label_map == {255: 0}
+    with pytest.raises(ParamsError, match="ingest.class_names key 'one': expected an integer"):
+        parse_params({"ingest": {"class_names": {"one": "building"}}})
+
+
 def test_missing_keys_take_documented_defaults():
     params = parse_params({"train": {"steps": 7}})
     assert params.train.steps == 7
