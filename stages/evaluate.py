@@ -8,10 +8,11 @@ segments every labelled tile of the `val` split with k = summary.json's num_clas
 - `kmeans_features`: k-means on hand-crafted colour + texture features (see `stages/baselines.py`).
 
 Two protocols (definitions in `stages/metrics.py`), each with its own cluster centres:
-- `global`: one set of centres fitted on samples from all val tiles, one Hungarian matching for
-  the whole split: the same cluster id must mean the same class everywhere (what a GIS user gets
-  from one model on one region);
-- `per_tile`: centres fitted on each tile alone and matched on that tile (partition quality).
+- `global`: one set of centres fitted on `evaluate.global_samples` pixels/embeddings drawn from all
+  val tiles, one Hungarian matching for the whole split: the same cluster id must mean the same
+  class everywhere (what a GIS user gets from one model on one region);
+- `per_tile`: centres fitted on `evaluate.samples_per_tile` samples of each tile alone and matched
+  on that tile (partition quality).
 Truth labels 0 are ignored; every predicted pixel of a labelled pixel counts.
 
 Outputs (written to a temporary directory, then moved into `--out`; on any error the previous
@@ -188,18 +189,21 @@ def teacher_model(teacher_path: Path) -> Model:
 
 
 def score_method(method: Segmenter, tiles: LabelledTiles, k: int, num_classes: int, seed: int,
-                 samples_per_tile: int, name: str, keep: int
+                 samples_per_tile: int, global_samples: int, name: str, keep: int
                  ) -> tuple[GlobalProtocol, PerTileProtocol, list[np.ndarray]]:
-    """Both protocols for one method, in two passes over the tiles (memory bounded by one tile).
+    """Both protocols for one method, in two passes over the tiles (memory bounded by one tile
+    plus the global sample).
 
-    Pass 1 samples `samples_per_tile` rows of every tile and fits the global centres. Pass 2 labels
-    every tile with them (global protocol) and with centres fitted on that tile's own sample
-    (per-tile protocol). Returns the accumulators and the first `keep` global predictions.
+    Pass 1 samples ceil(global_samples / tiles) rows of every tile and fits the global centres.
+    Pass 2 labels every tile with them (global protocol) and with centres fitted on
+    `samples_per_tile` rows of that tile alone (per-tile protocol). Returns the accumulators and
+    the first `keep` global predictions.
     """
     glob, per_tile = GlobalProtocol(k, num_classes), PerTileProtocol(k, num_classes)
     rng = np.random.default_rng(seed)
     progress = dict(unit="tile", file=sys.stderr, disable=None, leave=False)
-    pooled = [sample_rows(method.features(rgb), samples_per_tile, rng)
+    per_tile_share = max(k, -(-global_samples // len(tiles.images)))
+    pooled = [sample_rows(method.features(rgb), per_tile_share, rng)
               for rgb in tqdm(tiles.images, desc=f"{name}: sample", **progress)]
     centres = method.fit(np.concatenate(pooled), k, seed=seed)
     del pooled
@@ -273,7 +277,7 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
     for name, method in methods.items():
         keep = params.num_overlays if name == "model" else 0
         glob, per_tile, kept = score_method(method, tiles, k, num_classes, params.seed,
-                                            params.samples_per_tile, name, keep)
+                                            params.samples_per_tile, params.global_samples, name, keep)
         results[name] = {"global": glob.result(), "per_tile": per_tile.result()}
         metrics[name] = {proto: _scores_json(s, names) for proto, s in results[name].items()}
         if name == "model":

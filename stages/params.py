@@ -248,9 +248,10 @@ class EvaluateParams:
     seed: int = knob(0, "Seed of centre fitting (model, teacher, baselines) and of pixel sampling.", lo=0, hi=2**31 - 1)
     num_overlays: int = knob(4, "Overlay images (image | truth | prediction) written as plots; the first "
                              "tiles of the val split in index order.", lo=0, hi=64)
-    samples_per_tile: int = knob(4096, "Pixels (baselines) or stride-4 embeddings (model, teacher) sampled "
-                                 "per tile, seeded, to fit cluster centres: all tiles' samples for the "
-                                 "global protocol, one tile's for the per-tile protocol.", lo=16, hi=10**7)
+    samples_per_tile: int = knob(4096, "Per-tile protocol: pixels (baselines) or stride-4 embeddings (model, "
+                                 "teacher) of a tile sampled (seeded) to fit that tile's centres.", lo=16, hi=10**7)
+    global_samples: int = knob(100000, "Global protocol: pixels or embeddings sampled (seeded, the same number "
+                               "from every tile) across the split to fit its one set of centres.", lo=16, hi=10**8)
     kmeans_iters: int = knob(50, "Lloyd iterations of the baselines' k-means (stops early when stable).",
                              lo=1, hi=1000)
 

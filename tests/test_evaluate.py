@@ -96,14 +96,16 @@ def inputs(tmp_path_factory):
 
 
 def small_params(**kw) -> EvaluateParams:
-    return EvaluateParams(**{"k": 0, "seed": 0, "num_overlays": 2, "samples_per_tile": 256, "kmeans_iters": 20, **kw})
+    return EvaluateParams(**{"k": 0, "seed": 0, "num_overlays": 2, "samples_per_tile": 256, "global_samples": 1024,
+                             "kmeans_iters": 20, **kw})
 
 
 def run_main(inputs, out: Path, evaluate_yaml: str = "", **override) -> int:
     """`python -m stages.evaluate` on a params file of its own (the repo's may be mid-edit)."""
     params = out.parent / "params.yaml"
     params.parent.mkdir(parents=True, exist_ok=True)
-    params.write_text("evaluate:\n  samples_per_tile: 256\n  kmeans_iters: 20\n" + evaluate_yaml)
+    params.write_text("evaluate:\n  samples_per_tile: 256\n  global_samples: 1024\n  kmeans_iters: 20\n"
+                      + evaluate_yaml)
     argv = ["--params", str(params), "--shards", str(override.get("shards", inputs["shards"])),
             "--model", str(override.get("model", inputs["model"])),
             "--teacher", str(override.get("teacher", inputs["teacher"])), "--out", str(out)]
