@@ -249,16 +249,22 @@ def _up4_axis(x: np.ndarray, axis: int, lo: int = 0, hi: int | None = None) -> n
     are clamped to its edge, as torch's bilinear interpolation does."""
     n = x.shape[axis]
     hi = n if hi is None else hi
-    i = np.arange(lo, hi)
-    cur = np.take(x, i, axis=axis)
-    prv = np.take(x, np.maximum(i - 1, 0), axis=axis)
-    nxt = np.take(x, np.minimum(i + 1, n - 1), axis=axis)
-    phases = []
-    for wp, wc, wn in _PHASES:
-        phases.append(np.float32(wp) * prv + np.float32(wc) * cur if wp else
-                      np.float32(wc) * cur + np.float32(wn) * nxt)
-    out = np.stack(phases, axis=axis + 1)
+
+    def cells(a: int, b: int) -> np.ndarray:  # cells a..b-1 with indices clamped to 0..n-1
+        idx = [slice(None)] * x.ndim
+        if 0 <= a and b <= n:
+            idx[axis] = slice(a, b)
+            return x[tuple(idx)]
+        idx[axis] = np.clip(np.arange(a, b), 0, n - 1)
+        return x[tuple(idx)]
+
+    cur, prv, nxt = cells(lo, hi), cells(lo - 1, hi - 1), cells(lo + 1, hi + 1)
     shape = list(cur.shape)
+    out = np.empty(shape[:axis + 1] + [4] + shape[axis + 1:], dtype=np.float32)
+    for phase, (wp, wc, wn) in enumerate(_PHASES):
+        o = out[(slice(None),) * (axis + 1) + (phase,)]
+        np.multiply(cur, np.float32(wc), out=o)
+        o += np.float32(wp) * prv if wp else np.float32(wn) * nxt
     shape[axis] *= 4
     return out.reshape(shape)
 
