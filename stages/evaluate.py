@@ -24,7 +24,7 @@ metrics.json is removed so nothing stale looks current):
 - `plots/overlays/<item_id>.png`: image | truth | model prediction (global protocol), each
   predicted cluster drawn in the colour of the class it is matched to, unmatched clusters magenta.
 
-    python -m stages.evaluate [--params params.yaml] [--shards data/shards/<dataset>]
+    python -m stages.evaluate [--params params.yaml] [--shards data/shards]
                               [--model model/best] [--teacher model/teacher] [--out results/evaluate]
 """
 
@@ -329,15 +329,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Score model/best (numpy runtime), the teacher and k-means "
                                  "baselines on the val split (DVC stage `evaluate`).")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--shards", default=None, help="dataset root (default data/shards/<ingest.dataset>)")
+    ap.add_argument("--shards", default="data/shards", help="shards root; the dataset is ingest.dataset")
     ap.add_argument("--model", default="model/best")
     ap.add_argument("--teacher", default="model/teacher")
     ap.add_argument("--out", default="results/evaluate")
     args = ap.parse_args(argv)
     try:
         p = load_params(args.params)
-        shards = Path(args.shards) if args.shards else Path("data/shards") / p.ingest.dataset
-        metrics = evaluate(shards, Path(args.model), Path(args.teacher), Path(args.out), p.evaluate,
+        metrics = evaluate(Path(args.shards) / p.ingest.dataset, Path(args.model), Path(args.teacher), Path(args.out), p.evaluate,
                            dataset=p.ingest.dataset)
     except (ParamsError, EvaluateError, DatasetError, RasterError, TrainingError, LandsegError) as e:
         _remove_outputs(Path(args.out))

@@ -104,9 +104,11 @@ def run_main(inputs, out: Path, evaluate_yaml: str = "", **override) -> int:
     """`python -m stages.evaluate` on a params file of its own (the repo's may be mid-edit)."""
     params = out.parent / "params.yaml"
     params.parent.mkdir(parents=True, exist_ok=True)
-    params.write_text("evaluate:\n  samples_per_tile: 256\n  global_samples: 1024\n  kmeans_iters: 20\n"
+    shards = Path(override.get("shards", inputs["shards"]))
+    params.write_text(f"ingest:\n  dataset: {shards.name}\n"
+                      "evaluate:\n  samples_per_tile: 256\n  global_samples: 1024\n  kmeans_iters: 20\n"
                       + evaluate_yaml)
-    argv = ["--params", str(params), "--shards", str(override.get("shards", inputs["shards"])),
+    argv = ["--params", str(params), "--shards", str(shards.parent),
             "--model", str(override.get("model", inputs["model"])),
             "--teacher", str(override.get("teacher", inputs["teacher"])), "--out", str(out)]
     return ev.main(argv)
