@@ -6,8 +6,8 @@ Providers (`ingest.provider`):
   by stem or by a regex, optional label value map, band selection; rasters without a CRS are
   accepted with a warning and keep their pixel grid;
 - `remote`: cloud-optimised GeoTIFF URLs read through GDAL's virtual file systems (/vsicurl/,
-  /vsis3/) with HTTP range requests, optionally one pixel window per URL; only the blocks of the
-  window are fetched.
+  /vsis3/) with HTTP range requests, optionally one pixel window or bounding box per URL; only the
+  blocks of the window are fetched.
 
 Output (written to a temporary directory beside `data/raw`, renamed when complete):
     data/raw/images/<item_id>.tif    3-band uint8, tiled, deflate; source CRS and transform
@@ -70,6 +70,7 @@ class Item:
     label: str | None
     source: str
     window: tuple[int, int, int, int] | None = None  # col_off, row_off, width, height
+    bounds: tuple[float, float, float, float] | None = None  # left, bottom, right, top (CRS units)
 
 
 def safe_id(name: str) -> str:
@@ -186,11 +187,13 @@ def _copy_raster(item: Item, dst_image: Path, dst_label: Path | None, bands: lis
                               "(rescale to 8 bits first, e.g. with gdal_translate -scale -ot Byte)")
         if src.crs is None:
             no_crs.append(item.image)
-        c0, r0, w, h = item.window or (0, 0, src.width, src.height)
-        if item.window is not None:
-            if w <= 0 or h <= 0 or c0 < 0 or r0 < 0 or c0 + w > src.width or r0 + h > src.height:
-                raise IngestError(f"{item.image}: window {list(item.window)} is outside the raster "
-                                  f"({src.width}x{src.height})")
+        window = item.window or (0, 0, src.width, src.height)
+        if item.bounds is not None:
+            window = _bounds_to_window(item, src)
+        c0, r0, w, h = window
+        if w <= 0 or h <= 0 or c0 < 0 or r0 < 0 or c0 + w > src.width or r0 + h > src.height:
+            raise IngestError(f"{item.image}: window {list(window)} is outside the raster "
+                              f"({src.width}x{src.height})")
         full = Window(c0, r0, w, h)
         transform = window_transform(full, src.transform)
         masked = has_mask(src)
@@ -206,7 +209,8 @@ def _copy_raster(item: Item, dst_image: Path, dst_label: Path | None, bands: lis
                 yield row, data, mask
 
         _write_blocks(dst_image, w, h, 3, src.crs, transform, blocks())
-        grid = {"crs": src.crs, "transform": transform, "width": w, "height": h}
+        grid = {"crs": src.crs, "transform": transform, "width": w, "height": h,
+                "windowed": item.window is not None or item.bounds is not None}
     max_label = 0
     if item.label is not None:
         max_label = _copy_label(item, dst_label, grid, label_map)
@@ -221,7 +225,7 @@ def _copy_label(item: Item, dst: Path, image_grid: dict, label_map: dict[int, in
             raise IngestError(f"{item.label}: a label raster must have 1 band, found {src.count}")
         if not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
             raise IngestError(f"{item.label}: label values must be integers, found {src.dtypes[0]}")
-        if item.window is not None:
+        if image_grid["windowed"]:
             # Remote labels: warp the label onto the image window's grid (GDAL reads only the blocks
             # it needs), so the stored label is aligned with the stored image.
             return _copy_label_warped(item, src, dst, image_grid, lut)
@@ -352,6 +356,21 @@ def vsi_path(url: str) -> str:
     raise IngestError(f"ingest.remote.urls: {url!r} is not an http(s):// or s3:// URL")
 
 
+def _bounds_to_window(item: Item, src) -> tuple[int, int, int, int]:
+    """Pixel window covering `item.bounds` (raster CRS units), rounded outward to whole pixels."""
+    left, bottom, right, top = item.bounds
+    if src.crs is None:
+        raise IngestError(f"{item.image}: ingest.remote.bounds needs a georeferenced raster (no CRS)")
+    inv = ~src.transform
+    cols, rows = zip(*(inv @ (x, y) for x, y in ((left, top), (right, bottom), (left, bottom), (right, top))))
+    c0, r0 = max(int(np.floor(min(cols))), 0), max(int(np.floor(min(rows))), 0)
+    c1, r1 = min(int(np.ceil(max(cols))), src.width), min(int(np.ceil(max(rows))), src.height)
+    if c1 <= c0 or r1 <= r0:
+        raise IngestError(f"{item.image}: bounds {list(item.bounds)} do not overlap the raster "
+                          f"(its bounds: {list(src.bounds)})")
+    return c0, r0, c1 - c0, r1 - r0
+
+
 def remote_items(params: IngestParams) -> list[Item]:
     rp = params.remote
     if not rp.urls:
@@ -359,13 +378,18 @@ def remote_items(params: IngestParams) -> list[Item]:
     items, seen = [], set()
     for i, url in enumerate(rp.urls):
         window = tuple(rp.windows[i]) if rp.windows else None
+        bounds = tuple(rp.bounds[i]) if rp.bounds else None
         stem = Path(url.split("?")[0]).stem
-        item_id = safe_id(stem if window is None else f"{stem}_c{window[0]}_r{window[1]}")
+        if window is not None:
+            stem = f"{stem}_c{window[0]}_r{window[1]}"
+        elif bounds is not None:
+            stem = f"{stem}_x{bounds[0]:.0f}_y{bounds[3]:.0f}"
+        item_id = safe_id(stem)
         if item_id in seen:
             item_id = f"{item_id}_{i}"
         seen.add(item_id)
         label = vsi_path(rp.label_urls[i]) if rp.label_urls else None
-        items.append(Item(item_id, vsi_path(url), label, url, window))
+        items.append(Item(item_id, vsi_path(url), label, url, window, bounds))
     return items
 
 

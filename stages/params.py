@@ -84,9 +84,20 @@ class RemoteParams:
                                  "warped onto the image window's grid (nearest neighbour).")
     windows: list[list[int]] = knob([], "Optional pixel window per URL as [col_off, row_off, width, "
                                     "height]; empty = whole raster.", lo=0)
+    bounds: list[list[float]] = knob([], "Optional bounding box per URL as [left, bottom, right, top] in the "
+                                     "raster's CRS units, rounded outward to whole pixels; exclusive with "
+                                     "`windows`.")
     timeout_s: int = knob(30, "HTTP timeout in seconds for remote reads.", lo=1, hi=3600)
 
     def check(self, prefix: str) -> None:
+        if self.windows and self.bounds:
+            raise ParamsError(f"{prefix}.bounds: give either windows or bounds, not both")
+        if self.bounds and len(self.bounds) != len(self.urls):
+            raise ParamsError(f"{prefix}.bounds: expected one per URL ({len(self.urls)}), got {len(self.bounds)}")
+        for i, b in enumerate(self.bounds):
+            if len(b) != 4 or b[0] >= b[2] or b[1] >= b[3]:
+                raise ParamsError(f"{prefix}.bounds[{i}]: expected [left, bottom, right, top] with left < right "
+                                  f"and bottom < top, got {b!r}")
         if self.label_urls and len(self.label_urls) != len(self.urls):
             raise ParamsError(f"{prefix}.label_urls: expected one per URL ({len(self.urls)}), "
                               f"got {len(self.label_urls)}")

@@ -109,6 +109,9 @@ def test_float_written_as_text_gets_a_hint(tmp_path):
     ({"ingest": {"local": {"label_map": {1: 300}}}}, "ingest.local.label_map"),
     ({"ingest": {"remote": {"urls": ["http://a/x.tif"], "windows": [[0, 0, 10]]}}}, "ingest.remote.windows[0]"),
     ({"ingest": {"remote": {"urls": ["http://a/x.tif"], "label_urls": ["a", "b"]}}}, "ingest.remote.label_urls"),
+    ({"ingest": {"remote": {"urls": ["http://a/x.tif"], "bounds": [[1.0, 2.0, 0.5, 3.0]]}}}, "ingest.remote.bounds[0]"),
+    ({"ingest": {"remote": {"urls": ["http://a/x.tif"], "bounds": [[0, 0, 1, 1]], "windows": [[0, 0, 1, 1]]}}},
+     "ingest.remote.bounds"),
     ({"ingest": {"dataset": "../escape"}}, "ingest.dataset"),
     ({"ingest": {"class_names": {0: "void"}}}, "ingest.class_names"),
 ])

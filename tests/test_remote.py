@@ -137,6 +137,25 @@ def test_windowed_read_fetches_only_byte_ranges(tmp_path, serve, cogs):
     assert fetched < 0.3 * len(image_bytes), (fetched, len(image_bytes))
 
 
+def test_bounding_box_selects_the_covering_window(tmp_path, serve, cogs):
+    rgb, label, image_bytes, label_bytes = cogs
+    server = serve({"/scene.tif": image_bytes, "/scene_label.tif": label_bytes})
+    # Pixels [300, 500) x [520, 620) of a 0.5 m grid; the box edges fall inside pixels (rounded outward).
+    col0, col1, row0, row1 = 300.2, 499.6, 520.4, 619.9  # fractional pixel edges
+    left, right = GRID.c + col0 * 0.5, GRID.c + col1 * 0.5
+    top, bottom = GRID.f - row0 * 0.5, GRID.f - row1 * 0.5
+    params = _remote([f"{server.url}/scene.tif"], label_urls=[f"{server.url}/scene_label.tif"],
+                     bounds=[[left, bottom, right, top]])
+    (entry,) = ingest(params, tmp_path / "raw")
+    with rasterio.open(tmp_path / "raw" / entry["image"]) as src, \
+            rasterio.open(tmp_path / "raw" / entry["label"]) as lab:
+        assert np.array_equal(src.read(), rgb[:, 520:620, 300:500])
+        assert np.array_equal(lab.read(1), label[520:620, 300:500])
+    far = _remote([f"{server.url}/scene.tif"], bounds=[[0.0, 0.0, 10.0, 10.0]])
+    with pytest.raises(ingest_stage.IngestError, match="do not overlap"):
+        ingest(far, tmp_path / "raw2")
+
+
 def test_404_is_a_clear_error(tmp_path, serve, capsys, cogs):
     server = serve({"/data/scene.tif": cogs[2]})
     url = f"{server.url}/data/missing.tif"
