@@ -104,10 +104,13 @@ def tile_windows(width: int, height: int, tile: int):
 
 def blank_fraction(rgb: np.ndarray, valid: np.ndarray) -> float:
     """Share of blank pixels: invalid ones; or all of them when the valid pixels are one colour."""
+    if valid.all():  # the common case: no boolean-indexed copy
+        flat = rgb.reshape(rgb.shape[0], -1)
+        return 1.0 if (flat.min(axis=1) == flat.max(axis=1)).all() else 0.0
     if not valid.any():
         return 1.0
     pixels = rgb[:, valid]
-    if (pixels == pixels[:, :1]).all():
+    if (pixels.min(axis=1) == pixels.max(axis=1)).all():
         return 1.0
     return 1.0 - float(valid.mean())
 
