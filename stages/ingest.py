@@ -130,7 +130,10 @@ def ingest_synthetic(params: IngestParams, root: Path) -> tuple[list[dict], dict
     order = np.random.default_rng([params.seed, 0x1ABE1]).permutation(sp.num_scenes)
     labelled = set(int(i) for i in order[:n_labelled])
     size, px = sp.scene_size, sp.pixel_size_m
-    crs = rasterio.crs.CRS.from_user_input(sp.crs)
+    try:
+        crs = rasterio.crs.CRS.from_user_input(sp.crs)
+    except rasterio.errors.CRSError as e:
+        raise IngestError(f"ingest.synthetic.crs: not a CRS GDAL knows: {sp.crs!r} ({e})") from None
     if crs.is_geographic:
         raise IngestError(f"ingest.synthetic.crs: expected a projected CRS (metres), got {sp.crs!r}")
     entries = []

@@ -243,6 +243,13 @@ def test_params_errors_exit_2(tmp_path, capsys):
     _no_leftovers(out)
 
 
+@pytest.mark.parametrize("crs, expected", [("EPSG:4326", "expected a projected CRS"), ("EPSG:99999999", "not a CRS")])
+def test_synthetic_crs_must_be_projected(tmp_path, capsys, crs, expected):
+    rc, err, out = _run_main(tmp_path, tiny_raw(**{"ingest.synthetic.crs": crs}), capsys)
+    assert rc == 2 and "ingest.synthetic.crs" in err and expected in err
+    _no_leftovers(out)
+
+
 def test_failed_run_keeps_previous_output(tmp_path, tiny_params):
     out = tmp_path / "raw"
     ingest(tiny_params.ingest, out)
