@@ -243,16 +243,19 @@ def _copy_label(item: Item, dst: Path, image_grid: dict, label_map: dict[int, in
             for row in range(0, src.height, BLOCK_ROWS):
                 win = Window(0, row, src.width, min(BLOCK_ROWS, src.height - row))
                 raw = read(src, 1, win)
-                if src.nodata is not None:
-                    raw = np.where(raw == src.nodata, 0, raw)
-                yield row, _map_labels(item.label, raw, lut, label_map, max_seen)[None], None
+                yield row, _map_labels(item.label, raw, lut, label_map, max_seen, src.nodata)[None], None
 
         _write_blocks(dst, src.width, src.height, 1, src.crs, src.transform, blocks())
         return max_seen[0]
 
 
-def _map_labels(name: str, raw: np.ndarray, lut: np.ndarray | None, label_map: dict, max_seen: list) -> np.ndarray:
+def _map_labels(name: str, raw: np.ndarray, lut: np.ndarray | None, label_map: dict, max_seen: list,
+                nodata: float | None = None) -> np.ndarray:
+    """Apply the value map (unmapped values are an error) and check 0..255; nodata becomes 0."""
+    is_nodata = (raw == nodata) if nodata is not None else None
     raw = raw.astype(np.int64)
+    if is_nodata is not None:
+        raw[is_nodata] = 0 if lut is None else next(iter(label_map))  # any mapped value; zeroed below
     if lut is not None:
         if raw.min(initial=0) < 0 or raw.max(initial=0) >= lut.size:
             raise IngestError(f"{name}: label values {int(raw.min())}..{int(raw.max())} outside "
@@ -266,6 +269,8 @@ def _map_labels(name: str, raw: np.ndarray, lut: np.ndarray | None, label_map: d
     if raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
         raise IngestError(f"{name}: label values must be in 0..255 (0 = ignore), found "
                           f"{int(raw.min())}..{int(raw.max())}; use ingest.local.label_map")
+    if is_nodata is not None:
+        raw[is_nodata] = 0
     max_seen[0] = max(max_seen[0], int(raw.max(initial=0)))
     return raw.astype(np.uint8)
 

@@ -130,6 +130,17 @@ def test_local_regex_pairing_label_map_and_band_selection(tmp_path):
         assert np.array_equal(lab.read(1), expected)
 
 
+def test_label_nodata_becomes_ignore_before_the_map(tmp_path):
+    write_raster(tmp_path / "in" / "a.tif", random_rgb(16, 16))
+    raw = blocky_labels(16, 16, 2, block=4)
+    raw[:4] = 255
+    write_raster(tmp_path / "lab" / "a.tif", raw, nodata=255)
+    (entry,) = ingest(_local(tmp_path, path=str(tmp_path / "in"), labels=str(tmp_path / "lab"),
+                             label_map={1: 3, 2: 4}), tmp_path / "raw")
+    with rasterio.open(tmp_path / "raw" / entry["label"]) as lab:
+        assert np.array_equal(lab.read(1), np.select([raw == 1, raw == 2], [3, 4], 0))
+
+
 def test_local_glob_with_unpaired_labels_warns(tmp_path):
     imgs, labs = tmp_path / "images", tmp_path / "labels"
     for stem in ("x1", "x2"):
