@@ -4,8 +4,8 @@
     python benchmarks/runtime_bench.py --arch teacher   # the teacher encoder instead
     python benchmarks/runtime_bench.py --skip-rss       # throughput only
 
-Measures, in one process, interleaved (numpy, torch, numpy, torch, ...) so that load from other
-processes hits both alike:
+Measures, in one process, round-robin (numpy, torch, sgemm, numpy, ...; best of --repeats each) so
+that load from other processes hits all of them alike:
 - embeddings of a size x size (2048) RGB image: numpy `Model.embed` vs torch `Encoder` forward
   (eval, no_grad, batch norm unfolded as in training), both on --threads threads;
 - the convolutions' GFLOP/s (2 FLOPs per multiply-add) and a square 2048^3 float32 numpy matmul
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--arch", choices=("student", "teacher"), default="student")
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None, help="default: all cores")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--band-bytes", type=int, default=None)
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--rss-child", nargs=4, metavar=("SRC", "DST", "MODEL", "K"), help=argparse.SUPPRESS)
@@ -172,20 +172,20 @@ def main() -> None:
             with torch.no_grad():
                 return enc(normalise_rgb(x_torch))
 
+        a = np.random.default_rng(1).standard_normal((2048, 2048), dtype=np.float32)
+
+        def run_sgemm():
+            return a @ a
+
         diff = float(np.abs(run_numpy() - run_torch()[0].numpy()).max())  # also warms up both
-        t_np, t_torch = [], []
+        run_sgemm()
+        # round-robin, so that load from other processes hits all three alike; best of each
+        t_np, t_torch, t_gemm = [], [], []
         for _ in range(args.repeats):
-            for fn, acc in ((run_numpy, t_np), (run_torch, t_torch)):
+            for fn, acc in ((run_numpy, t_np), (run_torch, t_torch), (run_sgemm, t_gemm)):
                 t = time.perf_counter()
                 fn()
                 acc.append(time.perf_counter() - t)
-        a = np.random.default_rng(1).standard_normal((2048, 2048), dtype=np.float32)
-        a @ a
-        t_gemm = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            a @ a
-            t_gemm.append(time.perf_counter() - t)
 
         mpix = args.size * args.size / 1e6
         flops = art_model.network.flops(args.size, args.size)
