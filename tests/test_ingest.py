@@ -130,6 +130,17 @@ def test_local_regex_pairing_label_map_and_band_selection(tmp_path):
         assert np.array_equal(lab.read(1), expected)
 
 
+def test_source_nodata_is_kept_as_a_mask(tmp_path):
+    rgb = random_rgb(40, 40, 3) | 1
+    rgb[:, :, :10] = 0
+    write_raster(tmp_path / "in" / "a.tif", rgb, nodata=0)
+    (entry,) = ingest(_local(tmp_path, path=str(tmp_path / "in")), tmp_path / "raw")
+    with rasterio.open(tmp_path / "raw" / entry["image"]) as src:
+        mask = src.dataset_mask()
+        assert np.array_equal(src.read(), rgb)
+        assert (mask[:, :10] == 0).all() and (mask[:, 10:] == 255).all()
+
+
 def test_label_nodata_becomes_ignore_before_the_map(tmp_path):
     write_raster(tmp_path / "in" / "a.tif", random_rgb(16, 16))
     raw = blocky_labels(16, 16, 2, block=4)
