@@ -129,7 +129,8 @@ class Model:
             raise InputError(f"iters must be an integer >= 0, got {it!r}")
         return cluster.fit_centres(x, k, self.temperature, int(it), seed)
 
-    def _centres(self, k: int, centres) -> np.ndarray:
+    def check_centres(self, k: int, centres) -> np.ndarray:
+        """`centres` as a float32 (k, embed_dim) array; InputError if the shape or values are wrong."""
         c = np.asarray(centres, dtype=np.float32)
         if c.shape != (k, self.embed_dim):
             raise InputError(f"centres must have shape (k, embed_dim) = ({k}, {self.embed_dim}), got {c.shape}")
@@ -152,7 +153,7 @@ class Model:
                           smooth_iters: int | None = None) -> np.ndarray:
         """uint8 (height, width) labels from `embed_cells` output and (k, D) centres: lets a caller
         embed each image once, fit global centres on all of them, then label each."""
-        c = self._centres(self.check_k(len(centres)), centres)
+        c = self.check_centres(self.check_k(len(centres)), centres)
         return labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), height, width)
 
     def _prepare(self, rgb, k, centres, seed, samples, iters):
@@ -160,7 +161,7 @@ class Model:
         cells = self.embed_cells(rgb)
         if centres is None:
             centres = self.fit_centres_from_cells([cells], k, seed, samples, iters)
-        return cells, self._centres(k, centres)
+        return cells, self.check_centres(k, centres)
 
     def predict_proba(self, rgb: np.ndarray, k: int, centres=None, smooth_iters: int | None = None,
                       seed: int = 0, samples: int = DEFAULT_SAMPLES, iters: int | None = None) -> np.ndarray:

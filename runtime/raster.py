@@ -229,7 +229,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                 elif isinstance(centres, str):
                     raise InputError(f"centres must be 'fit', 'artifact' or a (k, D) array, got {centres!r}")
                 else:
-                    c = model._centres(k, centres)
+                    c = model.check_centres(k, centres)
                     source = "given"
 
                 halo = model.halo(smooth)
@@ -266,7 +266,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
             for leftover in (tmp, tmp.with_name(tmp.name + ".aux.xml"), tmp.with_name(tmp.name + ".ovr")):
                 leftover.unlink(missing_ok=True)
             if isinstance(e, RasterioError):
-                raise RasterReadError(f"{src}: GDAL error while segmenting: {e}") from None
+                raise RasterReadError(f"GDAL error while segmenting {src} into {dst}: {e}") from None
             raise
     return SegmentResult(dst, k, c, source, len(tiles), time.perf_counter() - t_start)
 
