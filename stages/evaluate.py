@@ -17,8 +17,10 @@ Truth labels 0 are ignored; every predicted pixel of a labelled pixel counts.
 
 Outputs (written to a temporary directory, then moved into `--out`; on any error the previous
 metrics.json is removed so nothing stale looks current):
-- `metrics.json`: per method and protocol mIoU, pixel accuracy, IoU per class; `ratio_miou`
-  (model / method) per protocol;
+- `metrics.json` (the headline for `dvc metrics show/diff`): per method and protocol mIoU and
+  pixel accuracy; `ratio_miou` (model / method) per protocol;
+- `per_class_iou.json`: per method and protocol, IoU of every class by name (null when the class
+  is in neither truth nor prediction);
 - `plots/confusion.json`: the model's global-protocol matched confusion for `dvc plots`
   (`confusion` template), 100 records per true class, one per percent of its pixels;
 - `plots/overlays/<item_id>.png`: image | truth | model prediction (global protocol), each
@@ -220,11 +222,9 @@ def score_method(method: Segmenter, tiles: LabelledTiles, k: int, num_classes: i
     return glob, per_tile, kept
 
 
-def _scores_json(scores: dict, names: list[str]) -> dict:
-    # JSON has no NaN: a class absent from truth and prediction gets null.
-    nan_to_none = lambda v: None if v != v else round(v, 6)
-    return {"miou": nan_to_none(scores["miou"]), "pixel_accuracy": nan_to_none(scores["pixel_accuracy"]),
-            "iou": {n: nan_to_none(v) for n, v in zip(names, scores["per_class_iou"])}}
+def _json_number(v: float) -> float | None:
+    """Rounded for readable diffs; JSON has no NaN, so a class absent from truth and prediction is null."""
+    return None if v != v else round(v, 6)
 
 
 def overlay(rgb: np.ndarray, label: np.ndarray, pred: np.ndarray, mapping: np.ndarray) -> np.ndarray:
@@ -270,16 +270,20 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
         "kmeans_rgb": KMeansBaseline(rgb_features, params.kmeans_iters),
         "kmeans_features": KMeansBaseline(handcrafted_features, params.kmeans_iters),
     }
-    metrics: dict = {"dataset": dataset or summary.get("dataset", ""), "split": "val", "k": k,
-                     "num_classes": num_classes, "tiles": len(tiles.images),
+    metrics: dict = {"dataset": dataset or summary.get("dataset", ""), "k": k, "num_classes": num_classes,
+                     "tiles": len(tiles.images),
                      "labelled_pixels": int(sum((lab > 0).sum() for lab in tiles.labels))}
+    per_class: dict = {}
     results, model_glob, model_preds = {}, None, []
     for name, method in methods.items():
         keep = params.num_overlays if name == "model" else 0
         glob, per_tile, kept = score_method(method, tiles, k, num_classes, params.seed,
                                             params.samples_per_tile, params.global_samples, name, keep)
         results[name] = {"global": glob.result(), "per_tile": per_tile.result()}
-        metrics[name] = {proto: _scores_json(s, names) for proto, s in results[name].items()}
+        metrics[name] = {proto: {"miou": _json_number(s["miou"]), "pixel_accuracy": _json_number(s["pixel_accuracy"])}
+                         for proto, s in results[name].items()}
+        per_class[name] = {proto: dict(zip(names, map(_json_number, s["per_class_iou"])))
+                           for proto, s in results[name].items()}
         if name == "model":
             model_glob, model_preds = glob, kept
     metrics["ratio_miou"] = {
@@ -296,6 +300,7 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
         mapping = model_glob.mapping()
         for item_id, rgb, label, pred in zip(tiles.item_ids, tiles.images, tiles.labels, model_preds):
             write_png(tmp / "plots" / "overlays" / f"{item_id}.png", overlay(rgb, label, pred, mapping))
+        (tmp / "per_class_iou.json").write_text(json.dumps(per_class, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         _install_outputs(tmp, out_dir)
     finally:
@@ -306,14 +311,16 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
 def _remove_outputs(out_dir: Path) -> None:
     """Delete this stage's outputs in out_dir (metrics first: its presence means 'complete')."""
     (out_dir / "metrics.json").unlink(missing_ok=True)
+    (out_dir / "per_class_iou.json").unlink(missing_ok=True)
     shutil.rmtree(out_dir / "plots", ignore_errors=True)
 
 
 def _install_outputs(tmp: Path, out_dir: Path) -> None:
-    """Move plots, then metrics.json (last, by atomic rename) from tmp into out_dir."""
+    """Move plots and per-class IoU, then metrics.json (last, atomic rename) from tmp into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_outputs(out_dir)
     os.replace(tmp / "plots", out_dir / "plots")
+    os.replace(tmp / "per_class_iou.json", out_dir / "per_class_iou.json")
     os.replace(tmp / "metrics.json", out_dir / "metrics.json")
 
 

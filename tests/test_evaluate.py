@@ -168,13 +168,15 @@ def test_kmeans_baseline_separates_flat_colours():
 def test_metrics_cover_every_method_and_protocol(result):
     metrics, out = result
     assert json.loads((out / "metrics.json").read_text()) == metrics
+    per_class = json.loads((out / "per_class_iou.json").read_text())
     assert (metrics["k"], metrics["num_classes"], metrics["tiles"]) == (3, 3, 4)
     for method in ev.METHODS:
         for proto in ("global", "per_tile"):
-            s = metrics[method][proto]
+            s, iou = metrics[method][proto], per_class[method][proto]
+            assert set(s) == {"miou", "pixel_accuracy"}
             assert 0.0 <= s["miou"] <= 1.0 and 0.0 <= s["pixel_accuracy"] <= 1.0
-            assert list(s["iou"]) == ["water", "tree canopy", "bare soil"]
-            assert s["miou"] == pytest.approx(np.mean(list(s["iou"].values())), abs=1e-5)
+            assert list(iou) == ["water", "tree canopy", "bare soil"]
+            assert s["miou"] == pytest.approx(np.mean(list(iou.values())), abs=1e-5)
     for proto in ("global", "per_tile"):
         for b in ev.BASELINES:
             assert metrics["ratio_miou"][proto][b] == pytest.approx(
@@ -243,7 +245,8 @@ def test_deterministic_outputs(inputs, result):
     _, out = result
     out2 = inputs["root"] / "again"
     ev.evaluate(inputs["shards"], inputs["model"], inputs["teacher"], out2, small_params())
-    for rel in ["metrics.json", "plots/confusion.json", "plots/overlays/scene-0000_r000000_c000000.png"]:
+    for rel in ["metrics.json", "per_class_iou.json", "plots/confusion.json",
+                "plots/overlays/scene-0000_r000000_c000000.png"]:
         assert (out / rel).read_bytes() == (out2 / rel).read_bytes(), rel
 
 
@@ -265,6 +268,7 @@ def stale_out(tmp_path: Path) -> Path:
     out = tmp_path / "results" / "evaluate"
     (out / "plots").mkdir(parents=True)
     (out / "metrics.json").write_text('{"model": {"global": {"miou": 0.99}}}')
+    (out / "per_class_iou.json").write_text("{}")
     return out
 
 
@@ -274,6 +278,7 @@ def test_missing_model_exits_2_and_removes_stale_metrics(inputs, tmp_path, capsy
     err = capsys.readouterr().err
     assert "error:" in err and str(tmp_path / "nope") in err and "export" in err
     assert not (out / "metrics.json").exists() and not (out / "plots").exists()
+    assert not (out / "per_class_iou.json").exists()
 
 
 def test_val_without_labels_exits_2(inputs, tmp_path, capsys):
