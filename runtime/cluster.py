@@ -4,9 +4,11 @@ Both use a deterministic greedy k-means++ initialisation (seeded numpy Generator
 the best, by potential, of 2 + ln(k) candidates drawn proportionally to the squared distance to the
 nearest chosen centre), so the same samples and seed always give the same centres.
 
-- `fit_centres(emb, k, temperature, iters, seed)`: unit embeddings (N, D) -> (k, D) unit centres by
-  spherical soft k-means (the model's clustering head: probs = softmax(cos / temperature), centres
-  = normalised probability-weighted means). Collapse guard: after every update, a centre that
+- `fit_centres(emb, k, temperature, iters, seed)`: unit embeddings (N, D) -> (k, D) unit centres:
+  hard spherical k-means (Lloyd) to convergence, then `iters` updates of spherical soft k-means
+  (the model's clustering head: probs = softmax(cos / temperature), centres = normalised
+  probability-weighted means), kept only if it did not merge clusters that hard k-means separated.
+  Collapse guard: after every update, a centre that
   receives (almost) no probability mass, or that coincides with another centre, is re-seeded at
   the sample worst explained by the remaining centres, so k stays k distinct clusters.
 - `soft_assign(emb, centres, temperature)`: (N, D) -> (N, k) probabilities.
@@ -27,6 +29,7 @@ _DEAD_MASS = 1e-3
 # Two unit centres closer than this cosine are duplicates.
 _DUPLICATE_COS = 1.0 - 1e-6
 _CHUNK = 65536  # rows per distance block (bounds memory to CHUNK * k)
+LLOYD_ITERS = 30  # cap of hard spherical k-means iterations before the soft updates
 
 
 def _check_samples(x: np.ndarray, k: int, name: str) -> np.ndarray:
@@ -91,22 +94,60 @@ def soft_assign(emb: np.ndarray, centres: np.ndarray, temperature: float) -> np.
     return softmax_rows(logits)
 
 
-def fit_centres(emb: np.ndarray, k: int, temperature: float, iters: int, seed: int = 0) -> np.ndarray:
-    """Spherical soft k-means on unit rows `emb` (N, D): k-means++ init then `iters` soft updates."""
+def fit_centres(emb: np.ndarray, k: int, temperature: float, iters: int, seed: int = 0,
+                lloyd_iters: int = LLOYD_ITERS) -> np.ndarray:
+    """Centres of unit rows `emb` (N, D): k-means++ init, hard spherical k-means (Lloyd, until no
+    assignment changes, at most `lloyd_iters`), then `iters` soft k-means updates at `temperature`
+    (the model's own clustering). The hard phase is temperature-free, so it separates clusters even
+    when embeddings are tightly packed; the soft phase then matches the trained head's assignments.
+    The soft result is kept only if it did not collapse the clustering (see `_collapsed`); otherwise
+    the hard k-means centres are returned."""
     x = _normalise_rows(_check_samples(emb, k, "fit_centres"))
     rng = np.random.default_rng(seed)
     c = x[_greedy_kmeanspp(x, k, rng, _chord_sqdist)].copy()
     c = _reseed_collapsed(x, c, np.full(k, np.inf))
+    labels = None
+    for _ in range(lloyd_iters):
+        new = np.argmax(x @ c.T, axis=1)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        sums = np.zeros_like(c)
+        np.add.at(sums, labels, x)
+        mass = np.bincount(labels, minlength=k).astype(np.float64)
+        c = _reseed_collapsed(x, np.where(mass[:, None] > 0, _normalise_rows(sums), c), mass)
+    hard = c
     for _ in range(iters):
         p = soft_assign(x, c, temperature)
         mass = p.sum(axis=0)
         c = _normalise_rows((p.T @ x).astype(np.float32))
-        c = _reseed_collapsed(x, c, mass)
+        reseeded = _reseed_collapsed(x, c, mass)
+        if reseeded is not c:  # the soft updates merged or emptied a cluster
+            return hard.astype(np.float32)
+    if iters and _collapsed(x, c, hard):
+        return hard.astype(np.float32)
     return c.astype(np.float32)
 
 
+def _separation(c: np.ndarray) -> float:
+    """1 - the largest cosine between two different centres."""
+    cos = c.astype(np.float64) @ c.T.astype(np.float64)
+    np.fill_diagonal(cos, -1.0)
+    return 1.0 - float(cos.max()) if len(c) > 1 else 1.0
+
+
+def _collapsed(x: np.ndarray, soft: np.ndarray, hard: np.ndarray) -> bool:
+    """Whether soft updates merged clusters that hard k-means kept apart: a centre that wins no
+    sample, or the closest pair of centres less than half as far apart as after the hard phase
+    (a centre losing all its mass or duplicating another during the updates counts too).
+    (At a temperature above a group's spread, soft k-means pulls its centres together.)"""
+    wins = np.bincount(np.argmax(x @ soft.T, axis=1), minlength=len(soft))
+    return bool((wins == 0).any() or _separation(soft) < 0.5 * _separation(hard))
+
+
 def _reseed_collapsed(x: np.ndarray, c: np.ndarray, mass: np.ndarray) -> np.ndarray:
-    """Replace dead or duplicate centres by the samples worst explained by the others."""
+    """Replace dead or duplicate centres by the samples worst explained by the others (returns `c`
+    itself, not a copy, when no centre needs it)."""
     k = c.shape[0]
     bad = set(np.flatnonzero(mass < _DEAD_MASS).tolist())
     cos = c @ c.T

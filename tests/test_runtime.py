@@ -144,10 +144,18 @@ def test_soft_kmeans_recovers_separated_directions_and_reseeds_collapsed_centres
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     c = cluster.fit_centres(x, 4, temperature=0.1, iters=10, seed=1)
     assert sorted(np.argmax(c @ truth.T, axis=1).tolist()) == [0, 1, 2, 3]
+    assert not np.array_equal(c, cluster.fit_centres(x, 4, temperature=0.1, iters=0, seed=1))  # soft kept
     # duplicate / dead centres get re-seeded at the worst-explained samples
     dup = np.stack([truth[0], truth[0], truth[1], truth[1]])
     fixed = cluster._reseed_collapsed(x, dup, np.ones(4))
     assert sorted(np.argmax(fixed @ truth.T, axis=1).tolist()) == [0, 1, 2, 3]
+    # soft updates at a temperature above the clusters' spread would merge them: hard centres kept
+    near = np.stack([truth[0] + 0.01 * truth[i] for i in (1, 2, 3)])
+    near = np.repeat(near, 100, axis=0) + rng.normal(0, 1e-3, (300, 16)).astype(np.float32)
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    hard = cluster.fit_centres(near, 3, temperature=0.1, iters=0, seed=0)
+    np.testing.assert_array_equal(cluster.fit_centres(near, 3, temperature=0.1, iters=20, seed=0), hard)
+    assert sorted(np.bincount(np.argmax(near @ hard.T, axis=1), minlength=3).tolist()) == [100, 100, 100]
     # a degenerate input (all samples identical) still returns k centres without failing
     same = np.tile(truth[:1], (50, 1))
     assert cluster.fit_centres(same, 3, 0.1, 3, seed=0).shape == (3, 16)
