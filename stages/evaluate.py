@@ -267,8 +267,8 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
     methods: dict[str, Segmenter] = {
         "model": RuntimeSegmenter(model),
         "teacher": RuntimeSegmenter(teacher),
-        "kmeans_rgb": KMeansBaseline(rgb_features, params.kmeans_iters),
-        "kmeans_features": KMeansBaseline(handcrafted_features, params.kmeans_iters),
+        "kmeans_rgb": KMeansBaseline(rgb_features, params.kmeans_iters, params.kmeans_restarts),
+        "kmeans_features": KMeansBaseline(handcrafted_features, params.kmeans_iters, params.kmeans_restarts),
     }
     metrics: dict = {"dataset": dataset or summary.get("dataset", ""), "k": k, "num_classes": num_classes,
                      "tiles": len(tiles.images),

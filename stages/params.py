@@ -265,6 +265,8 @@ class EvaluateParams:
                                "from every tile) across the split to fit its one set of centres.", lo=16, hi=10**8)
     kmeans_iters: int = knob(50, "Lloyd iterations of the baselines' k-means (stops early when stable).",
                              lo=1, hi=1000)
+    kmeans_restarts: int = knob(3, "Seeded k-means++ starts per baseline fit; the lowest inertia is kept.",
+                                lo=1, hi=100)
 
 
 @dataclass

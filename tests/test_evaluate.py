@@ -97,7 +97,7 @@ def inputs(tmp_path_factory):
 
 def small_params(**kw) -> EvaluateParams:
     return EvaluateParams(**{"k": 0, "seed": 0, "num_overlays": 2, "samples_per_tile": 256, "global_samples": 1024,
-                             "kmeans_iters": 20, **kw})
+                             "kmeans_iters": 20, "kmeans_restarts": 2, **kw})
 
 
 def run_main(inputs, out: Path, evaluate_yaml: str = "", **override) -> int:
@@ -148,6 +148,20 @@ def test_handcrafted_features_colour_and_texture():
     assert tex[10, 12] == pytest.approx((L.max() - L.min()) / 2, rel=0.01)
     with pytest.raises(ValueError, match="uint8"):
         handcrafted_features(flat.astype(np.float32))
+
+
+def test_kmeans_restarts_keep_the_lowest_inertia():
+    rng = np.random.default_rng(3)
+    # Five blobs, three clusters: starts disagree, and the kept one must be the best of them.
+    x = np.concatenate([rng.normal(c, 1.0, (40, 2)) for c in [(0, 0), (0, 9), (9, 0), (9, 9), (30, 30)]])
+    x = x.astype(np.float32)
+    inertia = lambda c: float(((x.astype(np.float64) - c[np.argmin(((x[:, None] - c[None]) ** 2).sum(-1), 1)]) ** 2).sum())
+    singles = [inertia(KMeansBaseline(rgb_features, iters=30, restarts=1).fit(x, 3, seed=s)) for s in range(1, 5)]
+    assert min(singles) < singles[0]  # the first start is not the best one: restarts matter here
+    best = KMeansBaseline(rgb_features, iters=30, restarts=4).fit(x, 3, seed=1)  # starts 1..4
+    assert inertia(best) == pytest.approx(min(singles))
+    with pytest.raises(ValueError, match="restarts"):
+        KMeansBaseline(rgb_features, iters=30, restarts=0)
 
 
 def test_kmeans_baseline_separates_flat_colours():
