@@ -86,17 +86,24 @@ def draw_transforms(rng: np.random.Generator, n: int, rotate90: bool, flip: bool
 
 
 def photometric_jitter(rgb01: torch.Tensor, rng: np.random.Generator, brightness: float,
-                       contrast: float, saturation: float) -> torch.Tensor:
-    """Per-sample brightness, contrast and saturation jitter of RGB in [0, 1], (B, 3, H, W).
+                       contrast: float, saturation: float, channel_gain: float = 0.0,
+                       gamma: float = 0.0) -> torch.Tensor:
+    """Per-sample photometric jitter of RGB in [0, 1], (B, 3, H, W): what differs between sensors,
+    dates and atmospheres rather than between land covers.
 
-    Factors are drawn uniformly from [1 - x, 1 + x]; the result is clipped to [0, 1].
+    A gamma curve x ** exp(u), u ~ U(-gamma, gamma); per-channel gains (white balance) and then
+    brightness, contrast and saturation factors, each drawn uniformly from [1 - x, 1 + x]; the
+    result is clipped to [0, 1].
     """
     b = rgb01.shape[0]
 
-    def factors(amount: float) -> torch.Tensor:
-        return torch.from_numpy(rng.uniform(1 - amount, 1 + amount, b).astype(np.float32)).view(b, 1, 1, 1)
+    def factors(amount: float, channels: int = 1) -> torch.Tensor:
+        f = rng.uniform(1 - amount, 1 + amount, (b, channels)).astype(np.float32)
+        return torch.from_numpy(f).view(b, channels, 1, 1)
 
-    x = rgb01 * factors(brightness)
+    exponent = torch.from_numpy(np.exp(rng.uniform(-gamma, gamma, b)).astype(np.float32)).view(b, 1, 1, 1)
+    x = rgb01.clamp_min(0.0) ** exponent
+    x = x * factors(channel_gain, 3) * factors(brightness)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * factors(contrast) + mean
     grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
@@ -148,7 +155,7 @@ def make_views(batch_uint8: np.ndarray, step: int, aug, num_views: int = 2) -> l
     for _ in range(num_views):
         transforms = draw_transforms(rng, len(rgb01), aug.rotate90, aug.flip)
         guide = photometric_jitter(apply_each(rgb01, transforms), rng, aug.brightness, aug.contrast,
-                                   aug.saturation)
+                                   aug.saturation, aug.channel_gain, aug.gamma)
         x = normalise01(guide)
         if aug.noise_std > 0:
             noise = rng.standard_normal(x.shape, dtype=np.float32) * np.float32(aug.noise_std)

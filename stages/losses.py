@@ -193,3 +193,33 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
     target = torch.arange(len(a), device=a.device)
     ce = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
     return ce / math.log(len(a))
+
+
+@torch.no_grad()
+def sinkhorn_targets(probs: torch.Tensor, sharpen: float = 2.0, iters: int = 3) -> torch.Tensor:
+    """Balanced soft cluster codes for assignment maps (B, k, h, w) (Sinkhorn-Knopp, as in SwAV).
+
+    Starting from probs ** sharpen, rows (cells) and columns (clusters) are alternately normalised
+    so that every cluster receives an equal share of the batch's cells: targets that cannot
+    collapse onto a few clusters. Returns (B, k, h, w) codes summing to one per cell.
+    """
+    b, k, h, w = probs.shape
+    q = probs.permute(1, 0, 2, 3).reshape(k, -1).double().clamp_min(1e-30) ** sharpen
+    q = q / q.sum()
+    n = q.shape[1]
+    for _ in range(iters):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / n
+    q = (q * n).float()
+    return q.reshape(k, b, h, w).permute(1, 0, 2, 3).contiguous()
+
+
+def swapped_prediction(p_a: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
+    """Each view predicts the other's balanced codes at the same ground pixels (cross-entropy / log k).
+
+    p_a, p_b: aligned assignment maps (B, k, h, w). The codes (`sinkhorn_targets`) carry no gradient.
+    """
+    _check_probs(p_a, "p_a")
+    q_a, q_b = sinkhorn_targets(p_a), sinkhorn_targets(p_b)
+    ce = -(q_b * p_a.clamp_min(EPS).log()).sum(dim=1).mean() - (q_a * p_b.clamp_min(EPS).log()).sum(dim=1).mean()
+    return 0.5 * ce / math.log(p_a.shape[1])

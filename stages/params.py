@@ -175,8 +175,8 @@ class AugParams:
 
 @dataclass
 class ModelParams:
-    width: int = knob(48, "Teacher encoder channel width.", lo=8, hi=1024)
-    depth: int = knob(4, "Teacher residual blocks at stride 4.", lo=0, hi=64)
+    width: int = knob(32, "Teacher encoder channel width.", lo=8, hi=1024)
+    depth: int = knob(2, "Teacher residual blocks at stride 4.", lo=0, hi=64)
     embed_dim: int = knob(32, "Teacher embedding dimension.", lo=2, hi=1024)
     max_k: int = knob(8, "Number of soft k-means prototypes (largest k the runtime accepts).", lo=2, hi=16)
     temperature: float = knob(0.1, "Soft k-means temperature on cosine similarity.", lo=1e-4, hi=10.0)
@@ -193,6 +193,8 @@ class LossParams:
     marginal_entropy: float = knob(1.0, "Weight of the negative marginal entropy (anti-collapse).", lo=0.0, hi=100.0)
     smoothness: float = knob(0.1, "Weight of the edge-aware total variation of assignments.", lo=0.0, hi=100.0)
     edge_sigma: float = knob(0.1, "Image-gradient scale of the edge-aware weights.", lo=1e-4, hi=10.0)
+    swapped: float = knob(0.0, "Weight of swapped prediction: each view predicts the other's balanced "
+                          "(Sinkhorn) cluster codes at the same ground pixels.", lo=0.0, hi=100.0)
     contrastive: float = knob(1.0, "Weight of the dense two-view contrastive (InfoNCE) term on embeddings.",
                               lo=0.0, hi=100.0)
     contrastive_temperature: float = knob(0.2, "Temperature of the dense contrastive term.", lo=1e-3, hi=10.0)
@@ -204,10 +206,10 @@ class TrainParams:
     seed: int = knob(0, "Seed of sampling and training.", lo=0, hi=2**31 - 1)
     steps: int = knob(300, "Optimiser steps.", lo=1, hi=10**8)
     batch_size: int = knob(8, "Samples per step.", lo=1, hi=4096)
-    patch_size: int = knob(96, "Training patch size in pixels.", lo=16, hi=4096)
+    patch_size: int = knob(64, "Training patch size in pixels (a multiple of 4).", lo=16, hi=4096)
     lr: float = knob(0.003, "AdamW learning rate.", lo=1e-7, hi=1.0)
     weight_decay: float = knob(0.0001, "AdamW weight decay.", lo=0.0, hi=1.0)
-    val_every: int = knob(50, "Steps between validation (model selection) runs.", lo=1, hi=10**8)
+    val_every: int = knob(25, "Steps between validation (model selection) runs.", lo=1, hi=10**8)
     checkpoint_every: int = knob(50, "Steps between resumable checkpoints.", lo=1, hi=10**8)
     device: str = knob("auto", "Torch device.", choices=("auto", "cpu", "cuda"))
     threads: int = knob(0, "Torch CPU threads; 0 = all cores.", lo=0, hi=256)

@@ -202,10 +202,17 @@ def embed_images(encoder: torch.nn.Module, images: list[np.ndarray], device: tor
     return out
 
 
-def spherical_kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 30) -> torch.Tensor:
-    """k unit centres of unit rows x (N, D): k-means++ seeding on cosine distance, then Lloyd."""
+def spherical_kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 30, restarts: int = 1) -> torch.Tensor:
+    """k unit centres of unit rows x (N, D): k-means++ seeding on cosine distance, then Lloyd.
+
+    With `restarts` > 1 the run with the highest total cosine similarity wins (less dependence of
+    the validation score on one seeding).
+    """
     if x.shape[0] < k:
         raise TrainingError(f"cannot fit {k} centres to {x.shape[0]} embeddings")
+    if restarts > 1:
+        runs = [spherical_kmeans(x, k, seed * 7919 + r, iters) for r in range(restarts)]
+        return max(runs, key=lambda c: float((x @ c.T).max(dim=1).values.sum()))
     g = torch.Generator().manual_seed(seed)
     centres = [x[torch.randint(x.shape[0], (1,), generator=g)].squeeze(0)]
     dist = (1.0 - x @ centres[0]).clamp_min(0)
@@ -241,7 +248,7 @@ def global_scores(embs: list[torch.Tensor], labelled: LabelledSet, temperature: 
     smoothing, fixed-scale bilinear upsampling, argmax.
     """
     k = labelled.num_classes
-    centres = spherical_kmeans(sample_embeddings(embs, samples_per_image, seed), k, seed)
+    centres = spherical_kmeans(sample_embeddings(embs, samples_per_image, seed), k, seed, restarts=4)
     conf = np.zeros((k, k), dtype=np.int64)
     counts = np.zeros(k, dtype=np.int64)
     for e, label in zip(embs, labelled.labels):
@@ -431,6 +438,7 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     terms = {
         "contrastive": losses.dense_contrastive(emb_aligned[0], emb_aligned[1], idx,
                                                 loss_params.contrastive_temperature),
+        "swapped": losses.swapped_prediction(aligned[0], aligned[1]),
         "consistency": losses.consistency(aligned[0], aligned[1]),
         "entropy": losses.pixel_entropy(probs),
         "marginal_entropy": losses.marginal_entropy(probs),

@@ -57,7 +57,7 @@ def test_views_reproducible_and_new_each_step():
 
 def test_guide_inverts_to_the_jittered_source_geometry():
     """Without photometric jitter or noise, each view's inverted guide is the source image."""
-    aug = AugParams(brightness=0.0, contrast=0.0, saturation=0.0, noise_std=0.0)
+    aug = AugParams(brightness=0.0, contrast=0.0, saturation=0.0, noise_std=0.0, channel_gain=0.0, gamma=0.0)
     batch = _batch()
     src = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
     for v in make_views(batch, step=0, aug=aug):

@@ -103,3 +103,17 @@ def test_ema_normalisation_and_geometric_mean_known_numbers():
     assert clone.ema == norm.ema and clone.last == norm.last
     with pytest.raises(ValueError):
         EmaNormaliser(decay=1.0, eps=0.0)
+
+
+def test_sinkhorn_targets_are_balanced_and_swapped_prediction_prefers_agreement():
+    from stages.losses import sinkhorn_targets, swapped_prediction
+
+    skewed = torch.softmax(torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0)) +
+                           torch.tensor([3.0, 0, 0, 0]).view(1, 4, 1, 1), dim=1)
+    q = sinkhorn_targets(skewed, iters=20)
+    assert torch.allclose(q.sum(dim=1), torch.ones(2, 6, 6), atol=1e-4)
+    assert torch.allclose(q.mean(dim=(0, 2, 3)), torch.full((4,), 0.25), atol=1e-3)   # equal cluster shares
+    p = _probs(sharp=6.0)
+    agree = swapped_prediction(p, p).item()
+    disagree = swapped_prediction(p, _probs(seed=3, sharp=6.0)).item()
+    assert agree < disagree
