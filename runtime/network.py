@@ -172,7 +172,8 @@ def conv2d(x: np.ndarray, cw: ConvWeights, skip: np.ndarray | None = None, act: 
     out = np.empty((ho, wo, cw.cout), dtype=np.float32)
     act = cw.act if act is None else act
     pointwise = k == 1 and s == 1
-    xin = np.pad(x, ((p, p), (p, p), (0, 0))) if p else x
+    # contiguous: the strided tap views below assume float32 rows packed as (W, C)
+    xin = np.pad(x, ((p, p), (p, p), (0, 0))) if p else np.ascontiguousarray(x, dtype=np.float32)
     kkc = k * k * c
     row_bytes = wo * (c if pointwise else kkc) * 4
     rows_per_band = max(1, min(ho, band_bytes // max(1, row_bytes)))

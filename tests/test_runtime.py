@@ -256,3 +256,22 @@ def test_forward_without_blas_thread_control_gives_the_same_result(monkeypatch):
     model = Model(layers, arrays, encoder_meta(enc), threads=2)
     assert not model.network.parallel and "serial" in model.network.describe()
     np.testing.assert_array_equal(model.embed(rgb), ref)
+
+
+@pytest.mark.parametrize("kernel,stride,dilation", [(3, 1, 1), (3, 2, 1), (1, 1, 1), (1, 2, 1),
+                                                     (3, 1, 2), (3, 2, 2), (5, 2, 1)])
+def test_conv_matches_torch_for_strides_dilations_and_tiny_bands(kernel, stride, dilation):
+    from runtime.network import ConvWeights, conv2d
+
+    rng = np.random.default_rng(kernel * 10 + stride + dilation)
+    x = rng.standard_normal((13, 11, 5), dtype=np.float32)
+    w = rng.standard_normal((4, 5, kernel, kernel), dtype=np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    layer = {"op": "conv", "name": "c", "in": 5, "out": 4, "kernel": kernel, "stride": stride,
+             "dilation": dilation, "padding": dilation * (kernel // 2), "act": "relu"}
+    with torch.no_grad():
+        ref = F.relu(F.conv2d(torch.from_numpy(x.transpose(2, 0, 1))[None], torch.from_numpy(w),
+                              torch.from_numpy(b), stride=stride, padding=dilation * (kernel // 2),
+                              dilation=dilation))[0].numpy().transpose(1, 2, 0)
+    for band_bytes in (64, 1 << 20):  # one output row per band, and the whole layer in one band
+        np.testing.assert_allclose(conv2d(x, ConvWeights(layer, w, b), band_bytes=band_bytes), ref, atol=1e-4)
