@@ -74,18 +74,23 @@ class ResidualBlock(nn.Module):
 class Encoder(nn.Module):
     """Normalised RGB (B, 3, H, W) -> unit-length embeddings (B, D, ceil(H/4), ceil(W/4)).
 
-    stem: two stride-2 3x3 convs (3 -> width/2 -> width); `depth` residual blocks at stride 4;
-    optional refinement (a residual block on the embeddings); 1x1 head to `embed_dim`; L2 norm.
+    stem: two stride-2 3x3 convs (3 -> width/2 -> width); `depth` residual blocks at stride 4
+    whose 3x3 convs have dilation `dilation` (each block widens the receptive field by
+    16 * dilation input pixels at the same cost); optional refinement (a residual block on the
+    embeddings); 1x1 head to `embed_dim`; L2 norm.
     """
 
     def __init__(self, width: int, depth: int, embed_dim: int, norm: str = "batch",
-                 dropout: float = 0.0, refine: bool = False):
+                 dropout: float = 0.0, refine: bool = False, dilation: int = 1):
         super().__init__()
+        if dilation < 1:
+            raise ValueError(f"dilation must be >= 1, got {dilation}")
         self.width, self.depth, self.embed_dim, self.norm = width, depth, embed_dim, norm
+        self.dilation = dilation
         half = max(width // 2, 8)
         self.stem = nn.Sequential(ConvNormAct(3, half, 3, 2, 1, norm, "relu"),
                                   ConvNormAct(half, width, 3, 2, 1, norm, "relu"))
-        self.blocks = nn.Sequential(*[ResidualBlock(width, norm, dropout) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[ResidualBlock(width, norm, dropout, dilation) for _ in range(depth)])
         self.head = nn.Conv2d(width, embed_dim, 1)
         # Learned refinement: a residual block over the embedding, before normalisation.
         self.refine = ResidualBlock(embed_dim, norm, 0.0) if refine else None
@@ -222,10 +227,11 @@ class MonolithicSegmenter(nn.Module):
     """Teacher: encoder + soft k-means head. forward -> dict of embeddings and stride-4 probs."""
 
     def __init__(self, width: int, depth: int, embed_dim: int, max_k: int, temperature: float,
-                 cluster_iters: int, smooth_iters: int = 0, refine_head: bool = False, seed: int = 0):
+                 cluster_iters: int, smooth_iters: int = 0, refine_head: bool = False, seed: int = 0,
+                 dilation: int = 1):
         super().__init__()
         torch.manual_seed(seed)
-        self.encoder = Encoder(width, depth, embed_dim, "batch", 0.0, refine_head)
+        self.encoder = Encoder(width, depth, embed_dim, "batch", 0.0, refine_head, dilation)
         self.head = SoftKMeansHead(embed_dim, max_k, temperature, cluster_iters, seed)
         self.smooth_iters = smooth_iters
 
@@ -233,7 +239,7 @@ class MonolithicSegmenter(nn.Module):
     def from_params(cls, model) -> "MonolithicSegmenter":
         """Build from a `stages.params.ModelParams`."""
         return cls(model.width, model.depth, model.embed_dim, model.max_k, model.temperature,
-                   model.cluster_iters, model.smooth_iters, model.refine_head, model.seed)
+                   model.cluster_iters, model.smooth_iters, model.refine_head, model.seed, model.dilation)
 
     def forward(self, x: torch.Tensor, k: int | None = None) -> dict[str, torch.Tensor]:
         emb = self.encoder(x)
@@ -249,7 +255,8 @@ class MonolithicSegmenter(nn.Module):
 
 def student_from_params(student) -> Encoder:
     """Build the student from a `stages.params.StudentParams`."""
-    return Encoder(student.width, student.depth, student.embed_dim, student.norm, student.dropout)
+    return Encoder(student.width, student.depth, student.embed_dim, student.norm, student.dropout,
+                   dilation=student.dilation)
 
 
 def count_parameters(m: nn.Module) -> int:

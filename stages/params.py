@@ -177,6 +177,8 @@ class AugParams:
 class ModelParams:
     width: int = knob(32, "Teacher encoder channel width.", lo=8, hi=1024)
     depth: int = knob(2, "Teacher residual blocks at stride 4.", lo=0, hi=64)
+    dilation: int = knob(1, "Dilation of the teacher's residual-block convs (receptive field grows by "
+                         "16 * dilation px per block at the same cost).", lo=1, hi=16)
     embed_dim: int = knob(32, "Teacher embedding dimension.", lo=2, hi=1024)
     max_k: int = knob(8, "Number of soft k-means prototypes (largest k the runtime accepts).", lo=2, hi=16)
     temperature: float = knob(0.1, "Soft k-means temperature on cosine similarity.", lo=1e-4, hi=10.0)
@@ -219,6 +221,8 @@ class TrainParams:
 class StudentParams:
     width: int = knob(32, "Student encoder channel width.", lo=8, hi=1024)
     depth: int = knob(2, "Student residual blocks.", lo=0, hi=64)
+    dilation: int = knob(1, "Dilation of the student's residual-block convs (receptive field grows by "
+                         "16 * dilation px per block at the same cost).", lo=1, hi=16)
     embed_dim: int = knob(24, "Student embedding dimension.", lo=2, hi=1024)
     norm: str = knob("batch", "Normalisation layer (batch norm is folded into convs at export).",
                      choices=("batch", "none"))

@@ -368,7 +368,8 @@ def open_live(results_dir: Path, resume_step: int):
 
 
 def teacher_config(model_params) -> dict:
-    return {"width": model_params.width, "depth": model_params.depth, "embed_dim": model_params.embed_dim,
+    return {"width": model_params.width, "depth": model_params.depth, "dilation": model_params.dilation,
+            "embed_dim": model_params.embed_dim,
             "max_k": model_params.max_k, "temperature": model_params.temperature,
             "cluster_iters": model_params.cluster_iters, "smooth_iters": model_params.smooth_iters,
             "refine_head": model_params.refine_head, "seed": model_params.seed}
@@ -377,7 +378,7 @@ def teacher_config(model_params) -> dict:
 def build_teacher(config: dict) -> MonolithicSegmenter:
     return MonolithicSegmenter(config["width"], config["depth"], config["embed_dim"], config["max_k"],
                                config["temperature"], config["cluster_iters"], config["smooth_iters"],
-                               config["refine_head"], config["seed"])
+                               config["refine_head"], config["seed"], config["dilation"])
 
 
 def load_teacher(path: str | Path, expect: Optional[dict] = None) -> MonolithicSegmenter:

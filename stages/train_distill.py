@@ -50,7 +50,8 @@ STUDENT_FORMAT = "landseg-student"
 
 
 def student_config(student) -> dict:
-    return {"width": student.width, "depth": student.depth, "embed_dim": student.embed_dim,
+    return {"width": student.width, "depth": student.depth, "dilation": student.dilation,
+            "embed_dim": student.embed_dim,
             "norm": student.norm, "dropout": student.dropout}
 
 
@@ -107,7 +108,7 @@ def load_student(path: str | Path) -> Encoder:
     if not isinstance(blob, dict) or blob.get("format") != STUDENT_FORMAT:
         raise TrainingError(f"{path}: not a student checkpoint (expected format {STUDENT_FORMAT!r})")
     c = blob["config"]
-    model = Encoder(c["width"], c["depth"], c["embed_dim"], c["norm"], c["dropout"])
+    model = Encoder(c["width"], c["depth"], c["embed_dim"], c["norm"], c["dropout"], dilation=c["dilation"])
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:

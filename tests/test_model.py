@@ -47,12 +47,16 @@ def test_export_layers_fold_batchnorm_exactly(norm, refine):
     assert all(a.dtype.name == "float32" for a in arrays.values())
 
 
-def test_receptive_field_matches_gradient_support():
-    enc = Encoder(8, 1, 4).eval()
-    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    enc.features(x)[0, :, 12, 12].sum().backward()
+@pytest.mark.parametrize("depth,dilation,expected", [(1, 1, 23), (2, 1, 39), (2, 2, 71)])
+def test_receptive_field_matches_gradient_support(depth, dilation, expected):
+    # stem: 7 px; each residual block adds two 3x3 convs at stride 4: 2 * 2 * 4 * dilation px
+    enc = Encoder(8, depth, 4, dilation=dilation).eval()
+    assert enc.receptive_field == expected
+    x = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    enc.features(x)[0, :, 20, 20].sum().backward()
     rows = x.grad.abs().sum(dim=(0, 1, 3)).nonzero().squeeze()
     assert rows.max() - rows.min() + 1 <= enc.receptive_field
+    assert rows.max() - rows.min() + 1 > enc.receptive_field - 4  # the bound is tight (up to the stride)
 
 
 def test_smooth_probs_stay_normalised_and_upsample_crops():

@@ -52,6 +52,7 @@ def _torch_labels(emb: np.ndarray, centres: np.ndarray, temperature: float, smoo
     dict(width=16, depth=2, embed_dim=8),               # teacher-like: residual blocks
     dict(width=8, depth=0, embed_dim=6),                 # stem + head only
     dict(width=16, depth=1, embed_dim=8, refine=True),   # learned refinement head
+    dict(width=16, depth=2, embed_dim=8, dilation=3),    # dilated residual blocks
 ])
 def test_embeddings_match_torch_within_1e4(arch):
     enc = random_encoder(**arch, seed=3)

@@ -57,6 +57,17 @@ def test_tiled_equals_untiled_exactly(tmp_path, src, model):
     assert len(np.unique(a[a != NODATA])) >= 2
 
 
+def test_tiled_equals_untiled_with_a_dilated_encoder(tmp_path, src):
+    # a dilated encoder has a larger receptive field: the halo must grow with it
+    enc = random_encoder(width=16, depth=2, embed_dim=8, seed=9, dilation=3)
+    model = load_model(write_encoder_artifact(tmp_path / "m", enc))
+    assert model.meta["receptive_field"] == enc.receptive_field == 7 + 2 * 16 * 3  # 16 * dilation px per block
+    whole = segment_raster(src, tmp_path / "whole.tif", K, model, tile=1024)
+    tiled = segment_raster(src, tmp_path / "tiled.tif", K, model, tile=32)
+    np.testing.assert_array_equal(_read(tmp_path / "whole.tif")[0], _read(tmp_path / "tiled.tif")[0])
+    assert whole.tiles == 1 and tiled.tiles > 1
+
+
 def test_raster_labels_equal_array_prediction_with_the_same_centres(tmp_path, rgb):
     # without nodata the raster path is exactly the array path
     enc = random_encoder(width=16, depth=1, embed_dim=8, seed=7)
