@@ -375,6 +375,11 @@ def teacher_config(model_params) -> dict:
             "refine_head": model_params.refine_head, "seed": model_params.seed}
 
 
+def teacher_config_keys() -> tuple[str, ...]:
+    return ("width", "depth", "dilation", "embed_dim", "max_k", "temperature", "cluster_iters",
+            "smooth_iters", "refine_head", "seed")
+
+
 def build_teacher(config: dict) -> MonolithicSegmenter:
     return MonolithicSegmenter(config["width"], config["depth"], config["embed_dim"], config["max_k"],
                                config["temperature"], config["cluster_iters"], config["smooth_iters"],
@@ -399,7 +404,11 @@ def load_teacher(path: str | Path, expect: Optional[dict] = None) -> MonolithicS
     if not isinstance(blob, dict) or blob.get("format") != TEACHER_FORMAT:
         raise TrainingError(f"{path}: not a teacher checkpoint (format {blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r}, "
                             f"expected {TEACHER_FORMAT!r})")
-    config = blob["config"]
+    config = blob.get("config")
+    missing = sorted(set(teacher_config_keys()) - set(config or {}))
+    if missing:
+        raise TrainingError(f"{path}: teacher checkpoint lacks architecture keys {missing} (written by an "
+                            "older version; rerun the train stage)")
     if expect is not None:
         diff = {k: (config.get(k), v) for k, v in expect.items() if config.get(k) != v}
         if diff:

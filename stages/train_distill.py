@@ -107,7 +107,11 @@ def load_student(path: str | Path) -> Encoder:
         raise TrainingError(f"{path}: cannot read student checkpoint ({e})") from None
     if not isinstance(blob, dict) or blob.get("format") != STUDENT_FORMAT:
         raise TrainingError(f"{path}: not a student checkpoint (expected format {STUDENT_FORMAT!r})")
-    c = blob["config"]
+    c = blob.get("config") or {}
+    missing = sorted({"width", "depth", "dilation", "embed_dim", "norm", "dropout"} - set(c))
+    if missing:
+        raise TrainingError(f"{path}: student checkpoint lacks architecture keys {missing} (written by an "
+                            "older version; rerun the train_distill stage)")
     model = Encoder(c["width"], c["depth"], c["embed_dim"], c["norm"], c["dropout"], dilation=c["dilation"])
     try:
         model.load_state_dict(blob["state_dict"])

@@ -133,6 +133,11 @@ def test_teacher_errors(tmp_path, tiny_dataset):
     run(tmp_path, tiny_dataset, tiny_params(steps=1, val_every=1))
     with pytest.raises(TrainingError, match="does not match"):
         load_teacher(tmp_path / "teacher", expect={"width": 999})
+    blob = torch.load(tmp_path / "teacher" / "model.pt", weights_only=True)
+    del blob["config"]["dilation"]  # as written before the knob existed
+    torch.save(blob, tmp_path / "old.pt")
+    with pytest.raises(TrainingError, match=r"lacks architecture keys \['dilation'\]"):
+        load_teacher(tmp_path / "old.pt")
     aug, model, loss, train = tiny_params()
     with pytest.raises(TrainingError, match="multiple of 4"):
         run(tmp_path / "x", tiny_dataset, (aug, model, loss, TrainParams(patch_size=30)))
