@@ -171,6 +171,10 @@ class AugParams:
     noise_std: float = knob(0.02, "Gaussian noise std on normalised RGB.", lo=0.0, hi=1.0)
     channel_gain: float = knob(0.1, "Max relative per-channel gain change (white balance; RGB only).", lo=0.0, hi=1.0)
     gamma: float = knob(0.15, "Max |log gamma| of a random gamma curve (RGB only).", lo=0.0, hi=2.0)
+    half_res_prob: float = knob(0.0, "Probability per step that the second view is the patch at half "
+                                "resolution (2 x 2 pixel means), compared with the first view's outputs "
+                                "pooled 2 x 2: clusters must agree across ground resolutions. Needs "
+                                "train.patch_size to be a multiple of 8.", lo=0.0, hi=1.0)
 
 
 @dataclass

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from stages import losses
-from stages.augment import invert_each, make_views
+from stages.augment import invert_each, make_views, pool_to
 from stages.metrics import confusion, hungarian_scores
 from stages.model import MonolithicSegmenter, normalise_rgb, smooth_probs, upsample_to
 from stages.params import ParamsError, load_params
@@ -439,23 +439,38 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     `generator` draws the cells of the dense contrastive term.
     """
     b = views[0].input.shape[0]
-    out = model(torch.cat([v.input for v in views]))
-    probs, emb = out["probs"], out["embeddings"]
-    aligned = [invert_each(probs[i * b:(i + 1) * b], v.transforms) for i, v in enumerate(views)]
-    emb_aligned = [invert_each(emb[i * b:(i + 1) * b], v.transforms) for i, v in enumerate(views)]
-    h, w = emb.shape[2:]
-    idx = losses.sample_positions(b, h * w, loss_params.contrastive_samples, generator)
+    if len({v.input.shape for v in views}) == 1:
+        out = model(torch.cat([v.input for v in views]))
+        probs_v, emb_v = out["probs"].split(b), out["embeddings"].split(b)
+        probs = out["probs"]
+    else:  # a half-resolution view: the views differ in size, one forward each, shared prototypes
+        outs = [model(v.input) for v in views]
+        probs_v, emb_v = [o["probs"] for o in outs], [o["embeddings"] for o in outs]
+        probs = None
+    # back to the source grid, then to the coarsest view's grid (2 x 2 mean of finer cells)
+    side = min(p.shape[-1] for p in probs_v)
+    aligned = [pool_to(invert_each(p, v.transforms), side) for p, v in zip(probs_v, views)]
+    emb_aligned = [invert_each(e, v.transforms) for e, v in zip(emb_v, views)]
+    emb_aligned = [e if e.shape[-1] == side else F.normalize(pool_to(e, side), dim=1, eps=1e-12)
+                   for e in emb_aligned]
+    idx = losses.sample_positions(b, side * side, loss_params.contrastive_samples, generator)
     terms = {
         "contrastive": losses.dense_contrastive(emb_aligned[0], emb_aligned[1], idx,
                                                 loss_params.contrastive_temperature),
         "swapped": losses.swapped_prediction(aligned[0], aligned[1]),
         "consistency": losses.consistency(aligned[0], aligned[1]),
-        "entropy": losses.pixel_entropy(probs),
-        "marginal_entropy": losses.marginal_entropy(probs),
-        "smoothness": losses.edge_aware_tv(probs, torch.cat([v.guide for v in views]), loss_params.edge_sigma),
     }
+    if probs is not None:  # views of one size: the terms over the whole two-view batch
+        terms["entropy"] = losses.pixel_entropy(probs)
+        terms["marginal_entropy"] = losses.marginal_entropy(probs)
+        terms["smoothness"] = losses.edge_aware_tv(probs, torch.cat([v.guide for v in views]), loss_params.edge_sigma)
+    else:  # each view on its own grid against its own image edges; cluster use over both views
+        terms["entropy"] = sum(losses.pixel_entropy(p) for p in probs_v) / len(views)
+        terms["marginal_entropy"] = losses.marginal_entropy(torch.cat([pool_to(p, side) for p in probs_v]))
+        terms["smoothness"] = sum(losses.edge_aware_tv(p, v.guide, loss_params.edge_sigma)
+                                  for p, v in zip(probs_v, views)) / len(views)
     terms["total"] = sum(getattr(loss_params, name) * value for name, value in terms.items())
-    terms["_probs"] = probs
+    terms["_probs"] = probs if probs is not None else probs_v[0]
     return terms
 
 
