@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -276,12 +277,18 @@ def cluster_usage(probs: torch.Tensor) -> np.ndarray:
 
 
 def atomic_torch_save(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename (never a half-written file)."""
+    """torch.save to a temporary file beside `path`, then rename (never a half-written file).
+
+    Serialised through memory: torch.save names the zip archive inside after the file it writes,
+    and the random temporary name would make identical checkpoints differ byte for byte.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -308,8 +315,14 @@ def write_output_dir(dst: Path, files: dict[str, Callable[[Path], None]]) -> Non
         raise
 
 
-def load_checkpoint(path: Path, fingerprint: str) -> Optional[dict]:
-    """The resumable state at `path` if it was written under the same fingerprint, else None."""
+def load_checkpoint(path: Path, fingerprint: str, total_steps: int) -> Optional[dict]:
+    """The resumable state at `path` if it was written under the same fingerprint by a run that
+    did not finish, else None.
+
+    A finished run's checkpoint is not resumed: DVC reruns a stage only when something changed
+    (its code, say) and deletes the stage's logs first, so "resuming" at the last step would
+    produce no logs and train nothing under the new code.
+    """
     if not path.exists():
         return None
     try:
@@ -318,6 +331,9 @@ def load_checkpoint(path: Path, fingerprint: str) -> Optional[dict]:
         raise TrainingError(f"{path}: cannot read checkpoint ({e}); delete it to start over") from None
     if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
         tqdm.write(f"{path}: written under other params or data; starting over")
+        return None
+    if int(state.get("step", 0)) >= total_steps:
+        tqdm.write(f"{path}: holds a finished run of {total_steps} steps; starting over")
         return None
     return state
 
@@ -520,7 +536,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     fingerprint = run_fingerprint(aug, model_params, loss_params, train_params,
                                   data_hash=summary.get("params_hash", ""))
     ckpt_path = checkpoint_dir / "last.pt"
-    state = load_checkpoint(ckpt_path, fingerprint)
+    state = load_checkpoint(ckpt_path, fingerprint, train_params.steps)
     start, best = 0, {"score": -math.inf, "step": -1, "metric": None, "state_dict": None}
     if state is not None:
         model.load_state_dict(state["model"])

@@ -179,7 +179,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
     fingerprint = run_fingerprint(student, data, distill, data_hash=(
         f"{summary.get('params_hash', '')}:{t_info['fingerprint']}:{loss_params.edge_sigma}"))
     ckpt_path = checkpoint_dir / "last.pt"
-    state = load_checkpoint(ckpt_path, fingerprint)
+    state = load_checkpoint(ckpt_path, fingerprint, distill.steps)
     start, best = 0, {"score": -math.inf, "step": -1, "metric": None, "state_dict": None}
     if state is not None:
         distiller.load_state_dict(state["model"])

@@ -123,10 +123,32 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_dataset):
     last_full = torch.load(tmp_path / "full/ckpt/last.pt", weights_only=True)["model"]
     last_cut = torch.load(tmp_path / "cut/ckpt/last.pt", weights_only=True)["model"]
     assert all(torch.equal(v, last_cut[k]) for k, v in last_full.items())
+    # a second identical run writes byte-identical files (DVC hashes them; temporary names must
+    # not leak into them)
+    run(tmp_path / "again", tiny_dataset, params)
+    for name in ("ckpt/last.pt", "teacher/model.pt"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
     # the resumed run's curves hold every step exactly once
     rows = (tmp_path / "cut/results/plots/metrics/train/total.tsv").read_text().splitlines()[1:]
     assert [int(r.split("\t")[0]) for r in rows] == list(range(6))
     assert rows == (tmp_path / "full/results/plots/metrics/train/total.tsv").read_text().splitlines()[1:]
+
+
+def test_finished_checkpoint_is_not_resumed(tmp_path, tiny_dataset, capsys):
+    """DVC reruns a finished stage when its code changes, deleting its logs first: the run must
+    train again and log every step, not 'resume' at the last step with nothing to log."""
+    import shutil
+
+    params = tiny_params(steps=4)
+    run(tmp_path, tiny_dataset, params)
+    first = (tmp_path / "teacher/model.pt").read_bytes()
+    shutil.rmtree(tmp_path / "results")
+    shutil.rmtree(tmp_path / "teacher")
+    run(tmp_path, tiny_dataset, params)
+    assert "holds a finished run" in capsys.readouterr().out  # tqdm.write prints to stdout
+    rows = (tmp_path / "results/plots/metrics/train/total.tsv").read_text().splitlines()[1:]
+    assert [int(r.split("\t")[0]) for r in rows] == list(range(4))
+    assert (tmp_path / "teacher/model.pt").read_bytes() == first
 
 
 def test_checkpoint_of_other_params_is_not_resumed(tmp_path, tiny_dataset, capsys):
