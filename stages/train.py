@@ -116,16 +116,21 @@ class Prefetcher:
 
     `make(step)` must be a pure function of the step (as `RandomWindowBatches.batch` and
     `make_views` are), so prefetching changes nothing but the time spent waiting for data, which
-    `wait_s` accumulates (time the training loop was blocked on the next batch).
+    `wait_s` accumulates (time the training loop was blocked on the next batch). With
+    `background=False` each batch is made when asked for (all of its time counts as waiting).
     """
 
-    def __init__(self, make: Callable[[int], object], start: int, stop: int, depth: int = 2):
+    def __init__(self, make: Callable[[int], object], start: int, stop: int, depth: int = 2,
+                 background: bool = True):
         import queue
         import threading
 
+        self._make, self._background = make, background
         self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self.wait_s = 0.0
+        if not background:
+            return
 
         def work():
             for step in range(start, stop):
@@ -144,6 +149,10 @@ class Prefetcher:
 
     def get(self, step: int):
         t0 = time.perf_counter()
+        if not self._background:
+            item = self._make(step)
+            self.wait_s += time.perf_counter() - t0
+            return item
         got, item, error = self._queue.get()
         self.wait_s += time.perf_counter() - t0
         if error is not None:
@@ -152,6 +161,8 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
+        if not self._background:
+            return
         self._stop.set()
         while self._thread.is_alive():
             try:
@@ -339,11 +350,11 @@ def load_checkpoint(path: Path, fingerprint: str, total_steps: int) -> Optional[
 
 
 def run_fingerprint(*groups, data_hash: str) -> str:
-    """Identity of a run: the params that shape its results (not device/threads) and the data."""
+    """Identity of a run: the params that shape its results (not device, threads, prefetch) and the data."""
     blobs = []
     for g in groups:
         d = dataclasses.asdict(g)
-        for volatile in ("device", "threads"):
+        for volatile in ("device", "threads", "prefetch"):
             d.pop(volatile, None)
         blobs.append(d)
     blob = json.dumps([blobs, str(data_hash)], sort_keys=True, default=str)
@@ -569,7 +580,8 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     model.train()
     bar = tqdm(range(start, train_params.steps), initial=start, total=train_params.steps,
                desc="train teacher", disable=not progress, dynamic_ncols=True)
-    prefetch = Prefetcher(lambda i: make_views(batches.batch(i)[0], i, aug), start, train_params.steps)
+    prefetch = Prefetcher(lambda i: make_views(batches.batch(i)[0], i, aug), start, train_params.steps,
+                          background=train_params.prefetch)
     t_start = time.perf_counter()
     try:
         for step in bar:

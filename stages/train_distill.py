@@ -143,7 +143,8 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
     """Distil the teacher into the student; returns the best validation record.
 
     `model_params` is the declared teacher architecture (the checkpoint must match it);
-    `loss_params.edge_sigma` sets the TV edge weights; `train_params` gives device and threads.
+    `loss_params.edge_sigma` sets the TV edge weights; `train_params` gives device, threads and
+    prefetch.
     """
     from stages.datasets import RandomWindowBatches
 
@@ -215,7 +216,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
         batch, size = batches.batch(i)
         return (size, *prepare_batch(batch, distill.seed, i))
 
-    prefetch = Prefetcher(make, start, distill.steps)
+    prefetch = Prefetcher(make, start, distill.steps, background=train_params.prefetch)
     t_start = time.perf_counter()
     try:
         for step in bar:

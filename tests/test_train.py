@@ -134,6 +134,15 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_dataset):
     assert rows == (tmp_path / "full/results/plots/metrics/train/total.tsv").read_text().splitlines()[1:]
 
 
+def test_prefetch_changes_speed_only(tmp_path, tiny_dataset):
+    import dataclasses as dc
+
+    aug, model, loss, train = tiny_params(steps=4)
+    for on in (True, False):
+        run(tmp_path / str(on), tiny_dataset, (aug, model, loss, dc.replace(train, prefetch=on)))
+    assert (tmp_path / "True/teacher/model.pt").read_bytes() == (tmp_path / "False/teacher/model.pt").read_bytes()
+
+
 def test_finished_checkpoint_is_not_resumed(tmp_path, tiny_dataset, capsys):
     """DVC reruns a finished stage when its code changes, deleting its logs first: the run must
     train again and log every step, not 'resume' at the last step with nothing to log."""
