@@ -51,7 +51,7 @@ from stages import losses
 from stages.augment import invert_each, make_views, pool_to
 from stages.metrics import confusion, hungarian_scores
 from stages.model import MonolithicSegmenter, normalise_rgb, smooth_probs, upsample_to
-from stages.params import ParamsError, load_params
+from stages.params import ModelParams, ParamsError, load_params
 
 TEACHER_FORMAT = "landseg-teacher"
 CHECKPOINT_VERSION = 1
@@ -394,17 +394,9 @@ def open_live(results_dir: Path, resume_step: int):
 # --------------------------------------------------------------------------------------------
 
 
-def teacher_config(model_params) -> dict:
-    return {"width": model_params.width, "depth": model_params.depth, "dilation": model_params.dilation,
-            "embed_dim": model_params.embed_dim,
-            "max_k": model_params.max_k, "temperature": model_params.temperature,
-            "cluster_iters": model_params.cluster_iters, "smooth_iters": model_params.smooth_iters,
-            "refine_head": model_params.refine_head, "seed": model_params.seed}
-
-
-def teacher_config_keys() -> tuple[str, ...]:
-    return ("width", "depth", "dilation", "embed_dim", "max_k", "temperature", "cluster_iters",
-            "smooth_iters", "refine_head", "seed")
+def teacher_config(model_params: ModelParams) -> dict:
+    """The architecture stored with a teacher checkpoint: every `model` knob."""
+    return dataclasses.asdict(model_params)
 
 
 def build_teacher(config: dict) -> MonolithicSegmenter:
@@ -432,7 +424,7 @@ def load_teacher(path: str | Path, expect: Optional[dict] = None) -> MonolithicS
         raise TrainingError(f"{path}: not a teacher checkpoint (format {blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r}, "
                             f"expected {TEACHER_FORMAT!r})")
     config = blob.get("config")
-    missing = sorted(set(teacher_config_keys()) - set(config or {}))
+    missing = sorted({f.name for f in dataclasses.fields(ModelParams)} - set(config or {}))
     if missing:
         raise TrainingError(f"{path}: teacher checkpoint lacks architecture keys {missing} (written by an "
                             "older version; rerun the train stage)")

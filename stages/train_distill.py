@@ -25,6 +25,7 @@ Only the student encoder is written to model/student/model.pt (the projection is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -40,7 +41,7 @@ from tqdm import tqdm
 from stages import losses
 from stages.augment import apply_each, draw_transforms, normalise01, step_generator, to_rgb01
 from stages.model import Encoder, student_from_params
-from stages.params import ParamsError, load_params
+from stages.params import ParamsError, StudentParams, load_params
 from stages.train import (CHECKPOINT_VERSION, USAGE_THRESHOLD, HeldOutBatch, Prefetcher, TrainingError, atomic_torch_save,
                           cluster_usage, embed_images, global_scores, load_checkpoint, load_labelled_split,
                           load_teacher, lr_at, open_live, read_summary, resolve_device, run_fingerprint,
@@ -49,10 +50,9 @@ from stages.train import (CHECKPOINT_VERSION, USAGE_THRESHOLD, HeldOutBatch, Pre
 STUDENT_FORMAT = "landseg-student"
 
 
-def student_config(student) -> dict:
-    return {"width": student.width, "depth": student.depth, "dilation": student.dilation,
-            "embed_dim": student.embed_dim,
-            "norm": student.norm, "dropout": student.dropout}
+def student_config(student: StudentParams) -> dict:
+    """The architecture stored with a student checkpoint: every `student` knob."""
+    return dataclasses.asdict(student)
 
 
 class Distiller(nn.Module):
@@ -108,7 +108,7 @@ def load_student(path: str | Path) -> Encoder:
     if not isinstance(blob, dict) or blob.get("format") != STUDENT_FORMAT:
         raise TrainingError(f"{path}: not a student checkpoint (expected format {STUDENT_FORMAT!r})")
     c = blob.get("config") or {}
-    missing = sorted({"width", "depth", "dilation", "embed_dim", "norm", "dropout"} - set(c))
+    missing = sorted({f.name for f in dataclasses.fields(StudentParams)} - set(c))
     if missing:
         raise TrainingError(f"{path}: student checkpoint lacks architecture keys {missing} (written by an "
                             "older version; rerun the train_distill stage)")
