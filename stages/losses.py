@@ -178,7 +178,8 @@ class EmaNormaliser:
         self.last = {str(k): float(v) for k, v in state["last"].items()}
 
 
-def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
+def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, temperature: float,
+                      same_image_negatives: bool = True) -> torch.Tensor:
     """Symmetric InfoNCE between aligned cells of two views, divided by log(#candidates).
 
     e_a, e_b: unit embeddings (B, D, h, w) already mapped to the same ground grid; idx (B, N) flat
@@ -186,13 +187,28 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
     cells of view b (and vice versa). Near 0 for views that are perfectly matched and
     discriminative, about 1 for chance; the assignment losses alone are satisfied by colour-only
     clusters, this term makes the embedding tell apart cells that look alike in colour.
+
+    With `same_image_negatives=False` the other cells of a cell's own image are masked out of its
+    candidates (its positive stays): neighbours in one image are often the same land cover, and
+    pushing them apart rewards features that separate instances rather than classes. The
+    candidates are then the positive plus the (B - 1) * N cells of the other images.
     """
     a = gather_positions(e_a, idx).reshape(-1, e_a.shape[1])
     b = gather_positions(e_b, idx).reshape(-1, e_b.shape[1])
     logits = a @ b.T / temperature
     target = torch.arange(len(a), device=a.device)
+    candidates = len(a)
+    if not same_image_negatives:
+        n = idx.shape[1]
+        image = target // n
+        masked = (image[:, None] == image[None, :]) & (target[:, None] != target[None, :])
+        logits = logits.masked_fill(masked, float("-inf"))
+        candidates = len(a) - n + 1
+    if candidates < 2:
+        raise ValueError("the dense contrastive term needs at least two candidates per cell "
+                         "(other-image negatives need a batch of at least two images)")
     ce = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    return ce / math.log(len(a))
+    return ce / math.log(candidates)
 
 
 @torch.no_grad()

@@ -205,6 +205,10 @@ class LossParams:
                               lo=0.0, hi=100.0)
     contrastive_temperature: float = knob(0.2, "Temperature of the dense contrastive term.", lo=1e-3, hi=10.0)
     contrastive_samples: int = knob(32, "Cells sampled per image for the dense contrastive term.", lo=2, hi=65536)
+    contrastive_negatives: str = knob(
+        "all", "Negatives of the dense contrastive term: 'all' sampled cells of the batch, or "
+        "'other_images' only (same-image cells, often the same land cover, are not pushed apart).",
+        choices=("all", "other_images"))
 
 
 @dataclass

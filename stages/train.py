@@ -475,7 +475,8 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     idx = losses.sample_positions(b, side * side, loss_params.contrastive_samples, generator)
     terms = {
         "contrastive": losses.dense_contrastive(emb_aligned[0], emb_aligned[1], idx,
-                                                loss_params.contrastive_temperature),
+                                                loss_params.contrastive_temperature,
+                                                loss_params.contrastive_negatives == "all"),
         "swapped": losses.swapped_prediction(aligned[0], aligned[1]),
         "consistency": losses.consistency(aligned[0], aligned[1]),
     }

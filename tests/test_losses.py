@@ -7,7 +7,7 @@ import torch
 
 from stages.augment import GeometricTransform, apply_each, invert_each
 from stages.losses import (EmaNormaliser, affinity_distillation, cluster_distillation, consistency,
-                           cosine_distillation, edge_aware_tv, geometric_mean, marginal_entropy,
+                           cosine_distillation, dense_contrastive, edge_aware_tv, geometric_mean, marginal_entropy,
                            pixel_entropy, sample_positions)
 
 
@@ -117,3 +117,24 @@ def test_sinkhorn_targets_are_balanced_and_swapped_prediction_prefers_agreement(
     agree = swapped_prediction(p, p).item()
     disagree = swapped_prediction(p, _probs(seed=3, sharp=6.0)).item()
     assert agree < disagree
+
+
+def test_dense_contrastive_scale_and_same_image_negatives():
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    b, d, side, n = 4, 16, 6, 8
+    idx = sample_positions(b, side * side, n, g)
+    distinct = F.normalize(torch.randn(b, d, side, side, generator=g), dim=1)
+    # matched, well-separated cells at a low temperature: near zero; unrelated views: about chance (1)
+    assert dense_contrastive(distinct, distinct, idx, 0.02).item() < 0.05
+    other = F.normalize(torch.randn(b, d, side, side, generator=g), dim=1)
+    assert 0.8 < dense_contrastive(distinct, other, idx, 1.0).item() < 1.3
+    # every cell of an image has the same embedding (one land cover per image): with same-image
+    # negatives the positive cannot be told from its neighbours; without them it is easy
+    per_image = F.normalize(torch.randn(b, d, generator=g), dim=1)[:, :, None, None].expand(b, d, side, side)
+    with_same = dense_contrastive(per_image, per_image, idx, 0.05).item()
+    without_same = dense_contrastive(per_image, per_image, idx, 0.05, same_image_negatives=False).item()
+    assert with_same > 0.5 and without_same < 0.05
+    # a single image has no other-image negatives: an error, not a silent zero
+    with pytest.raises(ValueError, match="at least two"):
+        dense_contrastive(per_image[:1], per_image[:1], idx[:1, :1], 0.05, same_image_negatives=False)
