@@ -6,8 +6,9 @@
 
 Measures, in one process, round-robin (numpy, torch, sgemm, numpy, ...; best of --repeats each) so
 that load from other processes hits all of them alike:
-- embeddings of a size x size (2048) RGB image: numpy `Model.embed` vs torch `Encoder` forward
-  (eval, no_grad, batch norm unfolded as in training), both on --threads threads;
+- embeddings of a size x size (2048) RGB image, from uint8 input (normalisation included) to unit
+  embeddings in (D, h, w) layout: numpy `Model.embed` vs torch `Encoder` forward (eval, no_grad,
+  batch norm unfolded as in training), both on --threads threads;
 - the convolutions' GFLOP/s (2 FLOPs per multiply-add) and a square 2048^3 float32 numpy matmul
   (numpy's BLAS on all threads) as the sgemm reference: gemm_efficiency = gflops / sgemm_gflops;
 - peak RSS of `segment_raster` on synthetic 2048^2 and 8192^2 GeoTIFFs, each in a fresh
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+SGEMM_SETTLE_S = 0.3  # pause after the multi-threaded sgemm (see run_sgemm)
 sys.path.insert(0, str(REPO))
 
 
@@ -175,7 +177,11 @@ def main() -> None:
         a = np.random.default_rng(1).standard_normal((2048, 2048), dtype=np.float32)
 
         def run_sgemm():
-            return a @ a
+            out = a @ a
+            # OpenBLAS's worker threads keep spinning for a while after a multi-threaded call and
+            # would take a core from whatever is timed next (measured: numpy 15 % slower right
+            # after it, unaffected 0.2 s later); let them go to sleep, outside the timing
+            return out
 
         diff = float(np.abs(run_numpy() - run_torch()[0].numpy()).max())  # also warms up both
         run_sgemm()
@@ -186,6 +192,7 @@ def main() -> None:
                 t = time.perf_counter()
                 fn()
                 acc.append(time.perf_counter() - t)
+            time.sleep(SGEMM_SETTLE_S)
 
         mpix = args.size * args.size / 1e6
         flops = art_model.network.flops(args.size, args.size)

@@ -88,21 +88,15 @@ class Model:
             raise InputError(f"empty image {rgb.shape}")
         return rgb
 
-    def normalise(self, rgb: np.ndarray) -> np.ndarray:
-        """uint8 (H, W, 3) -> float32 (rgb / input_scale - input_mean) / input_std, channels last."""
-        x = rgb.astype(np.float32)
-        x /= self._scale
-        x -= self._mean
-        x /= self._std
-        return x
-
     def embed_cells(self, rgb: np.ndarray) -> np.ndarray:
-        """Channels-last unit embeddings (ceil(H/4), ceil(W/4), D) float32."""
-        return self.network(self.normalise(self._check_rgb(rgb)))
+        """Channels-last unit embeddings (ceil(H/4), ceil(W/4), D) float32 (the input normalised as
+        (rgb / input_scale - input_mean) / input_std inside the forward pass)."""
+        return self.network.forward_rgb(self._check_rgb(rgb), self._scale, self._mean, self._std)
 
     def embed(self, rgb: np.ndarray) -> np.ndarray:
         """Unit embeddings (D, ceil(H/4), ceil(W/4)) float32, as the torch encoder's output."""
-        return np.ascontiguousarray(self.embed_cells(rgb).transpose(2, 0, 1))
+        return self.network.forward_rgb(self._check_rgb(rgb), self._scale, self._mean, self._std,
+                                        channels_first=True)
 
     # -- centres --------------------------------------------------------------------------------
     def fit_centres(self, images, k: int, seed: int = 0, samples: int = DEFAULT_SAMPLES,

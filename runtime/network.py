@@ -5,10 +5,17 @@ Layout and conventions (numerically the same as `stages/model.py`):
   (rgb / input_scale - input_mean) / input_std;
 - a conv pads with zeros by `padding` = dilation * (kernel // 2) on every side, so a stride-2 conv
   maps H to ceil(H / 2); batch norm is already folded into the conv weight and bias at export;
-- a k x k conv is an im2col + sgemm: for a band of output rows, the k*k shifted views of the padded
-  input are copied side by side into one (rows * W_out, k*k*C) matrix and multiplied by the
-  (k*k*C, C_out) weight matrix straight into the output array. Bands bound the im2col buffer
-  (`band_bytes`), so memory is the activations plus a few MB whatever the image size;
+- a k x k conv runs over bands of output rows as sgemms, in one of two forms:
+  * row taps (when k * C_in >= ROW_TAPS_MIN_K, i.e. every conv but an RGB stem): the k horizontal
+    taps of every input row the band reads are copied side by side once, into an
+    (input rows, W_out, k*C) buffer; kernel row dy is then one sgemm of the buffer's rows
+    s*i + dy*d (a plain slice when the stride is 1) by that row's (k*C, C_out) weights, and the k
+    products are summed. Each input value is copied about k times instead of k*k times (im2col),
+    which on a memory-bound 2-core machine is worth 1.5x for a 3 x 3 conv (measured);
+  * im2col: the k*k shifted views are copied into one (rows * W_out, k*k*C) matrix and multiplied
+    by the (k*k*C, C_out) weight matrix (an RGB stem has k*C = 9: too thin for a good sgemm);
+  bands bound the copy buffers (`band_bytes`), so memory is the activations plus a few MB
+  whatever the image size;
 - bias, the residual add and ReLU are applied in place on each band while it is still in cache.
 
 Layer ops (what `stages.model.Encoder.export_layers()` emits, validated by `validate_layers`):
@@ -20,6 +27,7 @@ Layer ops (what `stages.model.Encoder.export_layers()` emits, validated by `vali
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -38,6 +46,14 @@ ACTIVATIONS = ("relu", "none")
 # (measured with benchmarks/runtime_bench.py --band-bytes).
 DEFAULT_BAND_BYTES = 2 << 20
 SERIAL_BAND_BYTES = 16 << 20  # when BLAS threads cannot be controlled (see Network)
+# Bands of the input normalisation and the final L2 normalisation (cheap elementwise passes).
+INPUT_BAND_BYTES = 1 << 20
+# Intermediate activation buffers kept between forward passes (see BufferArena): enough for a
+# 1024-pixel tile plus halo several times over, little next to what QGIS itself holds.
+ARENA_KEEP_BYTES = 256 << 20
+# Row taps need an sgemm inner dimension k * C_in of at least this; below it, im2col's k*k*C_in is
+# the better sgemm shape (an RGB stem: 9 vs 27).
+ROW_TAPS_MIN_K = 24
 
 
 @dataclass(frozen=True)
@@ -141,7 +157,8 @@ def output_size(size: int, stride: int = 4) -> int:
 
 
 class ConvWeights:
-    """A conv's weight as the (k*k*C_in, C_out) matrix matching the im2col column order (dy, dx, c)."""
+    """A conv's weights as sgemm operands: for row taps, one (k*C_in, C_out) matrix per kernel row
+    (rows ordered (dx, c)); for im2col, the (k*k*C_in, C_out) matrix in column order (dy, dx, c)."""
 
     def __init__(self, layer: dict, weight: np.ndarray, bias: np.ndarray):
         self.name = layer["name"]
@@ -149,12 +166,30 @@ class ConvWeights:
         self.dilation, self.padding, self.act = layer["dilation"], layer["padding"], layer["act"]
         self.cin, self.cout = layer["in"], layer["out"]
         w = np.asarray(weight, dtype=np.float32)
-        self.matrix = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, self.cout))
+        self.row_taps = self.kernel > 1 and self.kernel * self.cin >= ROW_TAPS_MIN_K
+        if self.row_taps:
+            self.row_matrices = [np.ascontiguousarray(w[:, :, dy].transpose(2, 1, 0).reshape(-1, self.cout))
+                                 for dy in range(self.kernel)]
+        else:
+            self.matrix = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, self.cout))
         self.bias = np.ascontiguousarray(bias, dtype=np.float32)
+        self._bias_rows: dict[int, np.ndarray] = {}
 
     @property
     def flops_per_output(self) -> int:
-        return 2 * self.matrix.shape[0] * self.cout
+        return 2 * self.kernel * self.kernel * self.cin * self.cout
+
+    def bias_row(self, width: int) -> np.ndarray:
+        """The bias repeated over an output row of `width` pixels: adding it to whole rows runs a
+        long inner loop, broadcasting the (C_out,) bias runs one of C_out elements (slower)."""
+        row = self._bias_rows.get(width)
+        if row is None:
+            row = self._bias_rows[width] = np.tile(self.bias, width)
+        return row
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        k, s, d, p = self.kernel, self.stride, self.dilation, self.padding
+        return (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 def conv2d(x: np.ndarray, cw: ConvWeights, skip: np.ndarray | None = None, act: str | None = None,
@@ -162,59 +197,124 @@ def conv2d(x: np.ndarray, cw: ConvWeights, skip: np.ndarray | None = None, act: 
     """act(conv(x) + bias [+ skip]) for channels-last x (H, W, C_in) -> (H_out, W_out, C_out).
 
     `skip` (same shape as the output) is added before the activation (a fused residual add);
-    `act` overrides the layer's own activation (used for the residual's activation). Bands of output
-    rows run on `pool` (serially when None); each band's result depends only on its own rows, so
-    the output is the same whatever the band size or the number of threads.
+    `act` overrides the layer's own activation (used for the residual's activation).
     """
-    h, w, c = x.shape
-    k, s, d, p = cw.kernel, cw.stride, cw.dilation, cw.padding
-    ho, wo = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
-    out = np.empty((ho, wo, cw.cout), dtype=np.float32)
-    act = cw.act if act is None else act
-    pointwise = k == 1 and s == 1
-    # contiguous: the strided tap views below assume float32 rows packed as (W, C)
+    p = cw.padding
     xin = np.pad(x, ((p, p), (p, p), (0, 0))) if p else np.ascontiguousarray(x, dtype=np.float32)
-    kkc = k * k * c
-    row_bytes = wo * (c if pointwise else kkc) * 4
-    rows_per_band = max(1, min(ho, band_bytes // max(1, row_bytes)))
+    out = np.empty((*cw.output_size(*x.shape[:2]), cw.cout), dtype=np.float32)
+    conv2d_into(xin, cw, out, skip, act, band_bytes, pool)
+    return out
 
-    def band(r0: int) -> None:
+
+def conv2d_into(xin: np.ndarray, cw: ConvWeights, out: np.ndarray, skip: np.ndarray | None = None,
+                act: str | None = None, band_bytes: int = DEFAULT_BAND_BYTES,
+                pool: "BandPool | None" = None) -> None:
+    """conv2d of an input already zero-padded by `cw.padding`, written into `out` (H_out, W_out, C_out).
+
+    `xin`, `out` and `skip` may be views with strided rows (the interior of a larger padded
+    buffer) as long as each row's pixels are packed (W, C). Bands of output rows run on `pool`
+    (serially when None); each band's result depends only on its own rows, so the output is the
+    same whatever the band size or the number of threads.
+    """
+    act = cw.act if act is None else act
+    ho = out.shape[0]
+    band, rows_per_band = (_row_taps_band if cw.row_taps else _im2col_band)(xin, cw, out, band_bytes)
+
+    bias_row = cw.bias_row(out.shape[1])
+
+    def run(r0: int) -> None:
         r1 = min(ho, r0 + rows_per_band)
-        n = r1 - r0
-        if pointwise:
-            a = xin[r0:r1].reshape(-1, c)
-        else:
-            cols = _scratch(n * wo * kkc).reshape(n, wo, kkc)
-            for dy in range(k):
-                rs = r0 * s + dy * d
-                rows = xin[rs: rs + (n - 1) * s + 1: s]
-                if d == 1:
-                    # the k taps of one kernel row are k adjacent pixels: copy them as one run of
-                    # k*C floats per output pixel (an overlapping read-only view), not k runs of C
-                    taps = as_strided(rows, shape=(n, wo, k * c),
-                                      strides=(rows.strides[0], s * c * 4, 4), writeable=False)
-                    cols[:, :, dy * k * c:(dy + 1) * k * c] = taps
-                    continue
-                for dx in range(k):
-                    cs = dx * d
-                    j = (dy * k + dx) * c
-                    cols[:, :, j:j + c] = rows[:, cs: cs + (wo - 1) * s + 1: s]
-            a = cols.reshape(-1, kkc)
-        o = out[r0:r1].reshape(-1, cw.cout)
-        np.matmul(a, cw.matrix, out=o)
-        o += cw.bias
+        o = out[r0:r1]
+        band(r0, r1, o)
+        o2 = _rows(o)
+        o2 += bias_row
         if skip is not None:
-            o += skip[r0:r1].reshape(-1, cw.cout)
+            o += skip[r0:r1]
         if act == "relu":
             np.maximum(o, 0.0, out=o)
 
     starts = range(0, ho, rows_per_band)
     if pool is None:
         for r0 in starts:
-            band(r0)
+            run(r0)
     else:
-        pool.map(band, starts)
-    return out
+        pool.map(run, starts)
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """An (n, w, c) array whose rows are each contiguous (also the interior of a padded buffer) as
+    an (n, w * c) view; raises rather than silently copying when that is impossible."""
+    v = a.view()
+    v.shape = (a.shape[0], a.shape[1] * a.shape[2])
+    return v
+
+
+def _matmul_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out (n, w, N) = a (n, w, K) @ b (K, N): one sgemm when both are contiguous, else one per row
+    (rows of a padded buffer's interior are strided)."""
+    if a.flags.c_contiguous and out.flags.c_contiguous:
+        np.matmul(a.reshape(-1, a.shape[2]), b, out=out.reshape(-1, out.shape[2]))
+    else:
+        np.matmul(a, b, out=out)
+
+
+def _row_taps_band(xin: np.ndarray, cw: ConvWeights, out: np.ndarray, band_bytes: int):
+    """The row-taps form (module docstring): (band function, output rows per band)."""
+    wo, cout = out.shape[1:]
+    c = xin.shape[2]
+    k, s, d = cw.kernel, cw.stride, cw.dilation
+    kc = k * c
+    reach = d * (k - 1)  # input rows a band reads beyond the first tap row of its last output row
+    rows_per_band = max(1, min(out.shape[0], (band_bytes // (wo * kc * 4) - reach) // s))
+
+    def band(r0: int, r1: int, o: np.ndarray) -> None:
+        n = r1 - r0
+        n_in = s * (n - 1) + reach + 1
+        buf = _scratch(n_in * wo * kc + n * wo * cout)
+        taps = buf[:n_in * wo * kc].reshape(n_in, wo, kc)
+        rows = xin[s * r0: s * r0 + n_in]
+        if d == 1:  # the k taps of a row are k adjacent pixels: one overlapping run of k*C floats
+            taps[...] = as_strided(rows, shape=(n_in, wo, kc), strides=(rows.strides[0], s * c * 4, 4),
+                                   writeable=False)
+        else:
+            for dx in range(k):
+                taps[:, :, dx * c:(dx + 1) * c] = rows[:, dx * d: dx * d + s * (wo - 1) + 1: s]
+        tmp = buf[n_in * wo * kc:].reshape(n, wo, cout)
+        for dy in range(k):  # kernel row dy reads tap rows s*i + dy*d (a plain slice when s == 1)
+            _matmul_rows(taps[dy * d: dy * d + s * (n - 1) + 1: s], cw.row_matrices[dy], tmp if dy else o)
+            if dy:
+                o += tmp
+
+    return band, rows_per_band
+
+
+def _im2col_band(xin: np.ndarray, cw: ConvWeights, out: np.ndarray, band_bytes: int):
+    """The im2col form (module docstring; also 1 x 1 convs): (band function, output rows per band)."""
+    wo = out.shape[1]
+    c = xin.shape[2]
+    k, s, d = cw.kernel, cw.stride, cw.dilation
+    pointwise = k == 1 and s == 1
+    kkc = k * k * c
+    rows_per_band = max(1, min(out.shape[0], band_bytes // (wo * (c if pointwise else kkc) * 4)))
+
+    def band(r0: int, r1: int, o: np.ndarray) -> None:
+        n = r1 - r0
+        if pointwise:
+            _matmul_rows(xin[r0:r1], cw.matrix, o)
+            return
+        cols = _scratch(n * wo * kkc).reshape(n, wo, kkc)
+        for dy in range(k):
+            rows = xin[r0 * s + dy * d: r0 * s + dy * d + (n - 1) * s + 1: s]
+            if d == 1:  # the k taps of a kernel row: one overlapping run of k*C floats per pixel
+                cols[:, :, dy * k * c:(dy + 1) * k * c] = as_strided(
+                    rows, shape=(n, wo, k * c), strides=(rows.strides[0], s * c * 4, 4), writeable=False)
+                continue
+            for dx in range(k):
+                j = (dy * k + dx) * c
+                cols[:, :, j:j + c] = rows[:, dx * d: dx * d + (wo - 1) * s + 1: s]
+        _matmul_rows(cols, cw.matrix, o)
+
+    return band, rows_per_band
 
 
 _local = threading.local()
@@ -260,8 +360,72 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x
 
 
+class BufferArena:
+    """Reusable float32 buffers for the intermediate activations of a forward pass.
+
+    Kept between calls, so that the forward passes over a raster's tiles reuse the same memory
+    instead of page-faulting a fresh buffer per layer (fresh memory costs about 4 ms per 32 MB on
+    the development VM, a sixth of the whole pass). At most `keep_bytes` stay allocated between
+    calls; `take` returns the smallest free buffer that fits, or a new one.
+    """
+
+    def __init__(self, keep_bytes: int = ARENA_KEEP_BYTES):
+        self.keep_bytes = keep_bytes
+        self._free: list[np.ndarray] = []
+
+    def take(self, size: int) -> np.ndarray:
+        fits = [i for i, b in enumerate(self._free) if b.size >= size]
+        if not fits:
+            return np.empty(size, dtype=np.float32)
+        return self._free.pop(min(fits, key=lambda i: self._free[i].size))
+
+    def give(self, buf: np.ndarray) -> None:
+        self._free.append(buf)
+
+    def trim(self) -> None:
+        """Drop the largest free buffers until at most keep_bytes remain."""
+        self._free.sort(key=lambda b: b.size)
+        while self._free and sum(b.nbytes for b in self._free) > self.keep_bytes:
+            self._free.pop()
+
+    @property
+    def retained_bytes(self) -> int:
+        return sum(b.nbytes for b in self._free)
+
+
+@dataclass
+class _Activation:
+    """An (h, w, c) activation stored inside a zero border of `pad` pixels: buf (h + 2 pad, w + 2 pad, c).
+    `flat` is the arena buffer it lives in (None when it does not come from the arena)."""
+
+    buf: np.ndarray
+    pad: int
+    h: int
+    w: int
+    flat: np.ndarray | None = None
+
+    @property
+    def inner(self) -> np.ndarray:
+        p = self.pad
+        return self.buf[p:p + self.h, p:p + self.w]
+
+    def padded(self, p: int) -> np.ndarray:
+        """The activation with a zero border of exactly p pixels (a view when p <= pad)."""
+        if p == self.pad:
+            return self.buf
+        if p < self.pad:
+            q = self.pad - p
+            return self.buf[q:q + self.h + 2 * p, q:q + self.w + 2 * p]
+        return np.pad(self.inner, ((p, p), (p, p), (0, 0)))
+
+
 class Network:
-    """Executes a validated layer list on channels-last float32 input."""
+    """Executes a validated layer list on channels-last float32 input.
+
+    Activations are written straight into zero-bordered buffers with the padding of the conv that
+    reads them next (no padding copies), taken from a `BufferArena`; only the output is a fresh
+    array. Calls are serialised by a lock (the pass is parallel inside).
+    """
 
     def __init__(self, layers: list, arrays: dict, band_bytes: int = DEFAULT_BAND_BYTES,
                  threads: int | None = None):
@@ -280,25 +444,118 @@ class Network:
             self.band_bytes = max(band_bytes, SERIAL_BAND_BYTES)
         self.layers = layers
         self.convs: dict[str, ConvWeights] = {}
+        order: list[str] = []
 
         def collect(ops):
             for layer in ops:
                 if layer["op"] == "conv":
                     name = layer["name"]
                     self.convs[name] = ConvWeights(layer, arrays[f"{name}.weight"], arrays[f"{name}.bias"])
+                    order.append(name)
                 elif layer["op"] == "residual":
                     collect(layer["layers"])
 
         collect(layers)
+        # each conv writes its output with the zero border that the next conv to run reads it with
+        self._pad_after = {name: self.convs[nxt].padding for name, nxt in zip(order, order[1:])}
+        self._last_conv = order[-1]
+        self._first_pad = self.convs[order[0]].padding
+        self.arena = BufferArena()
+        self._lock = threading.Lock()
+        self._fresh_last = True
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Channels-last normalised input (H, W, 3) float32 -> (ceil(H/4), ceil(W/4), D) embeddings."""
         if x.ndim != 3 or x.shape[2] != self.summary.in_channels:
             raise InputError(f"expected input (H, W, {self.summary.in_channels}), got {x.shape}")
-        if not self._blas.available:
-            return self._run(self.layers, x)
-        with self._blas.single_threaded():  # also when threads == 1: one thread means one thread
-            return self._run(self.layers, x)
+
+        def fill(dst: np.ndarray, r0: int, r1: int) -> None:
+            dst[...] = x[r0:r1]
+
+        return self._forward(x.shape[0], x.shape[1], fill)
+
+    def forward_rgb(self, rgb: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarray,
+                    channels_first: bool = False) -> np.ndarray:
+        """Embeddings of uint8 RGB (H, W, 3), normalised as (rgb / scale - mean) / std (float32, in
+        that order of operations) straight into the first conv's padded input, in parallel bands.
+        Channels-last (h, w, D), or (D, h, w) with `channels_first` (transposed band by band
+        while the final normalisation has them in cache, not as a separate pass)."""
+        if rgb.ndim != 3 or rgb.shape[2] != self.summary.in_channels:
+            raise InputError(f"expected input (H, W, {self.summary.in_channels}), got {rgb.shape}")
+
+        w = rgb.shape[1]
+        # per-channel constants repeated along a row, so each pass runs over whole rows rather
+        # than broadcasting (3,) arrays (an inner loop of 3 elements: 4x slower, measured)
+        mean_row, std_row = np.tile(np.float32(mean), w), np.tile(np.float32(std), w)
+
+        def fill(dst: np.ndarray, r0: int, r1: int) -> None:
+            d = _rows(dst)
+            np.copyto(d, rgb[r0:r1].reshape(r1 - r0, w * 3), casting="unsafe")
+            d /= scale
+            d -= mean_row
+            d /= std_row
+
+        return self._forward(rgb.shape[0], rgb.shape[1], fill, channels_first)
+
+    def _forward(self, h: int, w: int, fill, channels_first: bool = False) -> np.ndarray:
+        """Runs the layers on an input written by fill(dst, r0, r1) (input rows r0..r1 into the
+        (r1 - r0, w, C) view dst) in bands on the pool."""
+        # single-threaded BLAS whenever it can be set (also when threads == 1: one means one)
+        blas = self._blas.single_threaded() if self._blas.available else contextlib.nullcontext()
+        with self._lock, blas:
+            try:
+                x = self._activation(h, w, self.summary.in_channels, self._first_pad)
+                rows = max(1, INPUT_BAND_BYTES // (w * self.summary.in_channels * 4))
+
+                def band(r0: int) -> None:
+                    r1 = min(h, r0 + rows)
+                    fill(x.inner[r0:r1], r0, r1)
+
+                self._map(band, range(0, h, rows))
+                # the last conv writes a fresh array that is returned, unless it gets transposed
+                self._fresh_last = not channels_first
+                y = self._run(self.layers[:-1], x, keep_input=False)  # the last op is l2norm
+                rows = max(1, INPUT_BAND_BYTES // (y.w * y.buf.shape[2] * 4))
+                if not channels_first:
+                    self._map(lambda r0: l2_normalise(y.inner[r0:r0 + rows]), range(0, y.h, rows))
+                    return y.buf
+                out = np.empty((y.buf.shape[2], y.h, y.w), dtype=np.float32)
+
+                def normalise_transpose(r0: int) -> None:
+                    band = l2_normalise(y.inner[r0:r0 + rows])
+                    out[:, r0:r0 + rows] = band.transpose(2, 0, 1)
+
+                self._map(normalise_transpose, range(0, y.h, rows))
+                self._release(y)
+                return out
+            finally:
+                self.arena.trim()
+
+    def _map(self, fn, items) -> None:
+        if self._pool is None:
+            for item in items:
+                fn(item)
+        else:
+            self._pool.map(fn, items)
+
+    def _activation(self, h: int, w: int, c: int, pad: int, fresh: bool = False) -> _Activation:
+        """An (h, w, c) activation buffer with a zeroed border of `pad` pixels (interior unset)."""
+        shape = (h + 2 * pad, w + 2 * pad, c)
+        if fresh:
+            return _Activation(np.empty(shape, dtype=np.float32), pad, h, w)
+        flat = self.arena.take(shape[0] * shape[1] * c)
+        buf = flat[:shape[0] * shape[1] * c].reshape(shape)
+        if pad:
+            buf[:pad] = 0.0
+            buf[pad + h:] = 0.0
+            buf[pad:pad + h, :pad] = 0.0
+            buf[pad:pad + h, pad + w:] = 0.0
+        return _Activation(buf, pad, h, w, flat)
+
+    def _release(self, x: _Activation) -> None:
+        if x.flat is not None:
+            self.arena.give(x.flat)
+            x.flat = None
 
     def describe(self) -> str:
         """How the forward pass is parallelised (for logs and the benchmark)."""
@@ -308,27 +565,42 @@ class Network:
             return f"1 thread, single-threaded BLAS ({self._blas.description})"
         return f"serial bands, BLAS's own threading ({self._blas.description})"
 
-    def _run(self, ops, x: np.ndarray) -> np.ndarray:
+    def _conv(self, name: str, x: _Activation, skip: np.ndarray | None = None,
+              act: str | None = None) -> _Activation:
+        cw = self.convs[name]
+        ho, wo = cw.output_size(x.h, x.w)
+        last = name == self._last_conv and self._fresh_last  # returned to the caller: a fresh array
+        y = self._activation(ho, wo, cw.cout, self._pad_after.get(name, 0), fresh=last)
+        conv2d_into(x.padded(cw.padding), cw, y.inner, skip, act, self.band_bytes, self._pool)
+        return y
+
+    def _run(self, ops, x: _Activation, keep_input: bool) -> _Activation:
+        """Runs ops on x; x's buffer goes back to the arena once read unless keep_input."""
         for layer in ops:
             op = layer["op"]
             if op == "conv":
-                x = conv2d(x, self.convs[layer["name"]], band_bytes=self.band_bytes, pool=self._pool)
+                y = self._conv(layer["name"], x)
             elif op == "residual":
                 inner = layer["layers"]
                 last = inner[-1]
                 if last["op"] == "conv" and last["act"] == "none":
                     # fuse the skip add and the residual's activation into the last conv's bands
-                    h = self._run(inner[:-1], x)
-                    x = conv2d(h, self.convs[last["name"]], skip=x, act=layer["act"],
-                               band_bytes=self.band_bytes, pool=self._pool)
+                    h = self._run(inner[:-1], x, keep_input=True) if len(inner) > 1 else x
+                    y = self._conv(last["name"], h, skip=x.inner, act=layer["act"])
+                    if h is not x:
+                        self._release(h)
                 else:
-                    h = self._run(inner, x)
-                    h += x
+                    y = self._run(inner, x, keep_input=True)
+                    yi = y.inner
+                    yi += x.inner
                     if layer["act"] == "relu":
-                        np.maximum(h, 0.0, out=h)
-                    x = h
-            else:  # l2norm (validated to be last)
-                x = l2_normalise(x)
+                        np.maximum(yi, 0.0, out=yi)
+            else:  # l2norm is validated to be the last layer, and applied by _forward
+                raise AssertionError("l2norm inside _run")
+            if not keep_input:
+                self._release(x)
+            keep_input = False  # later layers own their inputs
+            x = y
         return x
 
     def flops(self, height: int, width: int) -> int:
@@ -340,9 +612,7 @@ class Network:
             for layer in ops:
                 if layer["op"] == "conv":
                     cw = self.convs[layer["name"]]
-                    k, s, d, p = cw.kernel, cw.stride, cw.dilation, cw.padding
-                    h = (h + 2 * p - d * (k - 1) - 1) // s + 1
-                    w = (w + 2 * p - d * (k - 1) - 1) // s + 1
+                    h, w = cw.output_size(h, w)
                     total += h * w * cw.flops_per_output
                 elif layer["op"] == "residual":
                     walk(layer["layers"], h, w)
