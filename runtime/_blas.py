@@ -1,6 +1,6 @@
 """Control of the BLAS library's own thread count, so the runtime can run its bands in parallel.
 
-The convolutions run as many small im2col + sgemm bands on a pool of Python threads (numpy
+The convolutions run as many small row-tap + sgemm bands on a pool of Python threads (numpy
 releases the GIL in copies and matmul). That is about twice as fast as one big multi-threaded
 sgemm per layer, but only while each band's sgemm is single-threaded: a multi-threaded BLAS called
 from several threads at once oversubscribes the cores and runs several times slower. So, around a

@@ -5,18 +5,20 @@ Layout and conventions (numerically the same as `stages/model.py`):
   (rgb / input_scale - input_mean) / input_std;
 - a conv pads with zeros by `padding` = dilation * (kernel // 2) on every side, so a stride-2 conv
   maps H to ceil(H / 2); batch norm is already folded into the conv weight and bias at export;
-- a k x k conv runs over bands of output rows as sgemms, in one of two forms:
-  * row taps (when k * C_in >= ROW_TAPS_MIN_K, i.e. every conv but an RGB stem): the k horizontal
-    taps of every input row the band reads are copied side by side once, into an
-    (input rows, W_out, k*C) buffer; kernel row dy is then one sgemm of the buffer's rows
-    s*i + dy*d (a plain slice when the stride is 1) by that row's (k*C, C_out) weights, and the k
-    products are summed. Each input value is copied about k times instead of k*k times (im2col),
-    which on a memory-bound 2-core machine is worth 1.5x for a 3 x 3 conv (measured);
-  * im2col: the k*k shifted views are copied into one (rows * W_out, k*k*C) matrix and multiplied
-    by the (k*k*C, C_out) weight matrix (an RGB stem has k*C = 9: too thin for a good sgemm);
-  bands bound the copy buffers (`band_bytes`), so memory is the activations plus a few MB
-  whatever the image size;
-- bias, the residual add and ReLU are applied in place on each band while it is still in cache.
+- a k x k conv runs over bands of output rows as k sgemms ("row taps"): the k horizontal taps of
+  every input row the band reads are copied side by side once, into an (input rows, W_out, k*C)
+  buffer; kernel row dy is then one sgemm of the buffer's rows s*i + dy*d (a plain slice when the
+  stride is 1) by that row's (k*C, C_out) weights, and the k products are summed. Each input value
+  is copied about k times, not k*k times as by im2col: on the memory-bound 2-core development VM
+  a 3 x 3 conv of 32 channels ran 1.5x faster than im2col + one sgemm, and even the RGB stem
+  (k*C = 9) was no slower (measured). A 1 x 1 conv multiplies the input rows directly. Bands bound
+  the copy buffers (`band_bytes`), so memory is the activations plus a few MB whatever the image
+  size;
+- bias, the residual add and ReLU are applied in place on each band while it is still in cache;
+- activations are written straight into zero-bordered buffers with the padding of the conv that
+  reads them next (no padding copies), and those buffers are reused across layers and calls
+  (`BufferArena`): fresh memory costs a page fault per 4 KB, about a sixth of the whole pass when
+  every layer allocated its output (measured).
 
 Layer ops (what `stages.model.Encoder.export_layers()` emits, validated by `validate_layers`):
     {"op": "conv", "name", "in", "out", "kernel", "stride", "dilation", "padding", "act"}
@@ -41,7 +43,7 @@ from ._blas import blas_threads
 from .errors import ArtifactError, InputError
 
 ACTIVATIONS = ("relu", "none")
-# Upper bound of one band's im2col buffer. About 1-2 MB keeps a band's buffer and output in cache
+# Upper bound of one band's tap buffer. About 1-2 MB keeps a band's buffer and output in cache
 # while its single-threaded sgemm runs, with enough bands to keep every thread busy
 # (measured with benchmarks/runtime_bench.py --band-bytes).
 DEFAULT_BAND_BYTES = 2 << 20
@@ -51,9 +53,6 @@ INPUT_BAND_BYTES = 1 << 20
 # Intermediate activation buffers kept between forward passes (see BufferArena): enough for a
 # 1024-pixel tile plus halo several times over, little next to what QGIS itself holds.
 ARENA_KEEP_BYTES = 256 << 20
-# Row taps need an sgemm inner dimension k * C_in of at least this; below it, im2col's k*k*C_in is
-# the better sgemm shape (an RGB stem: 9 vs 27).
-ROW_TAPS_MIN_K = 24
 
 
 @dataclass(frozen=True)
@@ -157,8 +156,8 @@ def output_size(size: int, stride: int = 4) -> int:
 
 
 class ConvWeights:
-    """A conv's weights as sgemm operands: for row taps, one (k*C_in, C_out) matrix per kernel row
-    (rows ordered (dx, c)); for im2col, the (k*k*C_in, C_out) matrix in column order (dy, dx, c)."""
+    """A conv's weights as sgemm operands: one (k*C_in, C_out) matrix per kernel row dy, its rows
+    ordered (dx, c) like the row taps."""
 
     def __init__(self, layer: dict, weight: np.ndarray, bias: np.ndarray):
         self.name = layer["name"]
@@ -166,12 +165,8 @@ class ConvWeights:
         self.dilation, self.padding, self.act = layer["dilation"], layer["padding"], layer["act"]
         self.cin, self.cout = layer["in"], layer["out"]
         w = np.asarray(weight, dtype=np.float32)
-        self.row_taps = self.kernel > 1 and self.kernel * self.cin >= ROW_TAPS_MIN_K
-        if self.row_taps:
-            self.row_matrices = [np.ascontiguousarray(w[:, :, dy].transpose(2, 1, 0).reshape(-1, self.cout))
-                                 for dy in range(self.kernel)]
-        else:
-            self.matrix = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, self.cout))
+        self.row_matrices = [np.ascontiguousarray(w[:, :, dy].transpose(2, 1, 0).reshape(-1, self.cout))
+                             for dy in range(self.kernel)]
         self.bias = np.ascontiguousarray(bias, dtype=np.float32)
         self._bias_rows: dict[int, np.ndarray] = {}
 
@@ -218,7 +213,13 @@ def conv2d_into(xin: np.ndarray, cw: ConvWeights, out: np.ndarray, skip: np.ndar
     """
     act = cw.act if act is None else act
     ho = out.shape[0]
-    band, rows_per_band = (_row_taps_band if cw.row_taps else _im2col_band)(xin, cw, out, band_bytes)
+    if cw.kernel == 1 and cw.stride == 1:  # pointwise: the input rows are the sgemm operand
+        rows_per_band = max(1, min(ho, band_bytes // (out.shape[1] * xin.shape[2] * 4)))
+
+        def band(r0: int, r1: int, o: np.ndarray) -> None:
+            _matmul_rows(xin[r0:r1], cw.row_matrices[0], o)
+    else:
+        band, rows_per_band = _row_taps_band(xin, cw, out, band_bytes)
 
     bias_row = cw.bias_row(out.shape[1])
 
@@ -288,35 +289,6 @@ def _row_taps_band(xin: np.ndarray, cw: ConvWeights, out: np.ndarray, band_bytes
     return band, rows_per_band
 
 
-def _im2col_band(xin: np.ndarray, cw: ConvWeights, out: np.ndarray, band_bytes: int):
-    """The im2col form (module docstring; also 1 x 1 convs): (band function, output rows per band)."""
-    wo = out.shape[1]
-    c = xin.shape[2]
-    k, s, d = cw.kernel, cw.stride, cw.dilation
-    pointwise = k == 1 and s == 1
-    kkc = k * k * c
-    rows_per_band = max(1, min(out.shape[0], band_bytes // (wo * (c if pointwise else kkc) * 4)))
-
-    def band(r0: int, r1: int, o: np.ndarray) -> None:
-        n = r1 - r0
-        if pointwise:
-            _matmul_rows(xin[r0:r1], cw.matrix, o)
-            return
-        cols = _scratch(n * wo * kkc).reshape(n, wo, kkc)
-        for dy in range(k):
-            rows = xin[r0 * s + dy * d: r0 * s + dy * d + (n - 1) * s + 1: s]
-            if d == 1:  # the k taps of a kernel row: one overlapping run of k*C floats per pixel
-                cols[:, :, dy * k * c:(dy + 1) * k * c] = as_strided(
-                    rows, shape=(n, wo, k * c), strides=(rows.strides[0], s * c * 4, 4), writeable=False)
-                continue
-            for dx in range(k):
-                j = (dy * k + dx) * c
-                cols[:, :, j:j + c] = rows[:, dx * d: dx * d + (wo - 1) * s + 1: s]
-        _matmul_rows(cols, cw.matrix, o)
-
-    return band, rows_per_band
-
-
 _local = threading.local()
 
 
@@ -366,7 +338,8 @@ class BufferArena:
     Kept between calls, so that the forward passes over a raster's tiles reuse the same memory
     instead of page-faulting a fresh buffer per layer (fresh memory costs about 4 ms per 32 MB on
     the development VM, a sixth of the whole pass). At most `keep_bytes` stay allocated between
-    calls; `take` returns the smallest free buffer that fits, or a new one.
+    calls; `take` returns the smallest free buffer that fits, or a new one that replaces the largest
+    free buffer (so the number of buffers stays that of the busiest forward pass).
     """
 
     def __init__(self, keep_bytes: int = ARENA_KEEP_BYTES):
@@ -375,9 +348,12 @@ class BufferArena:
 
     def take(self, size: int) -> np.ndarray:
         fits = [i for i, b in enumerate(self._free) if b.size >= size]
-        if not fits:
-            return np.empty(size, dtype=np.float32)
-        return self._free.pop(min(fits, key=lambda i: self._free[i].size))
+        if fits:
+            return self._free.pop(min(fits, key=lambda i: self._free[i].size))
+        if self._free:
+            # a new, larger buffer replaces the largest free one: growing tiles do not pile up buffers
+            self._free.pop(max(range(len(self._free)), key=lambda i: self._free[i].size))
+        return np.empty(size, dtype=np.float32)
 
     def give(self, buf: np.ndarray) -> None:
         self._free.append(buf)

@@ -240,6 +240,45 @@ def test_load_model_from_disk_equals_in_memory_model(tmp_path):
     np.testing.assert_array_equal(load_model(art).embed(rgb), _model(enc).embed(rgb))
 
 
+def test_reused_activation_buffers_do_not_change_results():
+    # the arena hands buffers of earlier (larger, smaller) images to later ones: borders must be
+    # re-zeroed and nothing may leak from one call into the next
+    enc = random_encoder(width=16, depth=2, embed_dim=8)
+    layers, arrays = enc.export_layers()
+    meta = encoder_meta(enc)
+    images = [synthetic_rgb(70, 90, seed=1), synthetic_rgb(133, 41, seed=2), synthetic_rgb(9, 13, seed=3)]
+    fresh = [Model(layers, arrays, meta).embed_cells(im) for im in images]
+    model = Model(layers, arrays, meta)
+    for order in ([0, 1, 2, 0], [2, 1, 0, 1]):
+        for i in order:
+            np.testing.assert_array_equal(model.embed_cells(images[i]), fresh[i])
+            np.testing.assert_array_equal(model.embed(images[i]), fresh[i].transpose(2, 0, 1))
+    # the normalised-float entry point runs the same pass
+    x = (images[0].astype(np.float32) / meta["input_scale"] - np.float32(meta["input_mean"])) \
+        / np.float32(meta["input_std"])
+    np.testing.assert_array_equal(model.network(x.astype(np.float32)), fresh[0])
+    assert model.network.arena.retained_bytes <= model.network.arena.keep_bytes
+
+
+def test_buffer_arena_reuses_replaces_and_trims():
+    from runtime.network import BufferArena
+
+    arena = BufferArena(keep_bytes=4000)
+    a, b = arena.take(100), arena.take(300)
+    arena.give(a)
+    arena.give(b)
+    assert arena.take(50) is a            # the smallest that fits
+    c = arena.take(500)                   # nothing fits: new, and the largest free one (b) goes
+    assert c.size == 500 and arena.retained_bytes == 0
+    arena.give(a)
+    arena.give(c)
+    arena.trim()                          # 2400 bytes: under the cap, kept
+    assert arena.retained_bytes == 2400
+    arena.keep_bytes = 1000
+    arena.trim()                          # the largest goes first
+    assert arena.retained_bytes == 400 and arena.take(100) is a
+
+
 def test_forward_without_blas_thread_control_gives_the_same_result(monkeypatch):
     # e.g. Apple Accelerate: bands run serially with BLAS's own threads (larger bands), same numbers
     from runtime import network
