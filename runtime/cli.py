@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cluster import DEFAULT_RESTARTS
 from .errors import LandsegError
 
 DESCRIPTION = """\
@@ -68,6 +69,8 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="embedding samples used to fit centres (default: 50000)")
     p.add_argument("--cluster-iters", type=int, default=None, metavar="N",
                    help="soft k-means iterations when fitting centres (default: the model's)")
+    p.add_argument("--restarts", type=int, default=DEFAULT_RESTARTS, metavar="N",
+                   help="k-means starts when fitting centres; the best is kept (default: %(default)s)")
     p.add_argument("--smooth-iters", type=int, default=None, metavar="N",
                    help="3x3 probability smoothing passes; 0 = none (default: the model's)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -123,7 +126,8 @@ def run_segment(args) -> int:
         result = segment_raster(args.input, args.output, args.k, model, tile=args.tile, bands=args.bands,
                                 centres=centres, seed=args.seed,
                                 samples=DEFAULT_SAMPLES if args.samples is None else args.samples,
-                                iters=args.cluster_iters, smooth_iters=args.smooth_iters,
+                                iters=args.cluster_iters, restarts=args.restarts,
+                                smooth_iters=args.smooth_iters,
                                 overwrite=args.overwrite, overviews=args.overviews, progress=progress)
     finally:
         progress.close()

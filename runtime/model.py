@@ -100,19 +100,22 @@ class Model:
 
     # -- centres --------------------------------------------------------------------------------
     def fit_centres(self, images, k: int, seed: int = 0, samples: int = DEFAULT_SAMPLES,
-                    iters: int | None = None) -> np.ndarray:
+                    iters: int | None = None, restarts: int = cluster.DEFAULT_RESTARTS) -> np.ndarray:
         """One set of (k, D) centres for a list of uint8 RGB images (the global protocol)."""
         if isinstance(images, np.ndarray):
             images = [images]
-        return self.fit_centres_from_cells([self.embed_cells(im) for im in images], k, seed, samples, iters)
+        return self.fit_centres_from_cells([self.embed_cells(im) for im in images], k, seed, samples, iters,
+                                           restarts)
 
     def fit_centres_from_cells(self, cells, k: int, seed: int = 0, samples: int = DEFAULT_SAMPLES,
-                               iters: int | None = None) -> np.ndarray:
+                               iters: int | None = None, restarts: int = cluster.DEFAULT_RESTARTS
+                               ) -> np.ndarray:
         """Centres from channels-last embeddings (h, w, D) or flat (N, D) arrays, e.g. from
         `embed_cells` (lets a caller embed once and reuse the embeddings to predict).
 
-        Draws at most `samples` cells uniformly (seeded) across all inputs, then runs spherical soft
-        k-means (`iters` updates, default the artifact's cluster_iters_default)."""
+        Draws at most `samples` cells uniformly (seeded) across all inputs, then runs spherical
+        k-means from `restarts` seeded starts and soft k-means (`iters` updates, default the
+        artifact's cluster_iters_default); see `runtime.cluster.fit_centres`."""
         k = self.check_k(k)
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < k:
             raise InputError(f"samples must be an integer >= k={k}, got {samples!r}")
@@ -121,7 +124,7 @@ class Model:
         it = self.cluster_iters_default if iters is None else iters
         if isinstance(it, bool) or not isinstance(it, (int, np.integer)) or it < 0:
             raise InputError(f"iters must be an integer >= 0, got {it!r}")
-        return cluster.fit_centres(x, k, self.temperature, int(it), seed)
+        return cluster.fit_centres(x, k, self.temperature, int(it), seed, restarts=restarts)
 
     def check_centres(self, k: int, centres) -> np.ndarray:
         """`centres` as a float32 (k, embed_dim) array; InputError if the shape or values are wrong."""

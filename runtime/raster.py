@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import Cancelled, InputError, OutputExistsError, RasterReadError
+from .cluster import DEFAULT_RESTARTS
 from .model import DEFAULT_SAMPLES, Model, labels_from_cell_proba, load_model
 
 NODATA = 255  # output value of pixels that are nodata in the input (cluster ids are 0..k-1 <= 15)
@@ -115,7 +116,7 @@ class _Reader:
 
 
 def fit_raster_centres(reader: _Reader, height: int, width: int, model: Model, k: int, seed: int,
-                       samples: int, iters: int | None) -> np.ndarray:
+                       samples: int, iters: int | None, restarts: int = DEFAULT_RESTARTS) -> np.ndarray:
     """Centres from embeddings of seeded sample windows spread across the raster.
 
     The raster is split into a SAMPLE_GRID x SAMPLE_GRID grid; in each grid cell one window core of
@@ -156,7 +157,7 @@ def fit_raster_centres(reader: _Reader, height: int, width: int, model: Model, k
     if sum(p.shape[0] for p in pooled) < k:
         raise InputError(f"{reader.src}: too few valid (non-nodata) pixels in the sample windows to fit "
                          f"{k} clusters")
-    return model.fit_centres_from_cells(pooled, k, seed=seed, samples=samples, iters=iters)
+    return model.fit_centres_from_cells(pooled, k, seed=seed, samples=samples, iters=iters, restarts=restarts)
 
 
 def _overview_factors(height: int, width: int) -> list[int]:
@@ -169,8 +170,8 @@ def _overview_factors(height: int, width: int) -> list[int]:
 
 def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=None,
                    centres=None, seed: int = 0, samples: int = DEFAULT_SAMPLES,
-                   iters: int | None = None, smooth_iters: int | None = None,
-                   overwrite: bool = False, overviews: bool = False,
+                   iters: int | None = None, restarts: int = DEFAULT_RESTARTS,
+                   smooth_iters: int | None = None, overwrite: bool = False, overviews: bool = False,
                    progress: Callable[[int, int], None] | None = None,
                    cancel: Callable[[], bool] | None = None) -> SegmentResult:
     """Segment the RGB raster `src` into k clusters, writing a uint8 GeoTIFF to `dst`.
@@ -178,7 +179,8 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     model: a `Model` or an artifact directory path. tile: core tile side in pixels (multiple of 4).
     bands: 1-based (R, G, B) band numbers, required for rasters with more than 3 bands.
     centres: None or "fit" (fit once on this raster, seeded), "artifact" (the model's centres_k<K>),
-    or a (k, embed_dim) array. samples/iters: cells drawn and soft k-means updates for fitting.
+    or a (k, embed_dim) array. samples/iters/restarts: cells drawn, soft k-means updates and
+    seeded k-means++ starts for fitting.
     smooth_iters: probability smoothing passes (default: the artifact's). progress(done, total) is
     called after every tile; cancel() is polled before every tile and, when it returns True, the run
     stops with `Cancelled` and nothing is written to `dst`. Returns a `SegmentResult`.
@@ -221,7 +223,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                 reader = _Reader(ds, bands, model, src)
 
                 if centres is None or (isinstance(centres, str) and centres == "fit"):
-                    c = fit_raster_centres(reader, height, width, model, k, seed, samples, iters)
+                    c = fit_raster_centres(reader, height, width, model, k, seed, samples, iters, restarts)
                     source = f"fitted on this raster (seed {seed})"
                 elif isinstance(centres, str) and centres == "artifact":
                     c = model.artifact_centres(k)

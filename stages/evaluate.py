@@ -94,15 +94,16 @@ class RuntimeSegmenter:
     (embed_cells -> fit_centres_from_cells -> cell_proba -> labels_from_cell_proba), so each tile
     is embedded once per pass instead of once per call."""
 
-    def __init__(self, model: Model):
-        self.model = model
+    def __init__(self, model: Model, restarts: int):
+        self.model, self.restarts = model, restarts
 
     def features(self, rgb: np.ndarray) -> np.ndarray:
         cells = self.model.embed_cells(rgb)
         return cells.reshape(-1, cells.shape[2])
 
     def fit(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-        return self.model.fit_centres_from_cells([samples], k, seed=seed, samples=len(samples))
+        return self.model.fit_centres_from_cells([samples], k, seed=seed, samples=len(samples),
+                                                 restarts=self.restarts)
 
     def labels(self, feats: np.ndarray, shape: tuple[int, int], centres: np.ndarray) -> np.ndarray:
         h, w = shape
@@ -265,8 +266,8 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
     tiles = load_val_tiles(dataset_root, num_classes)
 
     methods: dict[str, Segmenter] = {
-        "model": RuntimeSegmenter(model),
-        "teacher": RuntimeSegmenter(teacher),
+        "model": RuntimeSegmenter(model, params.kmeans_restarts),
+        "teacher": RuntimeSegmenter(teacher, params.kmeans_restarts),
         "kmeans_rgb": KMeansBaseline(rgb_features, params.kmeans_iters, params.kmeans_restarts),
         "kmeans_features": KMeansBaseline(handcrafted_features, params.kmeans_iters, params.kmeans_restarts),
     }

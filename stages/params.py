@@ -282,8 +282,9 @@ class EvaluateParams:
                                "from every tile) across the split to fit its one set of centres.", lo=16, hi=10**8)
     kmeans_iters: int = knob(50, "Lloyd iterations of the baselines' k-means (stops early when stable).",
                              lo=1, hi=1000)
-    kmeans_restarts: int = knob(3, "Seeded k-means++ starts per baseline fit; the lowest inertia is kept.",
-                                lo=1, hi=100)
+    kmeans_restarts: int = knob(3, "Seeded k-means++ starts per centre fit, for every method alike (the "
+                                "model's and teacher's spherical k-means, both baselines' k-means); the "
+                                "best objective is kept.", lo=1, hi=100)
 
 
 @dataclass

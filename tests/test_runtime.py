@@ -115,6 +115,27 @@ def test_thread_count_and_band_size_do_not_change_results():
         np.testing.assert_array_equal(got, ref)
 
 
+def test_fit_centres_keeps_the_best_of_its_restarts():
+    # unit vectors in 8 overlapping groups of unequal size: single k-means++ starts at k=5 land in
+    # different local optima; `restarts` must return the best start's centres (by total cosine)
+    rng = np.random.default_rng(0)
+    groups = rng.standard_normal((8, 6)).astype(np.float32)
+    x = np.concatenate([g + 0.8 * rng.standard_normal((n, 6)).astype(np.float32)
+                        for g, n in zip(groups, [400, 300, 200, 150, 100, 80, 60, 40])])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    def objective(c):
+        return float((x @ c.T).max(axis=1).sum(dtype=np.float64))
+
+    singles = [cluster.fit_centres(x, 5, 0.1, 0, seed=s, restarts=1) for s in range(10, 14)]
+    best = cluster.fit_centres(x, 5, 0.1, 0, seed=10, restarts=4)
+    scores = [objective(c) for c in singles]
+    assert len({round(v, 3) for v in scores}) > 1          # the starts really differ
+    np.testing.assert_array_equal(best, singles[int(np.argmax(scores))])
+    with pytest.raises(InputError, match="restarts"):
+        cluster.fit_centres(x, 5, 0.1, 0, restarts=0)
+
+
 def test_fit_centres_is_deterministic_distinct_and_global():
     model = _model(random_encoder(width=16, depth=1, embed_dim=8))
     images = [synthetic_rgb(64, 80, seed=s) for s in range(3)]
