@@ -537,6 +537,13 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     config = teacher_config(model_params)
     model = build_teacher(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=train_params.lr, weight_decay=train_params.weight_decay)
+    averaged = None  # the weight EMA: what is validated, selected and saved when train.weight_ema > 0
+    if train_params.weight_ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_params.weight_ema),
+                                 use_buffers=True)
+    evaluated = model if averaged is None else averaged.module
     fingerprint = run_fingerprint(aug, model_params, loss_params, train_params,
                                   data_hash=summary.get("params_hash", ""))
     ckpt_path = checkpoint_dir / "last.pt"
@@ -545,26 +552,28 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if averaged is not None:
+            averaged.load_state_dict(state["averaged"])
         start, best = int(state["step"]), state["best"]
         tqdm.write(f"resuming teacher training from {ckpt_path} at step {start}")
 
     def validate() -> dict:
-        model.eval()
+        evaluated.eval()
         with torch.no_grad():
             if labelled is not None:
-                embs = embed_images(model.encoder, labelled.images, device)
-                scores = global_scores(embs, labelled, model.head.temperature, model.smooth_iters,
+                embs = embed_images(evaluated.encoder, labelled.images, device)
+                scores = global_scores(embs, labelled, evaluated.head.temperature, evaluated.smooth_iters,
                                        seed=train_params.seed)
-                probs, _ = model.head(torch.cat([e.reshape(e.shape[0], -1) for e in embs], 1).T[:, :, None, None].to(device))
+                probs, _ = evaluated.head(torch.cat([e.reshape(e.shape[0], -1) for e in embs], 1).T[:, :, None, None].to(device))
                 usage = cluster_usage(probs[:, :, 0, 0])
                 record = {"metric": f"{labelled.split}/miou", "score": scores["miou"], **scores}
             else:
                 views = make_views(heldout.batch, 0, aug)
                 views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
-                terms = teacher_losses(model, views, loss_params, torch.Generator().manual_seed(0))
+                terms = teacher_losses(evaluated, views, loss_params, torch.Generator().manual_seed(0))
                 usage = cluster_usage(terms["_probs"])
                 record = {"metric": "heldout/neg_loss", "score": -float(terms["total"])}
-        model.train()
+        evaluated.train()
         record["clusters_ge_2pct"] = int((usage >= USAGE_THRESHOLD).sum())
         record["usage"] = usage
         return record
@@ -588,6 +597,8 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             opt.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
 
             usage = cluster_usage(terms["_probs"].detach())
             for name, value in terms.items():
@@ -604,12 +615,13 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
                 if record["score"] > best["score"]:
                     best = {"score": float(record["score"]), "step": done, "metric": record["metric"],
                             "clusters_ge_2pct": record["clusters_ge_2pct"],
-                            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                            "state_dict": {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}}
                 bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", val=f"{record['score']:.3f}")
             live.next_step()
             if done % train_params.checkpoint_every == 0 or done == train_params.steps:
                 atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
-                                   "model": model.state_dict(), "optimizer": opt.state_dict(), "best": best},
+                                   "model": model.state_dict(), "optimizer": opt.state_dict(), "best": best,
+                                   "averaged": None if averaged is None else averaged.state_dict()},
                                   ckpt_path)
             if stop_after is not None and done >= stop_after:
                 live.end()

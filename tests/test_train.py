@@ -143,6 +143,32 @@ def test_prefetch_changes_speed_only(tmp_path, tiny_dataset):
     assert (tmp_path / "True/teacher/model.pt").read_bytes() == (tmp_path / "False/teacher/model.pt").read_bytes()
 
 
+def test_weight_ema_is_validated_saved_and_resumed(tmp_path, tiny_dataset):
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from stages.train import build_teacher, teacher_config
+
+    params = tiny_params(steps=6, val_every=6, weight_ema=0.5)  # one validation: the last step is best
+    run(tmp_path / "plain", tiny_dataset, tiny_params(steps=6, val_every=6))
+    run(tmp_path / "ema", tiny_dataset, params)
+    raw_plain = torch.load(tmp_path / "plain/ckpt/last.pt", weights_only=True)["model"]
+    last = torch.load(tmp_path / "ema/ckpt/last.pt", weights_only=True)
+    saved = torch.load(tmp_path / "ema/teacher/model.pt", weights_only=True)["state_dict"]
+    # the raw weights train exactly as without the average ...
+    assert all(torch.equal(v, raw_plain[k]) for k, v in last["model"].items())
+    # ... and the average, not the raw weights, is what is validated and saved
+    model = build_teacher(teacher_config(params[1]))
+    model.load_state_dict(last["model"])
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    averaged.load_state_dict(last["averaged"])
+    assert all(torch.equal(v, saved[k]) for k, v in averaged.module.state_dict().items())
+    assert any(not torch.equal(v, last["model"][k]) for k, v in saved.items() if v.is_floating_point())
+    # killed and resumed, the average continues as if uninterrupted
+    assert run(tmp_path / "cut", tiny_dataset, params, stop_after=3) == {"stopped_at": 3}
+    run(tmp_path / "cut", tiny_dataset, params)
+    assert (tmp_path / "cut/teacher/model.pt").read_bytes() == (tmp_path / "ema/teacher/model.pt").read_bytes()
+
+
 def test_finished_checkpoint_is_not_resumed(tmp_path, tiny_dataset, capsys):
     """DVC reruns a finished stage when its code changes, deleting its logs first: the run must
     train again and log every step, not 'resume' at the last step with nothing to log."""
