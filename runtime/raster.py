@@ -193,6 +193,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     if tile % model.stride:
         raise InputError(f"tile must be a multiple of {model.stride} pixels, got {tile}")
     samples = _check_int("samples", samples, k)
+    restarts = _check_int("restarts", restarts, 1)
     smooth = model.smooth_iters_default if smooth_iters is None else _check_int("smooth_iters", smooth_iters, 0)
     dst = Path(dst)
     if dst.exists() and not overwrite:

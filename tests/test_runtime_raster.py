@@ -146,6 +146,8 @@ def test_bad_arguments_and_inputs_are_refused(tmp_path, src, rgb, model):
             segment_raster(src, out, k, model)
     with pytest.raises(InputError, match="multiple of 4"):
         segment_raster(src, out, K, model, tile=30)
+    with pytest.raises(InputError, match="restarts must be an integer >= 1"):
+        segment_raster(src, out, K, model, restarts=0)
     wide = write_raster(tmp_path / "u16.tif", rgb.astype(np.uint16) * 200)
     with pytest.raises(InputError, match=r"uint16.*8-bit"):
         segment_raster(wide, out, K, model)
