@@ -239,3 +239,22 @@ def swapped_prediction(p_a: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
     q_a, q_b = sinkhorn_targets(p_a), sinkhorn_targets(p_b)
     ce = -(q_b * p_a.clamp_min(EPS).log()).sum(dim=1).mean() - (q_a * p_b.clamp_min(EPS).log()).sum(dim=1).mean()
     return 0.5 * ce / math.log(p_a.shape[1])
+
+
+def self_distillation(p_a: torch.Tensor, p_b: torch.Tensor, t_a: torch.Tensor, t_b: torch.Tensor,
+                      sharpen: float = 2.0) -> torch.Tensor:
+    """Each view's assignments predict the *other* view's assignments under a slowly moving target
+    network (DINO-style self-distillation), cross-entropy / log k.
+
+    p_a, p_b: the online network's aligned maps (B, k, h, w); t_a, t_b: the target network's for
+    the same views (no gradient), sharpened as t ** sharpen renormalised so that the online
+    network is pulled towards more confident assignments than the target's.
+    """
+    _check_probs(p_a, "p_a")
+    if not (p_a.shape == p_b.shape == t_a.shape == t_b.shape):
+        raise ValueError(f"assignment shapes differ: {tuple(p_a.shape)}, {tuple(p_b.shape)}, "
+                         f"{tuple(t_a.shape)}, {tuple(t_b.shape)}")
+    q_a, q_b = (t.detach().clamp_min(EPS) ** sharpen for t in (t_a, t_b))
+    q_a, q_b = q_a / q_a.sum(dim=1, keepdim=True), q_b / q_b.sum(dim=1, keepdim=True)
+    ce = -(q_b * p_a.clamp_min(EPS).log()).sum(dim=1).mean() - (q_a * p_b.clamp_min(EPS).log()).sum(dim=1).mean()
+    return 0.5 * ce / math.log(p_a.shape[1])

@@ -205,6 +205,9 @@ class LossParams:
                               lo=0.0, hi=100.0)
     contrastive_temperature: float = knob(0.2, "Temperature of the dense contrastive term.", lo=1e-3, hi=10.0)
     contrastive_samples: int = knob(32, "Cells sampled per image for the dense contrastive term.", lo=2, hi=65536)
+    self_distill: float = knob(0.0, "Weight of self-distillation: each view's assignments predict the "
+                               "other view's sharpened assignments under the weight-EMA network "
+                               "(needs train.weight_ema > 0, the target's decay).", lo=0.0, hi=100.0)
     contrastive_negatives: str = knob(
         "all", "Negatives of the dense contrastive term: 'all' sampled cells of the batch, or "
         "'other_images' only (same-image cells, often the same land cover, are not pushed apart).",

@@ -56,6 +56,9 @@ from stages.params import ModelParams, ParamsError, load_params
 TEACHER_FORMAT = "landseg-teacher"
 CHECKPOINT_VERSION = 1
 USAGE_THRESHOLD = 0.02  # a cluster "holds" pixels when it has at least 2 % of them
+# Self-distillation targets are the target network's assignments squared and renormalised
+# (temperature halved), as the Sinkhorn codes of the swapped term are sharpened.
+SELF_DISTILL_SHARPEN = 2.0
 
 
 class TrainingError(RuntimeError):
@@ -451,11 +454,12 @@ def teacher_info(path: str | Path) -> dict:
     return {k: v for k, v in blob.items() if k != "state_dict"}
 
 
-def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: torch.Generator
-                   ) -> dict[str, torch.Tensor]:
+def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: torch.Generator,
+                   target: Optional[MonolithicSegmenter] = None) -> dict[str, torch.Tensor]:
     """All teacher loss terms for a list of two views; both views share one set of centres.
 
-    `generator` draws the cells of the dense contrastive term.
+    `generator` draws the cells of the dense contrastive term. `target` (the weight-EMA network)
+    adds the self-distillation term.
     """
     b = views[0].input.shape[0]
     if len({v.input.shape for v in views}) == 1:
@@ -480,6 +484,15 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
         "swapped": losses.swapped_prediction(aligned[0], aligned[1]),
         "consistency": losses.consistency(aligned[0], aligned[1]),
     }
+    if target is not None:
+        was_training = target.training
+        target.eval()
+        with torch.no_grad():
+            t_v = [target(v.input)["probs"] for v in views]
+        target.train(was_training)
+        t_aligned = [pool_to(invert_each(t, v.transforms), side) for t, v in zip(t_v, views)]
+        terms["self_distill"] = losses.self_distillation(aligned[0], aligned[1], *t_aligned,
+                                                         sharpen=SELF_DISTILL_SHARPEN)
     if probs is not None:  # views of one size: the terms over the whole two-view batch
         terms["entropy"] = losses.pixel_entropy(probs)
         terms["marginal_entropy"] = losses.marginal_entropy(probs)
@@ -544,6 +557,10 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
         averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_params.weight_ema),
                                  use_buffers=True)
     evaluated = model if averaged is None else averaged.module
+    if loss_params.self_distill > 0 and averaged is None:
+        raise TrainingError("loss.self_distill > 0 needs a target network: set train.weight_ema > 0 "
+                            "(its decay)")
+    target = averaged.module if loss_params.self_distill > 0 else None
     fingerprint = run_fingerprint(aug, model_params, loss_params, train_params,
                                   data_hash=summary.get("params_hash", ""))
     ckpt_path = checkpoint_dir / "last.pt"
@@ -593,7 +610,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
             for group in opt.param_groups:
                 group["lr"] = lr
             terms = teacher_losses(model, views, loss_params,
-                                   torch.Generator().manual_seed(train_params.seed * 1_000_003 + step))
+                                   torch.Generator().manual_seed(train_params.seed * 1_000_003 + step), target)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             opt.step()

@@ -169,6 +169,22 @@ def test_weight_ema_is_validated_saved_and_resumed(tmp_path, tiny_dataset):
     assert (tmp_path / "cut/teacher/model.pt").read_bytes() == (tmp_path / "ema/teacher/model.pt").read_bytes()
 
 
+def test_self_distillation_needs_and_uses_the_weight_ema(tmp_path, tiny_dataset):
+    import dataclasses as dc
+
+    aug, model, loss, train = tiny_params(steps=4, val_every=4)
+    with pytest.raises(TrainingError, match="train.weight_ema"):
+        run(tmp_path / "no_ema", tiny_dataset, (aug, model, dc.replace(loss, self_distill=1.0), train))
+    run(tmp_path / "ema", tiny_dataset, (aug, model, loss, dc.replace(train, weight_ema=0.9)))
+    run(tmp_path / "sd", tiny_dataset, (aug, model, dc.replace(loss, self_distill=1.0),
+                                        dc.replace(train, weight_ema=0.9)))
+    rows = (tmp_path / "sd/results/plots/metrics/train/self_distill.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 4 and all(float(r.split("\t")[1]) > 0 for r in rows)
+    a = torch.load(tmp_path / "ema/teacher/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "sd/teacher/model.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(v, b[k]) for k, v in a.items() if v.is_floating_point())
+
+
 def test_finished_checkpoint_is_not_resumed(tmp_path, tiny_dataset, capsys):
     """DVC reruns a finished stage when its code changes, deleting its logs first: the run must
     train again and log every step, not 'resume' at the last step with nothing to log."""
