@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SGEMM_SETTLE_S = 0.3  # pause after the multi-threaded sgemm (see run_sgemm)
+SGEMM_SETTLE_S = 0.3  # pause after each round's multi-threaded sgemm (see main)
 sys.path.insert(0, str(REPO))
 
 
@@ -177,11 +177,7 @@ def main() -> None:
         a = np.random.default_rng(1).standard_normal((2048, 2048), dtype=np.float32)
 
         def run_sgemm():
-            out = a @ a
-            # OpenBLAS's worker threads keep spinning for a while after a multi-threaded call and
-            # would take a core from whatever is timed next (measured: numpy 15 % slower right
-            # after it, unaffected 0.2 s later); let them go to sleep, outside the timing
-            return out
+            return a @ a
 
         diff = float(np.abs(run_numpy() - run_torch()[0].numpy()).max())  # also warms up both
         run_sgemm()
@@ -192,6 +188,9 @@ def main() -> None:
                 t = time.perf_counter()
                 fn()
                 acc.append(time.perf_counter() - t)
+            # OpenBLAS's worker threads keep spinning for a while after the multi-threaded sgemm and
+            # would take a core from whatever is timed next (measured: numpy 15 % slower right
+            # after it, unaffected 0.2 s later); let them go to sleep, outside the timing
             time.sleep(SGEMM_SETTLE_S)
 
         mpix = args.size * args.size / 1e6

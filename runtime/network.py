@@ -242,6 +242,11 @@ def conv2d_into(xin: np.ndarray, cw: ConvWeights, out: np.ndarray, skip: np.ndar
         pool.map(run, starts)
 
 
+def _elementwise_rows(width: int, channels: int) -> int:
+    """Rows per band of the cheap elementwise passes (input and final L2 normalisation)."""
+    return max(1, INPUT_BAND_BYTES // (width * channels * 4))
+
+
 def _rows(a: np.ndarray) -> np.ndarray:
     """An (n, w, c) array whose rows are each contiguous (also the interior of a padded buffer) as
     an (n, w * c) view; raises rather than silently copying when that is impossible."""
@@ -361,7 +366,7 @@ class BufferArena:
     def trim(self) -> None:
         """Drop the largest free buffers until at most keep_bytes remain."""
         self._free.sort(key=lambda b: b.size)
-        while self._free and sum(b.nbytes for b in self._free) > self.keep_bytes:
+        while self._free and self.retained_bytes > self.keep_bytes:
             self._free.pop()
 
     @property
@@ -384,15 +389,6 @@ class _Activation:
     def inner(self) -> np.ndarray:
         p = self.pad
         return self.buf[p:p + self.h, p:p + self.w]
-
-    def padded(self, p: int) -> np.ndarray:
-        """The activation with a zero border of exactly p pixels (a view when p <= pad)."""
-        if p == self.pad:
-            return self.buf
-        if p < self.pad:
-            q = self.pad - p
-            return self.buf[q:q + self.h + 2 * p, q:q + self.w + 2 * p]
-        return np.pad(self.inner, ((p, p), (p, p), (0, 0)))
 
 
 class Network:
@@ -438,7 +434,6 @@ class Network:
         self._first_pad = self.convs[order[0]].padding
         self.arena = BufferArena()
         self._lock = threading.Lock()
-        self._fresh_last = True
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Channels-last normalised input (H, W, 3) float32 -> (ceil(H/4), ceil(W/4), D) embeddings."""
@@ -481,7 +476,7 @@ class Network:
         with self._lock, blas:
             try:
                 x = self._activation(h, w, self.summary.in_channels, self._first_pad)
-                rows = max(1, INPUT_BAND_BYTES // (w * self.summary.in_channels * 4))
+                rows = _elementwise_rows(w, self.summary.in_channels)
 
                 def band(r0: int) -> None:
                     r1 = min(h, r0 + rows)
@@ -489,9 +484,9 @@ class Network:
 
                 self._map(band, range(0, h, rows))
                 # the last conv writes a fresh array that is returned, unless it gets transposed
-                self._fresh_last = not channels_first
-                y = self._run(self.layers[:-1], x, keep_input=False)  # the last op is l2norm
-                rows = max(1, INPUT_BAND_BYTES // (y.w * y.buf.shape[2] * 4))
+                y = self._run(self.layers[:-1], x, keep_input=False,  # the last op is l2norm
+                              fresh_last=not channels_first)
+                rows = _elementwise_rows(y.w, y.buf.shape[2])
                 if not channels_first:
                     self._map(lambda r0: l2_normalise(y.inner[r0:r0 + rows]), range(0, y.h, rows))
                     return y.buf
@@ -541,32 +536,35 @@ class Network:
             return f"1 thread, single-threaded BLAS ({self._blas.description})"
         return f"serial bands, BLAS's own threading ({self._blas.description})"
 
-    def _conv(self, name: str, x: _Activation, skip: np.ndarray | None = None,
+    def _conv(self, name: str, x: _Activation, fresh_last: bool, skip: np.ndarray | None = None,
               act: str | None = None) -> _Activation:
         cw = self.convs[name]
         ho, wo = cw.output_size(x.h, x.w)
-        last = name == self._last_conv and self._fresh_last  # returned to the caller: a fresh array
+        last = name == self._last_conv and fresh_last  # returned to the caller: a fresh array
         y = self._activation(ho, wo, cw.cout, self._pad_after.get(name, 0), fresh=last)
-        conv2d_into(x.padded(cw.padding), cw, y.inner, skip, act, self.band_bytes, self._pool)
+        # every activation was written with the border its next conv reads (Network.__init__)
+        assert x.pad == cw.padding, (name, x.pad, cw.padding)
+        conv2d_into(x.buf, cw, y.inner, skip, act, self.band_bytes, self._pool)
         return y
 
-    def _run(self, ops, x: _Activation, keep_input: bool) -> _Activation:
-        """Runs ops on x; x's buffer goes back to the arena once read unless keep_input."""
+    def _run(self, ops, x: _Activation, keep_input: bool, fresh_last: bool) -> _Activation:
+        """Runs ops on x; x's buffer goes back to the arena once read unless keep_input. With
+        fresh_last the network's last conv writes a fresh array instead of an arena buffer."""
         for layer in ops:
             op = layer["op"]
             if op == "conv":
-                y = self._conv(layer["name"], x)
+                y = self._conv(layer["name"], x, fresh_last)
             elif op == "residual":
                 inner = layer["layers"]
                 last = inner[-1]
                 if last["op"] == "conv" and last["act"] == "none":
                     # fuse the skip add and the residual's activation into the last conv's bands
-                    h = self._run(inner[:-1], x, keep_input=True) if len(inner) > 1 else x
-                    y = self._conv(last["name"], h, skip=x.inner, act=layer["act"])
+                    h = self._run(inner[:-1], x, True, fresh_last) if len(inner) > 1 else x
+                    y = self._conv(last["name"], h, fresh_last, skip=x.inner, act=layer["act"])
                     if h is not x:
                         self._release(h)
                 else:
-                    y = self._run(inner, x, keep_input=True)
+                    y = self._run(inner, x, True, fresh_last)
                     yi = y.inner
                     yi += x.inner
                     if layer["act"] == "relu":

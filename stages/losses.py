@@ -236,7 +236,12 @@ def swapped_prediction(p_a: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
     p_a, p_b: aligned assignment maps (B, k, h, w). The codes (`sinkhorn_targets`) carry no gradient.
     """
     _check_probs(p_a, "p_a")
-    q_a, q_b = sinkhorn_targets(p_a), sinkhorn_targets(p_b)
+    return _swapped_cross_entropy(p_a, p_b, sinkhorn_targets(p_a), sinkhorn_targets(p_b))
+
+
+def _swapped_cross_entropy(p_a: torch.Tensor, p_b: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor
+                           ) -> torch.Tensor:
+    """Mean of CE(q_b, p_a) and CE(q_a, p_b) per pixel over (B, k, h, w) maps, divided by log k."""
     ce = -(q_b * p_a.clamp_min(EPS).log()).sum(dim=1).mean() - (q_a * p_b.clamp_min(EPS).log()).sum(dim=1).mean()
     return 0.5 * ce / math.log(p_a.shape[1])
 
@@ -255,6 +260,4 @@ def self_distillation(p_a: torch.Tensor, p_b: torch.Tensor, t_a: torch.Tensor, t
         raise ValueError(f"assignment shapes differ: {tuple(p_a.shape)}, {tuple(p_b.shape)}, "
                          f"{tuple(t_a.shape)}, {tuple(t_b.shape)}")
     q_a, q_b = (t.detach().clamp_min(EPS) ** sharpen for t in (t_a, t_b))
-    q_a, q_b = q_a / q_a.sum(dim=1, keepdim=True), q_b / q_b.sum(dim=1, keepdim=True)
-    ce = -(q_b * p_a.clamp_min(EPS).log()).sum(dim=1).mean() - (q_a * p_b.clamp_min(EPS).log()).sum(dim=1).mean()
-    return 0.5 * ce / math.log(p_a.shape[1])
+    return _swapped_cross_entropy(p_a, p_b, q_a / q_a.sum(dim=1, keepdim=True), q_b / q_b.sum(dim=1, keepdim=True))
