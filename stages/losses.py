@@ -25,6 +25,7 @@ student (distillation from the frozen teacher)
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,20 @@ def sample_positions(batch: int, cells: int, n: int, generator: torch.Generator)
     """(batch, min(n, cells)) flat cell indices, without replacement per image."""
     n = min(n, cells)
     return torch.stack([torch.randperm(cells, generator=generator)[:n] for _ in range(batch)])
+
+
+def offset_positions(idx: torch.Tensor, side: int, max_offset: int, generator: torch.Generator) -> torch.Tensor:
+    """Each flat cell index of idx (B, N) on a side x side grid moved by a random offset of at most
+    `max_offset` cells along each axis (uniform in [-max_offset, max_offset]^2, clamped to the grid).
+    max_offset 0 returns idx unchanged."""
+    if max_offset < 0:
+        raise ValueError(f"max_offset must be >= 0, got {max_offset}")
+    if max_offset == 0:
+        return idx
+    shift = torch.randint(-max_offset, max_offset + 1, (2, *idx.shape), generator=generator)
+    rows = (idx // side + shift[0].to(idx.device)).clamp(0, side - 1)
+    cols = (idx % side + shift[1].to(idx.device)).clamp(0, side - 1)
+    return rows * side + cols
 
 
 def gather_positions(emb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -179,7 +194,7 @@ class EmaNormaliser:
 
 
 def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, temperature: float,
-                      same_image_negatives: bool = True) -> torch.Tensor:
+                      same_image_negatives: bool = True, idx_b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Symmetric InfoNCE between aligned cells of two views, divided by log(#candidates).
 
     e_a, e_b: unit embeddings (B, D, h, w) already mapped to the same ground grid; idx (B, N) flat
@@ -192,9 +207,16 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
     candidates (its positive stays): neighbours in one image are often the same land cover, and
     pushing them apart rewards features that separate instances rather than classes. The
     candidates are then the positive plus the (B - 1) * N cells of the other images.
+
+    `idx_b` (B, N), default idx: where view b's cells are taken; e.g. `offset_positions(idx, ...)`
+    makes each positive a *nearby* cell rather than the same one (Tile2Vec's prior: neighbouring
+    ground is usually the same land cover), rewarding features that are constant over a region.
     """
+    idx_b = idx if idx_b is None else idx_b
+    if idx_b.shape != idx.shape:
+        raise ValueError(f"idx_b {tuple(idx_b.shape)} must have the shape of idx {tuple(idx.shape)}")
     a = gather_positions(e_a, idx).reshape(-1, e_a.shape[1])
-    b = gather_positions(e_b, idx).reshape(-1, e_b.shape[1])
+    b = gather_positions(e_b, idx_b).reshape(-1, e_b.shape[1])
     logits = a @ b.T / temperature
     target = torch.arange(len(a), device=a.device)
     candidates = len(a)

@@ -477,10 +477,11 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     emb_aligned = [e if e.shape[-1] == side else F.normalize(pool_to(e, side), dim=1, eps=1e-12)
                    for e in emb_aligned]
     idx = losses.sample_positions(b, side * side, loss_params.contrastive_samples, generator)
+    idx_b = losses.offset_positions(idx, side, loss_params.contrastive_offset, generator)
     terms = {
         "contrastive": losses.dense_contrastive(emb_aligned[0], emb_aligned[1], idx,
                                                 loss_params.contrastive_temperature,
-                                                loss_params.contrastive_negatives == "all"),
+                                                loss_params.contrastive_negatives == "all", idx_b),
         "swapped": losses.swapped_prediction(aligned[0], aligned[1]),
         "consistency": losses.consistency(aligned[0], aligned[1]),
     }

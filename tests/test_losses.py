@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.augment import GeometricTransform, apply_each, invert_each
-from stages.losses import (EmaNormaliser, affinity_distillation, cluster_distillation, consistency,
+from stages.losses import (offset_positions, EmaNormaliser, affinity_distillation, cluster_distillation, consistency,
                            cosine_distillation, dense_contrastive, edge_aware_tv, self_distillation, geometric_mean, marginal_entropy,
                            pixel_entropy, sample_positions)
 
@@ -138,6 +138,37 @@ def test_dense_contrastive_scale_and_same_image_negatives():
     # a single image has no other-image negatives: an error, not a silent zero
     with pytest.raises(ValueError, match="at least two"):
         dense_contrastive(per_image[:1], per_image[:1], idx[:1, :1], 0.05, same_image_negatives=False)
+
+
+def test_offset_positives_stay_on_the_grid_within_reach():
+    g = torch.Generator().manual_seed(0)
+    side = 6
+    idx = sample_positions(3, side * side, side * side, g)        # every cell of 3 images
+    assert torch.equal(offset_positions(idx, side, 0, g), idx)      # 0: the same cell, no draw
+    moved = offset_positions(idx, side, 2, g)
+    assert moved.shape == idx.shape and moved.min() >= 0 and moved.max() < side * side
+    dr, dc = (moved // side - idx // side).abs(), (moved % side - idx % side).abs()
+    assert dr.max() <= 2 and dc.max() <= 2 and (moved != idx).float().mean() > 0.5
+    with pytest.raises(ValueError, match="max_offset"):
+        offset_positions(idx, side, -1, g)
+
+
+def test_offset_positives_reward_features_constant_over_a_region():
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    b, d, side, n = 4, 16, 8, 16
+    idx = sample_positions(b, side * side, n, g)
+    idx_b = offset_positions(idx, side, 2, g)
+    # two regions per image (left / right half), each one embedding: matched if the offset stays
+    # in the region; per-cell random embeddings cannot match a neighbouring cell
+    regions = F.normalize(torch.randn(b, 2, d, generator=g), dim=2)
+    half = (torch.arange(side) >= side // 2).long()
+    regional = regions[:, half].permute(0, 2, 1)[:, :, None, :].expand(b, d, side, side).contiguous()
+    per_cell = F.normalize(torch.randn(b, d, side, side, generator=g), dim=1)
+    assert dense_contrastive(regional, regional, idx, 0.05, idx_b=idx_b).item() < \
+        dense_contrastive(per_cell, per_cell, idx, 0.05, idx_b=idx_b).item()
+    with pytest.raises(ValueError, match="shape of idx"):
+        dense_contrastive(per_cell, per_cell, idx, 0.05, idx_b=idx_b[:, :3])
 
 
 def test_self_distillation_rewards_agreeing_with_the_sharpened_target():
