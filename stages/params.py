@@ -187,7 +187,7 @@ class ModelParams:
     max_k: int = knob(8, "Number of soft k-means prototypes (largest k the runtime accepts).", lo=2, hi=16)
     temperature: float = knob(0.1, "Soft k-means temperature on cosine similarity.", lo=1e-4, hi=10.0)
     cluster_iters: int = knob(3, "Soft k-means refinement iterations.", lo=0, hi=100)
-    smooth_iters: int = knob(3, "3x3 probability smoothing iterations at stride 4 (inference and validation).", lo=0, hi=32)
+    smooth_iters: int = knob(8, "3x3 probability smoothing iterations at stride 4 (inference and validation).", lo=0, hi=32)
     refine_head: bool = knob(False, "Add a learned residual refinement head on the embeddings.")
     seed: int = knob(0, "Seed of weight and prototype initialisation.", lo=0, hi=2**31 - 1)
 
