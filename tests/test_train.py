@@ -185,6 +185,20 @@ def test_self_distillation_needs_and_uses_the_weight_ema(tmp_path, tiny_dataset)
     assert any(not torch.equal(v, b[k]) for k, v in a.items() if v.is_floating_point())
 
 
+def test_contrastive_offset_zero_keeps_the_default_stream_and_nonzero_changes_training(tmp_path, tiny_dataset):
+    import dataclasses as dc
+
+    aug, model, loss, train = tiny_params(steps=3, val_every=3)
+    weights = {}
+    for name, offset in (("default", None), ("zero", 0), ("two", 2)):
+        lp = loss if offset is None else dc.replace(loss, contrastive_offset=offset)
+        run(tmp_path / name, tiny_dataset, (aug, model, lp, train))
+        weights[name] = torch.load(tmp_path / name / "teacher/model.pt", weights_only=True)["state_dict"]
+    floats = [k for k, v in weights["default"].items() if v.is_floating_point()]
+    assert all(torch.equal(weights["default"][k], weights["zero"][k]) for k in floats)
+    assert any(not torch.equal(weights["default"][k], weights["two"][k]) for k in floats)
+
+
 def test_finished_checkpoint_is_not_resumed(tmp_path, tiny_dataset, capsys):
     """DVC reruns a finished stage when its code changes, deleting its logs first: the run must
     train again and log every step, not 'resume' at the last step with nothing to log."""
