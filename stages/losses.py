@@ -194,7 +194,8 @@ class EmaNormaliser:
 
 
 def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, temperature: float,
-                      same_image_negatives: bool = True, idx_b: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      same_image_negatives: bool = True, idx_b: Optional[torch.Tensor] = None,
+                      max_negative_cos: float = 1.0) -> torch.Tensor:
     """Symmetric InfoNCE between aligned cells of two views, divided by log(#candidates).
 
     e_a, e_b: unit embeddings (B, D, h, w) already mapped to the same ground grid; idx (B, N) flat
@@ -211,6 +212,11 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
     `idx_b` (B, N), default idx: where view b's cells are taken; e.g. `offset_positions(idx, ...)`
     makes each positive a *nearby* cell rather than the same one (Tile2Vec's prior: neighbouring
     ground is usually the same land cover), rewarding features that are constant over a region.
+
+    `max_negative_cos` < 1 drops every negative whose cosine to the anchor exceeds it (measured
+    without gradient): those are most likely the same land cover (false negatives), and pushing
+    them away is what spreads one class over the sphere. The positive always stays; the loss is
+    still divided by log of the full candidate count, so its scale does not depend on the masking.
     """
     idx_b = idx if idx_b is None else idx_b
     if idx_b.shape != idx.shape:
@@ -226,6 +232,10 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
         masked = (image[:, None] == image[None, :]) & (target[:, None] != target[None, :])
         logits = logits.masked_fill(masked, float("-inf"))
         candidates = len(a) - n + 1
+    if max_negative_cos < 1.0:
+        with torch.no_grad():
+            similar = (a @ b.T > max_negative_cos) & (target[:, None] != target[None, :])
+        logits = logits.masked_fill(similar, float("-inf"))
     if candidates < 2:
         raise ValueError("the dense contrastive term needs at least two candidates per cell "
                          "(other-image negatives need a batch of at least two images)")

@@ -212,6 +212,9 @@ class LossParams:
         "all", "Negatives of the dense contrastive term: 'all' sampled cells of the batch, or "
         "'other_images' only (same-image cells, often the same land cover, are not pushed apart).",
         choices=("all", "other_images"))
+    contrastive_max_negative_cos: float = knob(
+        1.0, "Negatives of the dense contrastive term whose cosine to the anchor exceeds this are dropped "
+        "as likely false negatives (same land cover); 1.0 = keep all.", lo=-1.0, hi=1.0)
     contrastive_offset: int = knob(
         0, "Positives of the dense contrastive term: a cell of the other view up to this many stride-4 "
         "cells away along each axis (uniform, clamped to the patch); 0 = the same ground cell.", lo=0, hi=64)

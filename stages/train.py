@@ -481,7 +481,8 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     terms = {
         "contrastive": losses.dense_contrastive(emb_aligned[0], emb_aligned[1], idx,
                                                 loss_params.contrastive_temperature,
-                                                loss_params.contrastive_negatives == "all", idx_b),
+                                                loss_params.contrastive_negatives == "all", idx_b,
+                                                loss_params.contrastive_max_negative_cos),
         "swapped": losses.swapped_prediction(aligned[0], aligned[1]),
         "consistency": losses.consistency(aligned[0], aligned[1]),
     }

@@ -171,6 +171,24 @@ def test_offset_positives_reward_features_constant_over_a_region():
         dense_contrastive(per_cell, per_cell, idx, 0.05, idx_b=idx_b[:, :3])
 
 
+def test_false_negative_masking_drops_only_similar_negatives():
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    b, d, side, n = 4, 16, 6, 8
+    idx = sample_positions(b, side * side, n, g)
+    # one embedding per image: every same-image cell is a perfect false negative
+    per_image = F.normalize(torch.randn(b, d, generator=g), dim=1)[:, :, None, None].expand(b, d, side, side)
+    kept = dense_contrastive(per_image, per_image, idx, 0.05).item()
+    masked = dense_contrastive(per_image, per_image, idx, 0.05, max_negative_cos=0.99).item()
+    assert kept > 0.5 and masked < 0.05
+    # distinct cells: nothing is that similar, so masking changes nothing
+    distinct = F.normalize(torch.randn(b, d, side, side, generator=g), dim=1)
+    assert dense_contrastive(distinct, distinct, idx, 0.2, max_negative_cos=0.99).item() == \
+        pytest.approx(dense_contrastive(distinct, distinct, idx, 0.2).item())
+    # the positive is never masked, even when it is the most similar candidate
+    assert torch.isfinite(dense_contrastive(distinct, distinct, idx, 0.2, max_negative_cos=-1.0))
+
+
 def test_self_distillation_rewards_agreeing_with_the_sharpened_target():
     t = _probs(seed=1, sharp=1.0)
     sharpened = t ** 2 / (t ** 2).sum(dim=1, keepdim=True)    # the optimum: the target at half temperature
