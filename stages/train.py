@@ -547,7 +547,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
                                train_params.seed + 1)
         sources = sources[:-n_held]
     batches = RandomWindowBatches(sources, [train_params.patch_size], train_params.batch_size,
-                                  train_params.seed, "cycle", True)
+                                  train_params.seed, "cycle", True, coarse_prob=aug.coarse_prob)
 
     config = teacher_config(model_params)
     model = build_teacher(config).to(device)
