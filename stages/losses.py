@@ -223,7 +223,8 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
         raise ValueError(f"idx_b {tuple(idx_b.shape)} must have the shape of idx {tuple(idx.shape)}")
     a = gather_positions(e_a, idx).reshape(-1, e_a.shape[1])
     b = gather_positions(e_b, idx_b).reshape(-1, e_b.shape[1])
-    logits = a @ b.T / temperature
+    cos = a @ b.T
+    logits = cos / temperature
     target = torch.arange(len(a), device=a.device)
     candidates = len(a)
     if not same_image_negatives:
@@ -233,8 +234,7 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
         logits = logits.masked_fill(masked, float("-inf"))
         candidates = len(a) - n + 1
     if max_negative_cos < 1.0:
-        with torch.no_grad():
-            similar = (a @ b.T > max_negative_cos) & (target[:, None] != target[None, :])
+        similar = (cos.detach() > max_negative_cos) & (target[:, None] != target[None, :])
         logits = logits.masked_fill(similar, float("-inf"))
     if candidates < 2:
         raise ValueError("the dense contrastive term needs at least two candidates per cell "
