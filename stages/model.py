@@ -253,6 +253,20 @@ class MonolithicSegmenter(nn.Module):
         return upsample_to(probs, x.shape[2], x.shape[3]).argmax(dim=1)
 
 
+class ProjectionHead(nn.Module):
+    """Training-only head of the teacher's contrastive term: unit embeddings (B, D, h, w) ->
+    unit projections (B, width, h, w) by 1x1 conv, ReLU, 1x1 conv. Pointwise, so it commutes with
+    the flips, rotations and crops that align two views. Never exported."""
+
+    def __init__(self, embed_dim: int, width: int, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Conv2d(embed_dim, width, 1), nn.ReLU(inplace=True), nn.Conv2d(width, width, 1))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(emb), dim=1, eps=1e-12)
+
+
 def student_from_params(student) -> Encoder:
     """Build the student from a `stages.params.StudentParams`."""
     return Encoder(student.width, student.depth, student.embed_dim, student.norm, student.dropout,

@@ -220,6 +220,10 @@ class LossParams:
     contrastive_offset: int = knob(
         0, "Positives of the dense contrastive term: a cell of the other view up to this many stride-4 "
         "cells away along each axis (uniform, clamped to the patch); 0 = the same ground cell.", lo=0, hi=64)
+    contrastive_projector: int = knob(
+        0, "Width of a training-only projection head (1x1 conv, ReLU, 1x1 conv, unit length) that the dense "
+        "contrastive term sees instead of the embedding (SimCLR's head: the invariances the term asks for "
+        "are absorbed by the head, not forced on the clustered embedding); 0 = no head.", lo=0, hi=4096)
 
 
 @dataclass

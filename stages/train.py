@@ -50,7 +50,7 @@ from tqdm import tqdm
 from stages import losses
 from stages.augment import invert_each, make_views, pool_to
 from stages.metrics import confusion, hungarian_scores
-from stages.model import MonolithicSegmenter, normalise_rgb, smooth_probs, upsample_to
+from stages.model import MonolithicSegmenter, ProjectionHead, normalise_rgb, smooth_probs, upsample_to
 from stages.params import ModelParams, ParamsError, load_params
 
 TEACHER_FORMAT = "landseg-teacher"
@@ -455,11 +455,13 @@ def teacher_info(path: str | Path) -> dict:
 
 
 def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: torch.Generator,
-                   target: Optional[MonolithicSegmenter] = None) -> dict[str, torch.Tensor]:
+                   target: Optional[MonolithicSegmenter] = None,
+                   projector: Optional[ProjectionHead] = None) -> dict[str, torch.Tensor]:
     """All teacher loss terms for a list of two views; both views share one set of centres.
 
     `generator` draws the cells of the dense contrastive term. `target` (the weight-EMA network)
-    adds the self-distillation term.
+    adds the self-distillation term. `projector` (loss.contrastive_projector > 0) maps the
+    embeddings before the contrastive term only.
     """
     b = views[0].input.shape[0]
     if len({v.input.shape for v in views}) == 1:
@@ -473,6 +475,8 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     # back to the source grid, then to the coarsest view's grid (2 x 2 mean of finer cells)
     side = min(p.shape[-1] for p in probs_v)
     aligned = [pool_to(invert_each(p, v.transforms), side) for p, v in zip(probs_v, views)]
+    if projector is not None:
+        emb_v = [projector(e) for e in emb_v]
     emb_aligned = [invert_each(e, v.transforms) for e, v in zip(emb_v, views)]
     emb_aligned = [e if e.shape[-1] == side else F.normalize(pool_to(e, side), dim=1, eps=1e-12)
                    for e in emb_aligned]
@@ -551,7 +555,13 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
 
     config = teacher_config(model_params)
     model = build_teacher(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=train_params.lr, weight_decay=train_params.weight_decay)
+    projector = None
+    trained = list(model.parameters())
+    if loss_params.contrastive_projector > 0:
+        projector = ProjectionHead(model_params.embed_dim, loss_params.contrastive_projector,
+                                   model_params.seed + 1).to(device)
+        trained += list(projector.parameters())
+    opt = torch.optim.AdamW(trained, lr=train_params.lr, weight_decay=train_params.weight_decay)
     averaged = None  # the weight EMA: what is validated, selected and saved when train.weight_ema > 0
     if train_params.weight_ema > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -573,6 +583,8 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
         opt.load_state_dict(state["optimizer"])
         if averaged is not None:
             averaged.load_state_dict(state["averaged"])
+        if projector is not None:
+            projector.load_state_dict(state["projector"])
         start, best = int(state["step"]), state["best"]
         tqdm.write(f"resuming teacher training from {ckpt_path} at step {start}")
 
@@ -589,7 +601,8 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
             else:
                 views = make_views(heldout.batch, 0, aug)
                 views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
-                terms = teacher_losses(evaluated, views, loss_params, torch.Generator().manual_seed(0))
+                terms = teacher_losses(evaluated, views, loss_params, torch.Generator().manual_seed(0),
+                                       projector=projector)
                 usage = cluster_usage(terms["_probs"])
                 record = {"metric": "heldout/neg_loss", "score": -float(terms["total"])}
         evaluated.train()
@@ -612,7 +625,8 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
             for group in opt.param_groups:
                 group["lr"] = lr
             terms = teacher_losses(model, views, loss_params,
-                                   torch.Generator().manual_seed(train_params.seed * 1_000_003 + step), target)
+                                   torch.Generator().manual_seed(train_params.seed * 1_000_003 + step), target,
+                                   projector)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             opt.step()
@@ -640,7 +654,8 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
             if done % train_params.checkpoint_every == 0 or done == train_params.steps:
                 atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
                                    "model": model.state_dict(), "optimizer": opt.state_dict(), "best": best,
-                                   "averaged": None if averaged is None else averaged.state_dict()},
+                                   "averaged": None if averaged is None else averaged.state_dict(),
+                                   "projector": None if projector is None else projector.state_dict()},
                                   ckpt_path)
             if stop_after is not None and done >= stop_after:
                 live.end()

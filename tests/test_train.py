@@ -199,6 +199,22 @@ def test_contrastive_offset_zero_keeps_the_default_stream_and_nonzero_changes_tr
     assert any(not torch.equal(weights["default"][k], weights["two"][k]) for k in floats)
 
 
+def test_contrastive_projector_changes_training_and_stays_out_of_the_teacher(tmp_path, tiny_dataset):
+    """The projection head trains with the teacher (other weights), is resumable (in the
+    checkpoint) and never reaches the saved teacher (its keys equal the default run's)."""
+    import dataclasses as dc
+
+    aug, model, loss, train = tiny_params(steps=3, val_every=3)
+    run(tmp_path / "default", tiny_dataset, (aug, model, loss, train))
+    run(tmp_path / "proj", tiny_dataset, (aug, model, dc.replace(loss, contrastive_projector=16), train))
+    a = torch.load(tmp_path / "default/teacher/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "proj/teacher/model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(v, b[k]) for k, v in a.items() if v.is_floating_point())
+    ckpt = torch.load(tmp_path / "proj/ckpt/last.pt", weights_only=False)
+    assert ckpt["projector"]["net.2.weight"].shape == (16, 16, 1, 1)
+
+
 def test_finished_checkpoint_is_not_resumed(tmp_path, tiny_dataset, capsys):
     """DVC reruns a finished stage when its code changes, deleting its logs first: the run must
     train again and log every step, not 'resume' at the last step with nothing to log."""
