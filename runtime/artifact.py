@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+import math
 import json
 import os
 import re
@@ -148,6 +149,11 @@ def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> Layer
             raise ArtifactError(f"{meta_at}: missing key {key!r} (expected {expected})")
         if not check(meta[key]):
             raise ArtifactError(f"{meta_at}: {key!r} must be {expected}, got {meta[key]!r}")
+    gsd = meta.get("training_pixel_size_m")  # optional: the training tiles' ground sample distance
+    if gsd is not None and (isinstance(gsd, bool) or not isinstance(gsd, (int, float))
+                            or not math.isfinite(gsd) or gsd <= 0):
+        raise ArtifactError(f"{meta_at}: 'training_pixel_size_m' must be a positive number of metres "
+                            f"or null (unknown), got {gsd!r}")
     try:
         summary = validate_layers(layers)
     except ArtifactError as e:

@@ -45,6 +45,18 @@ def _bands(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected band numbers like 1,2,3, got {text!r}") from None
 
 
+def _pixel_size(text: str):
+    if text in ("auto", "native"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected auto, native or a positive number of metres, got {text!r}")
+    return value
+
+
 def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +85,10 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="k-means starts when fitting centres; the best is kept (default: %(default)s)")
     p.add_argument("--smooth-iters", type=int, default=None, metavar="N",
                    help="3x3 probability smoothing passes; 0 = none (default: the model's)")
+    p.add_argument("--pixel-size", type=_pixel_size, default="auto", metavar="auto|native|METRES",
+                   help="ground sample distance the network runs at: auto = the model's training pixel size "
+                        "when the raster's differs by more than 1.25x (projected CRS only), native = the "
+                        "raster's own, or metres; labels are written on the raster's grid (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads (default: all available cores)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -127,7 +143,7 @@ def run_segment(args) -> int:
                                 centres=centres, seed=args.seed,
                                 samples=DEFAULT_SAMPLES if args.samples is None else args.samples,
                                 iters=args.cluster_iters, restarts=args.restarts,
-                                smooth_iters=args.smooth_iters,
+                                smooth_iters=args.smooth_iters, pixel_size=args.pixel_size,
                                 overwrite=args.overwrite, overviews=args.overviews, progress=progress)
     finally:
         progress.close()
@@ -138,8 +154,8 @@ def run_segment(args) -> int:
             raise LandsegError(f"{args.save_centres}: cannot save centres: {e}") from None
     if not args.quiet:
         print(f"wrote {result.dst}: {result.k} clusters (ids 0..{result.k - 1}, 255 = nodata), "
-              f"{result.tiles} tile(s), {result.seconds:.1f} s; centres {result.centres_source}",
-              file=sys.stderr)
+              f"{result.tiles} tile(s), {result.seconds:.1f} s; centres {result.centres_source}; "
+              f"{result.resolution}", file=sys.stderr)
     return 0
 
 

@@ -55,6 +55,8 @@ class Model:
     receptive_field = property(lambda self: self.meta["receptive_field"])
     smooth_iters_default = property(lambda self: self.meta["smooth_iters_default"])
     cluster_iters_default = property(lambda self: self.meta["cluster_iters_default"])
+    # ground sample distance (metres) of the training imagery; None when unknown
+    training_pixel_size_m = property(lambda self: self.meta.get("training_pixel_size_m"))
 
     def halo(self, smooth_iters: int | None = None) -> int:
         """Pixels of context a tile needs on each side so that its core equals the untiled result:

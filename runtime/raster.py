@@ -13,6 +13,10 @@ tile size, and the result is identical to segmenting the raster in one piece:
   model's precomputed `centres_k<K>` (the same ids across rasters) or an explicit (k, D) array.
 - Input nodata (GDAL masks: nodata value, alpha or mask band) stays nodata: those pixels are fed to
   the network as the neutral mean colour and written as NODATA = 255 in the output.
+- Resolution (`pixel_size`, `plan_resolution`): by default a raster in a projected CRS whose ground
+  sample distance differs by more than RESAMPLE_TOLERANCE from the model's training one is read
+  through a GDAL warped VRT at the training GSD, tiled and segmented there as above, and its labels
+  are warped back (nearest) onto the raster's own grid, block by block.
 - Output: single-band uint8 GeoTIFF (tiled 256 x 256, DEFLATE, BIGTIFF when needed) in the source
   CRS and transform, cluster ids 0..k-1 with a colour table, optional internal overviews (nearest).
   It is written under a hidden temporary name beside `dst` and renamed when complete: an error,
@@ -23,6 +27,7 @@ rasterio (GDAL) is imported inside the functions, so `import runtime` stays nump
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -40,6 +45,7 @@ DEFAULT_TILE = 1024
 SAMPLE_GRID = 4  # centres are fitted from SAMPLE_GRID x SAMPLE_GRID sample windows
 SAMPLE_CORE = 256  # pixels: side of each sample window's core (cells used for fitting)
 BLOCK = 256  # output GeoTIFF block size
+RESAMPLE_TOLERANCE = 1.25  # pixel_size="auto" leaves rasters within this factor of the training GSD as they are
 GDAL_CACHE_MB = 16  # bounded GDAL block cache (a few tiles of blocks): memory must not grow with the raster
 # Distinct colours for cluster ids 0..15 (qualitative palette, readable on imagery).
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -50,7 +56,9 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 @dataclass
 class SegmentResult:
-    """What `segment_raster` did: destination, k, the centres used and where they came from."""
+    """What `segment_raster` did: destination, k, the centres used and where they came from, and
+    the ground sample distance the network saw (`pixel_size_m`, None when unknown) with a sentence
+    saying why (`resolution`)."""
 
     dst: Path
     k: int
@@ -58,6 +66,61 @@ class SegmentResult:
     centres_source: str
     tiles: int
     seconds: float
+    pixel_size_m: float | None = None
+    resolution: str = ""
+
+
+@dataclass
+class ResolutionPlan:
+    """Where the network runs: at the raster's own grid (`scale` 1) or on a resampled grid whose
+    pixels are `scale` times the raster's (> 1 coarser, < 1 finer). Sizes in metres, None = unknown."""
+
+    raster_m: float | None
+    working_m: float | None
+    scale: float
+    note: str
+
+
+def plan_resolution(crs, transform, model: Model, pixel_size, src) -> ResolutionPlan:
+    """Decide the working ground sample distance for `segment_raster`.
+
+    pixel_size: "auto" resamples to the model's training pixel size when the raster's and the
+    model's are both known and differ by more than RESAMPLE_TOLERANCE (the features are tied to the
+    training scale: on Dubai at half resolution the model lost 0.06 mIoU and resampling back
+    recovered it); "native" never resamples; a number is the working pixel size in metres.
+    """
+    raster_m = ground_pixel_size_m(crs, transform)
+    train_m = model.training_pixel_size_m
+    trained = "unknown" if train_m is None else f"{train_m:.3g} m"
+    if isinstance(pixel_size, str) and pixel_size == "native":
+        return ResolutionPlan(raster_m, raster_m, 1.0, "at the raster's own resolution (pixel_size='native')")
+    if isinstance(pixel_size, str) and pixel_size == "auto":
+        if train_m is None:
+            return ResolutionPlan(raster_m, raster_m, 1.0, "at the raster's own resolution: the model does not "
+                                  "record its training pixel size")
+        if raster_m is None:
+            return ResolutionPlan(None, None, 1.0, f"at the raster's own resolution: its CRS gives no ground "
+                                  f"pixel size in metres (none or geographic); the model was trained at "
+                                  f"{trained}, resample to about that for the best result")
+        if 1 / RESAMPLE_TOLERANCE <= raster_m / train_m <= RESAMPLE_TOLERANCE:
+            return ResolutionPlan(raster_m, raster_m, 1.0, f"at the raster's own {raster_m:.3g} m (model "
+                                  f"trained at {trained})")
+        target = float(train_m)
+    elif isinstance(pixel_size, (int, float, np.integer, np.floating)) and not isinstance(pixel_size, bool):
+        target = float(pixel_size)
+        if not (np.isfinite(target) and target > 0):
+            raise InputError(f"pixel_size must be 'auto', 'native' or a positive number of metres, got {pixel_size!r}")
+        if raster_m is None:
+            raise InputError(f"{src}: pixel_size={target:g} m needs a raster in a projected CRS with a linear "
+                             f"unit (none or a geographic CRS here); reproject it or use pixel_size='native'")
+    else:
+        raise InputError(f"pixel_size must be 'auto', 'native' or a positive number of metres, got {pixel_size!r}")
+    scale = target / raster_m
+    if abs(scale - 1.0) < 1e-9:
+        return ResolutionPlan(raster_m, raster_m, 1.0, f"at the raster's own {raster_m:.3g} m (model trained "
+                              f"at {trained})")
+    return ResolutionPlan(raster_m, target, scale, f"resampled from {raster_m:.3g} m to {target:.3g} m "
+                          f"(model trained at {trained}); labels written back on the raster's grid")
 
 
 def _check_int(name: str, value, lo: int) -> int:
@@ -83,6 +146,23 @@ def select_bands(count: int, bands, src) -> tuple[int, int, int]:
     if bad:
         raise InputError(f"{src}: band(s) {bad} out of range; the raster has bands 1..{count}")
     return tuple(int(b) for b in bands)
+
+
+def ground_pixel_size_m(crs, transform) -> float | None:
+    """Ground sample distance in metres: the side of a square with one pixel's area.
+
+    Known only for a projected CRS whose linear unit converts to metres (metre, US survey foot,
+    ...); None for no CRS, a geographic CRS (degrees vary in ground length with latitude) or an
+    unknown unit. `crs` is a rasterio CRS (or None), `transform` an affine pixel -> CRS transform.
+    """
+    if crs is None or not crs.is_projected:
+        return None
+    try:
+        _unit, to_metres = crs.linear_units_factor
+    except Exception:  # rasterio raises CRSError when the CRS has no linear unit
+        return None
+    area = abs(transform.a * transform.e - transform.b * transform.d)
+    return float(area ** 0.5 * to_metres) if area > 0 and to_metres > 0 else None
 
 
 def _grid(size: int, step: int) -> list[tuple[int, int]]:
@@ -171,7 +251,8 @@ def _overview_factors(height: int, width: int) -> list[int]:
 def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=None,
                    centres=None, seed: int = 0, samples: int = DEFAULT_SAMPLES,
                    iters: int | None = None, restarts: int = DEFAULT_RESTARTS,
-                   smooth_iters: int | None = None, overwrite: bool = False, overviews: bool = False,
+                   smooth_iters: int | None = None, pixel_size="auto", overwrite: bool = False,
+                   overviews: bool = False,
                    progress: Callable[[int, int], None] | None = None,
                    cancel: Callable[[], bool] | None = None) -> SegmentResult:
     """Segment the RGB raster `src` into k clusters, writing a uint8 GeoTIFF to `dst`.
@@ -181,7 +262,11 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     centres: None or "fit" (fit once on this raster, seeded), "artifact" (the model's centres_k<K>),
     or a (k, embed_dim) array. samples/iters/restarts: cells drawn, soft k-means updates and
     seeded k-means++ starts for fitting.
-    smooth_iters: probability smoothing passes (default: the artifact's). progress(done, total) is
+    smooth_iters: probability smoothing passes (default: the artifact's).
+    pixel_size: "auto" (default) runs the network at the model's training ground sample distance
+    when the raster's differs from it by more than RESAMPLE_TOLERANCE and both are known (a
+    projected CRS; `plan_resolution`), "native" at the raster's own grid, a number at that many
+    metres per pixel. The labels are always written on the raster's own grid. progress(done, total) is
     called after every tile; cancel() is polled before every tile and, when it returns True, the run
     stops with `Cancelled` and nothing is written to `dst`. Returns a `SegmentResult`.
     """
@@ -208,20 +293,23 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     from rasterio.errors import RasterioError
 
     tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    work_tmp = dst.with_name(f".{dst.name}.working-{os.getpid()}")  # labels on a resampled grid
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 1024 * 1024):
         try:
             ds = rasterio.open(src)
         except (RasterioError, OSError) as e:
             raise RasterReadError(f"{src}: GDAL cannot read this raster: {e}") from None
         try:
-            with ds:
+            with ds, contextlib.ExitStack() as stack:
                 bands = select_bands(ds.count, bands, src)
                 dtypes = {ds.dtypes[b - 1] for b in bands}
                 if dtypes != {"uint8"}:
                     raise InputError(f"{src}: bands {bands} are {sorted(dtypes)}; 8-bit (uint8) RGB is "
                                      f"required (rescale to 0..255 first, e.g. gdal_translate -ot Byte -scale)")
-                height, width = ds.height, ds.width
-                reader = _Reader(ds, bands, model, src)
+                plan = plan_resolution(ds.crs, ds.transform, model, pixel_size, src)
+                work = ds if plan.scale == 1.0 else stack.enter_context(_resampled(ds, plan.scale))
+                height, width = work.height, work.width
+                reader = _Reader(work, bands, model, src)
 
                 if centres is None or (isinstance(centres, str) and centres == "fit"):
                     c = fit_raster_centres(reader, height, width, model, k, seed, samples, iters, restarts)
@@ -236,13 +324,9 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                     source = "given"
 
                 halo = model.halo(smooth)
-                profile = {
-                    "driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "uint8",
-                    "crs": ds.crs, "transform": ds.transform, "nodata": NODATA, "tiled": True,
-                    "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate", "BIGTIFF": "IF_SAFER",
-                }
                 tiles = [(r, h, c0, w) for r, h in _grid(height, tile) for c0, w in _grid(width, tile)]
-                with rasterio.open(tmp, "w", **profile) as out:
+                with rasterio.open(tmp if work is ds else work_tmp, "w",
+                                   **_label_profile(width, height, work.crs, work.transform)) as out:
                     for i, (r0, rh, c0, cw) in enumerate(tiles):
                         if cancel is not None and cancel():
                             raise Cancelled(f"cancelled after {i} of {len(tiles)} tiles; {dst} not written")
@@ -250,6 +334,9 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                         out.write(labels[None], window=rasterio.windows.Window(c0, r0, cw, rh))
                         if progress is not None:
                             progress(i + 1, len(tiles))
+                if work is not ds:
+                    _labels_to_source_grid(work_tmp, ds, bands, tmp, tile, src)
+                with rasterio.open(tmp, "r+") as out:
                     cmap = {i: PALETTE[i % len(PALETTE)] + (255,) for i in range(k)}
                     cmap[NODATA] = (0, 0, 0, 0)
                     out.write_colormap(1, cmap)
@@ -257,11 +344,11 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                     prov = model.meta["provenance"]
                     out.update_tags(landseg_k=str(k), landseg_centres=source,
                                     landseg_model_commit=prov["git_commit"],
-                                    landseg_model_params_hash=prov["params_hash"])
-                if overviews:
-                    factors = _overview_factors(height, width)
-                    if factors:
-                        with rasterio.open(tmp, "r+") as out:
+                                    landseg_model_params_hash=prov["params_hash"],
+                                    landseg_resolution=plan.note)
+                    if overviews:
+                        factors = _overview_factors(ds.height, ds.width)
+                        if factors:
                             out.build_overviews(factors, Resampling.nearest)
                             out.update_tags(ns="rio_overview", resampling="nearest")
             os.replace(tmp, dst)
@@ -271,7 +358,57 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
             if isinstance(e, RasterioError):
                 raise RasterReadError(f"GDAL error while segmenting {src} into {dst}: {e}") from None
             raise
-    return SegmentResult(dst, k, c, source, len(tiles), time.perf_counter() - t_start)
+        finally:
+            for leftover in (work_tmp, work_tmp.with_name(work_tmp.name + ".aux.xml")):
+                leftover.unlink(missing_ok=True)
+    return SegmentResult(dst, k, c, source, len(tiles), time.perf_counter() - t_start,
+                         plan.working_m, plan.note)
+
+
+def _label_profile(width: int, height: int, crs, transform) -> dict:
+    return {"driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "uint8",
+            "crs": crs, "transform": transform, "nodata": NODATA, "tiled": True,
+            "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+
+
+def _resampled(ds, scale: float):
+    """A virtual (GDAL warped VRT) view of `ds` whose pixels are `scale` times larger, same CRS and
+    origin: area-averaged when coarser (no aliasing), bilinear when finer. Pixels beyond the
+    source's edge are masked (alpha band, or the source's nodata value)."""
+    from affine import Affine
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    width = max(1, int(np.ceil(ds.width / scale - 1e-9)))
+    height = max(1, int(np.ceil(ds.height / scale - 1e-9)))
+    kw = {"add_alpha": True} if ds.nodata is None else {}
+    return WarpedVRT(ds, crs=ds.crs, transform=ds.transform @ Affine.scale(scale), width=width, height=height,
+                     resampling=Resampling.average if scale > 1 else Resampling.bilinear, **kw)
+
+
+def _labels_to_source_grid(work_path: Path, ds, bands, dst: Path, tile: int, src) -> None:
+    """Nearest-neighbour labels from the working grid back onto `ds`'s grid, block by block, with
+    the source's own nodata pixels set to NODATA (a resampled cell may straddle them)."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+    from rasterio.windows import Window
+
+    with rasterio.open(work_path) as work, \
+            WarpedVRT(work, crs=ds.crs, transform=ds.transform, width=ds.width, height=ds.height,
+                      resampling=Resampling.nearest, src_nodata=NODATA, nodata=NODATA) as back, \
+            rasterio.open(dst, "w", **_label_profile(ds.width, ds.height, ds.crs, ds.transform)) as out:
+        for r0, rh in _grid(ds.height, tile):
+            for c0, cw in _grid(ds.width, tile):
+                win = Window(c0, r0, cw, rh)
+                labels = back.read(1, window=win)
+                try:
+                    masks = ds.read_masks(list(bands), window=win)
+                except (rasterio.errors.RasterioError, OSError) as e:
+                    raise RasterReadError(f"{src}: GDAL failed to read the mask of rows {r0}..{r0 + rh}, "
+                                          f"cols {c0}..{c0 + cw}: {e}") from None
+                labels[(masks == 0).any(axis=0)] = NODATA
+                out.write(labels, 1, window=win)
 
 
 def _segment_tile(reader: _Reader, model: Model, centres: np.ndarray, smooth: int, halo: int,

@@ -4,7 +4,10 @@ Output, written to `data/shards/.<dataset>.tmp-<pid>/` and renamed to `data/shar
 complete (nothing outside that folder is touched):
 
     <dataset>/summary.json                      dataset, num_classes, class_names, counts, class_hist,
-                                                groups per split, dropped tiles, params_hash
+                                                groups per split, pixel_size_m per split (median
+                                                ground sample distance in metres, null when any
+                                                tile's CRS does not give it), dropped tiles,
+                                                params_hash
     <dataset>/<split>/shard-NNNNN/index.jsonl   one line per tile (see stages/datasets.py)
     <dataset>/<split>/shard-NNNNN/<tile>.tif        3-band uint8 GeoTIFF window of the source
     <dataset>/<split>/shard-NNNNN/<tile>.label.tif  1-band uint8 label on the same grid (labelled only)
@@ -44,6 +47,7 @@ import numpy as np
 from rasterio.windows import Window
 from tqdm import tqdm
 
+from runtime.raster import ground_pixel_size_m
 from stages.params import ParamsError, ShardsParams, load_params
 from stages.rasterio_utils import (RasterError, fresh_tmp_dir, open_raster, read, read_label_aligned,
                                    read_valid, replace_dir, window_transform, write_geotiff)
@@ -172,6 +176,14 @@ class _ShardWriter:
             self._flush(shard)
 
 
+def median_pixel_size(sizes: list) -> float | None:
+    """Median ground sample distance (metres) of a split's tiles; None when the split is empty or
+    any tile's size is unknown (a median over the known part would misstate the split)."""
+    if not sizes or any(s is None for s in sizes):
+        return None
+    return round(float(np.median(sizes)), 6)
+
+
 def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsParams,
                  progress: bool = False) -> dict:
     """Tile and split every raster of `raw_dir` into `out_root/<dataset>/`; return the summary."""
@@ -189,6 +201,7 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
         writers = {s: _ShardWriter(tmp / s, s, params.tiles_per_shard) for s in SPLITS}
         hist = {s: np.zeros(256, dtype=np.int64) for s in SPLITS}
         split_groups = {s: set() for s in SPLITS}
+        pixel_sizes = {s: [] for s in SPLITS}  # metres per tile; None where the CRS does not say
         dropped = kept = 0
         T = params.tile_size
         for e in tqdm(entries, desc="build_shards", unit="raster", disable=not progress):
@@ -231,6 +244,7 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
                         crs=src.crs, transform=window_transform(win, src.transform), source_item=e["item_id"],
                         window=[col, row, T, T], class_hist=class_hist)
                     split_groups[split].add(groups[e["item_id"]])
+                    pixel_sizes[split].append(ground_pixel_size_m(src.crs, src.transform))
                     kept += 1
         for w in writers.values():
             w.close()
@@ -247,6 +261,7 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
             "class_hist": {s: {str(c): int(hist[s][c]) for c in range(1, num_classes + 1) if hist[s][c]}
                            for s in SPLITS},
             "groups": {s: sorted(split_groups[s]) for s in SPLITS},
+            "pixel_size_m": {s: median_pixel_size(pixel_sizes[s]) for s in SPLITS},
             "dropped_blank_tiles": dropped,
             "source_items": len(entries),
             "params_hash": hashlib.sha256(params_blob.encode()).hexdigest(),

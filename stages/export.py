@@ -38,6 +38,14 @@ def git_commit() -> str:
         return "unknown"
 
 
+def training_pixel_size(t_info: dict, teacher_dir: Path) -> float | None:
+    """The training tiles' ground sample distance (metres) recorded by `train`; None = unknown."""
+    if "training_pixel_size_m" not in t_info:
+        raise TrainingError(f"{teacher_dir}: the teacher checkpoint does not record the training pixel size "
+                            "(written by an older train stage: rerun train)")
+    return t_info["training_pixel_size_m"]
+
+
 def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Path) -> Path:
     """Write model/best from the chosen checkpoint; returns the artifact directory."""
     t_info = teacher_info(teacher_dir)
@@ -58,7 +66,8 @@ def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Pat
                       input_mean=INPUT_MEAN, input_std=INPUT_STD, input_scale=INPUT_SCALE,
                       supports_learned_refine=encoder.refine is not None,
                       receptive_field=encoder.receptive_field, git_commit=git_commit(),
-                      params_hash=info["fingerprint"], source=source)
+                      params_hash=info["fingerprint"], source=source,
+                      training_pixel_size_m=training_pixel_size(t_info, teacher_dir))
     val = info["val"]
     metrics = {"source": source, "val_metric": val["metric"], "val_score": val["score"], "val_step": val["step"],
                "teacher_val_score": t_info["val"]["score"]}

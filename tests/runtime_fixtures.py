@@ -33,13 +33,13 @@ def random_encoder(width: int = 16, depth: int = 1, embed_dim: int = 8, seed: in
 
 
 def encoder_meta(enc: Encoder, max_k: int = 8, temperature: float = 0.1, cluster_iters: int = 3,
-                 smooth_iters: int = 1) -> dict:
+                 smooth_iters: int = 1, **info) -> dict:
     return build_meta(embed_dim=enc.embed_dim, max_k=max_k, temperature=temperature,
                       cluster_iters_default=cluster_iters, smooth_iters_default=smooth_iters,
                       input_mean=INPUT_MEAN, input_std=INPUT_STD, input_scale=INPUT_SCALE,
                       supports_learned_refine=enc.refine is not None,
                       receptive_field=enc.receptive_field, git_commit="test", params_hash="test",
-                      created="2026-01-01T00:00:00+00:00", source="test")
+                      created="2026-01-01T00:00:00+00:00", source="test", **info)
 
 
 def write_encoder_artifact(dst: Path, enc: Encoder, centres: dict | None = None, **meta_kw) -> Path:

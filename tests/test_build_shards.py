@@ -265,6 +265,14 @@ def test_byte_identical_and_summary(tmp_path, tiny_dataset):
     assert summary["counts"] == {s: len(read_index(tiny_dataset, s)) for s in bs.SPLITS}
     assert summary["counts"]["train"] == 4 and summary["counts"]["metrics_train"] + summary["counts"]["val"] == 12
     assert len(summary["params_hash"]) == 64
+    # the synthetic scenes are 0.6 m UTM: the runtime resamples other rasters to the train split's GSD
+    assert summary["pixel_size_m"] == {"train": 0.6, "metrics_train": 0.6, "val": 0.6}
+
+
+def test_median_pixel_size_is_unknown_when_any_tile_is():
+    assert bs.median_pixel_size([0.5, 0.6, 2.0]) == 0.6
+    assert bs.median_pixel_size([0.5, None]) is None  # e.g. a plain JPEG among GeoTIFFs
+    assert bs.median_pixel_size([]) is None
 
 
 def test_failure_keeps_previous_output_and_siblings(tmp_path):

@@ -47,6 +47,7 @@ def test_segment_writes_output_and_reuses_saved_centres(setup, tmp_path):
                "--save-centres", centres, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stderr and "3 clusters" in res.stderr
+    assert "own resolution: the model does not record its training pixel size" in res.stderr
     with rasterio.open(out) as ds:
         labels = ds.read(1)
         assert labels.shape == (70, 90) and labels.max() < 3 and ds.overviews(1) == [2]
@@ -56,6 +57,20 @@ def test_segment_writes_output_and_reuses_saved_centres(setup, tmp_path):
                  "--centres", str(centres), "--quiet"]) == 0
     with rasterio.open(tmp_path / "again.tif") as ds:
         np.testing.assert_array_equal(ds.read(1), labels)
+
+
+def test_pixel_size_option(setup, tmp_path, capsys):
+    root, model, src = setup
+    assert main([str(src), str(tmp_path / "coarse.tif"), "--k", "3", "--model", str(model),
+                 "--pixel-size", "1.2"]) == 0
+    assert "resampled from 0.6 m to 1.2 m" in capsys.readouterr().err
+    with rasterio.open(tmp_path / "coarse.tif") as ds, rasterio.open(src) as s:
+        assert (ds.width, ds.height, ds.transform) == (s.width, s.height, s.transform)
+    for bad in ("0", "-1", "fine"):
+        with pytest.raises(SystemExit) as e:
+            main([str(src), str(tmp_path / "x.tif"), "--k", "3", "--model", str(model), "--pixel-size", bad])
+        assert e.value.code == 2 and "auto, native or a positive number of metres" in capsys.readouterr().err
+    assert not (tmp_path / "x.tif").exists()
 
 
 @pytest.mark.parametrize("extra,message", [

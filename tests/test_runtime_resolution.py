@@ -1,0 +1,114 @@
+"""segment_raster at the training ground sample distance: pixel sizes from the CRS, the resampling
+plan, and labels written back on the raster's own grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+
+from runtime import segment_raster
+from runtime.errors import ArtifactError, InputError
+from runtime.model import load_model
+from runtime.raster import NODATA, ground_pixel_size_m, plan_resolution
+from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
+
+K = 4
+TRAIN_M = 0.6
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return random_encoder(width=16, depth=1, embed_dim=8, seed=7)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, encoder):
+    centres = {K: np.eye(K, 8, dtype=np.float32)}
+    return load_model(write_encoder_artifact(tmp_path_factory.mktemp("m") / "best", encoder, centres=centres,
+                                             training_pixel_size_m=TRAIN_M))
+
+
+def test_ground_pixel_size_from_the_crs():
+    assert ground_pixel_size_m(CRS.from_epsg(32611), from_origin(0, 0, 0.6, 0.6)) == pytest.approx(0.6)
+    # non-square pixels: the side of the square of equal area
+    assert ground_pixel_size_m(CRS.from_epsg(32611), from_origin(0, 0, 0.5, 2.0)) == pytest.approx(1.0)
+    # New York State Plane in US survey feet: 1 ft = 0.3048006 m
+    assert ground_pixel_size_m(CRS.from_epsg(2263), from_origin(0, 0, 1.0, 1.0)) == pytest.approx(0.3048006, rel=1e-6)
+    assert ground_pixel_size_m(CRS.from_epsg(4326), from_origin(0, 0, 1e-5, 1e-5)) is None  # degrees
+    assert ground_pixel_size_m(None, from_origin(0, 0, 1.0, 1.0)) is None
+
+
+def test_plan_resolution(model, tmp_path, encoder):
+    utm = CRS.from_epsg(32611)
+    plan = lambda px, how="auto", crs=utm: plan_resolution(crs, from_origin(0, 0, px, px), model, how, "x.tif")
+    assert plan(0.6).scale == 1.0
+    assert plan(0.7).scale == 1.0 and "own 0.7 m" in plan(0.7).note  # within RESAMPLE_TOLERANCE
+    half = plan(1.2)
+    assert half.scale == pytest.approx(0.5) and half.working_m == TRAIN_M and "resampled from 1.2 m to 0.6 m" in half.note
+    assert plan(0.3).scale == pytest.approx(2.0)
+    assert plan(1.2, "native").scale == 1.0
+    assert plan(1.2, 2.4).scale == pytest.approx(2.0)
+    geographic = plan(1e-5, crs=CRS.from_epsg(4326))
+    assert geographic.scale == 1.0 and geographic.working_m is None and "0.6 m" in geographic.note
+    with pytest.raises(InputError, match="projected CRS"):
+        plan(1e-5, 0.6, CRS.from_epsg(4326))
+    for bad in (0, -1.0, float("nan"), "coarse", True):
+        with pytest.raises(InputError, match="pixel_size"):
+            plan(0.6, bad)
+    unknown = load_model(write_encoder_artifact(tmp_path / "u", encoder))
+    assert plan_resolution(utm, from_origin(0, 0, 1.2, 1.2), unknown, "auto", "x").scale == 1.0
+
+
+def test_artifact_rejects_a_bad_training_pixel_size(tmp_path, encoder):
+    with pytest.raises(ArtifactError, match="training_pixel_size_m"):
+        write_encoder_artifact(tmp_path / "bad", encoder, training_pixel_size_m=-0.5)
+
+
+def test_finer_raster_is_segmented_at_the_training_resolution(tmp_path, model):
+    """A 0.3 m raster whose 2 x 2 blocks repeat a 0.6 m raster: resampled to 0.6 m (2 x 2 means of
+    equal pixels), its labels are the 0.6 m raster's labels repeated 2 x 2, on the 0.3 m grid;
+    tiled equals untiled; the raster's nodata stays nodata."""
+    coarse = synthetic_rgb(90, 77, seed=5)
+    coarse[coarse.sum(axis=2) == 0] = 1
+    fine = np.repeat(np.repeat(coarse, 2, axis=0), 2, axis=1)
+    fine[:6, :10] = 0  # nodata, 2 x 2 aligned and not
+    fine[101:104, 51:58] = 0
+    coarse_src = write_raster(tmp_path / "coarse.tif", coarse, nodata=0, pixel=0.6)
+    fine_src = write_raster(tmp_path / "fine.tif", fine, nodata=0, pixel=0.3)
+    ref = segment_raster(coarse_src, tmp_path / "ref.tif", K, model)  # centres fitted at 0.6 m, reused below
+    assert ref.pixel_size_m == pytest.approx(0.6) and "own 0.6 m" in ref.resolution
+    res = segment_raster(fine_src, tmp_path / "auto.tif", K, model, centres=ref.centres)
+    assert res.pixel_size_m == pytest.approx(0.6) and "resampled from 0.3 m to 0.6 m" in res.resolution
+    tiled = segment_raster(fine_src, tmp_path / "tiled.tif", K, model, centres=ref.centres, tile=32)
+    native = segment_raster(fine_src, tmp_path / "native.tif", K, model, centres=ref.centres, pixel_size="native")
+    with rasterio.open(fine_src) as f, rasterio.open(res.dst) as a:
+        assert (a.width, a.height, a.transform, a.crs) == (f.width, f.height, f.transform, f.crs)
+        auto = a.read(1)
+        assert "resampled" in a.tags()["landseg_resolution"]
+    with rasterio.open(ref.dst) as r:
+        expected = np.repeat(np.repeat(r.read(1), 2, axis=0), 2, axis=1)
+    assert len(np.unique(expected[expected != NODATA])) >= 3  # a real segmentation, not one cluster
+    nodata = (fine == 0).all(axis=2)
+    assert (auto[nodata] == NODATA).all()
+    # cells that held no source nodata (the reference's nodata pixels are 2 x 2 blocks of it)
+    same = ~nodata & (expected != NODATA)
+    np.testing.assert_array_equal(auto[same], expected[same])
+    with rasterio.open(tiled.dst) as t:
+        np.testing.assert_array_equal(t.read(1), auto)
+    with rasterio.open(native.dst) as n:
+        assert (n.read(1) != auto).any()  # "native" really runs at 0.3 m
+
+
+def test_coarser_raster_is_upsampled_and_written_on_its_own_grid(tmp_path, model):
+    img = synthetic_rgb(61, 70, seed=2)
+    src = write_raster(tmp_path / "coarse.tif", img, pixel=1.5)  # no nodata: edges masked by alpha
+    res = segment_raster(src, tmp_path / "out.tif", K, model)
+    assert res.pixel_size_m == pytest.approx(0.6) and "from 1.5 m" in res.resolution
+    with rasterio.open(src) as s, rasterio.open(res.dst) as o:
+        assert (o.width, o.height, o.transform) == (s.width, s.height, s.transform)
+        labels = o.read(1)
+    assert labels.max() < K  # every pixel is inside the source: none nodata
+    assert len(np.unique(labels)) > 1
