@@ -381,7 +381,12 @@ def _resampled(ds, scale: float):
 
     width = max(1, int(np.ceil(ds.width / scale - 1e-9)))
     height = max(1, int(np.ceil(ds.height / scale - 1e-9)))
-    kw = {"add_alpha": True} if ds.nodata is None else {}
+    from rasterio.enums import MaskFlags
+
+    # GDAL carries a nodata value or an alpha band into the VRT itself; otherwise an alpha band is
+    # added so that pixels beyond the source's edge read as masked
+    has_alpha = any(MaskFlags.alpha in flags for flags in ds.mask_flag_enums)
+    kw = {"add_alpha": True} if ds.nodata is None and not has_alpha else {}
     return WarpedVRT(ds, crs=ds.crs, transform=ds.transform @ Affine.scale(scale), width=width, height=height,
                      resampling=Resampling.average if scale > 1 else Resampling.bilinear, **kw)
 

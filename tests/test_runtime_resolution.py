@@ -112,3 +112,21 @@ def test_coarser_raster_is_upsampled_and_written_on_its_own_grid(tmp_path, model
         labels = o.read(1)
     assert labels.max() < K  # every pixel is inside the source: none nodata
     assert len(np.unique(labels)) > 1
+
+
+@pytest.mark.parametrize("mask", ["alpha", "internal"])
+def test_masked_raster_is_resampled_and_keeps_its_nodata(tmp_path, model, mask):
+    img = synthetic_rgb(100, 120, seed=1)
+    valid = np.full((100, 120), 255, np.uint8)
+    valid[:30, :40] = 0
+    if mask == "alpha":  # RGBA: GDAL carries the alpha band into the warped VRT
+        src = write_raster(tmp_path / "in.tif", np.concatenate([img, valid[..., None]], axis=2), pixel=0.3)
+    else:
+        src = write_raster(tmp_path / "in.tif", img, pixel=0.3)
+        with rasterio.open(src, "r+") as ds:
+            ds.write_mask(valid)
+    res = segment_raster(src, tmp_path / "out.tif", K, model, bands=(1, 2, 3))
+    assert "resampled from 0.3 m" in res.resolution
+    with rasterio.open(res.dst) as out:
+        labels = out.read(1)
+    assert (labels[:30, :40] == NODATA).all() and (labels[30:, 40:] < K).all()
