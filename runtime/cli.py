@@ -87,7 +87,7 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="3x3 probability smoothing passes; 0 = none (default: the model's)")
     p.add_argument("--pixel-size", type=_pixel_size, default="auto", metavar="auto|native|METRES",
                    help="ground sample distance the network runs at: auto = the model's training pixel size "
-                        "when the raster's differs by more than 1.25x (projected CRS only), native = the "
+                        "when the raster's differs by more than 1.25x (georeferenced rasters only), native = the "
                         "raster's own, or metres; labels are written on the raster's grid (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads (default: all available cores)")

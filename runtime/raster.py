@@ -13,7 +13,7 @@ tile size, and the result is identical to segmenting the raster in one piece:
   model's precomputed `centres_k<K>` (the same ids across rasters) or an explicit (k, D) array.
 - Input nodata (GDAL masks: nodata value, alpha or mask band) stays nodata: those pixels are fed to
   the network as the neutral mean colour and written as NODATA = 255 in the output.
-- Resolution (`pixel_size`, `plan_resolution`): by default a raster in a projected CRS whose ground
+- Resolution (`pixel_size`, `plan_resolution`): by default a georeferenced raster whose ground
   sample distance differs by more than RESAMPLE_TOLERANCE from the model's training one is read
   through a GDAL warped VRT at the training GSD, tiled and segmented there as above, and its labels
   are warped back (nearest) onto the raster's own grid, block by block.
@@ -28,6 +28,7 @@ rasterio (GDAL) is imported inside the functions, so `import runtime` stays nump
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ DEFAULT_TILE = 1024
 SAMPLE_GRID = 4  # centres are fitted from SAMPLE_GRID x SAMPLE_GRID sample windows
 SAMPLE_CORE = 256  # pixels: side of each sample window's core (cells used for fitting)
 BLOCK = 256  # output GeoTIFF block size
+WGS84_A, WGS84_E2 = 6378137.0, 6.69437999014e-3  # semi-major axis (m), first eccentricity squared
 RESAMPLE_TOLERANCE = 1.25  # pixel_size="auto" leaves rasters within this factor of the training GSD as they are
 GDAL_CACHE_MB = 16  # bounded GDAL block cache (a few tiles of blocks): memory must not grow with the raster
 # Distinct colours for cluster ids 0..15 (qualitative palette, readable on imagery).
@@ -81,15 +83,15 @@ class ResolutionPlan:
     note: str
 
 
-def plan_resolution(crs, transform, model: Model, pixel_size, src) -> ResolutionPlan:
+def plan_resolution(raster_m: float | None, model: Model, pixel_size, src) -> ResolutionPlan:
     """Decide the working ground sample distance for `segment_raster`.
 
     pixel_size: "auto" resamples to the model's training pixel size when the raster's and the
     model's are both known and differ by more than RESAMPLE_TOLERANCE (the features are tied to the
     training scale: on Dubai at half resolution the model lost 0.06 mIoU and resampling back
     recovered it); "native" never resamples; a number is the working pixel size in metres.
+    raster_m: the raster's `ground_pixel_size_m` (None = unknown).
     """
-    raster_m = ground_pixel_size_m(crs, transform)
     train_m = model.training_pixel_size_m
     trained = "unknown" if train_m is None else f"{train_m:.3g} m"
     if isinstance(pixel_size, str) and pixel_size == "native":
@@ -99,8 +101,8 @@ def plan_resolution(crs, transform, model: Model, pixel_size, src) -> Resolution
             return ResolutionPlan(raster_m, raster_m, 1.0, "at the raster's own resolution: the model does not "
                                   "record its training pixel size")
         if raster_m is None:
-            return ResolutionPlan(None, None, 1.0, f"at the raster's own resolution: its CRS gives no ground "
-                                  f"pixel size in metres (none or geographic); the model was trained at "
+            return ResolutionPlan(None, None, 1.0, f"at the raster's own resolution: its ground pixel size is "
+                                  f"unknown (no CRS, or one GDAL cannot relate to WGS 84); the model was trained at "
                                   f"{trained}, resample to about that for the best result")
         if 1 / RESAMPLE_TOLERANCE <= raster_m / train_m <= RESAMPLE_TOLERANCE:
             return ResolutionPlan(raster_m, raster_m, 1.0, f"at the raster's own {raster_m:.3g} m (model "
@@ -111,12 +113,18 @@ def plan_resolution(crs, transform, model: Model, pixel_size, src) -> Resolution
         if not (np.isfinite(target) and target > 0):
             raise InputError(f"pixel_size must be 'auto', 'native' or a positive number of metres, got {pixel_size!r}")
         if raster_m is None:
-            raise InputError(f"{src}: pixel_size={target:g} m needs a raster in a projected CRS with a linear "
-                             f"unit (none or a geographic CRS here); reproject it or use pixel_size='native'")
+            raise InputError(f"{src}: pixel_size={target:g} m needs a raster with a CRS that GDAL can relate "
+                             f"to WGS 84 (its ground pixel size is unknown); georeference it or use "
+                             f"pixel_size='native'")
     else:
         raise InputError(f"pixel_size must be 'auto', 'native' or a positive number of metres, got {pixel_size!r}")
     scale = target / raster_m
-    if abs(scale - 1.0) < 1e-9:
+    # a factor within a millionth of n or 1/n is taken as exactly that, so the working grid nests in
+    # the raster's (rounding in the pixel sizes must not shift it by a sliver of a pixel)
+    for exact in (float(round(scale)), 1.0 / max(1, round(1.0 / scale))):
+        if exact > 0 and abs(scale / exact - 1.0) < 1e-6:
+            scale = exact
+    if scale == 1.0:
         return ResolutionPlan(raster_m, raster_m, 1.0, f"at the raster's own {raster_m:.3g} m (model trained "
                               f"at {trained})")
     return ResolutionPlan(raster_m, target, scale, f"resampled from {raster_m:.3g} m to {target:.3g} m "
@@ -148,21 +156,38 @@ def select_bands(count: int, bands, src) -> tuple[int, int, int]:
     return tuple(int(b) for b in bands)
 
 
-def ground_pixel_size_m(crs, transform) -> float | None:
-    """Ground sample distance in metres: the side of a square with one pixel's area.
+def ground_pixel_size_m(crs, transform, width: int = 1, height: int = 1) -> float | None:
+    """Ground sample distance in metres at the centre of a `width` x `height` pixel grid: the side
+    of a square with the ground area of one pixel.
 
-    Known only for a projected CRS whose linear unit converts to metres (metre, US survey foot,
-    ...); None for no CRS, a geographic CRS (degrees vary in ground length with latitude) or an
-    unknown unit. `crs` is a rasterio CRS (or None), `transform` an affine pixel -> CRS transform.
+    The pixel's two edge vectors are taken to longitude / latitude by GDAL (`crs` -> WGS 84) and
+    measured with the WGS 84 ellipsoid's local radii of curvature, so a geographic CRS (degrees),
+    Web Mercator (whose "metres" are 1 / cos(latitude) ground metres) and feet-based CRSs all give
+    ground metres. None without a CRS or when GDAL cannot relate the CRS to WGS 84.
     """
-    if crs is None or not crs.is_projected:
+    if crs is None:
         return None
+    from rasterio.warp import transform as reproject_points
+
+    col, row = width / 2, height / 2
+    t = transform  # written out, not `t * (x, y)` / `t @ (x, y)`, which affine versions disagree on
+    grid = [(col, row), (col + 1, row), (col, row + 1)]
+    xs = [t.a * c + t.b * r + t.c for c, r in grid]
+    ys = [t.d * c + t.e * r + t.f for c, r in grid]
     try:
-        _unit, to_metres = crs.linear_units_factor
-    except Exception:  # rasterio raises CRSError when the CRS has no linear unit
+        lon, lat = reproject_points(crs, "EPSG:4326", xs, ys)
+    except Exception:  # CRSError / ValueError: no transformation to WGS 84 (e.g. a local CRS)
         return None
-    area = abs(transform.a * transform.e - transform.b * transform.d)
-    return float(area ** 0.5 * to_metres) if area > 0 and to_metres > 0 else None
+    if not all(math.isfinite(v) for v in (*lon, *lat)):
+        return None
+    phi = math.radians(lat[0])
+    w = 1.0 - WGS84_E2 * math.sin(phi) ** 2
+    east = WGS84_A / math.sqrt(w) * math.cos(phi)  # metres per radian of longitude
+    north = WGS84_A * (1.0 - WGS84_E2) / w ** 1.5  # metres per radian of latitude
+    edges = [(math.radians((lon[i] - lon[0] + 180.0) % 360.0 - 180.0) * east,
+              math.radians(lat[i] - lat[0]) * north) for i in (1, 2)]
+    area = abs(edges[0][0] * edges[1][1] - edges[0][1] * edges[1][0])
+    return float(math.sqrt(area)) if area > 0 else None
 
 
 def _grid(size: int, step: int) -> list[tuple[int, int]]:
@@ -265,7 +290,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     smooth_iters: probability smoothing passes (default: the artifact's).
     pixel_size: "auto" (default) runs the network at the model's training ground sample distance
     when the raster's differs from it by more than RESAMPLE_TOLERANCE and both are known (a
-    projected CRS; `plan_resolution`), "native" at the raster's own grid, a number at that many
+    georeferenced raster; `plan_resolution`), "native" at the raster's own grid, a number at that many
     metres per pixel. The labels are always written on the raster's own grid. progress(done, total) is
     called after every tile; cancel() is polled before every tile and, when it returns True, the run
     stops with `Cancelled` and nothing is written to `dst`. Returns a `SegmentResult`.
@@ -306,7 +331,8 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                 if dtypes != {"uint8"}:
                     raise InputError(f"{src}: bands {bands} are {sorted(dtypes)}; 8-bit (uint8) RGB is "
                                      f"required (rescale to 0..255 first, e.g. gdal_translate -ot Byte -scale)")
-                plan = plan_resolution(ds.crs, ds.transform, model, pixel_size, src)
+                plan = plan_resolution(ground_pixel_size_m(ds.crs, ds.transform, ds.width, ds.height),
+                                       model, pixel_size, src)
                 work = ds if plan.scale == 1.0 else stack.enter_context(_resampled(ds, plan.scale))
                 height, width = work.height, work.width
                 reader = _Reader(work, bands, model, src)
@@ -387,7 +413,9 @@ def _resampled(ds, scale: float):
     # added so that pixels beyond the source's edge read as masked
     has_alpha = any(MaskFlags.alpha in flags for flags in ds.mask_flag_enums)
     kw = {"add_alpha": True} if ds.nodata is None and not has_alpha else {}
-    return WarpedVRT(ds, crs=ds.crs, transform=ds.transform @ Affine.scale(scale), width=width, height=height,
+    t = ds.transform  # same origin, pixel vectors `scale` times longer
+    scaled = Affine(t.a * scale, t.b * scale, t.c, t.d * scale, t.e * scale, t.f)
+    return WarpedVRT(ds, crs=ds.crs, transform=scaled, width=width, height=height,
                      resampling=Resampling.average if scale > 1 else Resampling.bilinear, **kw)
 
 

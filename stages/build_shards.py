@@ -244,7 +244,7 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
                         crs=src.crs, transform=window_transform(win, src.transform), source_item=e["item_id"],
                         window=[col, row, T, T], class_hist=class_hist)
                     split_groups[split].add(groups[e["item_id"]])
-                    pixel_sizes[split].append(ground_pixel_size_m(src.crs, src.transform))
+                    pixel_sizes[split].append(ground_pixel_size_m(src.crs, src.transform, src.width, src.height))
                     kept += 1
         for w in writers.values():
             w.close()

@@ -265,8 +265,9 @@ def test_byte_identical_and_summary(tmp_path, tiny_dataset):
     assert summary["counts"] == {s: len(read_index(tiny_dataset, s)) for s in bs.SPLITS}
     assert summary["counts"]["train"] == 4 and summary["counts"]["metrics_train"] + summary["counts"]["val"] == 12
     assert len(summary["params_hash"]) == 64
-    # the synthetic scenes are 0.6 m UTM: the runtime resamples other rasters to the train split's GSD
-    assert summary["pixel_size_m"] == {"train": 0.6, "metrics_train": 0.6, "val": 0.6}
+    # the synthetic scenes are 0.6 m UTM grids near the central meridian (scale factor 0.9996): the
+    # runtime resamples other rasters to the train split's ground sample distance
+    assert summary["pixel_size_m"] == {s: pytest.approx(0.6 / 0.9996, abs=2e-6) for s in bs.SPLITS}
 
 
 def test_median_pixel_size_is_unknown_when_any_tile_is():

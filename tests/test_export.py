@@ -40,7 +40,7 @@ def test_runtime_matches_torch(tmp_path, tiny_dataset, teacher_dir, student_dir,
     encoder = load_student(student_dir) if source == "student" else teacher.encoder
     meta = json.loads((out / "meta.json").read_text())
     assert meta["source"] == source and meta["temperature"] == teacher.head.temperature
-    assert meta["training_pixel_size_m"] == 0.6  # the tiny shards' train split, through the teacher
+    assert meta["training_pixel_size_m"] == 0.6  # the train split's GSD in the shards summary, via the teacher
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"val_score", "val_step", "val_metric"} <= set(metrics)
     images = [TileDataset(tiny_dataset, "val")[i]["image"] for i in range(2)]

@@ -32,34 +32,43 @@ def model(tmp_path_factory, encoder):
 
 
 def test_ground_pixel_size_from_the_crs():
-    assert ground_pixel_size_m(CRS.from_epsg(32611), from_origin(0, 0, 0.6, 0.6)) == pytest.approx(0.6)
+    utm = CRS.from_epsg(32611)
+    # UTM near its central meridian: ground metres = grid metres / 0.9996 (the zone's scale factor)
+    assert ground_pixel_size_m(utm, from_origin(500000, 4000000, 0.6, 0.6)) == pytest.approx(0.6 / 0.9996, rel=1e-4)
     # non-square pixels: the side of the square of equal area
-    assert ground_pixel_size_m(CRS.from_epsg(32611), from_origin(0, 0, 0.5, 2.0)) == pytest.approx(1.0)
-    # New York State Plane in US survey feet: 1 ft = 0.3048006 m
-    assert ground_pixel_size_m(CRS.from_epsg(2263), from_origin(0, 0, 1.0, 1.0)) == pytest.approx(0.3048006, rel=1e-6)
-    assert ground_pixel_size_m(CRS.from_epsg(4326), from_origin(0, 0, 1e-5, 1e-5)) is None  # degrees
+    assert ground_pixel_size_m(utm, from_origin(500000, 4000000, 0.5, 2.0)) == pytest.approx(1.0, rel=1e-3)
+    # Web Mercator at 60 degrees north: a "metre" of the CRS is cos(60) = 0.5 ground metres
+    y60 = 8399737.89  # EPSG:3857 northing of latitude 60
+    assert ground_pixel_size_m(CRS.from_epsg(3857), from_origin(0, y60, 2.0, 2.0)) == pytest.approx(1.0, rel=5e-3)
+    # degrees: 1e-5 degree of latitude is about 1.11 m, of longitude at 60 degrees north half that
+    deg = ground_pixel_size_m(CRS.from_epsg(4326), from_origin(10.0, 60.0, 1e-5, 1e-5), 10, 10)
+    assert deg == pytest.approx((1.1165 * 0.5583) ** 0.5, rel=2e-3)
+    # US survey feet (New York Long Island state plane): about 0.3048 m
+    assert ground_pixel_size_m(CRS.from_epsg(2263), from_origin(1000000, 200000, 1.0, 1.0)) == pytest.approx(0.3048, rel=1e-3)
+    # the centre of the grid counts: 100 x 100 km of Web Mercator spans latitudes of different scale
     assert ground_pixel_size_m(None, from_origin(0, 0, 1.0, 1.0)) is None
+    assert ground_pixel_size_m(CRS.from_wkt('LOCAL_CS["local",UNIT["metre",1]]'), from_origin(0, 0, 1.0, 1.0)) is None
 
 
 def test_plan_resolution(model, tmp_path, encoder):
-    utm = CRS.from_epsg(32611)
-    plan = lambda px, how="auto", crs=utm: plan_resolution(crs, from_origin(0, 0, px, px), model, how, "x.tif")
+    plan = lambda px, how="auto": plan_resolution(px, model, how, "x.tif")
     assert plan(0.6).scale == 1.0
     assert plan(0.7).scale == 1.0 and "own 0.7 m" in plan(0.7).note  # within RESAMPLE_TOLERANCE
     half = plan(1.2)
     assert half.scale == pytest.approx(0.5) and half.working_m == TRAIN_M and "resampled from 1.2 m to 0.6 m" in half.note
     assert plan(0.3).scale == pytest.approx(2.0)
+    assert plan(0.3 * (1 + 1e-8)).scale == 2.0  # snapped: the working grid nests in the raster's
     assert plan(1.2, "native").scale == 1.0
     assert plan(1.2, 2.4).scale == pytest.approx(2.0)
-    geographic = plan(1e-5, crs=CRS.from_epsg(4326))
-    assert geographic.scale == 1.0 and geographic.working_m is None and "0.6 m" in geographic.note
-    with pytest.raises(InputError, match="projected CRS"):
-        plan(1e-5, 0.6, CRS.from_epsg(4326))
+    unknown_gsd = plan(None)
+    assert unknown_gsd.scale == 1.0 and unknown_gsd.working_m is None and "0.6 m" in unknown_gsd.note
+    with pytest.raises(InputError, match="CRS"):
+        plan(None, 0.6)
     for bad in (0, -1.0, float("nan"), "coarse", True):
         with pytest.raises(InputError, match="pixel_size"):
             plan(0.6, bad)
-    unknown = load_model(write_encoder_artifact(tmp_path / "u", encoder))
-    assert plan_resolution(utm, from_origin(0, 0, 1.2, 1.2), unknown, "auto", "x").scale == 1.0
+    unknown_model = load_model(write_encoder_artifact(tmp_path / "u", encoder))
+    assert plan_resolution(1.2, unknown_model, "auto", "x").scale == 1.0
 
 
 def test_artifact_rejects_a_bad_training_pixel_size(tmp_path, encoder):
@@ -67,7 +76,15 @@ def test_artifact_rejects_a_bad_training_pixel_size(tmp_path, encoder):
         write_encoder_artifact(tmp_path / "bad", encoder, training_pixel_size_m=-0.5)
 
 
-def test_finer_raster_is_segmented_at_the_training_resolution(tmp_path, model):
+@pytest.fixture(scope="module")
+def utm_model(tmp_path_factory, encoder):
+    """The model with the ground pixel size of write_raster's 0.6 m UTM grid (0.6 / 0.9996 m)."""
+    gsd = ground_pixel_size_m(CRS.from_epsg(32611), from_origin(500000.0, 4000000.0, 0.6, 0.6), 77, 90)
+    return load_model(write_encoder_artifact(tmp_path_factory.mktemp("u") / "best", encoder,
+                                             training_pixel_size_m=gsd))
+
+
+def test_finer_raster_is_segmented_at_the_training_resolution(tmp_path, utm_model):
     """A 0.3 m raster whose 2 x 2 blocks repeat a 0.6 m raster: resampled to 0.6 m (2 x 2 means of
     equal pixels), its labels are the 0.6 m raster's labels repeated 2 x 2, on the 0.3 m grid;
     tiled equals untiled; the raster's nodata stays nodata."""
@@ -78,12 +95,12 @@ def test_finer_raster_is_segmented_at_the_training_resolution(tmp_path, model):
     fine[101:104, 51:58] = 0
     coarse_src = write_raster(tmp_path / "coarse.tif", coarse, nodata=0, pixel=0.6)
     fine_src = write_raster(tmp_path / "fine.tif", fine, nodata=0, pixel=0.3)
-    ref = segment_raster(coarse_src, tmp_path / "ref.tif", K, model)  # centres fitted at 0.6 m, reused below
-    assert ref.pixel_size_m == pytest.approx(0.6) and "own 0.6 m" in ref.resolution
-    res = segment_raster(fine_src, tmp_path / "auto.tif", K, model, centres=ref.centres)
-    assert res.pixel_size_m == pytest.approx(0.6) and "resampled from 0.3 m to 0.6 m" in res.resolution
-    tiled = segment_raster(fine_src, tmp_path / "tiled.tif", K, model, centres=ref.centres, tile=32)
-    native = segment_raster(fine_src, tmp_path / "native.tif", K, model, centres=ref.centres, pixel_size="native")
+    ref = segment_raster(coarse_src, tmp_path / "ref.tif", K, utm_model)  # centres fitted at 0.6 m, reused below
+    assert ref.pixel_size_m == pytest.approx(0.6, rel=1e-3) and "own 0.6 m" in ref.resolution
+    res = segment_raster(fine_src, tmp_path / "auto.tif", K, utm_model, centres=ref.centres)
+    assert res.pixel_size_m == pytest.approx(0.6, rel=1e-3) and "resampled from 0.3 m to 0.6 m" in res.resolution
+    tiled = segment_raster(fine_src, tmp_path / "tiled.tif", K, utm_model, centres=ref.centres, tile=32)
+    native = segment_raster(fine_src, tmp_path / "native.tif", K, utm_model, centres=ref.centres, pixel_size="native")
     with rasterio.open(fine_src) as f, rasterio.open(res.dst) as a:
         assert (a.width, a.height, a.transform, a.crs) == (f.width, f.height, f.transform, f.crs)
         auto = a.read(1)
@@ -106,7 +123,7 @@ def test_coarser_raster_is_upsampled_and_written_on_its_own_grid(tmp_path, model
     img = synthetic_rgb(61, 70, seed=2)
     src = write_raster(tmp_path / "coarse.tif", img, pixel=1.5)  # no nodata: edges masked by alpha
     res = segment_raster(src, tmp_path / "out.tif", K, model)
-    assert res.pixel_size_m == pytest.approx(0.6) and "from 1.5 m" in res.resolution
+    assert res.pixel_size_m == pytest.approx(0.6) and "from 1.5 m" in res.resolution  # the model's 0.6 m
     with rasterio.open(src) as s, rasterio.open(res.dst) as o:
         assert (o.width, o.height, o.transform) == (s.width, s.height, s.transform)
         labels = o.read(1)
