@@ -147,3 +147,19 @@ def test_masked_raster_is_resampled_and_keeps_its_nodata(tmp_path, model, mask):
     with rasterio.open(res.dst) as out:
         labels = out.read(1)
     assert (labels[:30, :40] == NODATA).all() and (labels[30:, 40:] < K).all()
+
+
+@pytest.mark.parametrize("dst_crs", ["EPSG:3857", "EPSG:4326"])
+def test_reprojected_raster_keeps_its_ground_pixel_size(tmp_path, dst_crs):
+    """A 0.6 m UTM raster warped to Web Mercator (pixels ~0.6 / cos(36 deg) 'metres') or to degrees
+    still measures ~0.6 ground metres, so pixel_size="auto" leaves it alone."""
+    from rasterio.warp import calculate_default_transform
+
+    src = write_raster(tmp_path / "utm.tif", synthetic_rgb(64, 64, seed=4), pixel=0.6)
+    with rasterio.open(src) as s:
+        transform, w, h = calculate_default_transform(s.crs, dst_crs, s.width, s.height, *s.bounds)
+        native = ground_pixel_size_m(s.crs, s.transform, s.width, s.height)
+    nominal = abs(transform.a)
+    assert ground_pixel_size_m(CRS.from_string(dst_crs), transform, w, h) == pytest.approx(native, rel=0.02)
+    if dst_crs == "EPSG:3857":  # the CRS's own unit is far from ground metres at 36 degrees north
+        assert nominal == pytest.approx(native / np.cos(np.radians(36.1)), rel=0.02)
