@@ -220,6 +220,10 @@ class LossParams:
     contrastive_offset: int = knob(
         0, "Positives of the dense contrastive term: a cell of the other view up to this many stride-4 "
         "cells away along each axis (uniform, clamped to the patch); 0 = the same ground cell.", lo=0, hi=64)
+    contrastive_sampling: str = knob(
+        "uniform", "Cells of the dense contrastive term: 'uniform' per image, or 'balanced' (weighted by "
+        "1 / cells of their current cluster in the batch, so rare land covers are sampled as often as "
+        "common ones).", choices=("uniform", "balanced"))
     contrastive_projector: int = knob(
         0, "Width of a training-only projection head (1x1 conv, ReLU, 1x1 conv, unit length) that the dense "
         "contrastive term sees instead of the embedding (SimCLR's head: the invariances the term asks for "

@@ -480,7 +480,11 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     emb_aligned = [invert_each(e, v.transforms) for e, v in zip(emb_v, views)]
     emb_aligned = [e if e.shape[-1] == side else F.normalize(pool_to(e, side), dim=1, eps=1e-12)
                    for e in emb_aligned]
-    idx = losses.sample_positions(b, side * side, loss_params.contrastive_samples, generator)
+    if loss_params.contrastive_sampling == "balanced":
+        clusters = aligned[0].detach().argmax(dim=1).reshape(b, -1)
+        idx = losses.balanced_positions(clusters, loss_params.contrastive_samples, generator)
+    else:
+        idx = losses.sample_positions(b, side * side, loss_params.contrastive_samples, generator)
     idx_b = losses.offset_positions(idx, side, loss_params.contrastive_offset, generator)
     terms = {
         "contrastive": losses.dense_contrastive(emb_aligned[0], emb_aligned[1], idx,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.augment import GeometricTransform, apply_each, invert_each
-from stages.losses import (offset_positions, EmaNormaliser, affinity_distillation, cluster_distillation, consistency,
+from stages.losses import (balanced_positions, offset_positions, EmaNormaliser, affinity_distillation, cluster_distillation, consistency,
                            cosine_distillation, dense_contrastive, edge_aware_tv, self_distillation, geometric_mean, marginal_entropy,
                            pixel_entropy, sample_positions)
 
@@ -204,3 +204,13 @@ def test_self_distillation_rewards_agreeing_with_the_sharpened_target():
     assert tt.grad is None and p.grad is not None
     with pytest.raises(ValueError, match="shapes differ"):
         self_distillation(t, t, t[:, :2], t)
+
+
+def test_balanced_positions_sample_rare_clusters_as_often_as_common_ones():
+    g = torch.Generator().manual_seed(0)
+    clusters = torch.zeros(4, 256, dtype=torch.long)
+    clusters[:, :16] = 1  # a rare cluster: 1 / 16 of the cells
+    idx = balanced_positions(clusters, 32, g)
+    assert idx.shape == (4, 32) and all(len(set(row.tolist())) == 32 for row in idx)  # no repeats
+    rare = (torch.gather(clusters, 1, idx) == 1).float().mean()
+    assert 0.35 < rare < 0.65  # about half, against 1 / 16 for uniform sampling
