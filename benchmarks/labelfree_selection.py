@@ -1,0 +1,118 @@
+"""Label-free model-selection candidates against the labelled score, along one teacher run.
+
+A run without labelled `metrics_train` tiles selects its teacher by held-out loss, which keeps
+falling while the features drift (docs/experiments.md). This script trains the teacher of the
+given params step by step (resuming its own checkpoint every `train.val_every` steps, so the run
+is exactly the stage's) and at each stop scores the `metrics_train` split with labels (the stage's
+global mIoU) and with label-free candidates computed on the same images' embeddings:
+
+    compact       mean cosine of sampled cells to their k-means centre (k = number of classes)
+    nb_cos        mean cosine of horizontally adjacent cells
+    coherence     nb_cos minus the mean cosine of random cell pairs
+    agree         share of adjacent cells with the same k-means label
+    usage_entropy entropy of the k-means cluster shares / log k
+    agree_x_ent   agree * usage_entropy
+
+and prints one JSON line per stop, then each candidate's Spearman correlation with the mIoU and
+the mIoU at the step it would pick.
+
+    python benchmarks/labelfree_selection.py --params params.yaml --shards data/shards/dubai \
+        -S model.embed_dim=8 -S train.steps=600 -S train.lr=0.001 -S train.val_every=50
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stages.params import parse_params  # noqa: E402
+from stages.train import (build_teacher, embed_images, global_scores, load_labelled_split,  # noqa: E402
+                          sample_embeddings, spherical_kmeans, teacher_config, train_teacher)
+
+CANDIDATES = ("compact", "nb_cos", "coherence", "agree", "usage_entropy", "agree_x_ent")
+
+
+@torch.no_grad()
+def label_free_scores(embs: list[torch.Tensor], k: int, seed: int = 0) -> dict:
+    x = sample_embeddings(embs, 256, seed)
+    centres = spherical_kmeans(x, k, seed, restarts=4)
+    compact = float((x @ centres.T).max(dim=1).values.mean())
+    nb_cos = float(torch.cat([(e[:, :, 1:] * e[:, :, :-1]).sum(0).reshape(-1) for e in embs]).mean())
+    shuffled = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]
+    rand_cos = float((x * shuffled).sum(1).mean())
+    same = total = 0
+    counts = torch.zeros(k)
+    for e in embs:
+        lab = torch.einsum("dhw,kd->khw", e, centres).argmax(0)
+        same += int((lab[:, 1:] == lab[:, :-1]).sum())
+        total += lab[:, 1:].numel()
+        counts += torch.bincount(lab.reshape(-1), minlength=k)
+    p = counts / counts.sum()
+    usage_entropy = float(-(p * p.clamp_min(1e-12).log()).sum() / np.log(k))
+    agree = same / total
+    return {"compact": compact, "nb_cos": nb_cos, "coherence": nb_cos - rand_cos, "agree": agree,
+            "usage_entropy": usage_entropy, "agree_x_ent": agree * usage_entropy}
+
+
+def main() -> int:
+    from scipy.stats import spearmanr
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    ap.add_argument("--shards", type=Path, required=True, help="data/shards/<dataset> with labelled metrics_train")
+    ap.add_argument("-S", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
+    args = ap.parse_args()
+
+    raw = yaml.safe_load(args.params.read_text())
+    for item in args.overrides:
+        key, value = item.split("=", 1)
+        group, name = key.split(".", 1)
+        raw[group][name] = yaml.safe_load(value)
+    p = parse_params(raw)
+    labelled = load_labelled_split(args.shards)
+    if labelled is None:
+        raise SystemExit(f"{args.shards}: no labelled metrics_train tiles to compare against")
+    rows = []
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        for step in range(p.train.val_every, p.train.steps + 1, p.train.val_every):
+            train_teacher(args.shards, tmp / "teacher", tmp / "ckpt", tmp / "results", p.aug, p.model, p.loss,
+                          dataclasses.replace(p.train, checkpoint_every=p.train.val_every), stop_after=step,
+                          progress=False)
+            model = build_teacher(teacher_config(p.model))
+            model.load_state_dict(torch.load(tmp / "ckpt" / "last.pt", weights_only=False)["model"])
+            model.eval()
+            with torch.no_grad():
+                embs = embed_images(model.encoder, labelled.images, torch.device("cpu"))
+                miou = global_scores(embs, labelled, model.head.temperature, model.smooth_iters,
+                                     seed=p.train.seed)["miou"]
+            row = {"step": step, "miou": round(miou, 4),
+                   **{k: round(v, 4) for k, v in label_free_scores(embs, labelled.num_classes).items()}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        shutil.rmtree(tmp)
+    mious = [r["miou"] for r in rows]
+    for key in CANDIDATES:
+        picked = max(rows, key=lambda r: r[key])
+        print(f"{key}: spearman {spearmanr(mious, [r[key] for r in rows]).correlation:.2f}; "
+              f"picks step {picked['step']} (mIoU {picked['miou']})")
+    print(f"labels pick step {max(rows, key=lambda r: r['miou'])['step']} (mIoU {max(mious)}); "
+          f"the last step has {mious[-1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
