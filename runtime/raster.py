@@ -292,8 +292,10 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     when the raster's differs from it by more than RESAMPLE_TOLERANCE and both are known (a
     georeferenced raster; `plan_resolution`), "native" at the raster's own grid, a number at that many
     metres per pixel. The labels are always written on the raster's own grid. progress(done, total) is
-    called after every tile; cancel() is polled before every tile and, when it returns True, the run
-    stops with `Cancelled` and nothing is written to `dst`. Returns a `SegmentResult`.
+    called after every tile (and, for a resampled raster, after every block written back onto the
+    raster's grid: total counts both); cancel() is polled before every tile and between those blocks
+    and, when it returns True, the run stops with `Cancelled` and nothing is written to `dst`.
+    Returns a `SegmentResult`.
     """
     t_start = time.perf_counter()
     if not isinstance(model, Model):
@@ -351,6 +353,10 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
 
                 halo = model.halo(smooth)
                 tiles = [(r, h, c0, w) for r, h in _grid(height, tile) for c0, w in _grid(width, tile)]
+                # a resampled run then writes its labels back onto the raster's grid, block by block
+                back = ([] if work is ds else
+                        [(r, h, c0, w) for r, h in _grid(ds.height, tile) for c0, w in _grid(ds.width, tile)])
+                total = len(tiles) + len(back)
                 with rasterio.open(tmp if work is ds else work_tmp, "w",
                                    **_label_profile(width, height, work.crs, work.transform)) as out:
                     for i, (r0, rh, c0, cw) in enumerate(tiles):
@@ -359,9 +365,17 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                         labels = _segment_tile(reader, model, c, smooth, halo, height, width, r0, rh, c0, cw)
                         out.write(labels[None], window=rasterio.windows.Window(c0, r0, cw, rh))
                         if progress is not None:
-                            progress(i + 1, len(tiles))
-                if work is not ds:
-                    _labels_to_source_grid(work_tmp, ds, bands, tmp, tile, src)
+                            progress(i + 1, total)
+
+                def after_block(j: int) -> None:
+                    if progress is not None:
+                        progress(len(tiles) + j + 1, total)
+                    if cancel is not None and j + 1 < len(back) and cancel():
+                        raise Cancelled(f"cancelled while writing labels back ({j + 1} of {len(back)} "
+                                        f"blocks); {dst} not written")
+
+                if back:
+                    _labels_to_source_grid(work_tmp, ds, bands, tmp, back, src, after_block)
                 with rasterio.open(tmp, "r+") as out:
                     cmap = {i: PALETTE[i % len(PALETTE)] + (255,) for i in range(k)}
                     cmap[NODATA] = (0, 0, 0, 0)
@@ -419,9 +433,11 @@ def _resampled(ds, scale: float):
                      resampling=Resampling.average if scale > 1 else Resampling.bilinear, **kw)
 
 
-def _labels_to_source_grid(work_path: Path, ds, bands, dst: Path, tile: int, src) -> None:
-    """Nearest-neighbour labels from the working grid back onto `ds`'s grid, block by block, with
-    the source's own nodata pixels set to NODATA (a resampled cell may straddle them)."""
+def _labels_to_source_grid(work_path: Path, ds, bands, dst: Path, blocks, src,
+                           after_block: Callable[[int], None]) -> None:
+    """Nearest-neighbour labels from the working grid back onto `ds`'s grid, block by block
+    (`blocks`: (row, height, col, width) on ds's grid; `after_block(j)` after the j-th), with the
+    source's own nodata pixels set to NODATA (a resampled cell may straddle them)."""
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
@@ -431,17 +447,17 @@ def _labels_to_source_grid(work_path: Path, ds, bands, dst: Path, tile: int, src
             WarpedVRT(work, crs=ds.crs, transform=ds.transform, width=ds.width, height=ds.height,
                       resampling=Resampling.nearest, src_nodata=NODATA, nodata=NODATA) as back, \
             rasterio.open(dst, "w", **_label_profile(ds.width, ds.height, ds.crs, ds.transform)) as out:
-        for r0, rh in _grid(ds.height, tile):
-            for c0, cw in _grid(ds.width, tile):
-                win = Window(c0, r0, cw, rh)
-                labels = back.read(1, window=win)
-                try:
-                    masks = ds.read_masks(list(bands), window=win)
-                except (rasterio.errors.RasterioError, OSError) as e:
-                    raise RasterReadError(f"{src}: GDAL failed to read the mask of rows {r0}..{r0 + rh}, "
-                                          f"cols {c0}..{c0 + cw}: {e}") from None
-                labels[(masks == 0).any(axis=0)] = NODATA
-                out.write(labels, 1, window=win)
+        for j, (r0, rh, c0, cw) in enumerate(blocks):
+            win = Window(c0, r0, cw, rh)
+            labels = back.read(1, window=win)
+            try:
+                masks = ds.read_masks(list(bands), window=win)
+            except (rasterio.errors.RasterioError, OSError) as e:
+                raise RasterReadError(f"{src}: GDAL failed to read the mask of rows {r0}..{r0 + rh}, "
+                                      f"cols {c0}..{c0 + cw}: {e}") from None
+            labels[(masks == 0).any(axis=0)] = NODATA
+            out.write(labels, 1, window=win)
+            after_block(j)
 
 
 def _segment_tile(reader: _Reader, model: Model, centres: np.ndarray, smooth: int, halo: int,

@@ -10,7 +10,7 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
 from runtime import segment_raster
-from runtime.errors import ArtifactError, InputError
+from runtime.errors import ArtifactError, Cancelled, InputError
 from runtime.model import load_model
 from runtime.raster import NODATA, ground_pixel_size_m, plan_resolution
 from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
@@ -163,3 +163,16 @@ def test_reprojected_raster_keeps_its_ground_pixel_size(tmp_path, dst_crs):
     assert ground_pixel_size_m(CRS.from_string(dst_crs), transform, w, h) == pytest.approx(native, rel=0.02)
     if dst_crs == "EPSG:3857":  # the CRS's own unit is far from ground metres at 36 degrees north
         assert nominal == pytest.approx(native / np.cos(np.radians(36.1)), rel=0.02)
+
+
+def test_resampled_run_reports_progress_and_can_be_cancelled_while_writing_back(tmp_path, model):
+    src = write_raster(tmp_path / "in.tif", synthetic_rgb(100, 120, seed=6), pixel=0.3)
+    calls = []
+    segment_raster(src, tmp_path / "out.tif", K, model, tile=64, progress=lambda d, n: calls.append((d, n)))
+    # 0.3 m -> 0.6 m: 50 x 60 working pixels = 1 tile of 64, then 2 x 2 blocks of 64 written back
+    assert calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    calls.clear()
+    with pytest.raises(Cancelled, match="while writing labels back"):
+        segment_raster(src, tmp_path / "cancelled.tif", K, model, tile=64,
+                       progress=lambda d, n: calls.append((d, n)), cancel=lambda: len(calls) >= 2)
+    assert not (tmp_path / "cancelled.tif").exists() and list(tmp_path.glob(".*")) == []
