@@ -75,6 +75,7 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=1, help="use every n-th tile (default: all)")
     ap.add_argument("--k", type=int, default=0, help="clusters (default: the dataset's class count)")
     args = ap.parse_args()
+    import rasterio
 
     summary = read_summary(args.shards)
     num_classes = int(summary["num_classes"])
@@ -99,8 +100,6 @@ def main() -> int:
                                            ("auto", small_src, "auto", small_label)):
                 res = segment_raster(src, tmp / f"{name}_out.tif", k, model, pixel_size=how, overwrite=True)
                 notes[name] = res.resolution
-                import rasterio
-
                 with rasterio.open(res.dst) as ds:
                     scores[name].add(ds.read(1), target)
     result = {name: round(p.result()["miou"], 4) for name, p in scores.items()}

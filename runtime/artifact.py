@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
-import math
 import json
+import math
 import os
 import re
 import shutil

@@ -209,15 +209,26 @@ class _Reader:
         win = Window(col0, row0, width, height)
         try:
             data = self.ds.read(self.bands, window=win)
-            masks = self.ds.read_masks(self.bands, window=win)
         except (RasterioError, OSError) as e:
             raise RasterReadError(f"{self.src}: GDAL failed to read window rows {row0}..{row0 + height}, "
                                   f"cols {col0}..{col0 + width}: {e}") from None
         rgb = np.ascontiguousarray(data.transpose(1, 2, 0))
-        nodata = (masks == 0).any(axis=0)
+        nodata = self.nodata(row0, col0, height, width)
         if nodata.any():
             rgb[nodata] = self.fill
         return rgb, nodata
+
+    def nodata(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
+        """(height, width) bool: pixels that GDAL masks in any of the RGB bands."""
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
+        try:
+            masks = self.ds.read_masks(self.bands, window=Window(col0, row0, width, height))
+        except (RasterioError, OSError) as e:
+            raise RasterReadError(f"{self.src}: GDAL failed to read the mask of rows {row0}..{row0 + height}, "
+                                  f"cols {col0}..{col0 + width}: {e}") from None
+        return (masks == 0).any(axis=0)
 
 
 def fit_raster_centres(reader: _Reader, height: int, width: int, model: Model, k: int, seed: int,
@@ -375,7 +386,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                                         f"blocks); {dst} not written")
 
                 if back:
-                    _labels_to_source_grid(work_tmp, ds, bands, tmp, back, src, after_block)
+                    _labels_to_source_grid(work_tmp, _Reader(ds, bands, model, src), tmp, back, after_block)
                 with rasterio.open(tmp, "r+") as out:
                     cmap = {i: PALETTE[i % len(PALETTE)] + (255,) for i in range(k)}
                     cmap[NODATA] = (0, 0, 0, 0)
@@ -416,13 +427,11 @@ def _resampled(ds, scale: float):
     origin: area-averaged when coarser (no aliasing), bilinear when finer. Pixels beyond the
     source's edge are masked (alpha band, or the source's nodata value)."""
     from affine import Affine
-    from rasterio.enums import Resampling
+    from rasterio.enums import MaskFlags, Resampling
     from rasterio.vrt import WarpedVRT
 
     width = max(1, int(np.ceil(ds.width / scale - 1e-9)))
     height = max(1, int(np.ceil(ds.height / scale - 1e-9)))
-    from rasterio.enums import MaskFlags
-
     # GDAL carries a nodata value or an alpha band into the VRT itself; otherwise an alpha band is
     # added so that pixels beyond the source's edge read as masked
     has_alpha = any(MaskFlags.alpha in flags for flags in ds.mask_flag_enums)
@@ -433,16 +442,17 @@ def _resampled(ds, scale: float):
                      resampling=Resampling.average if scale > 1 else Resampling.bilinear, **kw)
 
 
-def _labels_to_source_grid(work_path: Path, ds, bands, dst: Path, blocks, src,
+def _labels_to_source_grid(work_path: Path, source: _Reader, dst: Path, blocks,
                            after_block: Callable[[int], None]) -> None:
-    """Nearest-neighbour labels from the working grid back onto `ds`'s grid, block by block
-    (`blocks`: (row, height, col, width) on ds's grid; `after_block(j)` after the j-th), with the
-    source's own nodata pixels set to NODATA (a resampled cell may straddle them)."""
+    """Nearest-neighbour labels from the working grid back onto the source raster's grid, block by
+    block (`blocks`: (row, height, col, width) on that grid; `after_block(j)` after the j-th), with
+    the source's own nodata pixels set to NODATA (a resampled cell may straddle them)."""
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
     from rasterio.windows import Window
 
+    ds = source.ds
     with rasterio.open(work_path) as work, \
             WarpedVRT(work, crs=ds.crs, transform=ds.transform, width=ds.width, height=ds.height,
                       resampling=Resampling.nearest, src_nodata=NODATA, nodata=NODATA) as back, \
@@ -450,12 +460,7 @@ def _labels_to_source_grid(work_path: Path, ds, bands, dst: Path, blocks, src,
         for j, (r0, rh, c0, cw) in enumerate(blocks):
             win = Window(c0, r0, cw, rh)
             labels = back.read(1, window=win)
-            try:
-                masks = ds.read_masks(list(bands), window=win)
-            except (rasterio.errors.RasterioError, OSError) as e:
-                raise RasterReadError(f"{src}: GDAL failed to read the mask of rows {r0}..{r0 + rh}, "
-                                      f"cols {c0}..{c0 + cw}: {e}") from None
-            labels[(masks == 0).any(axis=0)] = NODATA
+            labels[source.nodata(r0, c0, rh, cw)] = NODATA
             out.write(labels, 1, window=win)
             after_block(j)
 

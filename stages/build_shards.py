@@ -217,6 +217,7 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
                 if src.count != 3 or src.dtypes[0] != "uint8":
                     raise ShardsError(f"{image_path}: expected 3-band uint8, found {src.count} band(s) "
                                       f"of {src.dtypes[0]}")
+                raster_m = ground_pixel_size_m(src.crs, src.transform, src.width, src.height)  # once per raster
                 for win, covered_rows, covered_cols in tile_windows(src.width, src.height, T):
                     valid = read_valid(src, win, [1, 2, 3])
                     rgb = read(src, [1, 2, 3], win, boundless=True, fill=0)
@@ -244,7 +245,7 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
                         crs=src.crs, transform=window_transform(win, src.transform), source_item=e["item_id"],
                         window=[col, row, T, T], class_hist=class_hist)
                     split_groups[split].add(groups[e["item_id"]])
-                    pixel_sizes[split].append(ground_pixel_size_m(src.crs, src.transform, src.width, src.height))
+                    pixel_sizes[split].append(raster_m)
                     kept += 1
         for w in writers.values():
             w.close()
