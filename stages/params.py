@@ -228,6 +228,11 @@ class LossParams:
         0, "Width of a training-only projection head (1x1 conv, ReLU, 1x1 conv, unit length) that the dense "
         "contrastive term sees instead of the embedding (SimCLR's head: the invariances the term asks for "
         "are absorbed by the head, not forced on the clustered embedding); 0 = no head.", lo=0, hi=4096)
+    contrastive_decay_steps: int = knob(
+        0, "Teacher steps over which the contrastive weight falls to 0 on a half-cosine and stays there, so "
+        "the other terms (self-distillation where on) hold the features it built instead of letting it "
+        "keep pulling cells apart; 0 = constant weight. Held-out validation scores the full weight.",
+        lo=0, hi=10_000_000)
 
 
 @dataclass

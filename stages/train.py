@@ -91,6 +91,15 @@ def lr_at(step: int, total: int, base_lr: float) -> float:
     return base_lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
+def contrastive_weight_at(step: int, weight: float, decay_steps: int) -> float:
+    """`loss.contrastive` at a 0-based step: constant when `decay_steps` is 0, else a half-cosine from
+    `weight` at step 0 to 0 at `decay_steps`, and 0 after it."""
+    if decay_steps <= 0:
+        return weight
+    t = min(step / decay_steps, 1.0)
+    return weight * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def read_summary(dataset_root: Path) -> dict:
     path = dataset_root / "summary.json"
     try:
@@ -456,12 +465,14 @@ def teacher_info(path: str | Path) -> dict:
 
 def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: torch.Generator,
                    target: Optional[MonolithicSegmenter] = None,
-                   projector: Optional[ProjectionHead] = None) -> dict[str, torch.Tensor]:
+                   projector: Optional[ProjectionHead] = None,
+                   contrastive_weight: Optional[float] = None) -> dict[str, torch.Tensor]:
     """All teacher loss terms for a list of two views; both views share one set of centres.
 
     `generator` draws the cells of the dense contrastive term. `target` (the weight-EMA network)
     adds the self-distillation term. `projector` (loss.contrastive_projector > 0) maps the
-    embeddings before the contrastive term only.
+    embeddings before the contrastive term only. `contrastive_weight` replaces `loss.contrastive`
+    in the total (the scheduled weight, `contrastive_weight_at`).
     """
     b = views[0].input.shape[0]
     if len({v.input.shape for v in views}) == 1:
@@ -512,7 +523,10 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
         terms["marginal_entropy"] = losses.marginal_entropy(torch.cat([pool_to(p, side) for p in probs_v]))
         terms["smoothness"] = sum(losses.edge_aware_tv(p, v.guide, loss_params.edge_sigma)
                                   for p, v in zip(probs_v, views)) / len(views)
-    terms["total"] = sum(getattr(loss_params, name) * value for name, value in terms.items())
+    weights = {name: getattr(loss_params, name) for name in terms}
+    if contrastive_weight is not None:
+        weights["contrastive"] = contrastive_weight
+    terms["total"] = sum(weights[name] * value for name, value in terms.items())
     terms["_probs"] = probs if probs is not None else probs_v[0]
     return terms
 
@@ -630,7 +644,8 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
                 group["lr"] = lr
             terms = teacher_losses(model, views, loss_params,
                                    torch.Generator().manual_seed(train_params.seed * 1_000_003 + step), target,
-                                   projector)
+                                   projector, contrastive_weight_at(step, loss_params.contrastive,
+                                                                    loss_params.contrastive_decay_steps))
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             opt.step()

@@ -285,3 +285,39 @@ def test_spherical_kmeans_finds_separated_clusters():
     x = torch.nn.functional.normalize(centres.repeat_interleave(50, 0) + 0.05 * torch.randn(150, 5, generator=g), dim=1)
     found = spherical_kmeans(x, 3, seed=0)
     assert torch.allclose((found @ centres.T).max(dim=0).values, torch.ones(3), atol=0.01)
+
+
+def test_contrastive_weight_schedule():
+    from stages.train import contrastive_weight_at
+
+    assert [contrastive_weight_at(s, 2.0, 0) for s in (0, 5, 10_000)] == [2.0, 2.0, 2.0]
+    assert contrastive_weight_at(0, 2.0, 10) == 2.0
+    assert abs(contrastive_weight_at(5, 2.0, 10) - 1.0) < 1e-12
+    assert [contrastive_weight_at(s, 2.0, 10) for s in (10, 11, 500)] == [0.0, 0.0, 0.0]
+    decaying = [contrastive_weight_at(s, 1.0, 10) for s in range(11)]
+    assert all(a > b for a, b in zip(decaying, decaying[1:]))
+
+
+def test_contrastive_decay_drops_the_term_from_the_total(tmp_path, tiny_dataset):
+    """With loss.contrastive_decay_steps = 2 the logged total holds the contrastive term at full
+    weight at step 0 and not at all from step 2 on (the other terms at their weights)."""
+    import csv
+    import dataclasses as dc
+
+    aug, model, loss, train = tiny_params(steps=3, val_every=3)
+    loss = dc.replace(loss, contrastive_decay_steps=2)
+    run(tmp_path, tiny_dataset, (aug, model, loss, train))
+    logs = {}
+    for f in (tmp_path / "results/plots/metrics/train").glob("*.tsv"):
+        rows = list(csv.DictReader(f.open(), delimiter="\t"))
+        logs[f.stem] = [float(r[f.stem]) for r in rows]
+    others = ("swapped", "consistency", "entropy", "marginal_entropy", "smoothness")
+
+    def total_at(step: int, contrastive_weight: float) -> float:
+        return (contrastive_weight * logs["contrastive"][step]
+                + sum(getattr(loss, name) * logs[name][step] for name in others))
+
+    assert logs["contrastive"][2] > 0.1
+    assert abs(logs["total"][0] - total_at(0, loss.contrastive)) < 1e-4
+    assert abs(logs["total"][2] - total_at(2, 0.0)) < 1e-4
+    assert abs(logs["total"][2] - total_at(2, loss.contrastive)) > 1e-2
