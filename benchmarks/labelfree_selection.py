@@ -16,6 +16,12 @@ global mIoU) and with label-free candidates computed on the same images' embeddi
 and prints one JSON line per stop, then each candidate's Spearman correlation with the mIoU and
 the mIoU at the step it would pick.
 
+With `--label-free` the teacher trains exactly as it would on a dataset without labelled tiles:
+it sees a copy of the dataset root whose `metrics_train` split is hidden, so it holds out a tenth
+of the train tiles and validates by minus the loss on a fixed batch of them (`heldout_neg_loss`,
+the stage's own selection score, also listed as a candidate), while the mIoU is still computed
+on the real labelled split. That shows what a run without labels would keep.
+
     python benchmarks/labelfree_selection.py --params params.yaml --shards data/shards/dubai \
         -S model.embed_dim=8 -S train.steps=600 -S train.lr=0.001 -S train.val_every=50
 """
@@ -42,6 +48,17 @@ from stages.train import (build_teacher, embed_images, global_scores, load_label
                           sample_embeddings, spherical_kmeans, teacher_config, train_teacher)
 
 CANDIDATES = ("compact", "nb_cos", "coherence", "agree", "usage_entropy", "agree_x_ent")
+
+
+def label_free_root(shards: Path, dst: Path) -> Path:
+    """A dataset root with `shards`' train split and no labelled split (what a dataset without
+    labels looks like to the train stage)."""
+    summary = json.loads((shards / "summary.json").read_text())
+    summary["counts"] = {"train": summary["counts"]["train"], "metrics_train": 0, "val": 0}
+    dst.mkdir(parents=True)
+    (dst / "summary.json").write_text(json.dumps(summary))
+    shutil.copytree(shards / "train", dst / "train")  # a copy: the dataset reader refuses links out of its root
+    return dst
 
 
 @torch.no_grad()
@@ -72,6 +89,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
     ap.add_argument("--shards", type=Path, required=True, help="data/shards/<dataset> with labelled metrics_train")
+    ap.add_argument("--label-free", action="store_true",
+                    help="train as on a dataset without labels (held-out loss selection), score with labels")
     ap.add_argument("-S", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
     args = ap.parse_args()
 
@@ -86,9 +105,11 @@ def main() -> int:
         raise SystemExit(f"{args.shards}: no labelled metrics_train tiles to compare against")
     rows = []
     tmp = Path(tempfile.mkdtemp())
+    candidates = CANDIDATES + (("heldout_neg_loss",) if args.label_free else ())
     try:
+        train_root = label_free_root(args.shards, tmp / "labelfree") if args.label_free else args.shards
         for step in range(p.train.val_every, p.train.steps + 1, p.train.val_every):
-            train_teacher(args.shards, tmp / "teacher", tmp / "ckpt", tmp / "results", p.aug, p.model, p.loss,
+            train_teacher(train_root, tmp / "teacher", tmp / "ckpt", tmp / "results", p.aug, p.model, p.loss,
                           dataclasses.replace(p.train, checkpoint_every=p.train.val_every), stop_after=step,
                           progress=False)
             model = build_teacher(teacher_config(p.model))
@@ -100,12 +121,15 @@ def main() -> int:
                                      seed=p.train.seed)["miou"]
             row = {"step": step, "miou": round(miou, 4),
                    **{k: round(v, 4) for k, v in label_free_scores(embs, labelled.num_classes).items()}}
+            if args.label_free:  # the stage's own score at this stop, from its DVCLive log
+                log = (tmp / "results/plots/metrics/val/neg_loss.tsv").read_text().splitlines()
+                row["heldout_neg_loss"] = round(float(log[-1].split("\t")[1]), 4)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
         shutil.rmtree(tmp)
     mious = [r["miou"] for r in rows]
-    for key in CANDIDATES:
+    for key in candidates:
         picked = max(rows, key=lambda r: r[key])
         print(f"{key}: spearman {spearmanr(mious, [r[key] for r in rows]).correlation:.2f}; "
               f"picks step {picked['step']} (mIoU {picked['miou']})")
