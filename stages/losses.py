@@ -127,6 +127,51 @@ def offset_positions(idx: torch.Tensor, side: int, max_offset: int, generator: t
     return rows * side + cols
 
 
+@torch.no_grad()
+def structure_directions(rgb01: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Direction along the locally dominant image structure (a road, an edge) per stride-4 cell.
+
+    rgb01 (B, 3, S, S), S = 4 * side or a multiple of it, on the grid the cells are indexed on.
+    The structure tensor of the grey image (products of pixel differences) is averaged over each
+    cell and its 8 neighbours (a 12 x 12 px window at S = 4 * side). Returns `directions`
+    (B, 2, side, side), a unit (d_row, d_col) vector across the tensor's dominant gradient, i.e.
+    along the structure, and `coherence` (B, side, side) in [0, 1]: 1 for a single orientation
+    (straight strips and edges), 0 for flat or isotropic texture, where the direction means nothing.
+    """
+    grey = rgb01.mean(1, keepdim=True)
+    g_row = F.pad(grey[..., 1:, :] - grey[..., :-1, :], (0, 0, 0, 1))
+    g_col = F.pad(grey[..., :, 1:] - grey[..., :, :-1], (0, 1, 0, 0))
+    tensor = torch.cat([g_col * g_col, g_row * g_row, g_col * g_row], 1)
+    tensor = F.adaptive_avg_pool2d(tensor, side)
+    tensor = F.avg_pool2d(tensor, 3, stride=1, padding=1, count_include_pad=False)
+    jxx, jyy, jxy = tensor.unbind(1)
+    gradient_angle = 0.5 * torch.atan2(2 * jxy, jxx - jyy)  # angle of (d_col, d_row) of the gradient
+    directions = torch.stack([torch.cos(gradient_angle), -torch.sin(gradient_angle)], 1)  # rotated 90 deg
+    coherence = torch.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / (jxx + jyy + 1e-6)
+    return directions, coherence.clamp(0.0, 1.0)
+
+
+def structure_offset_positions(idx: torch.Tensor, side: int, max_offset: int, directions: torch.Tensor,
+                               coherence: torch.Tensor, min_coherence: float,
+                               generator: torch.Generator) -> torch.Tensor:
+    """Each flat cell index of idx (B, N) moved 1..`max_offset` cells (uniform, random sign) along
+    its cell's structure direction (`structure_directions`), rounded to the grid and clamped;
+    cells whose coherence is below `min_coherence` stay where they are (no reliable direction).
+    Positives then lie along roads and edges, not across them."""
+    if max_offset < 1:
+        raise ValueError(f"max_offset must be >= 1, got {max_offset}")
+    b, n = idx.shape
+    flat_dirs = directions.reshape(b, 2, -1)
+    d = torch.gather(flat_dirs, 2, idx.unsqueeze(1).expand(b, 2, n).to(directions.device)).cpu()
+    coh = torch.gather(coherence.reshape(b, -1), 1, idx.to(coherence.device)).cpu()
+    steps = torch.randint(1, max_offset + 1, (b, n), generator=generator).float()
+    sign = torch.randint(0, 2, (b, n), generator=generator).float() * 2 - 1
+    move = (steps * sign * (coh >= min_coherence).float()).to(idx.device)
+    rows = (idx // side + torch.round(move * d[:, 0].to(idx.device)).long()).clamp(0, side - 1)
+    cols = (idx % side + torch.round(move * d[:, 1].to(idx.device)).long()).clamp(0, side - 1)
+    return rows * side + cols
+
+
 def gather_positions(emb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """(B, D, h, w) embeddings at flat positions idx (B, N) -> (B, N, D)."""
     b, d = emb.shape[:2]

@@ -220,6 +220,12 @@ class LossParams:
     contrastive_offset: int = knob(
         0, "Positives of the dense contrastive term: a cell of the other view up to this many stride-4 "
         "cells away along each axis (uniform, clamped to the patch); 0 = the same ground cell.", lo=0, hi=64)
+    contrastive_offset_direction: str = knob(
+        "any", "Direction of the contrastive offset (needs contrastive_offset >= 1): 'any' (uniform in the "
+        "square) or 'along_structure': 1..contrastive_offset cells along the locally dominant image "
+        "orientation (structure tensor over 12 px), so positives follow roads and edges instead of "
+        "crossing them; cells without a clear orientation keep the same cell.",
+        choices=("any", "along_structure"))
     contrastive_sampling: str = knob(
         "uniform", "Cells of the dense contrastive term: 'uniform' per image, or 'balanced' (weighted by "
         "1 / cells of their current cluster in the batch, so rare land covers are sampled as often as "

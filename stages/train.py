@@ -59,6 +59,9 @@ USAGE_THRESHOLD = 0.02  # a cluster "holds" pixels when it has at least 2 % of t
 # Self-distillation targets are the target network's assignments squared and renormalised
 # (temperature halved), as the Sinkhorn codes of the swapped term are sharpened.
 SELF_DISTILL_SHARPEN = 2.0
+# along_structure offsets: below this structure-tensor coherence a cell has no clear orientation
+# (flat ground, isotropic texture), so its positive stays the same cell
+STRUCTURE_MIN_COHERENCE = 0.5
 
 
 class TrainingError(RuntimeError):
@@ -496,7 +499,13 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
         idx = losses.balanced_positions(clusters, loss_params.contrastive_samples, generator)
     else:
         idx = losses.sample_positions(b, side * side, loss_params.contrastive_samples, generator)
-    idx_b = losses.offset_positions(idx, side, loss_params.contrastive_offset, generator)
+    if loss_params.contrastive_offset_direction == "along_structure":
+        directions, coherence = losses.structure_directions(invert_each(views[0].guide, views[0].transforms),
+                                                            side)
+        idx_b = losses.structure_offset_positions(idx, side, loss_params.contrastive_offset, directions,
+                                                  coherence, STRUCTURE_MIN_COHERENCE, generator)
+    else:
+        idx_b = losses.offset_positions(idx, side, loss_params.contrastive_offset, generator)
     terms = {
         "contrastive": losses.dense_contrastive(emb_aligned[0], emb_aligned[1], idx,
                                                 loss_params.contrastive_temperature,
@@ -551,6 +560,9 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     """
     from stages.datasets import RandomWindowBatches
 
+    if loss_params.contrastive_offset_direction == "along_structure" and loss_params.contrastive_offset < 1:
+        raise TrainingError("loss.contrastive_offset_direction: along_structure needs loss.contrastive_offset "
+                            f">= 1 (how far to move along the structure), got {loss_params.contrastive_offset}")
     if train_params.patch_size % 4:
         raise TrainingError(f"train.patch_size must be a multiple of 4 (the network stride), got "
                             f"{train_params.patch_size}")

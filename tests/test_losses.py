@@ -2,9 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from stages import losses
 from stages.augment import GeometricTransform, apply_each, invert_each
 from stages.losses import (balanced_positions, offset_positions, EmaNormaliser, affinity_distillation, cluster_distillation, consistency,
                            cosine_distillation, dense_contrastive, edge_aware_tv, self_distillation, geometric_mean, marginal_entropy,
@@ -214,3 +216,40 @@ def test_balanced_positions_sample_rare_clusters_as_often_as_common_ones():
     assert idx.shape == (4, 32) and all(len(set(row.tolist())) == 32 for row in idx)  # no repeats
     rare = (torch.gather(clusters, 1, idx) == 1).float().mean()
     assert 0.35 < rare < 0.65  # about half, against 1 / 16 for uniform sampling
+
+
+def _stripes(side_px: int, along: str) -> torch.Tensor:
+    """Grey stripes 4 px wide: 'rows' = constant along rows (vertical stripes), 'diagonal' = lines of
+    constant row + col."""
+    r, c = np.mgrid[:side_px, :side_px]
+    v = {"rows": (c // 4) % 2, "cols": (r // 4) % 2, "diagonal": ((r + c) // 4) % 2}[along]
+    return torch.tensor(v, dtype=torch.float32).expand(2, 3, side_px, side_px).clone()
+
+
+def test_structure_directions_follow_stripes():
+    cases = {"rows": (1.0, 0.0), "cols": (0.0, 1.0), "diagonal": (2 ** -0.5, -(2 ** -0.5))}
+    for along, (d_row, d_col) in cases.items():
+        directions, coherence = losses.structure_directions(_stripes(64, along), 16)
+        inner = (slice(None), slice(2, -2), slice(2, -2))
+        # a direction and its opposite are the same orientation: compare |cos|
+        cos = (directions[:, 0] * d_row + directions[:, 1] * d_col)[inner].abs()
+        assert cos.min() > 0.99, along
+        assert coherence[inner].min() > 0.99, along
+    _, flat = losses.structure_directions(torch.full((1, 3, 64, 64), 0.5), 16)
+    assert flat.max() == 0.0
+
+
+def test_structure_offsets_move_along_the_structure_only():
+    g = torch.Generator().manual_seed(0)
+    side = 16
+    idx = losses.sample_positions(2, side * side, 64, g)
+    directions, coherence = losses.structure_directions(_stripes(64, "rows"), side)
+    moved = losses.structure_offset_positions(idx, side, 3, directions, coherence, 0.5, g)
+    assert torch.equal(moved % side, idx % side)  # same column: moved along the stripe
+    shift = (moved // side - idx // side).abs()
+    assert shift.max() <= 3 and (shift > 0).float().mean() > 0.8  # clamping at the border may zero a few
+    # no clear orientation: every positive stays the same cell
+    flat_dirs, flat_coh = losses.structure_directions(torch.full((2, 3, 64, 64), 0.5), side)
+    assert torch.equal(losses.structure_offset_positions(idx, side, 3, flat_dirs, flat_coh, 0.5, g), idx)
+    with pytest.raises(ValueError, match="max_offset"):
+        losses.structure_offset_positions(idx, side, 0, directions, coherence, 0.5, g)

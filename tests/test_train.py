@@ -321,3 +321,20 @@ def test_contrastive_decay_drops_the_term_from_the_total(tmp_path, tiny_dataset)
     assert abs(logs["total"][0] - total_at(0, loss.contrastive)) < 1e-4
     assert abs(logs["total"][2] - total_at(2, 0.0)) < 1e-4
     assert abs(logs["total"][2] - total_at(2, loss.contrastive)) > 1e-2
+
+
+def test_structure_offsets_train_and_need_an_offset(tmp_path, tiny_dataset):
+    """along_structure positives change training against the same-cell positive, and without an
+    offset to move by they are refused before anything is written."""
+    import dataclasses as dc
+
+    aug, model, loss, train = tiny_params(steps=3, val_every=3)
+    run(tmp_path / "same", tiny_dataset, (aug, model, loss, train))
+    run(tmp_path / "along", tiny_dataset,
+        (aug, model, dc.replace(loss, contrastive_offset=2, contrastive_offset_direction="along_structure"), train))
+    a = torch.load(tmp_path / "same/teacher/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "along/teacher/model.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(v, b[k]) for k, v in a.items() if v.is_floating_point())
+    with pytest.raises(TrainingError, match="contrastive_offset_direction"):
+        run(tmp_path / "bad", tiny_dataset, (aug, model, dc.replace(loss, contrastive_offset_direction="along_structure"), train))
+    assert not (tmp_path / "bad/teacher").exists()
