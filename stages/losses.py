@@ -303,6 +303,33 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
     return ce / math.log(candidates)
 
 
+def block_mask(batch: int, side: int, block: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """(batch, side, side) bool mask of whole `block` x `block`-cell squares on the grid of blocks
+    (side // block per axis; the remainder at the bottom and right is never masked), round(ratio *
+    blocks) of them per image, at least one, drawn without replacement."""
+    per_axis = side // block
+    if per_axis < 1:
+        raise ValueError(f"a mask block of {block} cells does not fit a grid of side {side}")
+    blocks = per_axis * per_axis
+    n = max(1, round(ratio * blocks))
+    mask = torch.zeros(batch, per_axis * per_axis, dtype=torch.bool)
+    for i in range(batch):
+        mask[i, torch.randperm(blocks, generator=generator)[:n]] = True
+    mask = mask.reshape(batch, per_axis, per_axis).repeat_interleave(block, 1).repeat_interleave(block, 2)
+    return F.pad(mask, (0, side - per_axis * block, 0, side - per_axis * block))
+
+
+def masked_prediction(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean (1 - cos) in [0, 2] between unit embeddings `pred` of a masked input and `target`
+    (B, D, h, w; the unmasked input's embeddings, no gradient) over the masked cells (B, h, w).
+    Cells inside a masked block see only the context around it, so matching their unmasked
+    embedding asks the network to infer a cover from its surroundings."""
+    if not mask.any():
+        raise ValueError("masked_prediction needs at least one masked cell")
+    cos = (pred * target.detach()).sum(1)
+    return (1.0 - cos)[mask.to(cos.device)].mean()
+
+
 @torch.no_grad()
 def sinkhorn_targets(probs: torch.Tensor, sharpen: float = 2.0, iters: int = 3) -> torch.Tensor:
     """Balanced soft cluster codes for assignment maps (B, k, h, w) (Sinkhorn-Knopp, as in SwAV).

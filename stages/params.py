@@ -234,6 +234,12 @@ class LossParams:
         0, "Width of a training-only projection head (1x1 conv, ReLU, 1x1 conv, unit length) that the dense "
         "contrastive term sees instead of the embedding (SimCLR's head: the invariances the term asks for "
         "are absorbed by the head, not forced on the clustered embedding); 0 = no head.", lo=0, hi=4096)
+    masked_prediction: float = knob(
+        0.0, "Weight of masked-context prediction: the teacher's embeddings of an input with square blocks "
+        "blanked (to the mean colour) must match its embeddings of the whole input (no gradient) in the "
+        "blanked cells, which it can only infer from the surroundings; 0 = off.", lo=0.0, hi=100.0)
+    mask_block: int = knob(4, "Side of a masked-prediction block in stride-4 cells (4 = 16 px); about 30 % "
+                           "of the blocks of a patch are blanked.", lo=1, hi=256)
     contrastive_decay_steps: int = knob(
         0, "Teacher steps over which the contrastive weight falls to 0 on a half-cosine and stays there, so "
         "the other terms (self-distillation where on) hold the features it built instead of letting it "

@@ -62,6 +62,7 @@ SELF_DISTILL_SHARPEN = 2.0
 # along_structure offsets: below this structure-tensor coherence a cell has no clear orientation
 # (flat ground, isotropic texture), so its positive stays the same cell
 STRUCTURE_MIN_COHERENCE = 0.5
+MASK_RATIO = 0.3  # share of a patch's mask blocks blanked for masked-context prediction
 
 
 class TrainingError(RuntimeError):
@@ -489,6 +490,7 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     # back to the source grid, then to the coarsest view's grid (2 x 2 mean of finer cells)
     side = min(p.shape[-1] for p in probs_v)
     aligned = [pool_to(invert_each(p, v.transforms), side) for p, v in zip(probs_v, views)]
+    embeddings_view0 = emb_v[0]
     if projector is not None:
         emb_v = [projector(e) for e in emb_v]
     emb_aligned = [invert_each(e, v.transforms) for e, v in zip(emb_v, views)]
@@ -514,6 +516,14 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
         "swapped": losses.swapped_prediction(aligned[0], aligned[1]),
         "consistency": losses.consistency(aligned[0], aligned[1]),
     }
+    if loss_params.masked_prediction > 0:
+        cells = embeddings_view0.shape[-1]
+        mask = losses.block_mask(b, cells, loss_params.mask_block, MASK_RATIO, generator)
+        pixels = mask.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, :views[0].input.shape[-2],
+                                                                      :views[0].input.shape[-1]]
+        blanked = views[0].input.masked_fill(pixels[:, None].to(views[0].input.device), 0.0)  # 0 = mean colour
+        terms["masked_prediction"] = losses.masked_prediction(model(blanked)["embeddings"],
+                                                              embeddings_view0.detach(), mask)
     if target is not None:
         was_training = target.training
         target.eval()

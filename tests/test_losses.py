@@ -253,3 +253,28 @@ def test_structure_offsets_move_along_the_structure_only():
     assert torch.equal(losses.structure_offset_positions(idx, side, 3, flat_dirs, flat_coh, 0.5, g), idx)
     with pytest.raises(ValueError, match="max_offset"):
         losses.structure_offset_positions(idx, side, 0, directions, coherence, 0.5, g)
+
+
+def test_block_mask_blanks_whole_blocks_at_the_ratio():
+    g = torch.Generator().manual_seed(0)
+    mask = losses.block_mask(3, 18, 4, 0.3, g)  # 4 x 4 blocks of 4 cells; rows/cols 16-17 never masked
+    assert mask.shape == (3, 18, 18) and mask.dtype == torch.bool
+    assert not mask[:, 16:].any() and not mask[:, :, 16:].any()
+    blocks = mask[:, :16, :16].reshape(3, 4, 4, 4, 4)
+    per_block = blocks.sum((2, 4))
+    assert set(per_block.unique().tolist()) <= {0, 16}  # a block is blanked whole or not at all
+    assert ((per_block == 16).sum((1, 2)) == round(0.3 * 16)).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        losses.block_mask(1, 3, 4, 0.3, g)
+
+
+def test_masked_prediction_scores_only_masked_cells():
+    e = torch.nn.functional.normalize(torch.randn(2, 8, 6, 6), dim=1)
+    mask = torch.zeros(2, 6, 6, dtype=torch.bool)
+    mask[:, :2, :2] = True
+    other = e.clone()
+    other[:, :, 3:, 3:] = -other[:, :, 3:, 3:]  # differs only outside the mask
+    assert losses.masked_prediction(other, e, mask).abs() < 1e-6
+    assert abs(float(losses.masked_prediction(-e, e, mask)) - 2.0) < 1e-5
+    with pytest.raises(ValueError, match="at least one"):
+        losses.masked_prediction(e, e, torch.zeros_like(mask))

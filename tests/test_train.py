@@ -338,3 +338,17 @@ def test_structure_offsets_train_and_need_an_offset(tmp_path, tiny_dataset):
     with pytest.raises(TrainingError, match="contrastive_offset_direction"):
         run(tmp_path / "bad", tiny_dataset, (aug, model, dc.replace(loss, contrastive_offset_direction="along_structure"), train))
     assert not (tmp_path / "bad/teacher").exists()
+
+
+def test_masked_prediction_trains_and_is_logged(tmp_path, tiny_dataset):
+    import dataclasses as dc
+
+    aug, model, loss, train = tiny_params(steps=3, val_every=3)
+    run(tmp_path / "base", tiny_dataset, (aug, model, loss, train))
+    run(tmp_path / "masked", tiny_dataset, (aug, model, dc.replace(loss, masked_prediction=1.0, mask_block=2), train))
+    a = torch.load(tmp_path / "base/teacher/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "masked/teacher/model.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(v, b[k]) for k, v in a.items() if v.is_floating_point())
+    rows = (tmp_path / "masked/results/plots/metrics/train/masked_prediction.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 3 and all(0.0 < float(r.split("\t")[1]) <= 2.0 for r in rows)
+    assert not (tmp_path / "base/results/plots/metrics/train/masked_prediction.tsv").exists()
