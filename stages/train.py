@@ -29,6 +29,7 @@ the learning-rate schedule and DVCLive set-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -102,6 +103,22 @@ def contrastive_weight_at(step: int, weight: float, decay_steps: int) -> float:
         return weight
     t = min(step / decay_steps, 1.0)
     return weight * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model: torch.nn.Module):
+    """Batch norm layers normalise by the batch as usual but leave their running statistics alone
+    (momentum 0), so an auxiliary forward pass on altered inputs (blanked blocks) does not shift
+    what the network is evaluated and exported with."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
 
 
 def read_summary(dataset_root: Path) -> dict:
@@ -522,8 +539,9 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
         pixels = mask.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, :views[0].input.shape[-2],
                                                                       :views[0].input.shape[-1]]
         blanked = views[0].input.masked_fill(pixels[:, None].to(views[0].input.device), 0.0)  # 0 = mean colour
-        terms["masked_prediction"] = losses.masked_prediction(model(blanked)["embeddings"],
-                                                              embeddings_view0.detach(), mask)
+        with running_stats_frozen(model):
+            predicted = model(blanked)["embeddings"]
+        terms["masked_prediction"] = losses.masked_prediction(predicted, embeddings_view0.detach(), mask)
     if target is not None:
         was_training = target.training
         target.eval()

@@ -352,3 +352,17 @@ def test_masked_prediction_trains_and_is_logged(tmp_path, tiny_dataset):
     rows = (tmp_path / "masked/results/plots/metrics/train/masked_prediction.tsv").read_text().splitlines()[1:]
     assert len(rows) == 3 and all(0.0 < float(r.split("\t")[1]) <= 2.0 for r in rows)
     assert not (tmp_path / "base/results/plots/metrics/train/masked_prediction.tsv").exists()
+
+
+def test_running_stats_frozen_keeps_batchnorm_statistics():
+    from stages.train import running_stats_frozen
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    net.train()
+    before = net[1].running_mean.clone()
+    with running_stats_frozen(net):
+        out = net(torch.randn(2, 3, 5, 5) + 3.0)
+    assert torch.equal(net[1].running_mean, before) and net[1].momentum == 0.1
+    assert out.mean().abs() < 1e-5  # still normalised by the batch
+    net(torch.randn(2, 3, 5, 5) + 3.0)
+    assert not torch.equal(net[1].running_mean, before)
