@@ -591,6 +591,9 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     if loss_params.contrastive_offset_direction == "along_structure" and loss_params.contrastive_offset < 1:
         raise TrainingError("loss.contrastive_offset_direction: along_structure needs loss.contrastive_offset "
                             f">= 1 (how far to move along the structure), got {loss_params.contrastive_offset}")
+    if loss_params.masked_prediction > 0 and loss_params.mask_block > train_params.patch_size // 4:
+        raise TrainingError(f"loss.mask_block={loss_params.mask_block} cells does not fit a patch of "
+                            f"train.patch_size={train_params.patch_size} px ({train_params.patch_size // 4} cells)")
     if train_params.patch_size % 4:
         raise TrainingError(f"train.patch_size must be a multiple of 4 (the network stride), got "
                             f"{train_params.patch_size}")

@@ -352,6 +352,9 @@ def test_masked_prediction_trains_and_is_logged(tmp_path, tiny_dataset):
     rows = (tmp_path / "masked/results/plots/metrics/train/masked_prediction.tsv").read_text().splitlines()[1:]
     assert len(rows) == 3 and all(0.0 < float(r.split("\t")[1]) <= 2.0 for r in rows)
     assert not (tmp_path / "base/results/plots/metrics/train/masked_prediction.tsv").exists()
+    with pytest.raises(TrainingError, match="mask_block"):
+        run(tmp_path / "bad", tiny_dataset, (aug, model, dc.replace(loss, masked_prediction=1.0, mask_block=64), train))
+    assert not (tmp_path / "bad/teacher").exists()
 
 
 def test_running_stats_frozen_keeps_batchnorm_statistics():
