@@ -122,8 +122,14 @@ def offset_positions(idx: torch.Tensor, side: int, max_offset: int, generator: t
     if max_offset == 0:
         return idx
     shift = torch.randint(-max_offset, max_offset + 1, (2, *idx.shape), generator=generator)
-    rows = (idx // side + shift[0].to(idx.device)).clamp(0, side - 1)
-    cols = (idx % side + shift[1].to(idx.device)).clamp(0, side - 1)
+    return shift_positions(idx, side, shift[0], shift[1])
+
+
+def shift_positions(idx: torch.Tensor, side: int, d_row: torch.Tensor, d_col: torch.Tensor) -> torch.Tensor:
+    """Flat cell indices idx (B, N) on a side x side grid moved by whole cells (d_row, d_col:
+    integer tensors of idx's shape), clamped to the grid."""
+    rows = (idx // side + d_row.to(idx.device)).clamp(0, side - 1)
+    cols = (idx % side + d_col.to(idx.device)).clamp(0, side - 1)
     return rows * side + cols
 
 
@@ -160,16 +166,12 @@ def structure_offset_positions(idx: torch.Tensor, side: int, max_offset: int, di
     Positives then lie along roads and edges, not across them."""
     if max_offset < 1:
         raise ValueError(f"max_offset must be >= 1, got {max_offset}")
-    b, n = idx.shape
-    flat_dirs = directions.reshape(b, 2, -1)
-    d = torch.gather(flat_dirs, 2, idx.unsqueeze(1).expand(b, 2, n).to(directions.device)).cpu()
-    coh = torch.gather(coherence.reshape(b, -1), 1, idx.to(coherence.device)).cpu()
-    steps = torch.randint(1, max_offset + 1, (b, n), generator=generator).float()
-    sign = torch.randint(0, 2, (b, n), generator=generator).float() * 2 - 1
-    move = (steps * sign * (coh >= min_coherence).float()).to(idx.device)
-    rows = (idx // side + torch.round(move * d[:, 0].to(idx.device)).long()).clamp(0, side - 1)
-    cols = (idx % side + torch.round(move * d[:, 1].to(idx.device)).long()).clamp(0, side - 1)
-    return rows * side + cols
+    d = gather_positions(directions, idx).cpu()  # (B, N, 2): d_row, d_col
+    coh = gather_positions(coherence[:, None], idx)[..., 0].cpu()
+    steps = torch.randint(1, max_offset + 1, idx.shape, generator=generator).float()
+    sign = torch.randint(0, 2, idx.shape, generator=generator).float() * 2 - 1
+    move = steps * sign * (coh >= min_coherence).float()
+    return shift_positions(idx, side, torch.round(move * d[..., 0]).long(), torch.round(move * d[..., 1]).long())
 
 
 def gather_positions(emb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
