@@ -12,7 +12,8 @@ from .artifact import Artifact, build_meta, load_artifact, write_artifact
 from .errors import ArtifactError, Cancelled, InputError, LandsegError, OutputExistsError, RasterReadError
 from .model import Model, load_model
 from .raster import segment_raster
+from .rescale import percentile_limits, to_uint8
 
 __all__ = ["Artifact", "ArtifactError", "Cancelled", "InputError", "LandsegError", "Model",
            "OutputExistsError", "RasterReadError", "build_meta", "load_artifact", "load_model",
-           "segment_raster", "write_artifact"]
+           "percentile_limits", "segment_raster", "to_uint8", "write_artifact"]

@@ -28,6 +28,7 @@ EPILOG = """\
 examples:
   python -m runtime segment ortho.tif clusters.tif --k 6
   landseg-segment naip_rgbn.tif clusters.tif --k 5 --bands 1,2,3 --overviews
+  landseg-segment uint16_ortho.tif clusters.tif --k 6              # 16-bit: 2-98 % stretch
   landseg-segment a.tif a_k6.tif --k 6 --save-centres centres_k6.npy
   landseg-segment b.tif b_k6.tif --k 6 --centres centres_k6.npy     # same ids as a.tif
   python -m runtime info --model model/best                          # what the model is
@@ -57,10 +58,24 @@ def _pixel_size(text: str):
     return value
 
 
+def _rescale(text: str):
+    if text in ("auto", "none", "percentile"):
+        return text
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 6):
+        raise argparse.ArgumentTypeError(f"expected auto, none, percentile, LOW,HIGH or six numbers "
+                                         f"(R, G, B low,high pairs), got {text!r}")
+    return values if len(values) == 2 else [values[i:i + 2] for i in (0, 2, 4)]
+
+
 def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", metavar="IN", help="input RGB raster (8-bit, 3 bands or more with --bands)")
+    p.add_argument("input", metavar="IN", help="input RGB raster (3 bands, or more with --bands; 8-bit, "
+                                                 "or 16-bit / float with --rescale)")
     p.add_argument("output", metavar="OUT", help="output GeoTIFF of cluster ids")
     p.add_argument("--k", type=int, required=True, help="number of clusters, 2..max_k of the model (often 8)")
     p.add_argument("--model", default="model/best",
@@ -89,6 +104,11 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="ground sample distance the network runs at: auto = the model's training pixel size "
                         "when the raster's differs by more than 1.25x (georeferenced rasters only), native = the "
                         "raster's own, or metres; labels are written on the raster's grid (default: %(default)s)")
+    p.add_argument("--rescale", type=_rescale, default="auto", metavar="auto|none|percentile|LOW,HIGH",
+                   help="how values become the model's 8-bit input: auto = 8-bit as it is, 16-bit or float "
+                        "stretched band by band from its 2nd-98th percentiles (like QGIS's default display); "
+                        "none = 8-bit only; percentile = stretch even 8-bit; LOW,HIGH (or six numbers, a "
+                        "pair per band) = map that range to 0..255 (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads (default: all available cores)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -144,6 +164,7 @@ def run_segment(args) -> int:
                                 samples=DEFAULT_SAMPLES if args.samples is None else args.samples,
                                 iters=args.cluster_iters, restarts=args.restarts,
                                 smooth_iters=args.smooth_iters, pixel_size=args.pixel_size,
+                                rescale=args.rescale,
                                 overwrite=args.overwrite, overviews=args.overviews, progress=progress)
     finally:
         progress.close()
@@ -155,7 +176,7 @@ def run_segment(args) -> int:
     if not args.quiet:
         print(f"wrote {result.dst}: {result.k} clusters (ids 0..{result.k - 1}, 255 = nodata), "
               f"{result.tiles} tile(s), {result.seconds:.1f} s; centres {result.centres_source}; "
-              f"{result.resolution}", file=sys.stderr)
+              f"{result.resolution}; {result.rescale}", file=sys.stderr)
     return 0
 
 

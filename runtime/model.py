@@ -85,7 +85,8 @@ class Model:
     def _check_rgb(self, rgb) -> np.ndarray:
         if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise InputError("expected an RGB image as a uint8 array (H, W, 3), got "
-                             f"{getattr(rgb, 'dtype', type(rgb).__name__)} {getattr(rgb, 'shape', '')}")
+                             f"{getattr(rgb, 'dtype', type(rgb).__name__)} {getattr(rgb, 'shape', '')} "
+                             "(16-bit or float data: runtime.to_uint8(values, runtime.percentile_limits(values)))")
         if rgb.shape[0] < 1 or rgb.shape[1] < 1:
             raise InputError(f"empty image {rgb.shape}")
         return rgb

@@ -11,8 +11,12 @@ tile size, and the result is identical to segmenting the raster in one piece:
   windows spread over a 4 x 4 grid across the raster, so every tile is assigned against the same
   centres: no seams, no label permutation between tiles. Alternatively, centres="artifact" uses the
   model's precomputed `centres_k<K>` (the same ids across rasters) or an explicit (k, D) array.
-- Input nodata (GDAL masks: nodata value, alpha or mask band) stays nodata: those pixels are fed to
-  the network as the neutral mean colour and written as NODATA = 255 in the output.
+- Input nodata (GDAL masks: nodata value, alpha or mask band; NaN in float rasters) stays nodata:
+  those pixels are fed to the network as the neutral mean colour and written as NODATA = 255 in
+  the output.
+- Data that is not 8-bit (`rescale`, `plan_rescale`): by default a 16-bit or float raster is
+  stretched band by band from its 2nd-98th percentiles (computed once, from a decimated read of the
+  whole raster) to 0..255, the model's input range; explicit (low, high) limits also work.
 - Resolution (`pixel_size`, `plan_resolution`): by default a georeferenced raster whose ground
   sample distance differs by more than RESAMPLE_TOLERANCE from the model's training one is read
   through a GDAL warped VRT at the training GSD, tiled and segmented there as above, and its labels
@@ -40,6 +44,7 @@ import numpy as np
 from .errors import Cancelled, InputError, OutputExistsError, RasterReadError
 from .cluster import DEFAULT_RESTARTS
 from .model import DEFAULT_SAMPLES, Model, labels_from_cell_proba, load_model
+from .rescale import PERCENTILES, STATS_SIZE, check_limits, percentile_limits, to_uint8
 
 NODATA = 255  # output value of pixels that are nodata in the input (cluster ids are 0..k-1 <= 15)
 DEFAULT_TILE = 1024
@@ -70,6 +75,8 @@ class SegmentResult:
     seconds: float
     pixel_size_m: float | None = None
     resolution: str = ""
+    rescale_limits: np.ndarray | None = None
+    rescale: str = ""
 
 
 @dataclass
@@ -194,11 +201,66 @@ def _grid(size: int, step: int) -> list[tuple[int, int]]:
     return [(s, min(step, size - s)) for s in range(0, size, step)]
 
 
-class _Reader:
-    """Reads RGB windows (H, W, 3) uint8 plus a nodata mask, with nodata pixels set to a neutral colour."""
+@dataclass
+class RescalePlan:
+    """How raster values become the model's 0..255 input: `limits` (3, 2) (low, high) per band in
+    the raster's units mapped linearly to 0..255, or None for 8-bit data used as it is."""
 
-    def __init__(self, ds, bands, model: Model, src):
-        self.ds, self.bands, self.src = ds, list(bands), src
+    limits: np.ndarray | None
+    note: str
+
+
+def plan_rescale(ds, bands, rescale, src) -> RescalePlan:
+    """Decide how `segment_raster` maps the raster's values to 0..255.
+
+    rescale: "auto" (default) uses 8-bit data as it is and stretches anything else like
+    "percentile"; "none" requires 8-bit data; "percentile" maps each band's 2nd-98th percentiles of
+    valid values (from a read of the whole raster decimated to STATS_SIZE pixels on its long side)
+    to 0..255; a (low, high) pair (all bands) or three pairs (R, G, B) in the raster's units give the
+    limits directly.
+    """
+    dtypes = sorted({ds.dtypes[b - 1] for b in bands})
+    kind = "/".join(dtypes)
+    if isinstance(rescale, str):
+        if rescale not in ("auto", "none", "percentile"):
+            raise InputError(f"rescale must be 'auto', 'none', 'percentile' or (low, high) limits, got {rescale!r}")
+        if rescale in ("auto", "none") and dtypes == ["uint8"]:
+            return RescalePlan(None, "8-bit input used as it is")
+        if rescale == "none":
+            raise InputError(f"{src}: bands {list(bands)} are {kind}; rescale='none' needs 8-bit (uint8) RGB "
+                             "(use rescale='auto' or 'percentile' to stretch it, or give (low, high) limits)")
+        limits = _raster_percentiles(ds, bands, src)
+        lo_p, hi_p = PERCENTILES
+        how = f"stretched band by band from its {lo_p:g}-{hi_p:g} % percentile range"
+    else:
+        limits = check_limits(rescale, "rescale")
+        how = "mapped from the given limits"
+    ranges = ", ".join(f"{name} {lo:.6g}..{hi:.6g}" for name, (lo, hi) in zip("RGB", limits))
+    return RescalePlan(limits, f"{kind} input {how} ({ranges}) to 0..255")
+
+
+def _raster_percentiles(ds, bands, src) -> np.ndarray:
+    """Per-band PERCENTILES limits of the raster's valid values, from a decimated read."""
+    from rasterio.enums import Resampling
+    from rasterio.errors import RasterioError
+
+    f = max(1.0, max(ds.height, ds.width) / STATS_SIZE)
+    shape = (len(bands), max(1, round(ds.height / f)), max(1, round(ds.width / f)))
+    try:
+        data = ds.read(list(bands), out_shape=shape, resampling=Resampling.nearest)
+        masks = ds.read_masks(list(bands), out_shape=shape, resampling=Resampling.nearest)
+    except (RasterioError, OSError) as e:
+        raise RasterReadError(f"{src}: GDAL failed to read the raster for its value statistics: {e}") from None
+    return percentile_limits(data.transpose(1, 2, 0), (masks != 0).all(axis=0), PERCENTILES, src)
+
+
+class _Reader:
+    """Reads RGB windows (H, W, 3) uint8 plus a nodata mask, with nodata pixels set to a neutral
+    colour; with `limits`, the raster's values are first mapped to 0..255 (`to_uint8`)."""
+
+    def __init__(self, ds, bands, model: Model, src, limits: np.ndarray | None = None):
+        self.ds, self.bands, self.src, self.limits = ds, list(bands), src, limits
+        self.floating = any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in self.bands)
         fill = np.asarray(model.meta["input_mean"]) * model.meta["input_scale"]
         self.fill = np.clip(np.round(fill), 0, 255).astype(np.uint8)
 
@@ -212,14 +274,23 @@ class _Reader:
         except (RasterioError, OSError) as e:
             raise RasterReadError(f"{self.src}: GDAL failed to read window rows {row0}..{row0 + height}, "
                                   f"cols {col0}..{col0 + width}: {e}") from None
-        rgb = np.ascontiguousarray(data.transpose(1, 2, 0))
-        nodata = self.nodata(row0, col0, height, width)
+        nodata = self._masked(row0, col0, height, width)
+        if self.floating:
+            nodata |= ~np.isfinite(data).all(axis=0)
+        data = data.transpose(1, 2, 0)
+        rgb = to_uint8(data, self.limits) if self.limits is not None else np.ascontiguousarray(data)
         if nodata.any():
             rgb[nodata] = self.fill
         return rgb, nodata
 
     def nodata(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
-        """(height, width) bool: pixels that GDAL masks in any of the RGB bands."""
+        """(height, width) bool: pixels that GDAL masks in any of the RGB bands (or NaN / inf in a
+        float raster)."""
+        if self.floating:
+            return self.read(row0, col0, height, width)[1]
+        return self._masked(row0, col0, height, width)
+
+    def _masked(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
         from rasterio.errors import RasterioError
         from rasterio.windows import Window
 
@@ -287,7 +358,8 @@ def _overview_factors(height: int, width: int) -> list[int]:
 def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=None,
                    centres=None, seed: int = 0, samples: int = DEFAULT_SAMPLES,
                    iters: int | None = None, restarts: int = DEFAULT_RESTARTS,
-                   smooth_iters: int | None = None, pixel_size="auto", overwrite: bool = False,
+                   smooth_iters: int | None = None, pixel_size="auto", rescale="auto",
+                   overwrite: bool = False,
                    overviews: bool = False,
                    progress: Callable[[int, int], None] | None = None,
                    cancel: Callable[[], bool] | None = None) -> SegmentResult:
@@ -302,7 +374,10 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     pixel_size: "auto" (default) runs the network at the model's training ground sample distance
     when the raster's differs from it by more than RESAMPLE_TOLERANCE and both are known (a
     georeferenced raster; `plan_resolution`), "native" at the raster's own grid, a number at that many
-    metres per pixel. The labels are always written on the raster's own grid. progress(done, total) is
+    metres per pixel. The labels are always written on the raster's own grid.
+    rescale: how values become the model's 0..255 input (`plan_rescale`): "auto" (default: 8-bit as
+    it is, anything else stretched from its 2nd-98th percentiles per band), "none" (8-bit only),
+    "percentile", or (low, high) / ((low, high),) * 3 limits in the raster's units. progress(done, total) is
     called after every tile (and, for a resampled raster, after every block written back onto the
     raster's grid: total counts both); cancel() is polled before every tile and between those blocks
     and, when it returns True, the run stops with `Cancelled` and nothing is written to `dst`.
@@ -340,15 +415,12 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
         try:
             with ds, contextlib.ExitStack() as stack:
                 bands = select_bands(ds.count, bands, src)
-                dtypes = {ds.dtypes[b - 1] for b in bands}
-                if dtypes != {"uint8"}:
-                    raise InputError(f"{src}: bands {bands} are {sorted(dtypes)}; 8-bit (uint8) RGB is "
-                                     f"required (rescale to 0..255 first, e.g. gdal_translate -ot Byte -scale)")
+                values = plan_rescale(ds, bands, rescale, src)
                 plan = plan_resolution(ground_pixel_size_m(ds.crs, ds.transform, ds.width, ds.height),
                                        model, pixel_size, src)
                 work = ds if plan.scale == 1.0 else stack.enter_context(_resampled(ds, plan.scale))
                 height, width = work.height, work.width
-                reader = _Reader(work, bands, model, src)
+                reader = _Reader(work, bands, model, src, values.limits)
 
                 if centres is None or (isinstance(centres, str) and centres == "fit"):
                     c = fit_raster_centres(reader, height, width, model, k, seed, samples, iters, restarts)
@@ -386,7 +458,8 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                                         f"blocks); {dst} not written")
 
                 if back:
-                    _labels_to_source_grid(work_tmp, _Reader(ds, bands, model, src), tmp, back, after_block)
+                    _labels_to_source_grid(work_tmp, _Reader(ds, bands, model, src, values.limits), tmp,
+                                           back, after_block)
                 with rasterio.open(tmp, "r+") as out:
                     cmap = {i: PALETTE[i % len(PALETTE)] + (255,) for i in range(k)}
                     cmap[NODATA] = (0, 0, 0, 0)
@@ -396,7 +469,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                     out.update_tags(landseg_k=str(k), landseg_centres=source,
                                     landseg_model_commit=prov["git_commit"],
                                     landseg_model_params_hash=prov["params_hash"],
-                                    landseg_resolution=plan.note)
+                                    landseg_resolution=plan.note, landseg_rescale=values.note)
                     if overviews:
                         factors = _overview_factors(ds.height, ds.width)
                         if factors:
@@ -413,7 +486,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
             for leftover in (work_tmp, work_tmp.with_name(work_tmp.name + ".aux.xml")):
                 leftover.unlink(missing_ok=True)
     return SegmentResult(dst, k, c, source, len(tiles), time.perf_counter() - t_start,
-                         plan.working_m, plan.note)
+                         plan.working_m, plan.note, values.limits, values.note)
 
 
 def _label_profile(width: int, height: int, crs, transform) -> dict:

@@ -149,8 +149,11 @@ def test_bad_arguments_and_inputs_are_refused(tmp_path, src, rgb, model):
     with pytest.raises(InputError, match="restarts must be an integer >= 1"):
         segment_raster(src, out, K, model, restarts=0)
     wide = write_raster(tmp_path / "u16.tif", rgb.astype(np.uint16) * 200)
-    with pytest.raises(InputError, match=r"uint16.*8-bit"):
-        segment_raster(wide, out, K, model)
+    with pytest.raises(InputError, match=r"u16.tif: bands \[1, 2, 3\] are uint16; rescale='none' needs 8-bit"):
+        segment_raster(wide, out, K, model, rescale="none")
+    for bad in ("stretch", (5, 5), (1, 2, 3)):
+        with pytest.raises(InputError, match="rescale"):
+            segment_raster(wide, out, K, model, rescale=bad)
     junk = tmp_path / "junk.tif"
     junk.write_bytes(b"II*\x00 this is not a tiff")
     with pytest.raises(RasterReadError, match="junk.tif: GDAL cannot read"):
