@@ -14,7 +14,9 @@ Output (written to a temporary directory beside `data/raw`, renamed when complet
     data/raw/labels/<item_id>.tif    1-band uint8 (0 = ignore, 1..C), label map applied; its own grid
                                      (build_shards aligns it to the image by warping)
     data/raw/manifest.jsonl          one line per item: item_id, image, label, crs, transform, width,
-                                     height, bands, sha256, label_sha256, has_label, source
+                                     height, bands, sha256, label_sha256, has_label, source, and
+                                     (local, remote) rescale: the (low, high) per band that data not
+                                     8-bit was mapped from to 0..255 (`ingest.rescale`), else null
     data/raw/dataset.json            dataset, provider, num_classes, class_names
 Pixel data are copied in blocks of rows, so memory does not grow with raster size.
 """
@@ -38,6 +40,9 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
+from runtime.errors import LandsegError
+from runtime.raster import plan_rescale
+from runtime.rescale import to_uint8
 from stages import synthetic
 from stages.params import IngestParams, ParamsError, load_params
 from stages.rasterio_utils import (GDAL_READ_ENV, Grid, RasterError, crs_string, fresh_tmp_dir,
@@ -174,8 +179,12 @@ def _label_lut(label_map: dict[int, int]) -> np.ndarray | None:
 
 
 def _copy_raster(item: Item, dst_image: Path, dst_label: Path | None, bands: list[int],
-                 label_map: dict[int, int], no_crs: list[str]) -> tuple[dict, int]:
-    """Copy the selected bands (and label) of `item` into GeoTIFFs; return (grid, max label)."""
+                 label_map: dict[int, int], no_crs: list[str], rescale: str) -> tuple[dict, int]:
+    """Copy the selected bands (and label) of `item` into GeoTIFFs; return (grid, max label).
+
+    Data that is not 8-bit is mapped to 0..255 by `rescale` (`runtime.raster.plan_rescale`, the
+    run-time code; grid["rescale"] holds the (low, high) per band, None when 8-bit is kept as it
+    is); NaN / inf of float data become nodata."""
     with open_raster(item.image, what="image") as src:
         if src.count < 3:
             raise IngestError(f"{item.image}: expected an RGB raster with at least 3 bands, found "
@@ -184,10 +193,11 @@ def _copy_raster(item: Item, dst_image: Path, dst_label: Path | None, bands: lis
         if bad:
             raise IngestError(f"{item.image}: ingest.local.bands {bands} asks for band(s) {bad} but the "
                               f"raster has {src.count}")
-        dtypes = {src.dtypes[b - 1] for b in bands}
-        if dtypes != {"uint8"}:
-            raise IngestError(f"{item.image}: expected uint8 bands, found {sorted(dtypes)} "
-                              "(rescale to 8 bits first, e.g. with gdal_translate -scale -ot Byte)")
+        try:
+            values = plan_rescale(src, bands, rescale, item.image)
+        except LandsegError as e:
+            raise IngestError(f"{e} (ingest.rescale: {rescale!r})") from None
+        floating = any(np.issubdtype(np.dtype(src.dtypes[b - 1]), np.floating) for b in bands)
         if src.crs is None:
             no_crs.append(item.image)
         window = item.window or (0, 0, src.width, src.height)
@@ -205,15 +215,18 @@ def _copy_raster(item: Item, dst_image: Path, dst_label: Path | None, bands: lis
             for row in range(0, h, BLOCK_ROWS):
                 win = Window(c0, r0 + row, w, min(BLOCK_ROWS, h - row))
                 data = read(src, bands, win)
-                mask = None
-                if masked:
-                    m = np.all(src.read_masks(bands, window=win) > 0, axis=0)
-                    mask = np.where(m, 255, 0).astype(np.uint8)
-                yield row, data, mask
+                m = np.all(src.read_masks(bands, window=win) > 0, axis=0) if masked else None
+                if floating:
+                    finite = np.isfinite(data).all(axis=0)
+                    m = finite if m is None else m & finite
+                if values.limits is not None:
+                    data = to_uint8(data.transpose(1, 2, 0), values.limits).transpose(2, 0, 1)
+                yield row, np.ascontiguousarray(data), None if m is None else np.where(m, 255, 0).astype(np.uint8)
 
         _write_blocks(dst_image, w, h, 3, src.crs, transform, blocks())
         grid = {"crs": src.crs, "transform": transform, "width": w, "height": h,
-                "windowed": item.window is not None or item.bounds is not None}
+                "windowed": item.window is not None or item.bounds is not None,
+                "rescale": None if values.limits is None else values.limits.tolist()}
     max_label = 0
     if item.label is not None:
         max_label = _copy_label(item, dst_label, grid, label_map)
@@ -403,14 +416,16 @@ def remote_items(params: IngestParams) -> list[Item]:
 
 def ingest_rasters(items: list[Item], params: IngestParams, root: Path, label_map: dict[int, int],
                    bands: list[int]) -> tuple[list[dict], dict]:
+    """Copy every item; the manifest records each image's rescale limits (null for 8-bit kept as is)."""
     entries, no_crs, max_label = [], [], 0
     for item in items:
         image = root / "images" / f"{item.item_id}.tif"
         label = root / "labels" / f"{item.item_id}.tif" if item.label else None
-        grid, top = _copy_raster(item, image, label, bands, label_map, no_crs)
+        grid, top = _copy_raster(item, image, label, bands, label_map, no_crs, params.rescale)
         max_label = max(max_label, top)
         entries.append(_manifest_entry(item.item_id, root, image, label, grid["crs"], grid["transform"],
-                                       grid["width"], grid["height"], item.source))
+                                       grid["width"], grid["height"], item.source)
+                       | {"rescale": grid["rescale"]})
     if no_crs:
         warnings.warn(f"{len(no_crs)} raster(s) have no CRS and are used on their pixel grid only "
                       f"(no georeferencing), e.g. {no_crs[:3]}", NoCRSWarning, stacklevel=2)

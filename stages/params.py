@@ -57,7 +57,7 @@ class SyntheticParams:
 @dataclass
 class LocalParams:
     path: str = knob("", "Directory (raster files in it) or glob of input rasters, any GDAL-readable "
-                     "format; 3-band uint8 after `bands`.")
+                     "format; 3 bands after `bands` (8-bit, or others through `ingest.rescale`).")
     labels: str = knob("", "Directory or glob of single-band label rasters; empty = no labels.")
     label_regex: str = knob("", "Regex with one group extracting the pairing key from image and label "
                             "file stems; empty = pair image and label by identical stem.")
@@ -116,6 +116,11 @@ class IngestParams:
     seed: int = knob(0, "Seed of the synthetic provider.", lo=0, hi=2**31 - 1)
     class_names: dict[int, str] = knob({}, "Names of label classes 1..C for the local and remote providers "
                                        "(synthetic names its own six); empty = unnamed, C = largest label.")
+    rescale: str = knob(
+        "auto", "How local and remote rasters become 8-bit: 'auto' keeps 8-bit data as it is and maps "
+        "anything else (16-bit, float) band by band from its 2-98 % percentile range (over the whole "
+        "raster) to 0..255, as `segment_raster` does at run time; 'none' refuses data that is not "
+        "8-bit; 'percentile' stretches 8-bit data too.", choices=("auto", "none", "percentile"))
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     local: LocalParams = field(default_factory=LocalParams)
     remote: RemoteParams = field(default_factory=RemoteParams)

@@ -230,10 +230,38 @@ def test_one_or_two_band_raster(tmp_path, capsys, bands):
     assert "grey.tif" in err and f"found {bands} band(s)" in err
 
 
-def test_non_uint8_raster(tmp_path, capsys):
+def test_non_uint8_raster_refused_with_rescale_none(tmp_path, capsys):
     write_raster(tmp_path / "in" / "deep.tif", random_rgb(16, 16).astype(np.uint16) * 200)
-    err = _bad_local(tmp_path, capsys, path=str(tmp_path / "in"))
-    assert "deep.tif" in err and "uint8" in err
+    raw = tiny_raw(**{"ingest.provider": "local", "ingest.rescale": "none",
+                      "ingest.local.path": str(tmp_path / "in")})
+    rc, err, out = _run_main(tmp_path, raw, capsys)
+    assert rc == 2 and "deep.tif" in err and "rescale='none' needs 8-bit" in err
+    _no_leftovers(out)
+
+
+def test_16_bit_and_float_rasters_are_stretched_like_the_runtime(tmp_path):
+    from runtime.rescale import percentile_limits, to_uint8
+
+    rgb = random_rgb(40, 48)  # (3, H, W) uint8
+    dn = rgb.astype(np.uint16) * 16 + 100
+    refl = rgb.astype(np.float32) / 300.0
+    refl[:, 5:9, 10:20] = np.nan
+    write_raster(tmp_path / "in" / "a16.tif", dn)
+    write_raster(tmp_path / "in" / "b8.tif", rgb)
+    write_raster(tmp_path / "in" / "cf.tif", refl)
+    entries = ingest(_local(tmp_path, path=str(tmp_path / "in")), tmp_path / "raw")
+    by_id = {e["item_id"]: e for e in entries}
+    expected = percentile_limits(dn.transpose(1, 2, 0))
+    np.testing.assert_allclose(by_id["a16"]["rescale"], expected)
+    assert by_id["b8"]["rescale"] is None
+    with rasterio.open(tmp_path / "raw" / by_id["a16"]["image"]) as ds:
+        assert ds.dtypes[0] == "uint8"
+        np.testing.assert_array_equal(ds.read(), to_uint8(dn.transpose(1, 2, 0), expected).transpose(2, 0, 1))
+    with rasterio.open(tmp_path / "raw" / by_id["b8"]["image"]) as ds:
+        np.testing.assert_array_equal(ds.read(), rgb)  # 8-bit kept as it is
+    with rasterio.open(tmp_path / "raw" / by_id["cf"]["image"]) as ds:
+        valid = ds.read_masks(1) > 0
+        assert not valid[5:9, 10:20].any() and valid.sum() == 40 * 48 - 4 * 10  # NaN -> nodata
 
 
 def test_band_index_beyond_raster(tmp_path, capsys):
