@@ -418,10 +418,14 @@ def ingest_rasters(items: list[Item], params: IngestParams, root: Path, label_ma
                    bands: list[int]) -> tuple[list[dict], dict]:
     """Copy every item; the manifest records each image's rescale limits (null for 8-bit kept as is)."""
     entries, no_crs, max_label = [], [], 0
+    lim = params.rescale_limits  # plan_rescale takes fixed limits as (low, high) pairs
+    rescale = params.rescale
+    if rescale == "fixed":
+        rescale = list(lim) if len(lim) == 2 else [lim[i:i + 2] for i in (0, 2, 4)]
     for item in items:
         image = root / "images" / f"{item.item_id}.tif"
         label = root / "labels" / f"{item.item_id}.tif" if item.label else None
-        grid, top = _copy_raster(item, image, label, bands, label_map, no_crs, params.rescale)
+        grid, top = _copy_raster(item, image, label, bands, label_map, no_crs, rescale)
         max_label = max(max_label, top)
         entries.append(_manifest_entry(item.item_id, root, image, label, grid["crs"], grid["transform"],
                                        grid["width"], grid["height"], item.source)

@@ -118,14 +118,28 @@ class IngestParams:
                                        "(synthetic names its own six); empty = unnamed, C = largest label.")
     rescale: str = knob(
         "auto", "How local and remote rasters become 8-bit: 'auto' keeps 8-bit data as it is and maps "
-        "anything else (16-bit, float) band by band from its 2-98 % percentile range (over the whole "
+        "anything else (16-bit, float) band by band from its own 2-98 % percentile range (over the whole "
         "raster) to 0..255, as `segment_raster` does at run time; 'none' refuses data that is not "
-        "8-bit; 'percentile' stretches 8-bit data too.", choices=("auto", "none", "percentile"))
+        "8-bit; 'percentile' stretches 8-bit data too; 'fixed' maps every raster from "
+        "`rescale_limits` (the same mapping for all, so colours stay comparable between rasters).",
+        choices=("auto", "none", "percentile", "fixed"))
+    rescale_limits: list[float] = knob(
+        [], "With rescale: fixed, [low, high] for all bands or [low_r, high_r, low_g, high_g, low_b, "
+        "high_b], in the rasters' own units, mapped to 0..255 (e.g. [0, 4095] for 12-bit data); empty "
+        "otherwise.")
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     local: LocalParams = field(default_factory=LocalParams)
     remote: RemoteParams = field(default_factory=RemoteParams)
 
     def check(self, prefix: str) -> None:
+        lim = self.rescale_limits
+        if self.rescale == "fixed":
+            if len(lim) not in (2, 6) or any(lim[i] >= lim[i + 1] for i in range(0, len(lim), 2)):
+                raise ParamsError(f"{prefix}.rescale_limits: rescale: fixed needs [low, high] or three "
+                                  f"(low, high) pairs with low < high, got {lim!r}")
+        elif lim:
+            raise ParamsError(f"{prefix}.rescale_limits: only read with rescale: fixed (rescale is "
+                              f"{self.rescale!r}); leave it empty")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.dataset):
             raise ParamsError(f"{prefix}.dataset: expected a folder name of letters, digits, '.', '_' or "
                               f"'-', got {self.dataset!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from conftest import (REPO, blocky_labels, random_rgb, tiny_raw, tree_digest, wr
                       write_raster)
 from stages import ingest as ingest_stage
 from stages.ingest import IngestError, NoCRSWarning, ingest
-from stages.params import parse_params
+from stages.params import ParamsError, parse_params
 from stages.rasterio_utils import sha256_file
 
 DUBAI = REPO.parent / "shared" / "datasets" / "dubai"
@@ -262,6 +263,31 @@ def test_16_bit_and_float_rasters_are_stretched_like_the_runtime(tmp_path):
     with rasterio.open(tmp_path / "raw" / by_id["cf"]["image"]) as ds:
         valid = ds.read_masks(1) > 0
         assert not valid[5:9, 10:20].any() and valid.sum() == 40 * 48 - 4 * 10  # NaN -> nodata
+
+
+def test_fixed_rescale_limits_map_every_raster_the_same_way(tmp_path):
+    rgb = random_rgb(24, 32)
+    write_raster(tmp_path / "in" / "a16.tif", rgb.astype(np.uint16) * 16 + 100)
+    write_raster(tmp_path / "in" / "b16.tif", rgb[:, :, ::-1].astype(np.uint16) * 16 + 100)
+    for limits in ([100, 4180], [100, 4180, 100, 4180, 100, 4180]):
+        params = parse_params(tiny_raw(**{"ingest.provider": "local", "ingest.dataset": "mine",
+                                          "ingest.rescale": "fixed", "ingest.rescale_limits": limits,
+                                          "ingest.local.path": str(tmp_path / "in")})).ingest
+        entries = ingest(params, tmp_path / "raw")
+        assert [e["rescale"] for e in entries] == [[[100.0, 4180.0]] * 3] * 2
+        with rasterio.open(tmp_path / "raw" / entries[0]["image"]) as ds:
+            np.testing.assert_array_equal(ds.read(), rgb)  # (v * 16 + 100 - 100) * 255 / 4080 = v
+
+
+@pytest.mark.parametrize("rescale, limits, message", [
+    ("fixed", [], "rescale: fixed needs [low, high]"),
+    ("fixed", [5, 5], "low < high"),
+    ("fixed", [0, 1, 2], "three (low, high) pairs"),
+    ("auto", [0, 4095], "only read with rescale: fixed"),
+])
+def test_rescale_limits_are_validated(rescale, limits, message):
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        parse_params(tiny_raw(**{"ingest.rescale": rescale, "ingest.rescale_limits": limits}))
 
 
 def test_band_index_beyond_raster(tmp_path, capsys):
