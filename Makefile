@@ -1,11 +1,14 @@
 # `make repro`: isolated environment + the whole DVC pipeline on the embedded synthetic data.
 # `make test`:  the same environment + the test suite.
+# `make dubai`:  the README's real-imagery run on ../shared/datasets/dubai, as a DVC experiment.
 VENV ?= .venv
 PYTHON ?= python3
 # Stage commands in dvc.yaml call `python`: put the environment first on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup repro test bench clean-venv
+DUBAI ?= ../shared/datasets/dubai
+
+.PHONY: setup repro test bench dubai clean-venv
 
 setup: $(VENV)/.installed
 
@@ -19,6 +22,18 @@ repro: setup
 
 test: setup
 	python -m pytest -q
+
+# Real imagery (README, "Real imagery: Dubai"): the Dubai ingest and split settings plus the selected
+# configuration. Results land in the workspace; `dvc exp show` / `dvc metrics show` list them.
+dubai: setup
+	@test -d $(DUBAI)/images -a -d $(DUBAI)/labels || \
+		{ echo "error: $(DUBAI)/images and $(DUBAI)/labels not found (make dubai DUBAI=/path/to/dubai)" >&2; exit 2; }
+	dvc exp run -n dubai-e8s8 -S ingest.provider=local -S ingest.dataset=dubai \
+		-S ingest.local.path=$(DUBAI)/images -S ingest.local.labels=$(DUBAI)/labels \
+		-S "shards.group_regex='t(\d+)_'" -S shards.train_fraction=0.4 \
+		-S +ingest.class_names.1=building -S +ingest.class_names.2=land -S +ingest.class_names.3=road \
+		-S +ingest.class_names.4=vegetation -S +ingest.class_names.5=water \
+		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8
 
 bench: setup
 	python benchmarks/build_shards_bench.py
