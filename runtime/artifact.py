@@ -49,6 +49,7 @@ import numpy as np
 
 from .errors import ArtifactError, OutputExistsError
 from .network import LayerSummary, validate_layers
+from .rescale import check_training_rescale
 
 FORMAT_NAME = "landseg-segmenter"
 FORMAT_VERSION = 1
@@ -154,6 +155,8 @@ def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> Layer
                             or not math.isfinite(gsd) or gsd <= 0):
         raise ArtifactError(f"{meta_at}: 'training_pixel_size_m' must be a positive number of metres "
                             f"or null (unknown), got {gsd!r}")
+    if "input_rescale" in meta:  # optional (older artifacts): how the training data became 8-bit
+        check_training_rescale(meta["input_rescale"], meta_at)
     try:
         summary = validate_layers(layers)
     except ArtifactError as e:

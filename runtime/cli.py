@@ -74,8 +74,8 @@ def _rescale(text: str):
 def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", metavar="IN", help="input RGB raster (3 bands, or more with --bands; 8-bit, "
-                                                 "or 16-bit / float with --rescale)")
+    p.add_argument("input", metavar="IN", help="input RGB raster (3 bands, or more with --bands; 8-bit, 16-bit "
+                                                 "or float: see --rescale)")
     p.add_argument("output", metavar="OUT", help="output GeoTIFF of cluster ids")
     p.add_argument("--k", type=int, required=True, help="number of clusters, 2..max_k of the model (often 8)")
     p.add_argument("--model", default="model/best",
@@ -105,8 +105,10 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "when the raster's differs by more than 1.25x (georeferenced rasters only), native = the "
                         "raster's own, or metres; labels are written on the raster's grid (default: %(default)s)")
     p.add_argument("--rescale", type=_rescale, default="auto", metavar="auto|none|percentile|LOW,HIGH",
-                   help="how values become the model's 8-bit input: auto = 8-bit as it is, 16-bit or float "
-                        "stretched band by band from its 2nd-98th percentiles (like QGIS's default display); "
+                   help="how values become the model's 8-bit input: auto = as the model's training data were "
+                        "mapped (meta.json input_rescale); for a model trained on 8-bit data, 8-bit as it is "
+                        "and 16-bit or float stretched band by band from its 2nd-98th percentiles (like "
+                        "QGIS's default display); "
                         "none = 8-bit only; percentile = stretch even 8-bit; LOW,HIGH (or six numbers, a "
                         "pair per band) = map that range to 0..255 (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N",

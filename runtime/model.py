@@ -57,6 +57,8 @@ class Model:
     cluster_iters_default = property(lambda self: self.meta["cluster_iters_default"])
     # ground sample distance (metres) of the training imagery; None when unknown
     training_pixel_size_m = property(lambda self: self.meta.get("training_pixel_size_m"))
+    # how the training data became 8-bit ({"mode", "limits"}; None for artifacts that predate it)
+    input_rescale = property(lambda self: self.meta.get("input_rescale"))
 
     def halo(self, smooth_iters: int | None = None) -> int:
         """Pixels of context a tile needs on each side so that its core equals the untiled result:

@@ -210,17 +210,29 @@ class RescalePlan:
     note: str
 
 
-def plan_rescale(ds, bands, rescale, src) -> RescalePlan:
+def plan_rescale(ds, bands, rescale, src, trained: dict | None = None) -> RescalePlan:
     """Decide how `segment_raster` maps the raster's values to 0..255.
 
-    rescale: "auto" (default) uses 8-bit data as it is and stretches anything else like
-    "percentile"; "none" requires 8-bit data; "percentile" maps each band's 2nd-98th percentiles of
+    rescale: "auto" (default) maps the raster the way the model's training data were mapped
+    (`trained`, the artifact's `input_rescale`): for a model trained on data stretched image by
+    image ("percentile") every raster, 8-bit too, is stretched likewise; for one trained with
+    fixed limits, data that is not 8-bit is mapped from those limits; otherwise (trained on 8-bit
+    data, or `trained` None) 8-bit data is used as it is and anything else is stretched like
+    "percentile". "none" requires 8-bit data; "percentile" maps each band's 2nd-98th percentiles of
     valid values (from a read of the whole raster decimated to STATS_SIZE pixels on its long side)
     to 0..255; a (low, high) pair (all bands) or three pairs (R, G, B) in the raster's units give the
     limits directly.
     """
     dtypes = sorted({ds.dtypes[b - 1] for b in bands})
     kind = "/".join(dtypes)
+    if isinstance(rescale, str) and rescale == "auto" and trained is not None:
+        if trained["mode"] == "percentile":
+            rescale = "percentile"
+        elif trained["mode"] == "fixed" and dtypes != ["uint8"]:
+            limits = check_limits(trained["limits"])
+            ranges = ", ".join(f"{name} {lo:.6g}..{hi:.6g}" for name, (lo, hi) in zip("RGB", limits))
+            return RescalePlan(limits, f"{kind} input mapped from the model's training limits ({ranges}) "
+                               "to 0..255")
     if isinstance(rescale, str):
         if rescale not in ("auto", "none", "percentile"):
             raise InputError(f"rescale must be 'auto', 'none', 'percentile' or (low, high) limits, got {rescale!r}")
@@ -375,8 +387,9 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     when the raster's differs from it by more than RESAMPLE_TOLERANCE and both are known (a
     georeferenced raster; `plan_resolution`), "native" at the raster's own grid, a number at that many
     metres per pixel. The labels are always written on the raster's own grid.
-    rescale: how values become the model's 0..255 input (`plan_rescale`): "auto" (default: 8-bit as
-    it is, anything else stretched from its 2nd-98th percentiles per band), "none" (8-bit only),
+    rescale: how values become the model's 0..255 input (`plan_rescale`): "auto" (default: as the
+    model's training data were mapped; for a model trained on 8-bit data, 8-bit as it is and
+    anything else stretched from its 2nd-98th percentiles per band), "none" (8-bit only),
     "percentile", or (low, high) / ((low, high),) * 3 limits in the raster's units. progress(done, total) is
     called after every tile (and, for a resampled raster, after every block written back onto the
     raster's grid: total counts both); cancel() is polled before every tile and between those blocks
@@ -415,7 +428,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
         try:
             with ds, contextlib.ExitStack() as stack:
                 bands = select_bands(ds.count, bands, src)
-                values = plan_rescale(ds, bands, rescale, src)
+                values = plan_rescale(ds, bands, rescale, src, model.input_rescale)
                 plan = plan_resolution(ground_pixel_size_m(ds.crs, ds.transform, ds.width, ds.height),
                                        model, pixel_size, src)
                 work = ds if plan.scale == 1.0 else stack.enter_context(_resampled(ds, plan.scale))

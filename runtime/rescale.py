@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
+from .errors import ArtifactError, InputError
 
 PERCENTILES = (2.0, 98.0)  # the stretch QGIS applies by default to multiband rasters
+TRAINING_MODES = ("auto", "none", "percentile", "fixed")  # `ingest.rescale` of the training data
 STATS_SIZE = 1024  # pixels: long side of the decimated read the percentiles of a raster come from
 
 
@@ -72,3 +73,21 @@ def to_uint8(values: np.ndarray, limits: np.ndarray) -> np.ndarray:
     out = (values.astype(np.float32) - low) * scale
     np.nan_to_num(out, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def check_training_rescale(record, where: str) -> dict:
+    """The `input_rescale` record of a model (meta.json, written by `export` from `ingest.rescale`):
+    {"mode": one of TRAINING_MODES, "limits": three [low, high] pairs for "fixed", else null}.
+    Returns it normalised; raises ArtifactError naming `where` otherwise."""
+    ok = isinstance(record, dict) and set(record) == {"mode", "limits"} and record["mode"] in TRAINING_MODES
+    if ok and record["mode"] == "fixed":
+        try:
+            limits = check_limits(record["limits"]).tolist()
+        except InputError:
+            ok = False
+        else:
+            return {"mode": "fixed", "limits": limits}
+    if ok and record["limits"] is None:
+        return {"mode": record["mode"], "limits": None}
+    raise ArtifactError(f"{where}: 'input_rescale' must be {{'mode': one of {list(TRAINING_MODES)}, 'limits': "
+                        f"three [low, high] pairs with low < high for 'fixed', else null}}, got {record!r}")

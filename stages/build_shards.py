@@ -192,6 +192,8 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
     if info.get("dataset") != dataset:
         raise ShardsError(f"{raw_dir / 'dataset.json'}: holds dataset {info.get('dataset')!r} but "
                           f"ingest.dataset is {dataset!r}; rerun ingest")
+    if "rescale" not in info:
+        raise ShardsError(f"{raw_dir / 'dataset.json'}: lacks 'rescale' (written by an older ingest: rerun it)")
     num_classes = int(info["num_classes"])
     groups = {e["item_id"]: group_key(e["item_id"], params.group_regex) for e in entries}
     out_root.mkdir(parents=True, exist_ok=True)
@@ -263,6 +265,7 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
                            for s in SPLITS},
             "groups": {s: sorted(split_groups[s]) for s in SPLITS},
             "pixel_size_m": {s: median_pixel_size(pixel_sizes[s]) for s in SPLITS},
+            "input_rescale": info["rescale"],  # how ingest made the pixels 8-bit (to the artifact)
             "dropped_blank_tiles": dropped,
             "source_items": len(entries),
             "params_hash": hashlib.sha256(params_blob.encode()).hexdigest(),

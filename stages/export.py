@@ -46,6 +46,14 @@ def training_pixel_size(t_info: dict, teacher_dir: Path) -> float | None:
     return t_info["training_pixel_size_m"]
 
 
+def training_input_rescale(t_info: dict, teacher_dir: Path) -> dict:
+    """How the training data became 8-bit (`ingest.rescale`), from the teacher checkpoint."""
+    if "input_rescale" not in t_info:
+        raise TrainingError(f"{teacher_dir}: the teacher checkpoint does not record how its training data "
+                            "were rescaled (written by an older train stage: rerun it)")
+    return t_info["input_rescale"]
+
+
 def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Path) -> Path:
     """Write model/best from the chosen checkpoint; returns the artifact directory."""
     t_info = teacher_info(teacher_dir)
@@ -67,7 +75,8 @@ def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Pat
                       supports_learned_refine=encoder.refine is not None,
                       receptive_field=encoder.receptive_field, git_commit=git_commit(),
                       params_hash=info["fingerprint"], source=source,
-                      training_pixel_size_m=training_pixel_size(t_info, teacher_dir))
+                      training_pixel_size_m=training_pixel_size(t_info, teacher_dir),
+                      input_rescale=training_input_rescale(t_info, teacher_dir))
     val = info["val"]
     metrics = {"source": source, "val_metric": val["metric"], "val_score": val["score"], "val_step": val["step"],
                "teacher_val_score": t_info["val"]["score"]}

@@ -17,7 +17,9 @@ Output (written to a temporary directory beside `data/raw`, renamed when complet
                                      height, bands, sha256, label_sha256, has_label, source, and
                                      (local, remote) rescale: the (low, high) per band that data not
                                      8-bit was mapped from to 0..255 (`ingest.rescale`), else null
-    data/raw/dataset.json            dataset, provider, num_classes, class_names
+    data/raw/dataset.json            dataset, provider, num_classes, class_names, rescale ({mode:
+                                     `ingest.rescale` ("none" for synthetic, rendered 8-bit), limits:
+                                     three [low, high] pairs for "fixed", else null})
 Pixel data are copied in blocks of rows, so memory does not grow with raster size.
 """
 
@@ -473,7 +475,12 @@ def ingest(params: IngestParams, out_dir: Path) -> list[dict]:
         with open(tmp / "manifest.jsonl", "w") as f:
             for e in entries:
                 f.write(json.dumps(e, sort_keys=True) + "\n")
+        lim = params.rescale_limits
         info = {"dataset": params.dataset, "provider": params.provider, **info,
+                # how the pixels became 8-bit; export hands it to the runtime (`input_rescale`)
+                "rescale": {"mode": params.rescale if params.provider != "synthetic" else "none",
+                            "limits": [lim[0:2]] * 3 if len(lim) == 2 else
+                            [lim[i:i + 2] for i in (0, 2, 4)] if lim else None},
                 "items": len(entries), "labelled_items": sum(e["has_label"] for e in entries)}
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         replace_dir(tmp, out_dir)

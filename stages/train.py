@@ -129,7 +129,7 @@ def read_summary(dataset_root: Path) -> dict:
         raise TrainingError(f"{path}: shard summary not found (run the build_shards stage first)") from None
     except json.JSONDecodeError as e:
         raise TrainingError(f"{path}: not valid JSON: {e}") from None
-    for key in ("num_classes", "counts", "pixel_size_m"):
+    for key in ("num_classes", "counts", "pixel_size_m", "input_rescale"):
         if key not in summary:
             raise TrainingError(f"{path}: missing key {key!r} (written by an older build_shards: rerun it)")
     return summary
@@ -736,6 +736,8 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
         blob = {"format": TEACHER_FORMAT, "config": config, "state_dict": best["state_dict"],
                 # ground sample distance of the training tiles: the runtime resamples rasters to it
                 "training_pixel_size_m": summary["pixel_size_m"].get("train"),
+                # how the training pixels became 8-bit: the runtime maps new rasters the same way
+                "input_rescale": summary["input_rescale"],
                 "val": {"metric": best["metric"], "score": best["score"], "step": best["step"],
                         "clusters_ge_2pct": best["clusters_ge_2pct"]},
                 "fingerprint": fingerprint}

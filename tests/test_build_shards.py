@@ -37,8 +37,11 @@ def make_raw(root: Path, items: list[dict], num_classes: int = 4, dataset: str =
                                  "label": label.relative_to(root).as_posix() if label else None}))
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     (root / "dataset.json").write_text(json.dumps({"dataset": dataset, "num_classes": num_classes,
-                                                   "class_names": None}))
+                                                   "class_names": None, "rescale": RESCALE}))
     return root
+
+
+RESCALE = {"mode": "auto", "limits": None}  # dataset.json's record of how ingest made the pixels 8-bit
 
 
 def shards(tile=32, **kw) -> ShardsParams:
@@ -295,8 +298,12 @@ def test_main_errors_exit_2(tmp_path, capsys):
     make_raw(tmp_path / "raw", [{"item_id": "a", "rgb": random_rgb(32, 32)}], dataset="other")
     assert bs.main(["--params", str(params), "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "s")]) == 2
     assert "ingest.dataset" in capsys.readouterr().err
-    (tmp_path / "raw" / "images" / "a.tif").write_bytes(b"garbage")  # the manifest still points at it
     (tmp_path / "raw" / "dataset.json").write_text(json.dumps({"dataset": "synthetic", "num_classes": 6}))
+    assert bs.main(["--params", str(params), "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "s")]) == 2
+    assert "dataset.json: lacks 'rescale' (written by an older ingest: rerun it)" in capsys.readouterr().err
+    (tmp_path / "raw" / "images" / "a.tif").write_bytes(b"garbage")  # the manifest still points at it
+    (tmp_path / "raw" / "dataset.json").write_text(json.dumps({"dataset": "synthetic", "num_classes": 6,
+                                                               "rescale": RESCALE}))
     assert bs.main(["--params", str(params), "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "s")]) == 2
     assert "images/a.tif: GDAL cannot open" in capsys.readouterr().err
     assert not (tmp_path / "s" / "synthetic").exists()

@@ -41,6 +41,7 @@ def test_runtime_matches_torch(tmp_path, tiny_dataset, teacher_dir, student_dir,
     meta = json.loads((out / "meta.json").read_text())
     assert meta["source"] == source and meta["temperature"] == teacher.head.temperature
     assert meta["training_pixel_size_m"] == 0.6  # the train split's GSD in the shards summary, via the teacher
+    assert meta["input_rescale"] == {"mode": "none", "limits": None}  # ingest's record, via shards and teacher
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"val_score", "val_step", "val_metric"} <= set(metrics)
     images = [TileDataset(tiny_dataset, "val")[i]["image"] for i in range(2)]

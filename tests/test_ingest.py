@@ -112,6 +112,7 @@ def test_local_plain_images_without_crs_pair_by_stem(tmp_path):
         assert np.array_equal(lab.read(1), blocky_labels(40, 50, 5))
     info = json.loads((tmp_path / "raw" / "dataset.json").read_text())
     assert info["num_classes"] == 5 and info["class_names"] is None
+    assert info["rescale"] == {"mode": "auto", "limits": None}
 
 
 def test_local_regex_pairing_label_map_and_band_selection(tmp_path):
@@ -275,6 +276,8 @@ def test_fixed_rescale_limits_map_every_raster_the_same_way(tmp_path):
                                           "ingest.local.path": str(tmp_path / "in")})).ingest
         entries = ingest(params, tmp_path / "raw")
         assert [e["rescale"] for e in entries] == [[[100.0, 4180.0]] * 3] * 2
+        info = json.loads((tmp_path / "raw" / "dataset.json").read_text())
+        assert info["rescale"] == {"mode": "fixed", "limits": [[100, 4180]] * 3}
         with rasterio.open(tmp_path / "raw" / entries[0]["image"]) as ds:
             np.testing.assert_array_equal(ds.read(), rgb)  # (v * 16 + 100 - 100) * 255 / 4080 = v
 

@@ -136,3 +136,31 @@ def test_resampled_16_bit_raster_is_stretched_and_written_on_its_own_grid(tmp_pa
     labels, tags = _labels(tmp_path / "out.tif")
     assert labels.shape == rgb.shape[:2] and (labels < K).all()
     assert res.resolution.startswith("resampled from 0.3 m to 0.6 m") and "uint16 input stretched" in tags["landseg_rescale"]
+
+
+def test_auto_follows_the_models_training_mapping(tmp_path, rgb):
+    from runtime.errors import ArtifactError
+
+    enc = random_encoder(width=16, depth=1, embed_dim=8, seed=7)
+    fixed = load_model(write_encoder_artifact(tmp_path / "fixed", enc,
+                                              input_rescale={"mode": "fixed", "limits": [[100, 4180]] * 3}))
+    stretched = load_model(write_encoder_artifact(tmp_path / "pct", enc,
+                                                  input_rescale={"mode": "percentile", "limits": None}))
+    dn = write_raster(tmp_path / "u16.tif", rgb.astype(np.uint16) * 16 + 100)
+    eight = write_raster(tmp_path / "u8.tif", rgb)
+    # trained on 12-bit data mapped from 100..4180: new 16-bit rasters get exactly that mapping
+    res = segment_raster(dn, tmp_path / "a.tif", K, fixed)
+    assert res.rescale.startswith("uint16 input mapped from the model's training limits (R 100..4180")
+    segment_raster(dn, tmp_path / "b.tif", K, fixed, rescale=(100, 4180))
+    np.testing.assert_array_equal(_labels(tmp_path / "a.tif")[0], _labels(tmp_path / "b.tif")[0])
+    assert segment_raster(eight, tmp_path / "c.tif", K, fixed).rescale == "8-bit input used as it is"
+    # trained on images stretched one by one: 8-bit rasters are stretched too
+    res = segment_raster(eight, tmp_path / "d.tif", K, stretched)
+    assert res.rescale.startswith("uint8 input stretched band by band")
+    np.testing.assert_allclose(res.rescale_limits, percentile_limits(rgb))
+    # an explicit choice wins over the record
+    assert segment_raster(eight, tmp_path / "e.tif", K, stretched, rescale="none").rescale_limits is None
+    for bad in ({"mode": "fixed", "limits": None}, {"mode": "stretch", "limits": None},
+                {"mode": "auto"}, {"mode": "fixed", "limits": [[5, 1]] * 3}):
+        with pytest.raises(ArtifactError, match="'input_rescale' must be"):
+            write_encoder_artifact(tmp_path / "bad", enc, input_rescale=bad)

@@ -51,7 +51,8 @@ def write_tiny_shards(root: Path, scenes: int = 4, size: int = 128, tile: int = 
         (shard / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "summary.json").write_text(json.dumps({
         "dataset": "tiny", "num_classes": 6, "class_names": None, "counts": counts, "class_hist": {},
-        "pixel_size_m": {"train": 0.6, "metrics_train": 0.6, "val": 0.6}, "params_hash": "tiny"}))
+        "pixel_size_m": {"train": 0.6, "metrics_train": 0.6, "val": 0.6}, "params_hash": "tiny",
+        "input_rescale": {"mode": "none", "limits": None}}))
     return root
 
 
