@@ -181,7 +181,7 @@ def _label_lut(label_map: dict[int, int]) -> np.ndarray | None:
 
 
 def _copy_raster(item: Item, dst_image: Path, dst_label: Path | None, bands: list[int],
-                 label_map: dict[int, int], no_crs: list[str], rescale: str) -> tuple[dict, int]:
+                 label_map: dict[int, int], no_crs: list[str], rescale: str | list) -> tuple[dict, int]:
     """Copy the selected bands (and label) of `item` into GeoTIFFs; return (grid, max label).
 
     Data that is not 8-bit is mapped to 0..255 by `rescale` (`runtime.raster.plan_rescale`, the
@@ -420,10 +420,7 @@ def ingest_rasters(items: list[Item], params: IngestParams, root: Path, label_ma
                    bands: list[int]) -> tuple[list[dict], dict]:
     """Copy every item; the manifest records each image's rescale limits (null for 8-bit kept as is)."""
     entries, no_crs, max_label = [], [], 0
-    lim = params.rescale_limits  # plan_rescale takes fixed limits as (low, high) pairs
-    rescale = params.rescale
-    if rescale == "fixed":
-        rescale = list(lim) if len(lim) == 2 else [lim[i:i + 2] for i in (0, 2, 4)]
+    rescale = params.rescale_limit_pairs() if params.rescale == "fixed" else params.rescale
     for item in items:
         image = root / "images" / f"{item.item_id}.tif"
         label = root / "labels" / f"{item.item_id}.tif" if item.label else None
@@ -475,12 +472,10 @@ def ingest(params: IngestParams, out_dir: Path) -> list[dict]:
         with open(tmp / "manifest.jsonl", "w") as f:
             for e in entries:
                 f.write(json.dumps(e, sort_keys=True) + "\n")
-        lim = params.rescale_limits
         info = {"dataset": params.dataset, "provider": params.provider, **info,
                 # how the pixels became 8-bit; export hands it to the runtime (`input_rescale`)
                 "rescale": {"mode": params.rescale if params.provider != "synthetic" else "none",
-                            "limits": [lim[0:2]] * 3 if len(lim) == 2 else
-                            [lim[i:i + 2] for i in (0, 2, 4)] if lim else None},
+                            "limits": params.rescale_limit_pairs()},
                 "items": len(entries), "labelled_items": sum(e["has_label"] for e in entries)}
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         replace_dir(tmp, out_dir)

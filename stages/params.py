@@ -131,6 +131,13 @@ class IngestParams:
     local: LocalParams = field(default_factory=LocalParams)
     remote: RemoteParams = field(default_factory=RemoteParams)
 
+    def rescale_limit_pairs(self) -> list[list[float]] | None:
+        """`rescale_limits` as three [low, high] pairs (R, G, B); None unless rescale is 'fixed'."""
+        lim = self.rescale_limits
+        if self.rescale != "fixed":
+            return None
+        return [list(lim)] * 3 if len(lim) == 2 else [lim[i:i + 2] for i in (0, 2, 4)]
+
     def check(self, prefix: str) -> None:
         lim = self.rescale_limits
         if self.rescale == "fixed":
