@@ -7,7 +7,7 @@ complete (nothing outside that folder is touched):
                                                 groups per split, pixel_size_m per split (median
                                                 ground sample distance in metres, null when any
                                                 tile's CRS does not give it), dropped tiles,
-                                                params_hash
+                                                input_rescale (from data/raw/dataset.json), params_hash
     <dataset>/<split>/shard-NNNNN/index.jsonl   one line per tile (see stages/datasets.py)
     <dataset>/<split>/shard-NNNNN/<tile>.tif        3-band uint8 GeoTIFF window of the source
     <dataset>/<split>/shard-NNNNN/<tile>.label.tif  1-band uint8 label on the same grid (labelled only)
@@ -150,7 +150,7 @@ class _ShardWriter:
     def shard_dir(self) -> Path:
         return self.split_dir / f"shard-{self.count // self.per_shard:05d}"
 
-    def add(self, item_id, rgb, label, valid, *, crs, transform, source_item, window, class_hist):
+    def add(self, item_id, rgb, label, valid, *, crs, transform, source_item, group, window, class_hist):
         shard = self.shard_dir
         shard.mkdir(exist_ok=True)
         write_geotiff(shard / f"{item_id}.tif", rgb, crs=crs, transform=transform, mask=valid)
@@ -160,7 +160,8 @@ class _ShardWriter:
             write_geotiff(shard / target, label, crs=crs, transform=transform)
         self.lines.append(json.dumps({
             "item_id": item_id, "split": self.split, "input": f"{item_id}.tif", "target": target,
-            "source_item": source_item, "window": window, "class_hist": class_hist}, sort_keys=True))
+            "source_item": source_item, "group": group, "window": window, "class_hist": class_hist},
+            sort_keys=True))
         self.count += 1
         if self.count % self.per_shard == 0:
             self._flush(shard)
@@ -245,7 +246,7 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
                     writers[split].add(
                         f"{e['item_id']}_r{row:06d}_c{col:06d}", rgb, label, valid,
                         crs=src.crs, transform=window_transform(win, src.transform), source_item=e["item_id"],
-                        window=[col, row, T, T], class_hist=class_hist)
+                        group=groups[e["item_id"]], window=[col, row, T, T], class_hist=class_hist)
                     split_groups[split].add(groups[e["item_id"]])
                     pixel_sizes[split].append(raster_m)
                     kept += 1

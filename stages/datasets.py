@@ -26,7 +26,7 @@ from rasterio.windows import Window
 
 from stages.rasterio_utils import RasterError, has_mask, open_raster, read, read_valid
 
-INDEX_KEYS = ("item_id", "split", "input", "target", "source_item", "window", "class_hist")
+INDEX_KEYS = ("item_id", "split", "input", "target", "source_item", "group", "window", "class_hist")
 
 
 class DatasetError(ValueError):
@@ -42,6 +42,7 @@ class TileRecord:
     input: Path
     target: Path | None
     source_item: str
+    group: str  # the split group (area) of its source raster: `shards.group_regex`'s key, else the item id
     window: tuple[int, int, int, int]  # col_off, row_off, width, height (source pixels)
     class_hist: dict[str, int] | None
 
@@ -92,7 +93,8 @@ def read_index(dataset_root: Path, split: str) -> list[TileRecord]:
             records.append(TileRecord(
                 item_id=str(e["item_id"]), split=split,
                 input=_inside(root, shard_dir, e["input"], where), target=target,
-                source_item=str(e["source_item"]), window=tuple(window), class_hist=e["class_hist"]))
+                source_item=str(e["source_item"]), group=str(e["group"]), window=tuple(window),
+                class_hist=e["class_hist"]))
     return records
 
 

@@ -21,6 +21,9 @@ metrics.json is removed so nothing stale looks current):
   pixel accuracy; `ratio_miou` (model / method) per protocol;
 - `per_class_iou.json`: per method and protocol, IoU of every class by name (null when the class
   is in neither truth nor prediction);
+- `per_group.json`: per method and split group (area, `shards.group_regex`), its tile count and
+  both protocols' mIoU and pixel accuracy; the global protocol keeps the split's one matching, so
+  it shows how well the clusters shared by all areas fit each one (generalisation across places);
 - `plots/confusion.json`: the model's global-protocol matched confusion for `dvc plots`
   (`confusion` template), 100 records per true class, one per percent of its pixels;
 - `plots/overlays/<item_id>.png`: image | truth | model prediction (global protocol), each
@@ -51,7 +54,8 @@ from runtime.artifact import build_meta
 from runtime.errors import LandsegError
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
 from stages.datasets import DatasetError, read_index, read_label, read_rgb
-from stages.metrics import GlobalProtocol, PerTileProtocol, row_percent_records
+from stages.metrics import (GlobalProtocol, PerTileProtocol, matched_confusion, row_percent_records,
+                            scores_from_matched)
 from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, output_size
 from stages.params import EvaluateParams, ParamsError, load_params
 from stages.rasterio_utils import RasterError
@@ -123,6 +127,7 @@ class LabelledTiles:
     item_ids: list[str]
     images: list[np.ndarray]   # uint8 (H, W, 3)
     labels: list[np.ndarray]   # uint8 (H, W), 0 = ignored, 1..num_classes
+    groups: list[str]          # split group (area) of each tile's source raster
 
 
 def read_summary(dataset_root: Path) -> dict:
@@ -154,7 +159,7 @@ def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val") -> 
     if unlabelled:
         raise EvaluateError(f"{dataset_root / split}: {len(unlabelled)} of {len(records)} tiles have no "
                             f"label (e.g. {unlabelled[:3]}); evaluation needs every tile labelled")
-    tiles = LabelledTiles([], [], [])
+    tiles = LabelledTiles([], [], [], [])
     for r in records:
         rgb, label = read_rgb(r.input), read_label(r.target)
         if label.shape != rgb.shape[:2]:
@@ -165,6 +170,7 @@ def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val") -> 
         tiles.item_ids.append(r.item_id)
         tiles.images.append(rgb)
         tiles.labels.append(label)
+        tiles.groups.append(r.group)
     if not any((lab > 0).any() for lab in tiles.labels):
         raise EvaluateError(f"{dataset_root / split}: every label pixel is 0 (ignored); nothing to score")
     return tiles
@@ -193,16 +199,18 @@ def teacher_model(teacher_path: Path) -> Model:
 
 def score_method(method: Segmenter, tiles: LabelledTiles, k: int, num_classes: int, seed: int,
                  samples_per_tile: int, global_samples: int, name: str, keep: int
-                 ) -> tuple[GlobalProtocol, PerTileProtocol, list[np.ndarray]]:
+                 ) -> tuple[GlobalProtocol, PerTileProtocol, list[np.ndarray], dict]:
     """Both protocols for one method, in two passes over the tiles (memory bounded by one tile
     plus the global sample).
 
     Pass 1 samples ceil(global_samples / tiles) rows of every tile and fits the global centres.
     Pass 2 labels every tile with them (global protocol) and with centres fitted on
-    `samples_per_tile` rows of that tile alone (per-tile protocol). Returns the accumulators and
-    the first `keep` global predictions.
+    `samples_per_tile` rows of that tile alone (per-tile protocol). Returns the accumulators, the
+    first `keep` global predictions and both protocols' scores per group (`per_group_scores`).
     """
     glob, per_tile = GlobalProtocol(k, num_classes), PerTileProtocol(k, num_classes)
+    group_glob = {g: GlobalProtocol(k, num_classes) for g in sorted(set(tiles.groups))}
+    group_tile = {g: PerTileProtocol(k, num_classes) for g in group_glob}
     rng = np.random.default_rng(seed)
     progress = dict(unit="tile", file=sys.stderr, disable=None, leave=False)
     per_tile_share = max(k, -(-global_samples // len(tiles.images)))
@@ -216,11 +224,25 @@ def score_method(method: Segmenter, tiles: LabelledTiles, k: int, num_classes: i
         feats = method.features(rgb)
         pred = method.labels(feats, label.shape, centres)
         glob.add(pred, label)
+        group_glob[tiles.groups[i]].add(pred, label)
         if i < keep:
             kept.append(pred)
         own = method.fit(sample_rows(feats, samples_per_tile, rng), k, seed=seed)
-        per_tile.add(method.labels(feats, label.shape, own), label)
-    return glob, per_tile, kept
+        own_pred = method.labels(feats, label.shape, own)
+        per_tile.add(own_pred, label)
+        group_tile[tiles.groups[i]].add(own_pred, label)
+    return glob, per_tile, kept, per_group_scores(glob, group_glob, group_tile)
+
+
+def per_group_scores(glob: GlobalProtocol, group_glob: dict[str, GlobalProtocol],
+                     group_tile: dict[str, PerTileProtocol]) -> dict:
+    """{group: {"tiles", "global": scores, "per_tile": scores}}. A group's global score keeps the
+    split's one matching (`glob.mapping()`): how well the clusters shared by every area fit this
+    one, not a matching of its own."""
+    mapping = glob.mapping()
+    return {g: {"tiles": group_glob[g].tiles,
+                "global": scores_from_matched(matched_confusion(group_glob[g].confusion, mapping)),
+                "per_tile": group_tile[g].result()} for g in group_glob}
 
 
 def _json_number(v: float) -> float | None:
@@ -275,11 +297,16 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
                      "tiles": len(tiles.images),
                      "labelled_pixels": int(sum((lab > 0).sum() for lab in tiles.labels))}
     per_class: dict = {}
+    per_group: dict = {}
     results, model_glob, model_preds = {}, None, []
     for name, method in methods.items():
         keep = params.num_overlays if name == "model" else 0
-        glob, per_tile, kept = score_method(method, tiles, k, num_classes, params.seed,
-                                            params.samples_per_tile, params.global_samples, name, keep)
+        glob, per_tile, kept, groups = score_method(method, tiles, k, num_classes, params.seed,
+                                                    params.samples_per_tile, params.global_samples, name, keep)
+        per_group[name] = {g: {"tiles": r["tiles"],
+                               **{proto: {"miou": _json_number(r[proto]["miou"]),
+                                          "pixel_accuracy": _json_number(r[proto]["pixel_accuracy"])}
+                                  for proto in ("global", "per_tile")}} for g, r in groups.items()}
         results[name] = {"global": glob.result(), "per_tile": per_tile.result()}
         metrics[name] = {proto: {"miou": _json_number(s["miou"]), "pixel_accuracy": _json_number(s["pixel_accuracy"])}
                          for proto, s in results[name].items()}
@@ -302,6 +329,7 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
         for item_id, rgb, label, pred in zip(tiles.item_ids, tiles.images, tiles.labels, model_preds):
             write_png(tmp / "plots" / "overlays" / f"{item_id}.png", overlay(rgb, label, pred, mapping))
         (tmp / "per_class_iou.json").write_text(json.dumps(per_class, indent=2) + "\n")
+        (tmp / "per_group.json").write_text(json.dumps(per_group, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         _install_outputs(tmp, out_dir)
     finally:
@@ -313,6 +341,7 @@ def _remove_outputs(out_dir: Path) -> None:
     """Delete this stage's outputs in out_dir (metrics first: its presence means 'complete')."""
     (out_dir / "metrics.json").unlink(missing_ok=True)
     (out_dir / "per_class_iou.json").unlink(missing_ok=True)
+    (out_dir / "per_group.json").unlink(missing_ok=True)
     shutil.rmtree(out_dir / "plots", ignore_errors=True)
 
 
@@ -322,15 +351,26 @@ def _install_outputs(tmp: Path, out_dir: Path) -> None:
     _remove_outputs(out_dir)
     os.replace(tmp / "plots", out_dir / "plots")
     os.replace(tmp / "per_class_iou.json", out_dir / "per_class_iou.json")
+    os.replace(tmp / "per_group.json", out_dir / "per_group.json")
     os.replace(tmp / "metrics.json", out_dir / "metrics.json")
 
 
-def print_table(metrics: dict) -> None:
+def print_table(metrics: dict, per_group: dict | None = None) -> None:
     print(f"{'method':<16} {'global mIoU':>11} {'global acc':>10} {'tile mIoU':>10} {'tile acc':>9}")
     for name in METHODS:
         g, t = metrics[name]["global"], metrics[name]["per_tile"]
         print(f"{name:<16} {g['miou']:>11.4f} {g['pixel_accuracy']:>10.4f} {t['miou']:>10.4f} "
               f"{t['pixel_accuracy']:>9.4f}")
+    if per_group and len(per_group["model"]) > 1:
+        print("global mIoU per group (the split's one matching):")
+        print(f"{'group':<16} {'tiles':>5} " + " ".join(f"{name:>15}" for name in METHODS))
+        for g, r in per_group["model"].items():
+            cells = " ".join(f"{_fmt(per_group[name][g]['global']['miou']):>15}" for name in METHODS)
+            print(f"{g:<16} {r['tiles']:>5} {cells}")
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -350,7 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         _remove_outputs(Path(args.out))
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_table(metrics)
+    print_table(metrics, json.loads((Path(args.out) / "per_group.json").read_text()))
     print(f"wrote {Path(args.out) / 'metrics.json'}")
     return 0
 

@@ -90,6 +90,7 @@ def test_groups_never_straddle_splits_and_unlabelled_go_to_train(tmp_path):
     split_of_group = {}
     for r in all_records(tmp_path / "s" / "t"):
         g = group_key(r.source_item, r"t(\d+)_")
+        assert r.group == g  # the index carries each tile's group
         assert split_of_group.setdefault(g, r.split) == r.split
     assert split_of_group["9"] == "train"
     assert {"metrics_train", "val"} <= set(split_of_group.values())

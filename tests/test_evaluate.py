@@ -57,7 +57,8 @@ def write_dataset(root: Path, n_tiles: int = 4, labels: bool = True, label_fn=No
             write_geotiff(shard / f"{item}.label.tif", label, crs="EPSG:32611", transform=transform)
         lines.append(json.dumps({"item_id": item, "split": "val", "input": f"{item}.tif",
                                  "target": f"{item}.label.tif" if labels else None,
-                                 "source_item": f"scene-{i:04d}", "window": [0, 0, TILE, TILE],
+                                 "source_item": f"scene-{i:04d}", "group": f"area-{i % 2}",
+                                 "window": [0, 0, TILE, TILE],
                                  "class_hist": None}))
     (shard / "index.jsonl").write_text("\n".join(lines) + "\n")
     (root / "summary.json").write_text(json.dumps({
@@ -164,6 +165,23 @@ def test_kmeans_restarts_keep_the_lowest_inertia():
         KMeansBaseline(rgb_features, iters=30, restarts=0)
 
 
+def test_per_group_global_scores_keep_the_splits_one_matching():
+    # area "a" (9 tiles) fixes the split's matching: cluster 0 -> class 1, cluster 1 -> class 2.
+    # Area "b" (1 tile) uses the clusters the other way round: perfect on its own, 0 under the split's.
+    tile_a = (np.array([[0, 1]]), np.array([[1, 2]]))
+    tile_b = (np.array([[1, 0]]), np.array([[1, 2]]))
+    glob = GlobalProtocol(2, 2)
+    group_glob = {"a": GlobalProtocol(2, 2), "b": GlobalProtocol(2, 2)}
+    group_tile = {"a": PerTileProtocol(2, 2), "b": PerTileProtocol(2, 2)}
+    for g, (pred, label) in [("a", tile_a)] * 9 + [("b", tile_b)]:
+        for acc in (glob, group_glob[g], group_tile[g]):
+            acc.add(pred, label)
+    scores = ev.per_group_scores(glob, group_glob, group_tile)
+    assert scores["a"]["tiles"] == 9 and scores["b"]["tiles"] == 1
+    assert scores["a"]["global"]["miou"] == 1.0 and scores["b"]["global"]["miou"] == 0.0
+    assert scores["b"]["per_tile"]["miou"] == 1.0  # matched on its own tile
+
+
 def test_kmeans_baseline_separates_flat_colours():
     rgb, label = make_tile(7)
     b = KMeansBaseline(rgb_features, iters=20)
@@ -195,6 +213,14 @@ def test_metrics_cover_every_method_and_protocol(result):
         for b in ev.BASELINES:
             assert metrics["ratio_miou"][proto][b] == pytest.approx(
                 metrics["model"][proto]["miou"] / metrics[b][proto]["miou"], rel=1e-4)
+    per_group = json.loads((out / "per_group.json").read_text())
+    for method in ev.METHODS:
+        assert {g: r["tiles"] for g, r in per_group[method].items()} == {"area-0": 2, "area-1": 2}
+        for r in per_group[method].values():
+            assert 0.0 <= r["global"]["miou"] <= 1.0 and 0.0 <= r["per_tile"]["miou"] <= 1.0
+    # the per-tile protocol sums matched confusions over tiles, so its areas bracket the split's score
+    tile_scores = [r["per_tile"]["pixel_accuracy"] for r in per_group["model"].values()]
+    assert min(tile_scores) - 1e-6 <= metrics["model"]["per_tile"]["pixel_accuracy"] <= max(tile_scores) + 1e-6
 
 
 def test_flat_colour_tiles_are_perfect_for_rgb_kmeans(result):
@@ -259,7 +285,7 @@ def test_deterministic_outputs(inputs, result):
     _, out = result
     out2 = inputs["root"] / "again"
     ev.evaluate(inputs["shards"], inputs["model"], inputs["teacher"], out2, small_params())
-    for rel in ["metrics.json", "per_class_iou.json", "plots/confusion.json",
+    for rel in ["metrics.json", "per_class_iou.json", "per_group.json", "plots/confusion.json",
                 "plots/overlays/scene-0000_r000000_c000000.png"]:
         assert (out / rel).read_bytes() == (out2 / rel).read_bytes(), rel
 
@@ -283,6 +309,7 @@ def stale_out(tmp_path: Path) -> Path:
     (out / "plots").mkdir(parents=True)
     (out / "metrics.json").write_text('{"model": {"global": {"miou": 0.99}}}')
     (out / "per_class_iou.json").write_text("{}")
+    (out / "per_group.json").write_text("{}")
     return out
 
 
@@ -292,7 +319,7 @@ def test_missing_model_exits_2_and_removes_stale_metrics(inputs, tmp_path, capsy
     err = capsys.readouterr().err
     assert "error:" in err and str(tmp_path / "nope") in err and "export" in err
     assert not (out / "metrics.json").exists() and not (out / "plots").exists()
-    assert not (out / "per_class_iou.json").exists()
+    assert not (out / "per_class_iou.json").exists() and not (out / "per_group.json").exists()
 
 
 def test_val_without_labels_exits_2(inputs, tmp_path, capsys):
@@ -307,7 +334,9 @@ def test_val_without_labels_exits_2(inputs, tmp_path, capsys):
 def test_main_writes_metrics(inputs, tmp_path, capsys):
     out = tmp_path / "results" / "evaluate"
     assert run_main(inputs, out) == 0
-    assert "kmeans_features" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "kmeans_features" in printed
+    assert "global mIoU per group" in printed and "area-0" in printed and "area-1" in printed
     assert json.loads((out / "metrics.json").read_text())["kmeans_rgb"]["global"]["miou"] == 1.0
 
 

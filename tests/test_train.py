@@ -43,7 +43,8 @@ def write_tiny_shards(root: Path, scenes: int = 4, size: int = 128, tile: int = 
                     vals, n = np.unique(lab[r:r + tile, c:c + tile], return_counts=True)
                     hist = {str(int(v)): int(k) for v, k in zip(vals, n)}
                 index[split].append({"item_id": item, "split": split, "input": f"{item}.tif", "target": target,
-                                     "source_item": f"s{sc}", "window": [c, r, tile, tile], "class_hist": hist})
+                                     "source_item": f"s{sc}", "group": f"s{sc}", "window": [c, r, tile, tile],
+                                     "class_hist": hist})
                 counts[split] += 1
     for split, rows in index.items():
         shard = root / split / "shard-00000"
