@@ -210,7 +210,7 @@ class RescalePlan:
     note: str
 
 
-def plan_rescale(ds, bands, rescale, src, trained: dict | None = None) -> RescalePlan:
+def plan_rescale(ds, bands, rescale, src, trained: dict | None = None, window=None) -> RescalePlan:
     """Decide how `segment_raster` maps the raster's values to 0..255.
 
     rescale: "auto" (default) maps the raster the way the model's training data were mapped
@@ -221,7 +221,8 @@ def plan_rescale(ds, bands, rescale, src, trained: dict | None = None) -> Rescal
     "percentile". "none" requires 8-bit data; "percentile" maps each band's 2nd-98th percentiles of
     valid values (from a read of the whole raster decimated to STATS_SIZE pixels on its long side)
     to 0..255; a (low, high) pair (all bands) or three pairs (R, G, B) in the raster's units give the
-    limits directly.
+    limits directly. window: a rasterio Window the percentiles are taken over (default: the whole
+    raster).
     """
     dtypes = sorted({ds.dtypes[b - 1] for b in bands})
     kind = "/".join(dtypes)
@@ -241,7 +242,7 @@ def plan_rescale(ds, bands, rescale, src, trained: dict | None = None) -> Rescal
         if rescale == "none":
             raise InputError(f"{src}: bands {list(bands)} are {kind}; rescale='none' needs 8-bit (uint8) RGB "
                              "(use rescale='auto' or 'percentile' to stretch it, or give (low, high) limits)")
-        limits = _raster_percentiles(ds, bands, src)
+        limits = _raster_percentiles(ds, bands, src, window)
         lo_p, hi_p = PERCENTILES
         how = f"stretched band by band from its {lo_p:g}-{hi_p:g} % percentile range"
     else:
@@ -251,16 +252,18 @@ def plan_rescale(ds, bands, rescale, src, trained: dict | None = None) -> Rescal
     return RescalePlan(limits, f"{kind} input {how} ({ranges}) to 0..255")
 
 
-def _raster_percentiles(ds, bands, src) -> np.ndarray:
-    """Per-band PERCENTILES limits of the raster's valid values, from a decimated read."""
+def _raster_percentiles(ds, bands, src, window=None) -> np.ndarray:
+    """Per-band PERCENTILES limits of the valid values of the raster (or of `window`), from a read
+    decimated to STATS_SIZE pixels on the long side."""
     from rasterio.enums import Resampling
     from rasterio.errors import RasterioError
 
-    f = max(1.0, max(ds.height, ds.width) / STATS_SIZE)
-    shape = (len(bands), max(1, round(ds.height / f)), max(1, round(ds.width / f)))
+    height, width = (ds.height, ds.width) if window is None else (int(window.height), int(window.width))
+    f = max(1.0, max(height, width) / STATS_SIZE)
+    shape = (len(bands), max(1, round(height / f)), max(1, round(width / f)))
     try:
-        data = ds.read(list(bands), out_shape=shape, resampling=Resampling.nearest)
-        masks = ds.read_masks(list(bands), out_shape=shape, resampling=Resampling.nearest)
+        data = ds.read(list(bands), window=window, out_shape=shape, resampling=Resampling.nearest)
+        masks = ds.read_masks(list(bands), window=window, out_shape=shape, resampling=Resampling.nearest)
     except (RasterioError, OSError) as e:
         raise RasterReadError(f"{src}: GDAL failed to read the raster for its value statistics: {e}") from None
     return percentile_limits(data.transpose(1, 2, 0), (masks != 0).all(axis=0), PERCENTILES, src)

@@ -195,11 +195,6 @@ def _copy_raster(item: Item, dst_image: Path, dst_label: Path | None, bands: lis
         if bad:
             raise IngestError(f"{item.image}: ingest.local.bands {bands} asks for band(s) {bad} but the "
                               f"raster has {src.count}")
-        try:
-            values = plan_rescale(src, bands, rescale, item.image)
-        except LandsegError as e:
-            raise IngestError(f"{e} (ingest.rescale: {rescale!r})") from None
-        floating = any(np.issubdtype(np.dtype(src.dtypes[b - 1]), np.floating) for b in bands)
         if src.crs is None:
             no_crs.append(item.image)
         window = item.window or (0, 0, src.width, src.height)
@@ -211,6 +206,11 @@ def _copy_raster(item: Item, dst_image: Path, dst_label: Path | None, bands: lis
                               f"({src.width}x{src.height})")
         full = Window(c0, r0, w, h)
         transform = window_transform(full, src.transform)
+        try:  # a percentile stretch comes from the pixels copied: a remote window, not its whole COG
+            values = plan_rescale(src, bands, rescale, item.image, window=full)
+        except LandsegError as e:
+            raise IngestError(f"{e} (ingest.rescale: {rescale!r})") from None
+        floating = any(np.issubdtype(np.dtype(src.dtypes[b - 1]), np.floating) for b in bands)
         masked = has_mask(src)
 
         def blocks():

@@ -118,9 +118,10 @@ class IngestParams:
                                        "(synthetic names its own six); empty = unnamed, C = largest label.")
     rescale: str = knob(
         "auto", "How local and remote rasters become 8-bit: 'auto' keeps 8-bit data as it is and maps "
-        "anything else (16-bit, float) band by band from its own 2-98 % percentile range (over the whole "
-        "raster) to 0..255, as `segment_raster` does at run time; 'none' refuses data that is not "
-        "8-bit; 'percentile' stretches 8-bit data too; 'fixed' maps every raster from "
+        "anything else (16-bit, float) band by band from its own 2-98 % percentile range (over the "
+        "pixels ingested: the raster, or its remote window) to 0..255, as `segment_raster` does at run "
+        "time; 'none' refuses data that is not 8-bit; 'percentile' stretches 8-bit data too; 'fixed' "
+        "maps every raster from "
         "`rescale_limits` (the same mapping for all, so colours stay comparable between rasters).",
         choices=("auto", "none", "percentile", "fixed"))
     rescale_limits: list[float] = knob(

@@ -97,7 +97,7 @@ def serve():
 
 def _cog(path: Path, data: np.ndarray) -> bytes:
     with rasterio.open(path, "w", driver="COG", width=data.shape[2], height=data.shape[1],
-                       count=data.shape[0], dtype="uint8", crs="EPSG:32611", transform=GRID,
+                       count=data.shape[0], dtype=data.dtype.name, crs="EPSG:32611", transform=GRID,
                        blocksize=256, compress="deflate") as dst:
         dst.write(data)
     return path.read_bytes()
@@ -135,6 +135,24 @@ def test_windowed_read_fetches_only_byte_ranges(tmp_path, serve, cogs):
     assert image_gets and all(q[2] and q[2].startswith("bytes=") for q in image_gets)
     fetched = sum(q[3] for q in image_gets)
     assert fetched < 0.3 * len(image_bytes), (fetched, len(image_bytes))
+
+
+def test_16_bit_window_is_stretched_from_its_own_pixels_without_reading_the_whole_cog(tmp_path, serve):
+    from runtime.rescale import percentile_limits, to_uint8
+
+    rng = np.random.default_rng(1)
+    dn = rng.integers(0, 60000, (3, 1024, 1024), dtype=np.uint16)
+    c, r, w, h = 300, 520, 200, 100
+    dn[:, r:r + h, c:c + w] = rng.integers(1000, 2000, (3, h, w), dtype=np.uint16)  # the window differs
+    server = serve({"/dn.tif": _cog(tmp_path / "dn.tif", dn)})
+    (entry,) = ingest(_remote([f"{server.url}/dn.tif"], windows=[[c, r, w, h]]), tmp_path / "raw")
+    window = dn[:, r:r + h, c:c + w].transpose(1, 2, 0)
+    expected = percentile_limits(window)
+    np.testing.assert_allclose(entry["rescale"], expected)
+    with rasterio.open(tmp_path / "raw" / entry["image"]) as src:
+        np.testing.assert_array_equal(src.read().transpose(1, 2, 0), to_uint8(window, expected))
+    gets = [q for q in server.requests if q[0] == "GET" and q[1] == "/dn.tif"]
+    assert sum(q[3] for q in gets) < 0.3 * (tmp_path / "dn.tif").stat().st_size
 
 
 def test_bounding_box_selects_the_covering_window(tmp_path, serve, cogs):
