@@ -221,6 +221,8 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
                     raise ShardsError(f"{image_path}: expected 3-band uint8, found {src.count} band(s) "
                                       f"of {src.dtypes[0]}")
                 raster_m = ground_pixel_size_m(src.crs, src.transform, src.width, src.height)  # once per raster
+                if raster_m is None and src.crs is None:  # declared by ingest.local.pixel_size_m, or null
+                    raster_m = e.get("pixel_size_m")
                 for win, covered_rows, covered_cols in tile_windows(src.width, src.height, T):
                     valid = read_valid(src, win, [1, 2, 3])
                     rgb = read(src, [1, 2, 3], win, boundless=True, fill=0)

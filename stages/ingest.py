@@ -417,21 +417,28 @@ def remote_items(params: IngestParams) -> list[Item]:
 
 
 def ingest_rasters(items: list[Item], params: IngestParams, root: Path, label_map: dict[int, int],
-                   bands: list[int]) -> tuple[list[dict], dict]:
-    """Copy every item; the manifest records each image's rescale limits (null for 8-bit kept as is)."""
+                   bands: list[int], declared_m: float = 0.0) -> tuple[list[dict], dict]:
+    """Copy every item; the manifest records each image's rescale limits (null for 8-bit kept as
+    is) and `pixel_size_m`: `declared_m` (> 0, `ingest.local.pixel_size_m`) for a raster without a
+    CRS, else null (build_shards measures rasters with a CRS from it)."""
     entries, no_crs, max_label = [], [], 0
     rescale = params.rescale_limit_pairs() if params.rescale == "fixed" else params.rescale
     for item in items:
         image = root / "images" / f"{item.item_id}.tif"
         label = root / "labels" / f"{item.item_id}.tif" if item.label else None
         grid, top = _copy_raster(item, image, label, bands, label_map, no_crs, rescale)
+        if declared_m > 0 and grid["crs"] is not None:
+            raise IngestError(f"{item.image}: has a CRS, which gives its pixel size; ingest.local.pixel_size_m "
+                              f"({declared_m:g}) is for rasters without one: set it to 0")
         max_label = max(max_label, top)
         entries.append(_manifest_entry(item.item_id, root, image, label, grid["crs"], grid["transform"],
                                        grid["width"], grid["height"], item.source)
-                       | {"rescale": grid["rescale"]})
+                       | {"rescale": grid["rescale"], "pixel_size_m": declared_m if declared_m > 0 else None})
     if no_crs:
-        warnings.warn(f"{len(no_crs)} raster(s) have no CRS and are used on their pixel grid only "
-                      f"(no georeferencing), e.g. {no_crs[:3]}", NoCRSWarning, stacklevel=2)
+        size = (f"at the declared {declared_m:g} m per pixel (ingest.local.pixel_size_m)" if declared_m > 0
+                else "with an unknown ground pixel size (set ingest.local.pixel_size_m if you know it)")
+        warnings.warn(f"{len(no_crs)} raster(s) have no CRS and are used on their pixel grid {size}, "
+                      f"e.g. {no_crs[:3]}", NoCRSWarning, stacklevel=2)
     names = {str(k): v for k, v in sorted(params.class_names.items())}
     num_classes = max(max_label, max(params.class_names, default=0))
     if names and max_label > max(params.class_names):
@@ -463,7 +470,8 @@ def ingest(params: IngestParams, out_dir: Path) -> list[dict]:
                                   "(it names its own six classes)")
             entries, info = ingest_synthetic(params, tmp)
         elif params.provider == "local":
-            entries, info = ingest_rasters(items, params, tmp, params.local.label_map, params.local.bands)
+            entries, info = ingest_rasters(items, params, tmp, params.local.label_map, params.local.bands,
+                                           params.local.pixel_size_m)
         else:
             with rasterio.Env(GDAL_HTTP_TIMEOUT=str(params.remote.timeout_s),
                               GDAL_HTTP_CONNECTTIMEOUT=str(params.remote.timeout_s),

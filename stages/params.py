@@ -65,6 +65,11 @@ class LocalParams:
                                      "values absent from a non-empty map are an error.")
     bands: list[int] = knob([1, 2, 3], "1-based band indices read as R, G, B (e.g. [1, 2, 3] of 4-band NAIP).",
                             lo=1, hi=64)
+    pixel_size_m: float = knob(
+        0.0, "Ground sample distance in metres of rasters without a CRS (plain JPEG / PNG tiles of a known "
+        "resolution), recorded as the model's training pixel size so that `segment_raster` resamples "
+        "georeferenced rasters to it; 0 = unknown. A raster with a CRS is an error when this is set (its "
+        "CRS gives its size).", lo=0.0, hi=1000.0)
 
     def check(self, prefix: str) -> None:
         if len(self.bands) != 3:

@@ -115,6 +115,28 @@ def test_local_plain_images_without_crs_pair_by_stem(tmp_path):
     assert info["rescale"] == {"mode": "auto", "limits": None}
 
 
+def test_declared_pixel_size_of_rasters_without_crs_reaches_the_shards(tmp_path, capsys):
+    from stages.build_shards import build_shards
+    from stages.params import ShardsParams
+
+    imgs = tmp_path / "images"
+    for i in range(3):
+        write_raster(imgs / f"p{i}.png", random_rgb(64, 64, i), crs=None, transform=None, driver="PNG")
+    with pytest.warns(NoCRSWarning, match=r"at the declared 0.3 m per pixel"):
+        entries = ingest(_local(tmp_path, path=str(imgs), pixel_size_m=0.3), tmp_path / "raw")
+    assert [e["pixel_size_m"] for e in entries] == [0.3] * 3
+    summary = build_shards(tmp_path / "raw", tmp_path / "shards", "mine", ShardsParams(tile_size=32))
+    assert summary["pixel_size_m"]["train"] == 0.3  # what export records as the training pixel size
+    # without the declaration the size stays unknown
+    with pytest.warns(NoCRSWarning, match="unknown ground pixel size"):
+        entries = ingest(_local(tmp_path, path=str(imgs)), tmp_path / "raw")
+    assert [e["pixel_size_m"] for e in entries] == [None] * 3
+    # a raster with a CRS measures itself: declaring a size for it is an error
+    write_raster(tmp_path / "geo" / "g.tif", random_rgb(16, 16))
+    err = _bad_local(tmp_path, capsys, path=str(tmp_path / "geo"), pixel_size_m=0.3)
+    assert "g.tif: has a CRS" in err and "ingest.local.pixel_size_m" in err
+
+
 def test_local_regex_pairing_label_map_and_band_selection(tmp_path):
     imgs, labs = tmp_path / "img", tmp_path / "lab"
     naip = np.random.default_rng(0).integers(0, 256, (4, 32, 48), dtype=np.uint8)  # R, G, B, NIR
