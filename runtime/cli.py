@@ -58,6 +58,16 @@ def _pixel_size(text: str):
     return value
 
 
+def _metres(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of metres, got {text!r}")
+    return value
+
+
 def _rescale(text: str):
     if text in ("auto", "none", "percentile"):
         return text
@@ -104,6 +114,9 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="ground sample distance the network runs at: auto = the model's training pixel size "
                         "when the raster's differs by more than 1.25x (georeferenced rasters only), native = the "
                         "raster's own, or metres; labels are written on the raster's grid (default: %(default)s)")
+    p.add_argument("--raster-pixel-size", type=_metres, default=None, metavar="METRES",
+                   help="ground pixel size of an input without a CRS (a scan, a plain PNG), so that --pixel-size "
+                        "auto can resample it like a georeferenced raster; an error for an input with a CRS")
     p.add_argument("--rescale", type=_rescale, default="auto", metavar="auto|none|percentile|LOW,HIGH",
                    help="how values become the model's 8-bit input: auto = as the model's training data were "
                         "mapped (meta.json input_rescale); for a model trained on 8-bit data, 8-bit as it is "
@@ -166,7 +179,7 @@ def run_segment(args) -> int:
                                 samples=DEFAULT_SAMPLES if args.samples is None else args.samples,
                                 iters=args.cluster_iters, restarts=args.restarts,
                                 smooth_iters=args.smooth_iters, pixel_size=args.pixel_size,
-                                rescale=args.rescale,
+                                raster_pixel_size_m=args.raster_pixel_size, rescale=args.rescale,
                                 overwrite=args.overwrite, overviews=args.overviews, progress=progress)
     finally:
         progress.close()

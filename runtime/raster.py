@@ -110,7 +110,7 @@ def plan_resolution(raster_m: float | None, model: Model, pixel_size, src) -> Re
         if raster_m is None:
             return ResolutionPlan(None, None, 1.0, f"at the raster's own resolution: its ground pixel size is "
                                   f"unknown (no CRS, or one GDAL cannot relate to WGS 84); the model was trained at "
-                                  f"{trained}, resample to about that for the best result")
+                                  f"{trained}: declare the raster's size (raster_pixel_size_m) or resample it")
         if 1 / RESAMPLE_TOLERANCE <= raster_m / train_m <= RESAMPLE_TOLERANCE:
             return ResolutionPlan(raster_m, raster_m, 1.0, f"at the raster's own {raster_m:.3g} m (model "
                                   f"trained at {trained})")
@@ -121,8 +121,8 @@ def plan_resolution(raster_m: float | None, model: Model, pixel_size, src) -> Re
             raise InputError(f"pixel_size must be 'auto', 'native' or a positive number of metres, got {pixel_size!r}")
         if raster_m is None:
             raise InputError(f"{src}: pixel_size={target:g} m needs a raster with a CRS that GDAL can relate "
-                             f"to WGS 84 (its ground pixel size is unknown); georeference it or use "
-                             f"pixel_size='native'")
+                             f"to WGS 84 (its ground pixel size is unknown); georeference it, declare its "
+                             f"size (raster_pixel_size_m) or use pixel_size='native'")
     else:
         raise InputError(f"pixel_size must be 'auto', 'native' or a positive number of metres, got {pixel_size!r}")
     scale = target / raster_m
@@ -373,8 +373,8 @@ def _overview_factors(height: int, width: int) -> list[int]:
 def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=None,
                    centres=None, seed: int = 0, samples: int = DEFAULT_SAMPLES,
                    iters: int | None = None, restarts: int = DEFAULT_RESTARTS,
-                   smooth_iters: int | None = None, pixel_size="auto", rescale="auto",
-                   overwrite: bool = False,
+                   smooth_iters: int | None = None, pixel_size="auto", raster_pixel_size_m=None,
+                   rescale="auto", overwrite: bool = False,
                    overviews: bool = False,
                    progress: Callable[[int, int], None] | None = None,
                    cancel: Callable[[], bool] | None = None) -> SegmentResult:
@@ -390,6 +390,9 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     when the raster's differs from it by more than RESAMPLE_TOLERANCE and both are known (a
     georeferenced raster; `plan_resolution`), "native" at the raster's own grid, a number at that many
     metres per pixel. The labels are always written on the raster's own grid.
+    raster_pixel_size_m: the ground pixel size in metres of a raster without a CRS (a scan, a plain
+    PNG of known resolution), so that it can be resampled like a georeferenced one; an error for a
+    raster with a CRS, which gives its own.
     rescale: how values become the model's 0..255 input (`plan_rescale`): "auto" (default: as the
     model's training data were mapped; for a model trained on 8-bit data, 8-bit as it is and
     anything else stretched from its 2nd-98th percentiles per band), "none" (8-bit only),
@@ -432,8 +435,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
             with ds, contextlib.ExitStack() as stack:
                 bands = select_bands(ds.count, bands, src)
                 values = plan_rescale(ds, bands, rescale, src, model.input_rescale)
-                plan = plan_resolution(ground_pixel_size_m(ds.crs, ds.transform, ds.width, ds.height),
-                                       model, pixel_size, src)
+                plan = plan_resolution(_raster_m(ds, raster_pixel_size_m, src), model, pixel_size, src)
                 work = ds if plan.scale == 1.0 else stack.enter_context(_resampled(ds, plan.scale))
                 height, width = work.height, work.width
                 reader = _Reader(work, bands, model, src, values.limits)
@@ -503,6 +505,19 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                 leftover.unlink(missing_ok=True)
     return SegmentResult(dst, k, c, source, len(tiles), time.perf_counter() - t_start,
                          plan.working_m, plan.note, values.limits, values.note)
+
+
+def _raster_m(ds, declared, src) -> float | None:
+    """The raster's ground pixel size in metres: from its CRS, else `declared`, else None."""
+    if declared is None:
+        return ground_pixel_size_m(ds.crs, ds.transform, ds.width, ds.height)
+    if isinstance(declared, bool) or not isinstance(declared, (int, float, np.integer, np.floating)) \
+            or not (math.isfinite(declared) and declared > 0):
+        raise InputError(f"raster_pixel_size_m must be a positive number of metres, got {declared!r}")
+    if ds.crs is not None:
+        raise InputError(f"{src}: has a CRS, which gives its pixel size; raster_pixel_size_m is for rasters "
+                         "without one")
+    return float(declared)
 
 
 def _label_profile(width: int, height: int, crs, transform) -> dict:

@@ -176,3 +176,37 @@ def test_resampled_run_reports_progress_and_can_be_cancelled_while_writing_back(
         segment_raster(src, tmp_path / "cancelled.tif", K, model, tile=64,
                        progress=lambda d, n: calls.append((d, n)), cancel=lambda: len(calls) >= 2)
     assert not (tmp_path / "cancelled.tif").exists() and list(tmp_path.glob(".*")) == []
+
+
+def test_raster_without_crs_is_resampled_at_its_declared_pixel_size(tmp_path, model, capsys):
+    """The finer-raster check without a CRS: a 0.3 m scan declared as such is segmented at the
+    model's 0.6 m and its labels are the 0.6 m scan's labels (declared 0.6 m) repeated 2 x 2."""
+    from runtime.cli import main
+
+    coarse = synthetic_rgb(60, 52, seed=6)
+    fine = np.repeat(np.repeat(coarse, 2, axis=0), 2, axis=1)
+    coarse_src = write_raster(tmp_path / "coarse.tif", coarse, crs=None, pixel=1.0)
+    fine_src = write_raster(tmp_path / "fine.tif", fine, crs=None, pixel=1.0)  # pixel units, not metres
+    ref = segment_raster(coarse_src, tmp_path / "ref.tif", K, model, raster_pixel_size_m=0.6)
+    assert "own 0.6 m" in ref.resolution
+    res = segment_raster(fine_src, tmp_path / "fine_out.tif", K, model, centres=ref.centres,
+                         raster_pixel_size_m=0.3, tile=32)
+    assert res.pixel_size_m == pytest.approx(0.6) and "resampled from 0.3 m to 0.6 m" in res.resolution
+    with rasterio.open(ref.dst) as r, rasterio.open(res.dst) as f:
+        expected = np.repeat(np.repeat(r.read(1), 2, axis=0), 2, axis=1)
+        assert f.crs is None and (f.width, f.height) == (fine.shape[1], fine.shape[0])
+        np.testing.assert_array_equal(f.read(1), expected)
+    unknown = segment_raster(fine_src, tmp_path / "as_is.tif", K, model)
+    assert "declare the raster's size (raster_pixel_size_m)" in unknown.resolution
+    with pytest.raises(InputError, match="has a CRS, which gives its pixel size"):
+        segment_raster(write_raster(tmp_path / "geo.tif", coarse), tmp_path / "x.tif", K, model,
+                       raster_pixel_size_m=0.6)
+    with pytest.raises(InputError, match="raster_pixel_size_m must be a positive number"):
+        segment_raster(fine_src, tmp_path / "x.tif", K, model, raster_pixel_size_m=-1)
+    model_dir = tmp_path / "m"
+    assert main([str(fine_src), str(tmp_path / "cli.tif"), "--k", str(K), "--model",
+                 str(write_encoder_artifact(model_dir, random_encoder(width=16, depth=1, embed_dim=8, seed=7),
+                                            training_pixel_size_m=TRAIN_M)),
+                 "--raster-pixel-size", "0.3"]) == 0
+    assert "resampled from 0.3 m to 0.6 m" in capsys.readouterr().err
+    assert not (tmp_path / "x.tif").exists()
