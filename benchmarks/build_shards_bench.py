@@ -65,7 +65,8 @@ def make_raw(root: Path, size: int) -> None:
             img.write(rgb, window=win)
             lab.write(label[None], window=win)
     (root / "manifest.jsonl").write_text(json.dumps({"item_id": "s", "image": "images/s.tif", "label": "labels/s.tif"}) + "\n")
-    (root / "dataset.json").write_text(json.dumps({"dataset": "bench", "num_classes": 6, "class_names": None}))
+    (root / "dataset.json").write_text(json.dumps({"dataset": "bench", "num_classes": 6, "class_names": None,
+                                                   "rescale": {"mode": "none", "limits": None}}))
 
 
 def main() -> int:
