@@ -18,7 +18,6 @@ evaluate's per-tile protocol). The last line is JSON with both mIoUs and the rat
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import tempfile
@@ -30,8 +29,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from runtime import segment_raster  # noqa: E402
+from raster_scoring import report, segment_and_score  # noqa: E402
 from runtime.model import load_model  # noqa: E402
+from stages.build_shards import read_manifest  # noqa: E402
 from stages.metrics import PerTileProtocol  # noqa: E402
 
 OFFSET, GAIN = 100, 16  # the simulated 12-bit sensor: dn = value * GAIN + OFFSET (0..4180)
@@ -56,11 +56,10 @@ def main() -> int:
     args = ap.parse_args()
     import rasterio
 
-    dataset = json.loads((args.raw / "dataset.json").read_text())
-    num_classes = len(dataset["class_names"])
+    items, info = read_manifest(args.raw)
+    num_classes = int(info["num_classes"])
     k = args.k or num_classes
-    items = [json.loads(line) for line in (args.raw / "manifest.jsonl").read_text().splitlines() if line.strip()]
-    items = [it for it in items if it["has_label"] and re.search(args.items, it["item_id"])]
+    items = [it for it in items if it["label"] and re.search(args.items, it["item_id"])]
     if not items:
         raise SystemExit(f"{args.raw}: no labelled item matches {args.items!r}")
     model = load_model(args.model)
@@ -77,16 +76,9 @@ def main() -> int:
             sources = {"8bit": write_geotiff(tmp / "u8.tif", rgb),
                        "16bit": write_geotiff(tmp / "u16.tif", rgb.astype(np.uint16) * GAIN + OFFSET)}
             for name, src in sources.items():
-                res = segment_raster(src, tmp / f"{name}_out.tif", k, model, overwrite=True)
-                notes[name] = res.rescale
-                with rasterio.open(res.dst) as ds:
-                    scores[name].add(ds.read(1), label)
-    result = {name: round(p.result()["miou"], 4) for name, p in scores.items()}
-    result["16bit_over_8bit"] = round(result["16bit"] / result["8bit"], 3)
-    result.update(images=len(items), items=args.items, seconds=round(time.perf_counter() - t0, 1))
-    for name, note in notes.items():
-        print(f"{name} (last image): {note}")
-    print(json.dumps(result))
+                notes[name] = segment_and_score(src, tmp / f"{name}_out.tif", k, model, scores[name],
+                                                label).rescale
+    report(scores, notes, ("16bit", "8bit"), t0, " (last image)", images=len(items), items=args.items)
     return 0
 
 

@@ -21,7 +21,6 @@ per-tile protocol). The last line is JSON with the three mIoUs and auto / coarse
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from runtime import segment_raster  # noqa: E402
+from raster_scoring import report, segment_and_score  # noqa: E402
 from runtime.artifact import load_artifact, write_artifact  # noqa: E402
 from runtime.model import load_model  # noqa: E402
 from stages.evaluate import load_val_tiles, read_summary  # noqa: E402
@@ -75,7 +74,6 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=1, help="use every n-th tile (default: all)")
     ap.add_argument("--k", type=int, default=0, help="clusters (default: the dataset's class count)")
     args = ap.parse_args()
-    import rasterio
 
     summary = read_summary(args.shards)
     num_classes = int(summary["num_classes"])
@@ -98,16 +96,9 @@ def main() -> int:
             for name, src, how, target in (("full", full_src, "native", label),
                                            ("coarse", small_src, "native", small_label),
                                            ("auto", small_src, "auto", small_label)):
-                res = segment_raster(src, tmp / f"{name}_out.tif", k, model, pixel_size=how, overwrite=True)
-                notes[name] = res.resolution
-                with rasterio.open(res.dst) as ds:
-                    scores[name].add(ds.read(1), target)
-    result = {name: round(p.result()["miou"], 4) for name, p in scores.items()}
-    result["auto_over_coarse"] = round(result["auto"] / result["coarse"], 3)
-    result.update(tiles=len(picked), factor=args.factor, split=args.split, seconds=round(time.perf_counter() - t0, 1))
-    for name, note in notes.items():
-        print(f"{name}: {note}")
-    print(json.dumps(result))
+                notes[name] = segment_and_score(src, tmp / f"{name}_out.tif", k, model, scores[name], target,
+                                                pixel_size=how).resolution
+    report(scores, notes, ("auto", "coarse"), t0, tiles=len(picked), factor=args.factor, split=args.split)
     return 0
 
 

@@ -46,18 +46,6 @@ def _bands(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected band numbers like 1,2,3, got {text!r}") from None
 
 
-def _pixel_size(text: str):
-    if text in ("auto", "native"):
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected auto, native or a positive number of metres, got {text!r}")
-    return value
-
-
 def _metres(text: str) -> float:
     try:
         value = float(text)
@@ -66,6 +54,16 @@ def _metres(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of metres, got {text!r}")
     return value
+
+
+def _pixel_size(text: str):
+    if text in ("auto", "native"):
+        return text
+    try:
+        return _metres(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, native or a positive number of metres, "
+                                         f"got {text!r}") from None
 
 
 def _rescale(text: str):

@@ -230,10 +230,7 @@ def plan_rescale(ds, bands, rescale, src, trained: dict | None = None, window=No
         if trained["mode"] == "percentile":
             rescale = "percentile"
         elif trained["mode"] == "fixed" and dtypes != ["uint8"]:
-            limits = check_limits(trained["limits"])
-            ranges = ", ".join(f"{name} {lo:.6g}..{hi:.6g}" for name, (lo, hi) in zip("RGB", limits))
-            return RescalePlan(limits, f"{kind} input mapped from the model's training limits ({ranges}) "
-                               "to 0..255")
+            return _limits_plan(kind, "mapped from the model's training limits", check_limits(trained["limits"]))
     if isinstance(rescale, str):
         if rescale not in ("auto", "none", "percentile"):
             raise InputError(f"rescale must be 'auto', 'none', 'percentile' or (low, high) limits, got {rescale!r}")
@@ -248,8 +245,17 @@ def plan_rescale(ds, bands, rescale, src, trained: dict | None = None, window=No
     else:
         limits = check_limits(rescale, "rescale")
         how = "mapped from the given limits"
+    return _limits_plan(kind, how, limits)
+
+
+def _limits_plan(kind: str, how: str, limits: np.ndarray) -> RescalePlan:
     ranges = ", ".join(f"{name} {lo:.6g}..{hi:.6g}" for name, (lo, hi) in zip("RGB", limits))
     return RescalePlan(limits, f"{kind} input {how} ({ranges}) to 0..255")
+
+
+def has_float_bands(ds, bands) -> bool:
+    """True when any of `bands` (1-based) is floating point: its NaN / inf pixels are nodata."""
+    return any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in bands)
 
 
 def _raster_percentiles(ds, bands, src, window=None) -> np.ndarray:
@@ -275,20 +281,12 @@ class _Reader:
 
     def __init__(self, ds, bands, model: Model, src, limits: np.ndarray | None = None):
         self.ds, self.bands, self.src, self.limits = ds, list(bands), src, limits
-        self.floating = any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in self.bands)
+        self.floating = has_float_bands(ds, self.bands)
         fill = np.asarray(model.meta["input_mean"]) * model.meta["input_scale"]
         self.fill = np.clip(np.round(fill), 0, 255).astype(np.uint8)
 
     def read(self, row0: int, col0: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        from rasterio.errors import RasterioError
-        from rasterio.windows import Window
-
-        win = Window(col0, row0, width, height)
-        try:
-            data = self.ds.read(self.bands, window=win)
-        except (RasterioError, OSError) as e:
-            raise RasterReadError(f"{self.src}: GDAL failed to read window rows {row0}..{row0 + height}, "
-                                  f"cols {col0}..{col0 + width}: {e}") from None
+        data = self._values(row0, col0, height, width)
         nodata = self._masked(row0, col0, height, width)
         if self.floating:
             nodata |= ~np.isfinite(data).all(axis=0)
@@ -301,9 +299,21 @@ class _Reader:
     def nodata(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
         """(height, width) bool: pixels that GDAL masks in any of the RGB bands (or NaN / inf in a
         float raster)."""
+        nodata = self._masked(row0, col0, height, width)
         if self.floating:
-            return self.read(row0, col0, height, width)[1]
-        return self._masked(row0, col0, height, width)
+            nodata |= ~np.isfinite(self._values(row0, col0, height, width)).all(axis=0)
+        return nodata
+
+    def _values(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
+        """The RGB bands' values (3, height, width) in the raster's own dtype."""
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
+        try:
+            return self.ds.read(self.bands, window=Window(col0, row0, width, height))
+        except (RasterioError, OSError) as e:
+            raise RasterReadError(f"{self.src}: GDAL failed to read window rows {row0}..{row0 + height}, "
+                                  f"cols {col0}..{col0 + width}: {e}") from None
 
     def _masked(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
         from rasterio.errors import RasterioError

@@ -75,19 +75,18 @@ def to_uint8(values: np.ndarray, limits: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def check_training_rescale(record, where: str) -> dict:
-    """The `input_rescale` record of a model (meta.json, written by `export` from `ingest.rescale`):
-    {"mode": one of TRAINING_MODES, "limits": three [low, high] pairs for "fixed", else null}.
-    Returns it normalised; raises ArtifactError naming `where` otherwise."""
+def check_training_rescale(record, where: str) -> None:
+    """Check the `input_rescale` record of a model (meta.json, written by `export` from
+    `ingest.rescale`): {"mode": one of TRAINING_MODES, "limits": three [low, high] pairs for
+    "fixed", else null}; raises ArtifactError naming `where` otherwise."""
     ok = isinstance(record, dict) and set(record) == {"mode", "limits"} and record["mode"] in TRAINING_MODES
     if ok and record["mode"] == "fixed":
         try:
-            limits = check_limits(record["limits"]).tolist()
+            check_limits(record["limits"])
+            return
         except InputError:
             ok = False
-        else:
-            return {"mode": "fixed", "limits": limits}
     if ok and record["limits"] is None:
-        return {"mode": record["mode"], "limits": None}
+        return
     raise ArtifactError(f"{where}: 'input_rescale' must be {{'mode': one of {list(TRAINING_MODES)}, 'limits': "
                         f"three [low, high] pairs with low < high for 'fixed', else null}}, got {record!r}")

@@ -43,7 +43,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from runtime.errors import LandsegError
-from runtime.raster import plan_rescale
+from runtime.raster import has_float_bands, plan_rescale
 from runtime.rescale import to_uint8
 from stages import synthetic
 from stages.params import IngestParams, ParamsError, load_params
@@ -210,7 +210,7 @@ def _copy_raster(item: Item, dst_image: Path, dst_label: Path | None, bands: lis
             values = plan_rescale(src, bands, rescale, item.image, window=full)
         except LandsegError as e:
             raise IngestError(f"{e} (ingest.rescale: {rescale!r})") from None
-        floating = any(np.issubdtype(np.dtype(src.dtypes[b - 1]), np.floating) for b in bands)
+        floating = has_float_bands(src, bands)
         masked = has_mask(src)
 
         def blocks():
