@@ -5,7 +5,8 @@
 - `TileDataset`: map-style dataset of whole tiles (image, label);
 - `RandomWindowBatches`: reproducible batches of random square windows from tiles or whole
   rasters; batch `step` is a pure function of (seed, step), so training resumes exactly;
-- `split_sources(dataset_root, split)`: the input tile paths of a split.
+- `split_sources(dataset_root, split)`: the input tile paths of a split;
+- `stable_subset(records, max_tiles)`: a fixed, seed-independent subset of a split's tiles.
 
 Conventions: images are uint8 (H, W, 3) in R, G, B order (channels last, as the runtime takes
 them); labels uint8 (H, W) with 0 = ignore and 1..C the classes. Windows and patch sizes are in
@@ -15,6 +16,7 @@ raster, so tile pixel (r, c) is source pixel (row_off + r, col_off + c).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -98,6 +100,24 @@ def read_index(dataset_root: Path, split: str) -> list[TileRecord]:
     return records
 
 
+def stable_subset(records: Sequence[TileRecord], max_tiles: int) -> list[TileRecord]:
+    """At most `max_tiles` of `records` (0 = all of them), kept in index order.
+
+    Tiles are ranked by a SHA-256 hash of their item id and the first `max_tiles` are kept, so the
+    choice depends on the ids alone: every method, stage, seed and run gets the same tiles, and the
+    subsets are nested (raising the cap only adds tiles). The hash spreads the choice evenly over
+    source rasters and groups. For labelled splits too large to score in full (time and memory
+    grow with their pixel count).
+    """
+    if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 0:
+        raise DatasetError(f"max_tiles must be an integer >= 0 (0 = all tiles), got {max_tiles!r}")
+    if max_tiles == 0 or max_tiles >= len(records):
+        return list(records)
+    rank = sorted(range(len(records)),
+                  key=lambda i: hashlib.sha256(records[i].item_id.encode()).hexdigest())
+    return [records[i] for i in sorted(rank[:max_tiles])]
+
+
 def split_sources(dataset_root: Path, split: str) -> list[Path]:
     """Input tile paths of a split (for `RandomWindowBatches`)."""
     return [r.input for r in read_index(dataset_root, split)]
@@ -122,13 +142,15 @@ class TileDataset:
     """Map-style dataset over the tiles of one split.
 
     `ds[i]` -> {"image": uint8 (H, W, 3), "label": uint8 (H, W) or None, "item_id": str}.
-    `require_labels=True` raises DatasetError when the split has no labelled tile or some tile has
-    no label (evaluation must not silently score on a subset).
+    `require_labels=True` raises DatasetError when the split has no labelled tile or some tile of
+    the split has no label (evaluation must not silently score on a subset).
+    `max_tiles` > 0 keeps only that many tiles of the split (`stable_subset`); 0 keeps them all.
     """
 
-    def __init__(self, dataset_root: Path, split: str, require_labels: bool = False):
+    def __init__(self, dataset_root: Path, split: str, require_labels: bool = False, max_tiles: int = 0):
         self.root, self.split = Path(dataset_root), split
         self.records = read_index(dataset_root, split)
+        self.split_tiles = len(self.records)
         if require_labels:
             if not self.records:
                 raise DatasetError(f"{self.root / split}: split {split!r} has no tiles; labels required")
@@ -136,6 +158,7 @@ class TileDataset:
             if unlabelled:
                 raise DatasetError(f"{self.root / split}: {len(unlabelled)} tile(s) without labels, e.g. "
                                    f"{unlabelled[:3]}; labels required")
+        self.records = stable_subset(self.records, max_tiles)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -261,4 +284,4 @@ class RandomWindowBatches:
 
 
 __all__ = ["DatasetError", "RandomWindowBatches", "RasterError", "TileDataset", "TileRecord",
-           "read_index", "split_sources"]
+           "read_index", "split_sources", "stable_subset"]

@@ -1,8 +1,8 @@
 """Stage `evaluate`: score model/best through the numpy runtime, beside the baselines, on `val`.
 
 What users run is what is scored: the exported artifact is loaded with `runtime.load_model` and
-segments every labelled tile of the `val` split with k = summary.json's num_classes (or
-`evaluate.k`). Beside it, on exactly the same tiles, k and protocols:
+segments every labelled tile of the `val` split (or a fixed subset of `evaluate.max_tiles` of them,
+for splits too large to score in full) with k = summary.json's num_classes (or `evaluate.k`). Beside it, on exactly the same tiles, k and protocols:
 - `teacher`: the trained teacher's encoder, run through the same runtime code (in memory);
 - `kmeans_rgb`: k-means on raw RGB (what the QGIS plugin offers for free);
 - `kmeans_features`: k-means on hand-crafted colour + texture features (see `stages/baselines.py`).
@@ -18,7 +18,8 @@ Truth labels 0 are ignored; every predicted pixel of a labelled pixel counts.
 Outputs (written to a temporary directory, then moved into `--out`; on any error the previous
 metrics.json is removed so nothing stale looks current):
 - `metrics.json` (the headline for `dvc metrics show/diff`): per method and protocol mIoU and
-  pixel accuracy; `ratio_miou` (model / method) per protocol;
+  pixel accuracy; `ratio_miou` (model / method) per protocol; `tiles` scored of the split's
+  `split_tiles`;
 - `per_class_iou.json`: per method and protocol, IoU of every class by name (null when the class
   is in neither truth nor prediction);
 - `per_group.json`: per method and split group (area, `shards.group_regex`), its tile count and
@@ -53,7 +54,7 @@ from runtime.model import labels_from_cell_proba
 from runtime.artifact import build_meta
 from runtime.errors import LandsegError
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
-from stages.datasets import DatasetError, read_index, read_label, read_rgb
+from stages.datasets import DatasetError, read_index, read_label, read_rgb, stable_subset
 from stages.metrics import (GlobalProtocol, PerTileProtocol, matched_confusion, row_percent_records,
                             scores_from_matched)
 from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, output_size
@@ -128,6 +129,7 @@ class LabelledTiles:
     images: list[np.ndarray]   # uint8 (H, W, 3)
     labels: list[np.ndarray]   # uint8 (H, W), 0 = ignored, 1..num_classes
     groups: list[str]          # split group (area) of each tile's source raster
+    split_tiles: int = 0       # tiles in the split; more than len(images) under evaluate.max_tiles
 
 
 def read_summary(dataset_root: Path) -> dict:
@@ -150,8 +152,10 @@ def class_names(summary: dict) -> list[str]:
     return [str(names.get(str(c), f"class_{c}")) for c in range(1, summary["num_classes"] + 1)]
 
 
-def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val") -> LabelledTiles:
-    """Every tile of `split` with its label; errors on unlabelled tiles or labels > num_classes."""
+def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val",
+                   max_tiles: int = 0) -> LabelledTiles:
+    """Every tile of `split` with its label, or the fixed subset of `max_tiles` of them
+    (`stable_subset`; 0 = all); errors on unlabelled tiles or labels > num_classes."""
     records = read_index(dataset_root, split)
     if not records:
         raise EvaluateError(f"{dataset_root / split}: split {split!r} has no tiles to evaluate on")
@@ -159,8 +163,8 @@ def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val") -> 
     if unlabelled:
         raise EvaluateError(f"{dataset_root / split}: {len(unlabelled)} of {len(records)} tiles have no "
                             f"label (e.g. {unlabelled[:3]}); evaluation needs every tile labelled")
-    tiles = LabelledTiles([], [], [], [])
-    for r in records:
+    tiles = LabelledTiles([], [], [], [], split_tiles=len(records))
+    for r in stable_subset(records, max_tiles):
         rgb, label = read_rgb(r.input), read_label(r.target)
         if label.shape != rgb.shape[:2]:
             raise EvaluateError(f"{r.target}: label is {label.shape}, image {r.input} is {rgb.shape[:2]}")
@@ -285,7 +289,9 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
     if not 2 <= k <= max_k:
         raise EvaluateError(f"k = {k} ({'evaluate.k' if params.k else 'num_classes of summary.json'}) must lie "
                             f"in [2, {max_k}] (max_k of {model_dir} and the teacher)")
-    tiles = load_val_tiles(dataset_root, num_classes)
+    tiles = load_val_tiles(dataset_root, num_classes, max_tiles=params.max_tiles)
+    if len(tiles.images) < tiles.split_tiles:
+        print(f"scoring {len(tiles.images)} of the {tiles.split_tiles} val tiles (evaluate.max_tiles)")
 
     methods: dict[str, Segmenter] = {
         "model": RuntimeSegmenter(model, params.kmeans_restarts),
@@ -294,7 +300,7 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
         "kmeans_features": KMeansBaseline(handcrafted_features, params.kmeans_iters, params.kmeans_restarts),
     }
     metrics: dict = {"dataset": dataset or summary.get("dataset", ""), "k": k, "num_classes": num_classes,
-                     "tiles": len(tiles.images),
+                     "tiles": len(tiles.images), "split_tiles": tiles.split_tiles,
                      "labelled_pixels": int(sum((lab > 0).sum() for lab in tiles.labels))}
     per_class: dict = {}
     per_group: dict = {}

@@ -288,6 +288,11 @@ class TrainParams:
     lr: float = knob(0.003, "AdamW learning rate.", lo=1e-7, hi=1.0)
     weight_decay: float = knob(0.0001, "AdamW weight decay.", lo=0.0, hi=1.0)
     val_every: int = knob(25, "Steps between validation (model selection) runs.", lo=1, hi=10**8)
+    val_max_tiles: int = knob(0, "Model selection (teacher and student) scores at most this many "
+                              "`metrics_train` tiles, a fixed subset chosen by a hash of the tile ids "
+                              "(the same tiles for both stages and every seed); 0 = all. Each "
+                              "validation embeds and clusters every tile it scores, so a large labelled "
+                              "split costs time and memory at every `val_every`.", lo=0, hi=10**9)
     checkpoint_every: int = knob(50, "Steps between resumable checkpoints.", lo=1, hi=10**8)
     device: str = knob("auto", "Torch device.", choices=("auto", "cpu", "cuda"))
     threads: int = knob(0, "Torch CPU threads; 0 = all cores.", lo=0, hi=256)
@@ -356,6 +361,11 @@ class EvaluateParams:
                                "from every tile) across the split to fit its one set of centres.", lo=16, hi=10**8)
     kmeans_iters: int = knob(50, "Lloyd iterations of the baselines' k-means (stops early when stable).",
                              lo=1, hi=1000)
+    max_tiles: int = knob(0, "Score at most this many `val` tiles, a fixed subset chosen by a hash of the "
+                          "tile ids (the same tiles for every method, seed and run; raising the cap only "
+                          "adds tiles); 0 = all. metrics.json records how many of the split's tiles were "
+                          "scored. For val splits too large to hold in memory or to score in time.",
+                          lo=0, hi=10**9)
     kmeans_restarts: int = knob(3, "Seeded k-means++ starts per centre fit, for every method alike (the "
                                 "model's and teacher's spherical k-means, both baselines' k-means); the "
                                 "best objective is kept.", lo=1, hi=100)

@@ -217,16 +217,21 @@ class LabelledSet:
     labels: list[np.ndarray]
     num_classes: int
     split: str
+    split_tiles: int = 0  # tiles in the split; more than len(images) when `max_tiles` capped it
 
 
-def load_labelled_split(dataset_root: Path, split: str = "metrics_train") -> Optional[LabelledSet]:
-    """The split's labelled tiles, or None when the dataset has none (then use a held-out batch)."""
+def load_labelled_split(dataset_root: Path, split: str = "metrics_train",
+                        max_tiles: int = 0) -> Optional[LabelledSet]:
+    """The split's labelled tiles, or None when the dataset has none (then use a held-out batch).
+
+    max_tiles > 0 keeps a fixed subset of that many tiles (`stages.datasets.stable_subset`).
+    """
     summary = read_summary(dataset_root)
     if int(summary["counts"].get(split, 0)) == 0 or not summary.get("num_classes"):
         return None
     from stages.datasets import TileDataset
 
-    ds = TileDataset(dataset_root, split, require_labels=True)
+    ds = TileDataset(dataset_root, split, require_labels=True, max_tiles=max_tiles)
     images, labels = [], []
     for i in range(len(ds)):
         item = ds[i]
@@ -234,7 +239,9 @@ def load_labelled_split(dataset_root: Path, split: str = "metrics_train") -> Opt
         labels.append(item["label"])
     if not images:
         return None
-    return LabelledSet(images, labels, int(summary["num_classes"]), split)
+    if len(images) < ds.split_tiles:
+        print(f"model selection on {len(images)} of the {ds.split_tiles} {split} tiles (max_tiles={max_tiles})")
+    return LabelledSet(images, labels, int(summary["num_classes"]), split, ds.split_tiles)
 
 
 @torch.no_grad()
@@ -601,7 +608,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     device = resolve_device(train_params.device)
     summary = read_summary(dataset_root)
     sources = training_sources(dataset_root)
-    labelled = load_labelled_split(dataset_root)
+    labelled = load_labelled_split(dataset_root, max_tiles=train_params.val_max_tiles)
     heldout = None
     if labelled is None:
         if len(sources) < 2:

@@ -143,8 +143,8 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
     """Distil the teacher into the student; returns the best validation record.
 
     `model_params` is the declared teacher architecture (the checkpoint must match it);
-    `loss_params.edge_sigma` sets the TV edge weights; `train_params` gives device, threads and
-    prefetch.
+    `loss_params.edge_sigma` sets the TV edge weights; `train_params` gives device, threads,
+    prefetch and `val_max_tiles` (the teacher's selection tiles are the student's too).
     """
     from stages.datasets import RandomWindowBatches
 
@@ -161,7 +161,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
     t_info = teacher_info(teacher_path)
     summary = read_summary(dataset_root)
     sources = training_sources(dataset_root)
-    labelled = load_labelled_split(dataset_root)
+    labelled = load_labelled_split(dataset_root, max_tiles=train_params.val_max_tiles)
     heldout = None
     if labelled is None:
         if len(sources) < 2:
@@ -178,7 +178,8 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
     opt = torch.optim.AdamW(distiller.parameters(), lr=distill.lr, weight_decay=distill.weight_decay)
     normaliser = losses.EmaNormaliser(distill.ema_decay, distill.ema_eps)
     fingerprint = run_fingerprint(student, data, distill, data_hash=(
-        f"{summary.get('params_hash', '')}:{t_info['fingerprint']}:{loss_params.edge_sigma}"))
+        f"{summary.get('params_hash', '')}:{t_info['fingerprint']}:{loss_params.edge_sigma}:"
+        f"{train_params.val_max_tiles}"))
     ckpt_path = checkpoint_dir / "last.pt"
     state = load_checkpoint(ckpt_path, fingerprint, distill.steps)
     start, best = 0, {"score": -math.inf, "step": -1, "metric": None, "state_dict": None}

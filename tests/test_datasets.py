@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import random_rgb, write_raster
-from stages.datasets import DatasetError, RandomWindowBatches, TileDataset, read_index, split_sources
+from stages.datasets import (DatasetError, RandomWindowBatches, TileDataset, TileRecord, read_index, split_sources,
+                             stable_subset)
 
 
 def _copy(tiny_dataset: Path, tmp_path: Path) -> Path:
@@ -83,6 +84,37 @@ def test_tile_dataset_items(tiny_dataset):
     assert TileDataset(tiny_dataset, "train")[0]["label"] is None
     with pytest.raises(DatasetError, match="without labels"):
         TileDataset(tiny_dataset, "train", require_labels=True)
+
+
+def _records(ids) -> list[TileRecord]:
+    return [TileRecord(i, "val", Path(f"/d/{i}.tif"), None, "src", "g", (0, 0, 4, 4), None) for i in ids]
+
+
+def test_stable_subset_is_capped_nested_ordered_and_independent_of_order():
+    ids = [f"scene{s}_r{r:06d}_c000000" for s in range(5) for r in range(0, 2560, 256)]  # 50 tiles
+    records = _records(ids)
+    assert stable_subset(records, 0) == records and stable_subset(records, 50) == records
+    assert stable_subset(records, 500) == records
+    chosen = {n: [r.item_id for r in stable_subset(records, n)] for n in (1, 10, 11, 30)}
+    for n, kept in chosen.items():
+        assert len(kept) == n
+        assert kept == [i for i in ids if i in kept]  # index order kept
+    assert set(chosen[10]) < set(chosen[11]) < set(chosen[30])  # raising the cap only adds tiles
+    # the choice depends on the ids alone, not on where they sit in the index
+    assert {r.item_id for r in stable_subset(records[::-1], 10)} == set(chosen[10])
+    assert len({i.split("_")[0] for i in chosen[30]}) == 5  # spread over the source scenes
+    for bad in (-1, 2.0, True, "3"):
+        with pytest.raises(DatasetError, match="max_tiles"):
+            stable_subset(records, bad)
+
+
+def test_tile_dataset_max_tiles(tiny_dataset):
+    full = TileDataset(tiny_dataset, "val", require_labels=True)
+    capped = TileDataset(tiny_dataset, "val", require_labels=True, max_tiles=2)
+    assert len(full) > 2 and len(capped) == 2 and capped.split_tiles == len(full) == full.split_tiles
+    assert capped.records == stable_subset(full.records, 2)
+    with pytest.raises(DatasetError, match="without labels"):  # the whole split is checked, not the subset
+        TileDataset(tiny_dataset, "train", require_labels=True, max_tiles=1)
 
 
 def test_random_windows_are_a_pure_function_of_seed_and_step(tiny_dataset):

@@ -17,6 +17,7 @@ from affine import Affine
 from runtime.artifact import build_meta, write_artifact
 from stages import evaluate as ev
 from stages.baselines import KMeansBaseline, handcrafted_features, lab_from_rgb, rgb_features
+from stages.datasets import read_index, stable_subset
 from stages.metrics import GlobalProtocol, PerTileProtocol
 from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, Encoder
 from stages.params import EvaluateParams
@@ -248,6 +249,25 @@ def test_model_scores_match_a_direct_runtime_run(inputs, result):
         # per-tile protocol: centres fitted on the tile's own 256 sampled cells (all 64 here)
         per_tile.add(model.predict_labels(rgb, 3, seed=0), label)
     assert metrics["model"]["per_tile"]["miou"] == pytest.approx(per_tile.result()["miou"], abs=1e-6)
+
+
+def test_max_tiles_scores_a_fixed_subset(inputs, tmp_path):
+    """evaluate.max_tiles scores exactly the stable subset, records how many of the split's tiles,
+    and the model's numbers equal a direct runtime run on those tiles."""
+    from runtime import load_model
+
+    metrics = ev.evaluate(inputs["shards"], inputs["model"], inputs["teacher"], tmp_path / "out",
+                          small_params(max_tiles=2))
+    assert metrics["tiles"] == 2 and metrics["split_tiles"] == 4
+    tiles = ev.load_val_tiles(inputs["shards"], 3, max_tiles=2)
+    assert tiles.item_ids == [r.item_id for r in stable_subset(read_index(inputs["shards"], "val"), 2)]
+    assert tiles.split_tiles == 4
+    model = load_model(inputs["model"])
+    per_tile = PerTileProtocol(3, 3)
+    for rgb, label in zip(tiles.images, tiles.labels):
+        per_tile.add(model.predict_labels(rgb, 3, seed=0), label)
+    assert metrics["model"]["per_tile"]["miou"] == pytest.approx(per_tile.result()["miou"], abs=1e-6)
+    assert sum(g["tiles"] for g in json.loads((tmp_path / "out" / "per_group.json").read_text())["model"].values()) == 2
 
 
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")

@@ -11,7 +11,8 @@ from rasterio.transform import from_origin
 
 from stages.params import AugParams, LossParams, ModelParams, TrainParams
 from stages.synthetic import render_scene
-from stages.train import TrainingError, load_teacher, main, spherical_kmeans, train_teacher
+from stages.train import (TrainingError, embed_images, global_scores, load_labelled_split, load_teacher, main,
+                          spherical_kmeans, train_teacher)
 
 
 def write_tiny_shards(root: Path, scenes: int = 4, size: int = 128, tile: int = 64) -> Path:
@@ -85,6 +86,20 @@ def test_train_writes_teacher_logs_and_selects_best(tmp_path, tiny_dataset):
     steps = (tmp_path / "results/plots/metrics/train/total.tsv").read_text().splitlines()[1:]
     assert [int(r.split("\t")[0]) for r in steps] == list(range(6))
     assert (tmp_path / "ckpt" / "last.pt").exists()
+
+
+def test_val_max_tiles_selects_on_the_fixed_subset(tmp_path, tiny_dataset, capsys):
+    """train.val_max_tiles: selection scores only the stable subset (the kept teacher's score is
+    recomputed on those tiles alone), and the log says so."""
+    labelled = load_labelled_split(tiny_dataset, max_tiles=1)
+    full = load_labelled_split(tiny_dataset)
+    assert len(labelled.images) == 1 and labelled.split_tiles == len(full.images) == 4
+    assert "model selection on 1 of the 4 metrics_train tiles" in capsys.readouterr().out
+    record = run(tmp_path, tiny_dataset, tiny_params(val_max_tiles=1))
+    teacher = load_teacher(tmp_path / "teacher")
+    embs = embed_images(teacher.encoder, labelled.images, torch.device("cpu"))
+    again = global_scores(embs, labelled, teacher.head.temperature, teacher.smooth_iters, seed=0)
+    assert record["score"] == pytest.approx(again["miou"], abs=1e-6)
 
 
 def test_half_resolution_views_train_and_align(tmp_path, tiny_dataset):
