@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stages.params import DataParams, DistillParams, StudentParams
+from stages.train import embed_images, global_scores, load_labelled_split, load_teacher
 from stages.train_distill import TrainingError, load_student, main, train_student
 from test_train import tiny_dataset, tiny_params, run as run_teacher  # noqa: F401  (session fixture)
 
@@ -41,6 +42,20 @@ def test_distill_writes_student_and_per_scale_logs(tmp_path, tiny_dataset, teach
     plots = tmp_path / "results/plots/metrics/distill"
     rows32 = (plots / "raw_p32.tsv").read_text().splitlines()[1:]
     assert [int(r.split("\t")[0]) for r in rows32] == [0, 2, 4]        # cycle: 32, 48, 32, ...
+
+
+def test_val_max_tiles_selects_the_student_on_the_teachers_subset(tmp_path, tiny_dataset, teacher_dir):  # noqa: F811
+    """train.val_max_tiles also caps the student's selection: the kept student's score is its
+    global mIoU on the same fixed subset the teacher was selected on."""
+    _, model_params, loss, train = tiny_params(val_max_tiles=1)
+    student, data, distill = tiny_student()
+    record = train_student(tiny_dataset, teacher_dir, tmp_path / "student", tmp_path / "ckpt", tmp_path / "results",
+                           model_params, loss, student, data, distill, train, progress=False)
+    labelled = load_labelled_split(tiny_dataset, max_tiles=1)
+    teacher = load_teacher(teacher_dir)
+    embs = embed_images(load_student(tmp_path / "student"), labelled.images, torch.device("cpu"))
+    again = global_scores(embs, labelled, teacher.head.temperature, teacher.smooth_iters, seed=distill.seed)
+    assert record["score"] == pytest.approx(again["miou"], abs=1e-6)
 
 
 def test_distill_resume_equals_uninterrupted(tmp_path, tiny_dataset, teacher_dir):  # noqa: F811
