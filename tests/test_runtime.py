@@ -199,6 +199,29 @@ def test_euclidean_kmeans_and_assign_for_rgb_baselines():
         cluster.kmeans(x[:3], 5)
 
 
+def test_euclidean_kmeans_equals_a_plain_lloyd_reference():
+    """The fast sums (bincount per feature) and cached norms give bit-for-bit the centres of plain
+    Lloyd iterations (np.add.at sums, norms recomputed) from the same k-means++ start."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (5000, 4)).astype(np.float32)
+    x[:2500] += 3.0
+    for k, seed in ((6, 0), (3, 5)):
+        x64 = x.astype(np.float64)
+        c = x64[cluster._greedy_kmeanspp(x64, k, np.random.default_rng(seed), cluster._sqdist)].copy()
+        labels = None
+        for _ in range(50):
+            d = (x64 * x64).sum(axis=1)[:, None] - 2.0 * (x64 @ c.T) + (c * c).sum(axis=1)[None, :]
+            new = np.argmin(np.maximum(d, 0.0), axis=1)
+            if labels is not None and np.array_equal(new, labels):
+                break
+            labels = new
+            sums = np.zeros_like(c)
+            np.add.at(sums, labels, x64)
+            assert np.bincount(labels, minlength=k).min() > 0  # no re-seeding on this data
+            c = sums / np.bincount(labels, minlength=k)[:, None]
+        np.testing.assert_array_equal(cluster.kmeans(x, k, seed=seed, iters=50), c.astype(np.float32))
+
+
 def test_bad_arrays_and_arguments_raise_clear_errors():
     model = _model(random_encoder(width=8, depth=0, embed_dim=4))
     rgb = synthetic_rgb(16, 16)
