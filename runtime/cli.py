@@ -76,7 +76,7 @@ def _rescale(text: str):
     if len(values) not in (2, 6):
         raise argparse.ArgumentTypeError(f"expected auto, none, percentile, LOW,HIGH or six numbers "
                                          f"(R, G, B low,high pairs), got {text!r}")
-    return values if len(values) == 2 else [values[i:i + 2] for i in (0, 2, 4)]
+    return values  # segment_raster takes a pair or six numbers (`runtime.rescale.check_limits`)
 
 
 def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:

@@ -51,13 +51,16 @@ def percentile_limits(values: np.ndarray, valid: np.ndarray | None = None,
 
 
 def check_limits(limits, src="rescale") -> np.ndarray:
-    """(3, 2) float64 from one (low, high) pair for all bands or three pairs (R, G, B)."""
+    """(3, 2) float64 from one (low, high) pair for all bands or three pairs (R, G, B), nested or
+    flat (low_r, high_r, low_g, high_g, low_b, high_b)."""
     try:
         a = np.asarray(limits, dtype=np.float64)
     except (TypeError, ValueError):
         a = np.empty(0)
     if a.shape == (2,):
         a = np.tile(a, (3, 1))
+    elif a.shape == (6,):
+        a = a.reshape(3, 2)
     if a.shape != (3, 2) or not np.isfinite(a).all() or not (a[:, 1] > a[:, 0]).all():
         raise InputError(f"{src}: expected (low, high) with low < high, or three such pairs for R, G, B; "
                          f"got {limits!r}")

@@ -23,6 +23,9 @@ from typing import Any, Optional
 
 import yaml
 
+from runtime.errors import InputError
+from runtime.rescale import check_limits
+
 
 class ParamsError(ValueError):
     """A params.yaml key is unknown, missing, of the wrong type or out of range."""
@@ -139,17 +142,16 @@ class IngestParams:
 
     def rescale_limit_pairs(self) -> list[list[float]] | None:
         """`rescale_limits` as three [low, high] pairs (R, G, B); None unless rescale is 'fixed'."""
-        lim = self.rescale_limits
-        if self.rescale != "fixed":
-            return None
-        return [list(lim)] * 3 if len(lim) == 2 else [lim[i:i + 2] for i in (0, 2, 4)]
+        return check_limits(self.rescale_limits).tolist() if self.rescale == "fixed" else None
 
     def check(self, prefix: str) -> None:
         lim = self.rescale_limits
         if self.rescale == "fixed":
-            if len(lim) not in (2, 6) or any(lim[i] >= lim[i + 1] for i in range(0, len(lim), 2)):
+            try:
+                check_limits(lim)
+            except InputError:
                 raise ParamsError(f"{prefix}.rescale_limits: rescale: fixed needs [low, high] or three "
-                                  f"(low, high) pairs with low < high, got {lim!r}")
+                                  f"(low, high) pairs with low < high, got {lim!r}") from None
         elif lim:
             raise ParamsError(f"{prefix}.rescale_limits: only read with rescale: fixed (rescale is "
                               f"{self.rescale!r}); leave it empty")
