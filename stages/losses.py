@@ -10,7 +10,11 @@ teacher (stride-4 assignment maps p of shape (B, k, h, w), rows summing to one)
 - `marginal_entropy`: 1 - H(mean assignment) / log k in [0, 1]; zero when clusters are used
   equally, one when everything falls in one cluster (the anti-collapse term);
 - `edge_aware_tv`: total variation of assignments between 4-neighbours, weighted by
-  exp(-|image difference| / sigma) so that label changes are cheap across image edges.
+  exp(-|image difference| / sigma) so that label changes are cheap across image edges;
+- `dense_contrastive`: InfoNCE on embeddings, a cell of one view must pick the same ground cell
+  of the other view among the batch's sampled cells;
+- `self_distillation`: each view's assignments predict the other view's under a slowly moving
+  copy of the network (off by default).
 
 student (distillation from the frozen teacher)
 - `cosine_distillation`: 1 - cos between (projected) student and teacher embeddings;
@@ -25,8 +29,6 @@ student (distillation from the frozen teacher)
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -96,82 +98,6 @@ def sample_positions(batch: int, cells: int, n: int, generator: torch.Generator)
     """(batch, min(n, cells)) flat cell indices, without replacement per image."""
     n = min(n, cells)
     return torch.stack([torch.randperm(cells, generator=generator)[:n] for _ in range(batch)])
-
-
-def balanced_positions(clusters: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, min(n, cells)) flat cell indices drawn without replacement per image, each cell weighted
-    by 1 / (number of cells of the batch in its cluster): every cluster of the current assignment
-    gets about the same share of the samples, so rare land covers (roads: 9 % of Dubai's pixels)
-    are anchors and negatives as often as the dominant one (land: 52 %).
-
-    clusters: (B, cells) integer cluster ids (e.g. the argmax of the assignments, no gradient).
-    """
-    b, cells = clusters.shape
-    flat = clusters.reshape(-1).cpu()
-    counts = torch.bincount(flat).to(torch.float64)
-    weights = (1.0 / counts[flat]).reshape(b, cells)
-    return torch.multinomial(weights, min(n, cells), replacement=False, generator=generator)
-
-
-def offset_positions(idx: torch.Tensor, side: int, max_offset: int, generator: torch.Generator) -> torch.Tensor:
-    """Each flat cell index of idx (B, N) on a side x side grid moved by a random offset of at most
-    `max_offset` cells along each axis (uniform in [-max_offset, max_offset]^2, clamped to the grid).
-    max_offset 0 returns idx unchanged."""
-    if max_offset < 0:
-        raise ValueError(f"max_offset must be >= 0, got {max_offset}")
-    if max_offset == 0:
-        return idx
-    shift = torch.randint(-max_offset, max_offset + 1, (2, *idx.shape), generator=generator)
-    return shift_positions(idx, side, shift[0], shift[1])
-
-
-def shift_positions(idx: torch.Tensor, side: int, d_row: torch.Tensor, d_col: torch.Tensor) -> torch.Tensor:
-    """Flat cell indices idx (B, N) on a side x side grid moved by whole cells (d_row, d_col:
-    integer tensors of idx's shape), clamped to the grid."""
-    rows = (idx // side + d_row.to(idx.device)).clamp(0, side - 1)
-    cols = (idx % side + d_col.to(idx.device)).clamp(0, side - 1)
-    return rows * side + cols
-
-
-@torch.no_grad()
-def structure_directions(rgb01: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Direction along the locally dominant image structure (a road, an edge) per stride-4 cell.
-
-    rgb01 (B, 3, S, S), S = 4 * side or a multiple of it, on the grid the cells are indexed on.
-    The structure tensor of the grey image (products of pixel differences) is averaged over each
-    cell and its 8 neighbours (a 12 x 12 px window at S = 4 * side). Returns `directions`
-    (B, 2, side, side), a unit (d_row, d_col) vector across the tensor's dominant gradient, i.e.
-    along the structure, and `coherence` (B, side, side) in [0, 1]: 1 for a single orientation
-    (straight strips and edges), 0 for flat or isotropic texture, where the direction means nothing.
-    """
-    grey = rgb01.mean(1, keepdim=True)
-    g_row = F.pad(grey[..., 1:, :] - grey[..., :-1, :], (0, 0, 0, 1))
-    g_col = F.pad(grey[..., :, 1:] - grey[..., :, :-1], (0, 1, 0, 0))
-    tensor = torch.cat([g_col * g_col, g_row * g_row, g_col * g_row], 1)
-    tensor = F.adaptive_avg_pool2d(tensor, side)
-    tensor = F.avg_pool2d(tensor, 3, stride=1, padding=1, count_include_pad=False)
-    jxx, jyy, jxy = tensor.unbind(1)
-    gradient_angle = 0.5 * torch.atan2(2 * jxy, jxx - jyy)  # angle of (d_col, d_row) of the gradient
-    directions = torch.stack([torch.cos(gradient_angle), -torch.sin(gradient_angle)], 1)  # rotated 90 deg
-    coherence = torch.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / (jxx + jyy + 1e-6)
-    return directions, coherence.clamp(0.0, 1.0)
-
-
-def structure_offset_positions(idx: torch.Tensor, side: int, max_offset: int, directions: torch.Tensor,
-                               coherence: torch.Tensor, min_coherence: float,
-                               generator: torch.Generator) -> torch.Tensor:
-    """Each flat cell index of idx (B, N) moved 1..`max_offset` cells (uniform, random sign) along
-    its cell's structure direction (`structure_directions`), rounded to the grid and clamped;
-    cells whose coherence is below `min_coherence` stay where they are (no reliable direction).
-    Positives then lie along roads and edges, not across them."""
-    if max_offset < 1:
-        raise ValueError(f"max_offset must be >= 1, got {max_offset}")
-    d = gather_positions(directions, idx).cpu()  # (B, N, 2): d_row, d_col
-    coh = gather_positions(coherence[:, None], idx)[..., 0].cpu()
-    steps = torch.randint(1, max_offset + 1, idx.shape, generator=generator).float()
-    sign = torch.randint(0, 2, idx.shape, generator=generator).float() * 2 - 1
-    move = steps * sign * (coh >= min_coherence).float()
-    return shift_positions(idx, side, torch.round(move * d[..., 0]).long(), torch.round(move * d[..., 1]).long())
 
 
 def gather_positions(emb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -255,9 +181,7 @@ class EmaNormaliser:
         self.last = {str(k): float(v) for k, v in state["last"].items()}
 
 
-def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, temperature: float,
-                      same_image_negatives: bool = True, idx_b: Optional[torch.Tensor] = None,
-                      max_negative_cos: float = 1.0) -> torch.Tensor:
+def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE between aligned cells of two views, divided by log(#candidates).
 
     e_a, e_b: unit embeddings (B, D, h, w) already mapped to the same ground grid; idx (B, N) flat
@@ -265,106 +189,15 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
     cells of view b (and vice versa). Near 0 for views that are perfectly matched and
     discriminative, about 1 for chance; the assignment losses alone are satisfied by colour-only
     clusters, this term makes the embedding tell apart cells that look alike in colour.
-
-    With `same_image_negatives=False` the other cells of a cell's own image are masked out of its
-    candidates (its positive stays): neighbours in one image are often the same land cover, and
-    pushing them apart rewards features that separate instances rather than classes. The
-    candidates are then the positive plus the (B - 1) * N cells of the other images.
-
-    `idx_b` (B, N), default idx: where view b's cells are taken; e.g. `offset_positions(idx, ...)`
-    makes each positive a *nearby* cell rather than the same one (Tile2Vec's prior: neighbouring
-    ground is usually the same land cover), rewarding features that are constant over a region.
-
-    `max_negative_cos` < 1 drops every negative whose cosine to the anchor exceeds it (measured
-    without gradient): those are most likely the same land cover (false negatives), and pushing
-    them away is what spreads one class over the sphere. The positive always stays; the loss is
-    still divided by log of the full candidate count, so its scale does not depend on the masking.
     """
-    idx_b = idx if idx_b is None else idx_b
-    if idx_b.shape != idx.shape:
-        raise ValueError(f"idx_b {tuple(idx_b.shape)} must have the shape of idx {tuple(idx.shape)}")
     a = gather_positions(e_a, idx).reshape(-1, e_a.shape[1])
-    b = gather_positions(e_b, idx_b).reshape(-1, e_b.shape[1])
-    cos = a @ b.T
-    logits = cos / temperature
+    b = gather_positions(e_b, idx).reshape(-1, e_b.shape[1])
+    if len(a) < 2:
+        raise ValueError("the dense contrastive term needs at least two sampled cells per batch")
+    logits = a @ b.T / temperature
     target = torch.arange(len(a), device=a.device)
-    candidates = len(a)
-    if not same_image_negatives:
-        n = idx.shape[1]
-        image = target // n
-        masked = (image[:, None] == image[None, :]) & (target[:, None] != target[None, :])
-        logits = logits.masked_fill(masked, float("-inf"))
-        candidates = len(a) - n + 1
-    if max_negative_cos < 1.0:
-        similar = (cos.detach() > max_negative_cos) & (target[:, None] != target[None, :])
-        logits = logits.masked_fill(similar, float("-inf"))
-    if candidates < 2:
-        raise ValueError("the dense contrastive term needs at least two candidates per cell "
-                         "(other-image negatives need a batch of at least two images)")
     ce = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    return ce / math.log(candidates)
-
-
-def block_mask(batch: int, side: int, block: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """(batch, side, side) bool mask of whole `block` x `block`-cell squares on the grid of blocks
-    (side // block per axis; the remainder at the bottom and right is never masked), round(ratio *
-    blocks) of them per image, at least one, drawn without replacement."""
-    per_axis = side // block
-    if per_axis < 1:
-        raise ValueError(f"a mask block of {block} cells does not fit a grid of side {side}")
-    blocks = per_axis * per_axis
-    n = max(1, round(ratio * blocks))
-    mask = torch.zeros(batch, per_axis * per_axis, dtype=torch.bool)
-    for i in range(batch):
-        mask[i, torch.randperm(blocks, generator=generator)[:n]] = True
-    mask = mask.reshape(batch, per_axis, per_axis).repeat_interleave(block, 1).repeat_interleave(block, 2)
-    return F.pad(mask, (0, side - per_axis * block, 0, side - per_axis * block))
-
-
-def masked_prediction(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean (1 - cos) in [0, 2] between unit embeddings `pred` of a masked input and `target`
-    (B, D, h, w; the unmasked input's embeddings, no gradient) over the masked cells (B, h, w).
-    Cells inside a masked block see only the context around it, so matching their unmasked
-    embedding asks the network to infer a cover from its surroundings."""
-    if not mask.any():
-        raise ValueError("masked_prediction needs at least one masked cell")
-    cos = (pred * target.detach()).sum(1)
-    return (1.0 - cos)[mask.to(cos.device)].mean()
-
-
-@torch.no_grad()
-def sinkhorn_targets(probs: torch.Tensor, sharpen: float = 2.0, iters: int = 3) -> torch.Tensor:
-    """Balanced soft cluster codes for assignment maps (B, k, h, w) (Sinkhorn-Knopp, as in SwAV).
-
-    Starting from probs ** sharpen, rows (cells) and columns (clusters) are alternately normalised
-    so that every cluster receives an equal share of the batch's cells: targets that cannot
-    collapse onto a few clusters. Returns (B, k, h, w) codes summing to one per cell.
-    """
-    b, k, h, w = probs.shape
-    q = probs.permute(1, 0, 2, 3).reshape(k, -1).double().clamp_min(1e-30) ** sharpen
-    q = q / q.sum()
-    n = q.shape[1]
-    for _ in range(iters):
-        q = q / q.sum(dim=1, keepdim=True) / k
-        q = q / q.sum(dim=0, keepdim=True) / n
-    q = (q * n).float()
-    return q.reshape(k, b, h, w).permute(1, 0, 2, 3).contiguous()
-
-
-def swapped_prediction(p_a: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
-    """Each view predicts the other's balanced codes at the same ground pixels (cross-entropy / log k).
-
-    p_a, p_b: aligned assignment maps (B, k, h, w). The codes (`sinkhorn_targets`) carry no gradient.
-    """
-    _check_probs(p_a, "p_a")
-    return _swapped_cross_entropy(p_a, p_b, sinkhorn_targets(p_a), sinkhorn_targets(p_b))
-
-
-def _swapped_cross_entropy(p_a: torch.Tensor, p_b: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor
-                           ) -> torch.Tensor:
-    """Mean of CE(q_b, p_a) and CE(q_a, p_b) per pixel over (B, k, h, w) maps, divided by log k."""
-    ce = -(q_b * p_a.clamp_min(EPS).log()).sum(dim=1).mean() - (q_a * p_b.clamp_min(EPS).log()).sum(dim=1).mean()
-    return 0.5 * ce / math.log(p_a.shape[1])
+    return ce / math.log(len(a))
 
 
 def self_distillation(p_a: torch.Tensor, p_b: torch.Tensor, t_a: torch.Tensor, t_b: torch.Tensor,
@@ -381,4 +214,6 @@ def self_distillation(p_a: torch.Tensor, p_b: torch.Tensor, t_a: torch.Tensor, t
         raise ValueError(f"assignment shapes differ: {tuple(p_a.shape)}, {tuple(p_b.shape)}, "
                          f"{tuple(t_a.shape)}, {tuple(t_b.shape)}")
     q_a, q_b = (t.detach().clamp_min(EPS) ** sharpen for t in (t_a, t_b))
-    return _swapped_cross_entropy(p_a, p_b, q_a / q_a.sum(dim=1, keepdim=True), q_b / q_b.sum(dim=1, keepdim=True))
+    q_a, q_b = q_a / q_a.sum(dim=1, keepdim=True), q_b / q_b.sum(dim=1, keepdim=True)
+    ce = -(q_b * p_a.clamp_min(EPS).log()).sum(dim=1).mean() - (q_a * p_b.clamp_min(EPS).log()).sum(dim=1).mean()
+    return 0.5 * ce / math.log(p_a.shape[1])

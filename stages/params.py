@@ -235,8 +235,6 @@ class LossParams:
     marginal_entropy: float = knob(1.0, "Weight of the negative marginal entropy (anti-collapse).", lo=0.0, hi=100.0)
     smoothness: float = knob(0.1, "Weight of the edge-aware total variation of assignments.", lo=0.0, hi=100.0)
     edge_sigma: float = knob(0.1, "Image-gradient scale of the edge-aware weights.", lo=1e-4, hi=10.0)
-    swapped: float = knob(0.0, "Weight of swapped prediction: each view predicts the other's balanced "
-                          "(Sinkhorn) cluster codes at the same ground pixels.", lo=0.0, hi=100.0)
     contrastive: float = knob(1.0, "Weight of the dense two-view contrastive (InfoNCE) term on embeddings.",
                               lo=0.0, hi=100.0)
     contrastive_temperature: float = knob(0.2, "Temperature of the dense contrastive term.", lo=1e-3, hi=10.0)
@@ -244,36 +242,10 @@ class LossParams:
     self_distill: float = knob(0.0, "Weight of self-distillation: each view's assignments predict the "
                                "other view's sharpened assignments under the weight-EMA network "
                                "(needs train.weight_ema > 0, the target's decay).", lo=0.0, hi=100.0)
-    contrastive_negatives: str = knob(
-        "all", "Negatives of the dense contrastive term: 'all' sampled cells of the batch, or "
-        "'other_images' only (same-image cells, often the same land cover, are not pushed apart).",
-        choices=("all", "other_images"))
-    contrastive_max_negative_cos: float = knob(
-        1.0, "Negatives of the dense contrastive term whose cosine to the anchor exceeds this are dropped "
-        "as likely false negatives (same land cover); 1.0 = keep all.", lo=-1.0, hi=1.0)
-    contrastive_offset: int = knob(
-        0, "Positives of the dense contrastive term: a cell of the other view up to this many stride-4 "
-        "cells away along each axis (uniform, clamped to the patch); 0 = the same ground cell.", lo=0, hi=64)
-    contrastive_offset_direction: str = knob(
-        "any", "Direction of the contrastive offset (needs contrastive_offset >= 1): 'any' (uniform in the "
-        "square) or 'along_structure': 1..contrastive_offset cells along the locally dominant image "
-        "orientation (structure tensor over 12 px), so positives follow roads and edges instead of "
-        "crossing them; cells without a clear orientation keep the same cell.",
-        choices=("any", "along_structure"))
-    contrastive_sampling: str = knob(
-        "uniform", "Cells of the dense contrastive term: 'uniform' per image, or 'balanced' (weighted by "
-        "1 / cells of their current cluster in the batch, so rare land covers are sampled as often as "
-        "common ones).", choices=("uniform", "balanced"))
     contrastive_projector: int = knob(
         0, "Width of a training-only projection head (1x1 conv, ReLU, 1x1 conv, unit length) that the dense "
         "contrastive term sees instead of the embedding (SimCLR's head: the invariances the term asks for "
         "are absorbed by the head, not forced on the clustered embedding); 0 = no head.", lo=0, hi=4096)
-    masked_prediction: float = knob(
-        0.0, "Weight of masked-context prediction: the teacher's embeddings of an input with square blocks "
-        "blanked (to the mean colour) must match its embeddings of the whole input (no gradient) in the "
-        "blanked cells, which it can only infer from the surroundings; 0 = off.", lo=0.0, hi=100.0)
-    mask_block: int = knob(4, "Side of a masked-prediction block in stride-4 cells (4 = 16 px); about 30 % "
-                           "of the blocks of a patch are blanked.", lo=1, hi=256)
     contrastive_decay_steps: int = knob(
         0, "Teacher steps over which the contrastive weight falls to 0 on a half-cosine and stays there, so "
         "the other terms (self-distillation where on) hold the features it built instead of letting it "

@@ -29,7 +29,6 @@ the learning-rate schedule and DVCLive set-up.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -58,12 +57,8 @@ TEACHER_FORMAT = "landseg-teacher"
 CHECKPOINT_VERSION = 1
 USAGE_THRESHOLD = 0.02  # a cluster "holds" pixels when it has at least 2 % of them
 # Self-distillation targets are the target network's assignments squared and renormalised
-# (temperature halved), as the Sinkhorn codes of the swapped term are sharpened.
+# (temperature halved), so the online network is pulled towards sharper assignments.
 SELF_DISTILL_SHARPEN = 2.0
-# along_structure offsets: below this structure-tensor coherence a cell has no clear orientation
-# (flat ground, isotropic texture), so its positive stays the same cell
-STRUCTURE_MIN_COHERENCE = 0.5
-MASK_RATIO = 0.3  # share of a patch's mask blocks blanked for masked-context prediction
 
 
 class TrainingError(RuntimeError):
@@ -103,22 +98,6 @@ def contrastive_weight_at(step: int, weight: float, decay_steps: int) -> float:
         return weight
     t = min(step / decay_steps, 1.0)
     return weight * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-@contextlib.contextmanager
-def running_stats_frozen(model: torch.nn.Module):
-    """Batch norm layers normalise by the batch as usual but leave their running statistics alone
-    (momentum 0), so an auxiliary forward pass on altered inputs (blanked blocks) does not shift
-    what the network is evaluated and exported with."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
 
 
 def read_summary(dataset_root: Path) -> dict:
@@ -514,41 +493,17 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     # back to the source grid, then to the coarsest view's grid (2 x 2 mean of finer cells)
     side = min(p.shape[-1] for p in probs_v)
     aligned = [pool_to(invert_each(p, v.transforms), side) for p, v in zip(probs_v, views)]
-    embeddings_view0 = emb_v[0]
     if projector is not None:
         emb_v = [projector(e) for e in emb_v]
     emb_aligned = [invert_each(e, v.transforms) for e, v in zip(emb_v, views)]
     emb_aligned = [e if e.shape[-1] == side else F.normalize(pool_to(e, side), dim=1, eps=1e-12)
                    for e in emb_aligned]
-    if loss_params.contrastive_sampling == "balanced":
-        clusters = aligned[0].detach().argmax(dim=1).reshape(b, -1)
-        idx = losses.balanced_positions(clusters, loss_params.contrastive_samples, generator)
-    else:
-        idx = losses.sample_positions(b, side * side, loss_params.contrastive_samples, generator)
-    if loss_params.contrastive_offset_direction == "along_structure":
-        directions, coherence = losses.structure_directions(invert_each(views[0].guide, views[0].transforms),
-                                                            side)
-        idx_b = losses.structure_offset_positions(idx, side, loss_params.contrastive_offset, directions,
-                                                  coherence, STRUCTURE_MIN_COHERENCE, generator)
-    else:
-        idx_b = losses.offset_positions(idx, side, loss_params.contrastive_offset, generator)
+    idx = losses.sample_positions(b, side * side, loss_params.contrastive_samples, generator)
     terms = {
         "contrastive": losses.dense_contrastive(emb_aligned[0], emb_aligned[1], idx,
-                                                loss_params.contrastive_temperature,
-                                                loss_params.contrastive_negatives == "all", idx_b,
-                                                loss_params.contrastive_max_negative_cos),
-        "swapped": losses.swapped_prediction(aligned[0], aligned[1]),
+                                                loss_params.contrastive_temperature),
         "consistency": losses.consistency(aligned[0], aligned[1]),
     }
-    if loss_params.masked_prediction > 0:
-        cells = embeddings_view0.shape[-1]
-        mask = losses.block_mask(b, cells, loss_params.mask_block, MASK_RATIO, generator)
-        pixels = mask.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, :views[0].input.shape[-2],
-                                                                      :views[0].input.shape[-1]]
-        blanked = views[0].input.masked_fill(pixels[:, None].to(views[0].input.device), 0.0)  # 0 = mean colour
-        with running_stats_frozen(model):
-            predicted = model(blanked)["embeddings"]
-        terms["masked_prediction"] = losses.masked_prediction(predicted, embeddings_view0.detach(), mask)
     if target is not None:
         was_training = target.training
         target.eval()
@@ -595,12 +550,6 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     """
     from stages.datasets import RandomWindowBatches
 
-    if loss_params.contrastive_offset_direction == "along_structure" and loss_params.contrastive_offset < 1:
-        raise TrainingError("loss.contrastive_offset_direction: along_structure needs loss.contrastive_offset "
-                            f">= 1 (how far to move along the structure), got {loss_params.contrastive_offset}")
-    if loss_params.masked_prediction > 0 and loss_params.mask_block > train_params.patch_size // 4:
-        raise TrainingError(f"loss.mask_block={loss_params.mask_block} cells does not fit a patch of "
-                            f"train.patch_size={train_params.patch_size} px ({train_params.patch_size // 4} cells)")
     if train_params.patch_size % 4:
         raise TrainingError(f"train.patch_size must be a multiple of 4 (the network stride), got "
                             f"{train_params.patch_size}")
