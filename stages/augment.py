@@ -12,12 +12,6 @@ the top, as in a north-up GeoTIFF window); all transforms act on the last two ax
 patch. On the stride-4 output grid the same transform is exact when the patch side is a multiple of
 4 (cell i covers pixels 4i..4i+3, and a flip or rotation maps that block onto another whole block).
 
-Resolution: with probability `aug.half_res_prob` per step the second view is made from the patch
-at half resolution (each output pixel the mean of a 2 x 2 block, i.e. twice the ground sample
-distance), so its stride-4 maps have half the side of the first view's; `View.scale` (1 or 2)
-says which, and the first view's maps are mean-pooled 2 x 2 before the two are compared
-(`pool_to`). Patch sides must then be multiples of 8.
-
 Randomness: every draw comes from a generator seeded by (aug.seed, step), so a training step sees
 new transforms and jitter every time, the stream is reproducible, and a resumed run replays exactly
 the draws an uninterrupted run would have made.
@@ -138,27 +132,12 @@ class View:
     input: normalised network input (B, 3, S, S), transformed and jittered;
     guide: jittered RGB in [0, 1] before noise (B, 3, S, S), transformed like `input`: the image
            whose gradients weight the edge-aware smoothness;
-    transforms: the geometric transform of each sample (invert to return to the source grid);
-    scale: ground sample distance relative to the source patch (1, or 2 for a half-resolution view).
+    transforms: the geometric transform of each sample (invert to return to the source grid).
     """
 
     input: torch.Tensor
     guide: torch.Tensor
     transforms: list[GeometricTransform]
-    scale: int = 1
-
-
-def pool_to(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Mean-pool maps (B, C, S, S) to (B, C, size, size); S must be a multiple of `size`.
-
-    Cell (i, j) of a half-resolution view's stride-4 map covers source pixels 8i..8i+7, 8j..8j+7,
-    exactly the 2 x 2 cells (2i..2i+1, 2j..2j+1) of a full-resolution view's map: pooling those
-    compares the same ground. Dihedral transforms commute with this pooling.
-    """
-    factor = x.shape[-1] // size
-    if factor * size != x.shape[-1]:
-        raise ValueError(f"cannot pool a map of side {x.shape[-1]} to side {size}")
-    return x if factor == 1 else torch.nn.functional.avg_pool2d(x, factor)
 
 
 def make_views(batch_uint8: np.ndarray, step: int, aug, num_views: int = 2) -> list[View]:
@@ -172,20 +151,14 @@ def make_views(batch_uint8: np.ndarray, step: int, aug, num_views: int = 2) -> l
         raise ValueError(f"patches must be square with a side divisible by 4, got {batch_uint8.shape[1:3]}")
     rgb01 = to_rgb01(batch_uint8)
     rng = step_generator(aug.seed, step)
-    # drawn only when enabled, so the stream of every other draw is unchanged when it is off
-    half_res = aug.half_res_prob > 0 and num_views > 1 and bool(rng.random() < aug.half_res_prob)
-    if half_res and size % 8:
-        raise ValueError(f"half-resolution views need a patch side divisible by 8, got {size}")
     views = []
-    for i in range(num_views):
-        scale = 2 if half_res and i == num_views - 1 else 1
-        src = torch.nn.functional.avg_pool2d(rgb01, 2) if scale == 2 else rgb01
+    for _ in range(num_views):
         transforms = draw_transforms(rng, len(rgb01), aug.rotate90, aug.flip)
-        guide = photometric_jitter(apply_each(src, transforms), rng, aug.brightness, aug.contrast,
+        guide = photometric_jitter(apply_each(rgb01, transforms), rng, aug.brightness, aug.contrast,
                                    aug.saturation, aug.channel_gain, aug.gamma)
         x = normalise01(guide)
         if aug.noise_std > 0:
             noise = rng.standard_normal(x.shape, dtype=np.float32) * np.float32(aug.noise_std)
             x = x + torch.from_numpy(noise)
-        views.append(View(x, guide, transforms, scale))
+        views.append(View(x, guide, transforms))
     return views

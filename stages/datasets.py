@@ -204,14 +204,10 @@ class RandomWindowBatches:
     rasters without a mask count as fully valid). Sources smaller than S are skipped for that size; a size
     no source can provide is an error at construction. `in_memory=True` loads every source once
     (tiles); `False` reads each window from disk (whole rasters: memory independent of size).
-
-    `coarse_prob`: probability per batch (seeded like the rest) that every window is read at 2S x 2S
-    and 2 x 2 mean-pooled to S x S: the same pixel count at twice the ground sample distance, so a
-    network trained on it meets more than one resolution. 0 draws nothing extra (same stream).
     """
 
     def __init__(self, sources: Sequence[Path], patch_sizes: Sequence[int], batch_size: int, seed: int,
-                 sampling: str = "cycle", in_memory: bool = True, coarse_prob: float = 0.0):
+                 sampling: str = "cycle", in_memory: bool = True):
         if not sources:
             raise DatasetError("RandomWindowBatches: no sources (is the split empty?)")
         if not patch_sizes or min(patch_sizes) < 1:
@@ -220,9 +216,6 @@ class RandomWindowBatches:
             raise DatasetError(f"RandomWindowBatches: sampling must be 'cycle' or 'uniform', got {sampling!r}")
         if batch_size < 1:
             raise DatasetError(f"RandomWindowBatches: batch_size must be >= 1, got {batch_size}")
-        if not 0.0 <= coarse_prob <= 1.0:
-            raise DatasetError(f"RandomWindowBatches: coarse_prob must lie in [0, 1], got {coarse_prob}")
-        self.coarse_prob = float(coarse_prob)
         self.sources = [Path(s) for s in sources]
         self.patch_sizes = [int(s) for s in patch_sizes]
         self.batch_size, self.seed, self.sampling, self.in_memory = batch_size, seed, sampling, in_memory
@@ -239,12 +232,10 @@ class RandomWindowBatches:
         self.boxes = np.array(boxes, dtype=np.int64).reshape(-1, 4)
         area = (self.boxes[:, 2] * self.boxes[:, 3]).astype(np.float64)
         self._weights = {}
-        read_sizes = set(self.patch_sizes) | ({2 * s for s in self.patch_sizes} if coarse_prob > 0 else set())
-        for s in read_sizes:
+        for s in set(self.patch_sizes):
             ok = (self.boxes[:, 2] >= s) & (self.boxes[:, 3] >= s)
             if not ok.any():
-                why = " (coarse batches read twice the patch size)" if s not in self.patch_sizes else ""
-                raise DatasetError(f"RandomWindowBatches: no source has a valid {s}x{s} window{why} "
+                raise DatasetError(f"RandomWindowBatches: no source has a valid {s}x{s} window "
                                    f"(largest valid extent {int(self.boxes[:, 2:].min(axis=1).max())} px)")
             w = np.where(ok, area, 0.0)
             self._weights[s] = w / w.sum()
@@ -257,22 +248,17 @@ class RandomWindowBatches:
     def batch(self, step: int) -> tuple[np.ndarray, int]:
         rng = np.random.default_rng([self.seed, step])
         size = self.patch_size(step, rng)
-        coarse = self.coarse_prob > 0 and bool(rng.random() < self.coarse_prob)
-        read_size = 2 * size if coarse else size
-        picks = rng.choice(len(self.sources), size=self.batch_size, p=self._weights[read_size])
-        out = np.empty((self.batch_size, read_size, read_size, 3), dtype=np.uint8)
+        picks = rng.choice(len(self.sources), size=self.batch_size, p=self._weights[size])
+        out = np.empty((self.batch_size, size, size, 3), dtype=np.uint8)
         for b, i in enumerate(picks):
             r0, c0, h, w = self.boxes[i]
-            row = r0 + int(rng.integers(h - read_size + 1))
-            col = c0 + int(rng.integers(w - read_size + 1))
+            row = r0 + int(rng.integers(h - size + 1))
+            col = c0 + int(rng.integers(w - size + 1))
             if self.in_memory:
-                out[b] = self.arrays[i][row:row + read_size, col:col + read_size]
+                out[b] = self.arrays[i][row:row + size, col:col + size]
             else:
                 with open_raster(self.sources[i], what="image") as src:
-                    out[b] = read(src, [1, 2, 3], Window(col, row, read_size, read_size)).transpose(1, 2, 0)
-        if coarse:  # 2 x 2 means, rounded: the window at half resolution
-            pooled = out.reshape(self.batch_size, size, 2, size, 2, 3).astype(np.float32).mean(axis=(2, 4))
-            out = np.rint(pooled).astype(np.uint8)
+                    out[b] = read(src, [1, 2, 3], Window(col, row, size, size)).transpose(1, 2, 0)
         return out, size
 
     def iter_from(self, start_step: int = 0) -> Iterator[tuple[np.ndarray, int]]:

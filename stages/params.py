@@ -205,12 +205,6 @@ class AugParams:
     noise_std: float = knob(0.02, "Gaussian noise std on normalised RGB.", lo=0.0, hi=1.0)
     channel_gain: float = knob(0.1, "Max relative per-channel gain change (white balance; RGB only).", lo=0.0, hi=1.0)
     gamma: float = knob(0.15, "Max |log gamma| of a random gamma curve (RGB only).", lo=0.0, hi=2.0)
-    coarse_prob: float = knob(0.0, "Probability per step that the teacher's batch is read at twice the patch "
-                              "size and 2x2-mean-pooled (half-resolution content; both views).", lo=0.0, hi=1.0)
-    half_res_prob: float = knob(0.0, "Probability per step that the second view is the patch at half "
-                                "resolution (2 x 2 pixel means), compared with the first view's outputs "
-                                "pooled 2 x 2: clusters must agree across ground resolutions. Needs "
-                                "train.patch_size to be a multiple of 8.", lo=0.0, hi=1.0)
 
 
 @dataclass
@@ -295,8 +289,6 @@ class StudentParams:
 class DataParams:
     patch_sizes: list[int] = knob([64, 96, 128], "Patch sizes in pixels used by distillation.", lo=16, hi=4096)
     patch_size_sampling: str = knob("cycle", "How a step's patch size is chosen.", choices=("cycle", "uniform"))
-    coarse_prob: float = knob(0.0, "Probability per step that the student's batch is read at twice the patch "
-                              "size and 2x2-mean-pooled (half-resolution content).", lo=0.0, hi=1.0)
 
 
 @dataclass

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from stages import losses
-from stages.augment import invert_each, make_views, pool_to
+from stages.augment import invert_each, make_views
 from stages.metrics import confusion, hungarian_scores
 from stages.model import MonolithicSegmenter, ProjectionHead, normalise_rgb, smooth_probs, upsample_to
 from stages.params import ModelParams, ParamsError, load_params
@@ -482,22 +482,15 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     in the total (the scheduled weight, `contrastive_weight_at`).
     """
     b = views[0].input.shape[0]
-    if len({v.input.shape for v in views}) == 1:
-        out = model(torch.cat([v.input for v in views]))
-        probs_v, emb_v = out["probs"].split(b), out["embeddings"].split(b)
-        probs = out["probs"]
-    else:  # a half-resolution view: the views differ in size, one forward each, shared prototypes
-        outs = [model(v.input) for v in views]
-        probs_v, emb_v = [o["probs"] for o in outs], [o["embeddings"] for o in outs]
-        probs = None
-    # back to the source grid, then to the coarsest view's grid (2 x 2 mean of finer cells)
-    side = min(p.shape[-1] for p in probs_v)
-    aligned = [pool_to(invert_each(p, v.transforms), side) for p, v in zip(probs_v, views)]
+    out = model(torch.cat([v.input for v in views]))  # one forward: the views share batch statistics
+    probs = out["probs"]
+    probs_v, emb_v = probs.split(b), out["embeddings"].split(b)
+    side = probs.shape[-1]
+    # back to the source grid, so that both views are compared at the same ground cells
+    aligned = [invert_each(p, v.transforms) for p, v in zip(probs_v, views)]
     if projector is not None:
         emb_v = [projector(e) for e in emb_v]
     emb_aligned = [invert_each(e, v.transforms) for e, v in zip(emb_v, views)]
-    emb_aligned = [e if e.shape[-1] == side else F.normalize(pool_to(e, side), dim=1, eps=1e-12)
-                   for e in emb_aligned]
     idx = losses.sample_positions(b, side * side, loss_params.contrastive_samples, generator)
     terms = {
         "contrastive": losses.dense_contrastive(emb_aligned[0], emb_aligned[1], idx,
@@ -510,23 +503,18 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
         with torch.no_grad():
             t_v = [target(v.input)["probs"] for v in views]
         target.train(was_training)
-        t_aligned = [pool_to(invert_each(t, v.transforms), side) for t, v in zip(t_v, views)]
+        t_aligned = [invert_each(t, v.transforms) for t, v in zip(t_v, views)]
         terms["self_distill"] = losses.self_distillation(aligned[0], aligned[1], *t_aligned,
                                                          sharpen=SELF_DISTILL_SHARPEN)
-    if probs is not None:  # views of one size: the terms over the whole two-view batch
-        terms["entropy"] = losses.pixel_entropy(probs)
-        terms["marginal_entropy"] = losses.marginal_entropy(probs)
-        terms["smoothness"] = losses.edge_aware_tv(probs, torch.cat([v.guide for v in views]), loss_params.edge_sigma)
-    else:  # each view on its own grid against its own image edges; cluster use over both views
-        terms["entropy"] = sum(losses.pixel_entropy(p) for p in probs_v) / len(views)
-        terms["marginal_entropy"] = losses.marginal_entropy(torch.cat([pool_to(p, side) for p in probs_v]))
-        terms["smoothness"] = sum(losses.edge_aware_tv(p, v.guide, loss_params.edge_sigma)
-                                  for p, v in zip(probs_v, views)) / len(views)
+    # over the whole two-view batch
+    terms["entropy"] = losses.pixel_entropy(probs)
+    terms["marginal_entropy"] = losses.marginal_entropy(probs)
+    terms["smoothness"] = losses.edge_aware_tv(probs, torch.cat([v.guide for v in views]), loss_params.edge_sigma)
     weights = {name: getattr(loss_params, name) for name in terms}
     if contrastive_weight is not None:
         weights["contrastive"] = contrastive_weight
     terms["total"] = sum(weights[name] * value for name, value in terms.items())
-    terms["_probs"] = probs if probs is not None else probs_v[0]
+    terms["_probs"] = probs
     return terms
 
 
@@ -568,7 +556,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
                                train_params.seed + 1)
         sources = sources[:-n_held]
     batches = RandomWindowBatches(sources, [train_params.patch_size], train_params.batch_size,
-                                  train_params.seed, "cycle", True, coarse_prob=aug.coarse_prob)
+                                  train_params.seed, "cycle", True)
 
     config = teacher_config(model_params)
     model = build_teacher(config).to(device)

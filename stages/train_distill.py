@@ -171,7 +171,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
         heldout = HeldOutBatch(sources[-n_held:], min(data.patch_sizes), distill.batch_size, distill.seed + 1)
         sources = sources[:-n_held]
     batches = RandomWindowBatches(sources, data.patch_sizes, distill.batch_size, distill.seed,
-                                  data.patch_size_sampling, True, coarse_prob=data.coarse_prob)
+                                  data.patch_size_sampling, True)
 
     torch.manual_seed(distill.seed)
     distiller = Distiller(student_from_params(student), teacher.encoder.embed_dim).to(device)

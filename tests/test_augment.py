@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stages.augment import (GeometricTransform, apply_each, draw_transforms, invert_each, make_views,
-                            pool_to, step_generator)
+                            step_generator)
 from stages.params import AugParams
 
 ALL = [GeometricTransform(r, f) for r in range(4) for f in (False, True)]
@@ -77,35 +77,3 @@ def test_photometric_jitter_on_rgb_only_changes_values_not_geometry():
 def test_rejects_patches_not_divisible_by_stride():
     with pytest.raises(ValueError, match="divisible by 4"):
         make_views(_batch(s=18), step=0, aug=AugParams())
-
-
-def test_half_resolution_view_maps_to_the_same_ground_after_pooling():
-    """The second view is the 2 x 2-mean patch; inverted, it equals the source pooled 2 x 2, and a
-    full-resolution map pooled with `pool_to` lands on the same grid."""
-    aug = AugParams(brightness=0.0, contrast=0.0, saturation=0.0, noise_std=0.0, channel_gain=0.0, gamma=0.0,
-                    half_res_prob=1.0)
-    batch = _batch(s=32)
-    src = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
-    full, half = make_views(batch, step=0, aug=aug)
-    assert (full.scale, half.scale) == (1, 2)
-    assert full.input.shape[-1] == 32 and half.input.shape[-1] == 16
-    assert torch.allclose(invert_each(full.guide, full.transforms), src, atol=1e-6)
-    expected = torch.nn.functional.avg_pool2d(src, 2)
-    assert torch.allclose(invert_each(half.guide, half.transforms), expected, atol=1e-6)
-    assert torch.allclose(pool_to(invert_each(full.guide, full.transforms), 16), expected, atol=1e-6)
-    # pooling commutes with every dihedral transform (so it may happen before or after inverting)
-    for t in ALL:
-        assert torch.allclose(pool_to(t.apply(src), 16), t.apply(pool_to(src, 16)), atol=1e-6)
-
-
-def test_half_resolution_off_leaves_the_stream_unchanged_and_needs_multiples_of_8():
-    a = make_views(_batch(), step=5, aug=AugParams())
-    b = make_views(_batch(), step=5, aug=AugParams(half_res_prob=0.0))
-    assert all(torch.equal(x.input, y.input) and x.scale == y.scale == 1 for x, y in zip(a, b))
-    share = np.mean([make_views(_batch(s=16), step=i, aug=AugParams(half_res_prob=0.5))[1].scale == 2
-                     for i in range(200)])
-    assert 0.35 < share < 0.65
-    with pytest.raises(ValueError, match="divisible by 8"):
-        make_views(_batch(s=20), step=0, aug=AugParams(half_res_prob=1.0))
-    with pytest.raises(ValueError):
-        pool_to(torch.zeros(1, 1, 10, 10), 4)

@@ -157,33 +157,6 @@ def test_windows_are_crops_of_the_sources_and_sizes_uniform(tmp_path):
     assert sizes == {20, 60}
 
 
-def test_coarse_batches_are_pooled_crops_of_twice_the_size(tmp_path, tiny_dataset):
-    # Pixels encode their coordinates: a coarse window steps 2 source pixels per output pixel and
-    # is the 2 x 2 mean of a real crop (rows r0 + 2i + 0.5 round to even, so compare floors).
-    r, c = np.mgrid[0:80, 0:120]
-    coded = np.stack([r, c, np.full((80, 120), 7)]).astype(np.uint8)
-    src = [write_raster(tmp_path / "a.tif", coded)]
-    always = RandomWindowBatches(src, [16], batch_size=8, seed=0, coarse_prob=1.0)
-    for step in range(5):
-        x, s = always.batch(step)
-        assert s == 16 and x.shape == (8, 16, 16, 3)
-        assert (np.diff(x[..., 0].astype(int), axis=1) == 2).all()
-        assert (np.diff(x[..., 1].astype(int), axis=2) == 2).all() and (x[..., 2] == 7).all()
-    never = RandomWindowBatches(src, [16], batch_size=8, seed=0)
-    assert (np.diff(never.batch(0)[0][..., 0].astype(int), axis=1) == 1).all()
-    # off draws nothing extra: the stream is the one without the option
-    sources = split_sources(tiny_dataset, "train")
-    plain = RandomWindowBatches(sources, [16, 24], batch_size=4, seed=1)
-    off = RandomWindowBatches(sources, [16, 24], batch_size=4, seed=1, coarse_prob=0.0)
-    half = RandomWindowBatches(sources, [16, 24], batch_size=4, seed=1, coarse_prob=0.5)
-    assert all(np.array_equal(plain.batch(t)[0], off.batch(t)[0]) for t in range(4))
-    assert any(not np.array_equal(plain.batch(t)[0], half.batch(t)[0]) for t in range(8))
-    with pytest.raises(DatasetError, match="coarse batches read twice"):
-        RandomWindowBatches(src, [48], batch_size=1, seed=0, coarse_prob=0.5)   # 96 > 80 px
-    with pytest.raises(DatasetError, match="coarse_prob"):
-        RandomWindowBatches(src, [16], batch_size=1, seed=0, coarse_prob=1.5)
-
-
 def test_padded_tiles_never_yield_padding(tmp_path):
     # A tile padded at a raster edge (mask) only serves windows inside its valid part.
     from stages.rasterio_utils import write_geotiff
