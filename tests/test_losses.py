@@ -140,3 +140,47 @@ def test_self_distillation_rewards_agreeing_with_the_sharpened_target():
     assert tt.grad is None and p.grad is not None
     with pytest.raises(ValueError, match="shapes differ"):
         self_distillation(t, t, t[:, :2], t)
+
+
+def test_colour_regions_follow_colour_edges_and_tile_uniform_ground():
+    side = 16
+    # left third red, the rest blue: no region straddles the colour edge
+    guide = torch.zeros(2, 3, 64, 64)
+    guide[:, 0, :, :20] = 1.0
+    guide[:, 2, :, 20:] = 1.0
+    regions = losses.colour_regions(guide, side, 4).reshape(2, side, side)
+    red = torch.zeros(side, side, dtype=torch.bool)
+    red[:, :5] = True  # cells 0..4 cover pixels 0..19
+    for img in regions:
+        assert not (set(img[red].tolist()) & set(img[~red].tolist()))
+    # uniform colour: position alone decides, so the 16 regions are rectangles of about 4 x 4 cells
+    # (the seed grid's blocks, up to ties on their borders)
+    flat = losses.colour_regions(torch.full((1, 3, 64, 64), 0.5), side, 4).reshape(side, side)
+    assert sorted(flat.unique().tolist()) == list(range(16))
+    for rid in range(16):
+        rows, cols = torch.nonzero(flat == rid, as_tuple=True)
+        height, width = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+        assert 3 <= height <= 5 and 3 <= width <= 5 and len(rows) == height * width
+    with pytest.raises(ValueError, match="seeds_per_axis"):
+        losses.colour_regions(guide, side, 17)
+
+
+def test_region_contrastive_scale_and_pooling():
+    import torch.nn.functional as F
+    from stages.losses import region_contrastive
+    g = torch.Generator().manual_seed(0)
+    b, d, side, r = 4, 16, 8, 4
+    regions = (torch.arange(side * side) // (side * side // r)).expand(b, -1)  # 4 horizontal bands
+    per_region = F.normalize(torch.randn(b, r, d, generator=g), dim=2)
+    banded = per_region[:, regions[0]].transpose(1, 2).reshape(b, d, side, side)
+    # matched, distinct regions at a low temperature: near zero; unrelated views: about chance (1)
+    assert region_contrastive(banded, banded, regions, r, 0.02).item() < 0.05
+    other = F.normalize(torch.randn(b, d, side, side, generator=g), dim=1)
+    assert 0.8 < region_contrastive(banded, other, regions, r, 1.0).item() < 1.3
+    # only the region means count: noise that averages out within a region changes nothing
+    noise = torch.randn(b, d, side, side, generator=g)
+    noise = noise - noise.reshape(b, d, r, -1).mean(3, keepdim=True).expand(b, d, r, side * side // r).reshape(b, d, side, side)
+    assert region_contrastive(banded + noise, banded, regions, r, 0.2).item() == \
+        pytest.approx(region_contrastive(banded, banded, regions, r, 0.2).item(), abs=1e-5)
+    with pytest.raises(ValueError, match="two non-empty"):
+        region_contrastive(banded[:1], banded[:1], torch.zeros(1, side * side, dtype=torch.long), r, 0.2)
