@@ -195,6 +195,12 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
     b = gather_positions(e_b, idx).reshape(-1, e_b.shape[1])
     if len(a) < 2:
         raise ValueError("the dense contrastive term needs at least two sampled cells per batch")
+    return _symmetric_info_nce(a, b, temperature)
+
+
+def _symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Rows a (N, D) and b (N, D), unit length: row i of a must pick row i of b among all rows of b
+    and vice versa; mean cross-entropy / log N."""
     logits = a @ b.T / temperature
     target = torch.arange(len(a), device=a.device)
     ce = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
@@ -250,11 +256,7 @@ def region_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, regions: torch.Tens
         means = onehot.transpose(1, 2) @ e.reshape(b, d, -1).transpose(1, 2) / count.clamp_min(1.0)[..., None]
         return F.normalize(means.reshape(-1, d)[present], dim=1, eps=1e-12)
 
-    a, p = pooled(e_a), pooled(e_b)
-    logits = a @ p.T / temperature
-    target = torch.arange(len(a), device=a.device)
-    ce = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    return ce / math.log(len(a))
+    return _symmetric_info_nce(pooled(e_a), pooled(e_b), temperature)
 
 
 def self_distillation(p_a: torch.Tensor, p_b: torch.Tensor, t_a: torch.Tensor, t_b: torch.Tensor,
