@@ -28,13 +28,12 @@ test: setup
 dubai: setup
 	@test -d $(DUBAI)/images -a -d $(DUBAI)/labels || \
 		{ echo "error: $(DUBAI)/images and $(DUBAI)/labels not found (make dubai DUBAI=/path/to/dubai)" >&2; exit 2; }
-	dvc exp run -n dubai-region8 -S ingest.provider=local -S ingest.dataset=dubai \
+	dvc exp run -n dubai-e8s8 -S ingest.provider=local -S ingest.dataset=dubai \
 		-S ingest.local.path=$(DUBAI)/images -S ingest.local.labels=$(DUBAI)/labels \
 		-S "shards.group_regex='t(\d+)_'" -S shards.train_fraction=0.4 \
 		-S +ingest.class_names.1=building -S +ingest.class_names.2=land -S +ingest.class_names.3=road \
 		-S +ingest.class_names.4=vegetation -S +ingest.class_names.5=water \
-		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8 \
-		-S loss.contrastive=0 -S loss.region_contrastive=1
+		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8
 
 bench: setup
 	python benchmarks/build_shards_bench.py

@@ -13,7 +13,6 @@ teacher (stride-4 assignment maps p of shape (B, k, h, w), rows summing to one)
   exp(-|image difference| / sigma) so that label changes are cheap across image edges;
 - `dense_contrastive`: InfoNCE on embeddings, a cell of one view must pick the same ground cell
   of the other view among the batch's sampled cells;
-- `region_contrastive`: the same between mean embeddings of colour regions (`colour_regions`);
 - `self_distillation`: each view's assignments predict the other view's under a slowly moving
   copy of the network (off by default).
 
@@ -195,68 +194,10 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
     b = gather_positions(e_b, idx).reshape(-1, e_b.shape[1])
     if len(a) < 2:
         raise ValueError("the dense contrastive term needs at least two sampled cells per batch")
-    return _symmetric_info_nce(a, b, temperature)
-
-
-def _symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Rows a (N, D) and b (N, D), unit length: row i of a must pick row i of b among all rows of b
-    and vice versa; mean cross-entropy / log N."""
     logits = a @ b.T / temperature
     target = torch.arange(len(a), device=a.device)
     ce = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
     return ce / math.log(len(a))
-
-
-@torch.no_grad()
-def colour_regions(guide: torch.Tensor, side: int, seeds_per_axis: int, iters: int = 5) -> torch.Tensor:
-    """Colour regions of each image on its stride-4 cell grid, SLIC-like: k-means of the cells on
-    (mean RGB in [0, 1], row / side, col / side), seeded on a regular seeds_per_axis^2 grid.
-
-    guide: RGB in [0, 1], (B, 3, S, S) with S a multiple of `side` (the cell grid's side). Returns
-    (B, side * side) int64 region ids in [0, seeds_per_axis ** 2), row-major flat cells as
-    `sample_positions`. Colour and position weigh alike, so a region is about S / seeds_per_axis
-    px across where colour is uniform and follows colour edges where it is not; ids of a seed
-    whose region emptied are simply unused.
-    """
-    if not 1 <= seeds_per_axis <= side:
-        raise ValueError(f"seeds_per_axis must lie in [1, {side}] for a grid of side {side}, got {seeds_per_axis}")
-    b = guide.shape[0]
-    colour = F.adaptive_avg_pool2d(guide, side).reshape(b, 3, -1).transpose(1, 2)  # (B, cells, 3)
-    rows = torch.arange(side, device=guide.device).repeat_interleave(side).float() / side
-    cols = torch.arange(side, device=guide.device).repeat(side).float() / side
-    cells = torch.cat([colour, torch.stack([rows, cols], 1).expand(b, -1, -1)], 2)  # (B, cells, 5)
-    seed_at = ((torch.arange(seeds_per_axis, device=guide.device) + 0.5) * side / seeds_per_axis).long()
-    centres = cells[:, (seed_at[:, None] * side + seed_at[None, :]).reshape(-1)]
-    for _ in range(iters):
-        onehot = F.one_hot(torch.cdist(cells, centres).argmin(2), centres.shape[1]).float()
-        count = onehot.sum(1)[..., None]
-        centres = torch.where(count > 0, onehot.transpose(1, 2) @ cells / count.clamp_min(1.0), centres)
-    return torch.cdist(cells, centres).argmin(2)
-
-
-def region_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, regions: torch.Tensor, num_regions: int,
-                       temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE between the mean embeddings of the same regions in two aligned views,
-    divided by log(#regions): DetCon's objective with colour regions for masks.
-
-    e_a, e_b: unit embeddings (B, D, h, w) on the same ground grid; regions (B, h * w) ids in
-    [0, num_regions) (`colour_regions`). Each non-empty region of view a must pick the same region
-    of view b among every non-empty region of the batch (and vice versa): 0 for matched, distinct
-    regions, about 1 for chance. Cells of one region share a single sample, so unlike
-    `dense_contrastive` they are never negatives of each other.
-    """
-    b, d = e_a.shape[:2]
-    onehot = F.one_hot(regions.to(e_a.device), num_regions).to(e_a.dtype)  # (B, cells, R)
-    count = onehot.sum(1)  # (B, R)
-    present = (count > 0).reshape(-1)
-    if int(present.sum()) < 2:
-        raise ValueError("region_contrastive needs at least two non-empty regions per batch")
-
-    def pooled(e: torch.Tensor) -> torch.Tensor:
-        means = onehot.transpose(1, 2) @ e.reshape(b, d, -1).transpose(1, 2) / count.clamp_min(1.0)[..., None]
-        return F.normalize(means.reshape(-1, d)[present], dim=1, eps=1e-12)
-
-    return _symmetric_info_nce(pooled(e_a), pooled(e_b), temperature)
 
 
 def self_distillation(p_a: torch.Tensor, p_b: torch.Tensor, t_a: torch.Tensor, t_b: torch.Tensor,

@@ -240,14 +240,6 @@ class LossParams:
         0, "Width of a training-only projection head (1x1 conv, ReLU, 1x1 conv, unit length) that the dense "
         "contrastive term sees instead of the embedding (SimCLR's head: the invariances the term asks for "
         "are absorbed by the head, not forced on the clustered embedding); 0 = no head.", lo=0, hi=4096)
-    region_contrastive: float = knob(
-        0.0, "Weight of region-level contrast (DetCon-style): each patch is cut into colour regions of about "
-        "region_size px (SLIC-like k-means of the stride-4 cells on mean colour and position); a region's "
-        "mean embedding in one view must pick its counterpart in the other view among the batch's regions, "
-        "so cells of one region are never pushed apart. 0 = off.", lo=0.0, hi=100.0)
-    region_size: int = knob(8, "Side in pixels of the grid that seeds the colour regions of region_contrastive "
-                            "(a multiple of 4 dividing train.patch_size; 8 = regions of about 2 x 2 cells).",
-                            lo=4, hi=4096)
     contrastive_decay_steps: int = knob(
         0, "Teacher steps over which the contrastive weight falls to 0 on a half-cosine and stays there, so "
         "the other terms (self-distillation where on) hold the features it built instead of letting it "

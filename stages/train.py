@@ -497,11 +497,6 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
                                                 loss_params.contrastive_temperature),
         "consistency": losses.consistency(aligned[0], aligned[1]),
     }
-    if loss_params.region_contrastive > 0:
-        per_axis = 4 * side // loss_params.region_size
-        regions = losses.colour_regions(invert_each(views[0].guide, views[0].transforms), side, per_axis)
-        terms["region_contrastive"] = losses.region_contrastive(emb_aligned[0], emb_aligned[1], regions,
-                                                                per_axis ** 2, loss_params.contrastive_temperature)
     if target is not None:
         was_training = target.training
         target.eval()
@@ -546,10 +541,6 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     if train_params.patch_size % 4:
         raise TrainingError(f"train.patch_size must be a multiple of 4 (the network stride), got "
                             f"{train_params.patch_size}")
-    if loss_params.region_contrastive > 0 and (loss_params.region_size % 4
-                                               or train_params.patch_size % loss_params.region_size):
-        raise TrainingError(f"loss.region_size={loss_params.region_size} px must be a multiple of 4 (the "
-                            f"network stride) dividing train.patch_size={train_params.patch_size}")
     set_threads(train_params.threads)
     device = resolve_device(train_params.device)
     summary = read_summary(dataset_root)

@@ -179,23 +179,6 @@ def test_self_distillation_needs_and_uses_the_weight_ema(tmp_path, tiny_dataset)
     assert any(not torch.equal(v, b[k]) for k, v in a.items() if v.is_floating_point())
 
 
-def test_region_contrastive_trains_is_logged_and_checks_its_size(tmp_path, tiny_dataset):
-    import dataclasses as dc
-
-    aug, model, loss, train = tiny_params(steps=3, val_every=3)
-    run(tmp_path / "base", tiny_dataset, (aug, model, loss, train))
-    run(tmp_path / "region", tiny_dataset, (aug, model, dc.replace(loss, region_contrastive=1.0), train))
-    a = torch.load(tmp_path / "base/teacher/model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "region/teacher/model.pt", weights_only=True)["state_dict"]
-    assert any(not torch.equal(v, b[k]) for k, v in a.items() if v.is_floating_point())
-    rows = (tmp_path / "region/results/plots/metrics/train/region_contrastive.tsv").read_text().splitlines()[1:]
-    assert len(rows) == 3 and all(0.0 < float(r.split("\t")[1]) < 2.0 for r in rows)
-    assert not (tmp_path / "base/results/plots/metrics/train/region_contrastive.tsv").exists()
-    with pytest.raises(TrainingError, match="region_size"):
-        run(tmp_path / "bad", tiny_dataset, (aug, model, dc.replace(loss, region_contrastive=1.0, region_size=12), train))
-    assert not (tmp_path / "bad/teacher").exists()
-
-
 def test_contrastive_projector_changes_training_and_stays_out_of_the_teacher(tmp_path, tiny_dataset):
     """The projection head trains with the teacher (other weights), is resumable (in the
     checkpoint) and never reaches the saved teacher (its keys equal the default run's)."""
