@@ -115,10 +115,7 @@ def plan_resolution(raster_m: float | None, model: Model, pixel_size, src) -> Re
             return ResolutionPlan(raster_m, raster_m, 1.0, f"at the raster's own {raster_m:.3g} m (model "
                                   f"trained at {trained})")
         target = float(train_m)
-    elif isinstance(pixel_size, (int, float, np.integer, np.floating)) and not isinstance(pixel_size, bool):
-        target = float(pixel_size)
-        if not (np.isfinite(target) and target > 0):
-            raise InputError(f"pixel_size must be 'auto', 'native' or a positive number of metres, got {pixel_size!r}")
+    elif (target := _positive_metres(pixel_size)) is not None:
         if raster_m is None:
             raise InputError(f"{src}: pixel_size={target:g} m needs a raster with a CRS that GDAL can relate "
                              f"to WGS 84 (its ground pixel size is unknown); georeference it, declare its "
@@ -517,12 +514,18 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                          plan.working_m, plan.note, values.limits, values.note)
 
 
+def _positive_metres(value) -> float | None:
+    """`value` as float when it is a finite positive number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
 def _raster_m(ds, declared, src) -> float | None:
     """The raster's ground pixel size in metres: from its CRS, else `declared`, else None."""
     if declared is None:
         return ground_pixel_size_m(ds.crs, ds.transform, ds.width, ds.height)
-    if isinstance(declared, bool) or not isinstance(declared, (int, float, np.integer, np.floating)) \
-            or not (math.isfinite(declared) and declared > 0):
+    if _positive_metres(declared) is None:
         raise InputError(f"raster_pixel_size_m must be a positive number of metres, got {declared!r}")
     if ds.crs is not None:
         raise InputError(f"{src}: has a CRS, which gives its pixel size; raster_pixel_size_m is for rasters "

@@ -54,7 +54,7 @@ from runtime.model import labels_from_cell_proba
 from runtime.artifact import build_meta
 from runtime.errors import LandsegError
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
-from stages.datasets import DatasetError, read_index, read_label, read_rgb, stable_subset
+from stages.datasets import DatasetError, TileDataset
 from stages.metrics import (GlobalProtocol, PerTileProtocol, matched_confusion, row_percent_records,
                             scores_from_matched)
 from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, output_size
@@ -156,23 +156,19 @@ def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val",
                    max_tiles: int = 0) -> LabelledTiles:
     """Every tile of `split` with its label, or the fixed subset of `max_tiles` of them
     (`stable_subset`; 0 = all); errors on unlabelled tiles or labels > num_classes."""
-    records = read_index(dataset_root, split)
-    if not records:
-        raise EvaluateError(f"{dataset_root / split}: split {split!r} has no tiles to evaluate on")
-    unlabelled = [r.item_id for r in records if r.target is None]
-    if unlabelled:
-        raise EvaluateError(f"{dataset_root / split}: {len(unlabelled)} of {len(records)} tiles have no "
-                            f"label (e.g. {unlabelled[:3]}); evaluation needs every tile labelled")
-    tiles = LabelledTiles([], [], [], [], split_tiles=len(records))
-    for r in stable_subset(records, max_tiles):
-        rgb, label = read_rgb(r.input), read_label(r.target)
-        if label.shape != rgb.shape[:2]:
-            raise EvaluateError(f"{r.target}: label is {label.shape}, image {r.input} is {rgb.shape[:2]}")
+    try:  # the split's tiles, every one labelled (checked on the whole split), image and label shapes
+        ds = TileDataset(dataset_root, split, require_labels=True, max_tiles=max_tiles)
+    except DatasetError as e:
+        raise EvaluateError(f"{e} (evaluate refuses an empty split and one with no label on some tile)") from None
+    tiles = LabelledTiles([], [], [], [], split_tiles=ds.split_tiles)
+    for i, r in enumerate(ds.records):
+        item = ds[i]
+        label = item["label"]
         if label.size and int(label.max()) > num_classes:
             raise EvaluateError(f"{r.target}: label value {int(label.max())} exceeds num_classes "
                                 f"{num_classes} of {dataset_root / 'summary.json'}")
         tiles.item_ids.append(r.item_id)
-        tiles.images.append(rgb)
+        tiles.images.append(item["image"])
         tiles.labels.append(label)
         tiles.groups.append(r.group)
     if not any((lab > 0).any() for lab in tiles.labels):
