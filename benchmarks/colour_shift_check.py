@@ -1,0 +1,108 @@
+"""Do the model's clusters hold when the images of one run differ in colour (other flights,
+sensors, dates, haze)?
+
+Every tile of `--split` is given the colour shift of its source image: one seeded draw per source
+image, so the tiles of one image agree and the images disagree, as in a mosaic of several flights.
+A shift of strength s applies, per image and on RGB in [0, 1]:
+
+    per-channel gains     exp(u), u ~ U(-0.1 s, 0.1 s)      (white balance)
+    a gamma curve         x ** exp(u), u ~ U(-0.15 s, 0.15 s)
+    haze                  x (1 - h) + 0.8 h, h ~ U(0, 0.1 s)  (a bright, low-contrast veil)
+
+Strength 1 is about the range of the teacher's photometric jitter (`aug.channel_gain` 0.1,
+`aug.gamma` 0.15; haze is not among the training augmentations), strength 2 twice that. The
+model (`model/best` through the numpy runtime) and both k-means baselines are then scored by
+evaluate's own `score_method` under both protocols, one strength after another on the same tiles.
+The global protocol (one set of centres for all images) is the one a shift can hurt; per tile, a
+shift common to the whole tile matters little to any method that refits its centres per tile.
+Prints a table and, last, one JSON line: global mIoU per method and strength and, per strength,
+model / kmeans_features.
+
+    python benchmarks/colour_shift_check.py --shards data/shards/dubai --model model/best \\
+        [--split metrics_train] [--strengths 0 1 2] [--every 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features  # noqa: E402
+from stages.datasets import TileDataset  # noqa: E402
+from stages.evaluate import (LabelledTiles, RuntimeSegmenter, load_model_dir, read_summary,  # noqa: E402
+                             score_method)
+from stages.params import EvaluateParams  # noqa: E402
+
+
+def shift_for(source: str, strength: float, seed: int) -> tuple[np.ndarray, float, float]:
+    """(per-channel gains, gamma, haze) of one source image, a pure function of its name."""
+    digest = hashlib.sha256(f"{seed}/{source}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    gains = np.exp(rng.uniform(-0.1 * strength, 0.1 * strength, 3))
+    gamma = float(np.exp(rng.uniform(-0.15 * strength, 0.15 * strength)))
+    haze = float(rng.uniform(0.0, 0.1 * strength))
+    return gains, gamma, haze
+
+
+def apply_shift(rgb: np.ndarray, gains: np.ndarray, gamma: float, haze: float) -> np.ndarray:
+    x = (rgb.astype(np.float64) / 255.0) * gains
+    x = np.clip(x, 0.0, 1.0) ** gamma
+    x = x * (1.0 - haze) + 0.8 * haze
+    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", type=Path, required=True, help="data/shards/<dataset>")
+    ap.add_argument("--model", type=Path, required=True, help="artifact directory (model/best)")
+    ap.add_argument("--split", default="metrics_train")
+    ap.add_argument("--strengths", type=float, nargs="+", default=[0.0, 1.0, 2.0])
+    ap.add_argument("--every", type=int, default=1, help="use every n-th tile (default: all)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shifts (default: %(default)s)")
+    args = ap.parse_args()
+
+    summary = read_summary(args.shards)
+    num_classes = int(summary["num_classes"])
+    ds = TileDataset(args.shards, args.split, require_labels=True)
+    picked = list(range(0, len(ds), args.every))
+    tiles = [ds[i] for i in picked]
+    sources = [ds.records[i].source_item for i in picked]
+    groups = [ds.records[i].group for i in picked]
+    p = EvaluateParams()  # evaluate's defaults: samples, restarts, iterations, seed
+    methods = {
+        "model": RuntimeSegmenter(load_model_dir(args.model), p.kmeans_restarts),
+        "kmeans_rgb": KMeansBaseline(rgb_features, p.kmeans_iters, p.kmeans_restarts),
+        "kmeans_features": KMeansBaseline(handcrafted_features, p.kmeans_iters, p.kmeans_restarts),
+    }
+    t0 = time.perf_counter()
+    result: dict = {"split": args.split, "tiles": len(tiles), "sources": len(set(sources))}
+    print(f"{'strength':>8} {'method':<16} {'global mIoU':>11} {'tile mIoU':>10}")
+    for s in args.strengths:
+        shifted = LabelledTiles([t["item_id"] for t in tiles],
+                                [apply_shift(t["image"], *shift_for(src, s, args.seed))
+                                 for t, src in zip(tiles, sources)],
+                                [t["label"] for t in tiles], groups, split_tiles=len(tiles))
+        for name, method in methods.items():
+            glob, per_tile, _, _ = score_method(method, shifted, num_classes, num_classes, p.seed,
+                                                p.samples_per_tile, p.global_samples, name, 0)
+            g, t = glob.result()["miou"], per_tile.result()["miou"]
+            result[f"{name}@{s:g}"] = round(g, 4)
+            print(f"{s:>8g} {name:<16} {g:>11.4f} {t:>10.4f}", flush=True)
+        result[f"model_over_kmeans_features@{s:g}"] = round(result[f"model@{s:g}"]
+                                                            / result[f"kmeans_features@{s:g}"], 3)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
