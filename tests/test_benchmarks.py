@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -24,3 +25,30 @@ def test_benchmark_runs_at_toy_size(script, args):  # from the repository root, 
     last = proc.stdout.strip().splitlines()[-1]
     if script != "build_shards_bench.py":  # the others end with a JSON summary line
         assert isinstance(json.loads(last), dict)
+
+
+def test_colour_shift_check_runs_on_a_labelled_split(tiny_dataset, tmp_path):
+    """The by-hand colour-shift check: one JSON line per run, a score per method and strength."""
+    from runtime_fixtures import random_encoder, write_encoder_artifact
+
+    model = write_encoder_artifact(tmp_path / "model", random_encoder())
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "colour_shift_check.py"),
+                           "--shards", str(tiny_dataset), "--model", str(model), "--strengths", "0", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for s in ("0", "2"):
+        assert {f"model@{s}", f"kmeans_rgb@{s}", f"kmeans_features@{s}"} <= set(result)
+        assert 0.0 <= result[f"model@{s}"] <= 1.0
+
+
+def test_colour_shift_is_one_draw_per_source_image_and_none_at_strength_0():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from colour_shift_check import apply_shift, shift_for
+
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(apply_shift(rgb, *shift_for("a", 0.0, 0)), rgb)
+    gains_a, gamma_a, haze_a = shift_for("a", 2.0, 0)
+    assert np.array_equal(shift_for("a", 2.0, 0)[0], gains_a)      # a pure function of the name
+    assert not np.array_equal(shift_for("b", 2.0, 0)[0], gains_a)  # another image, another shift
+    assert not np.array_equal(apply_shift(rgb, gains_a, gamma_a, haze_a), rgb)
