@@ -11,8 +11,10 @@ absolute value is arbitrary; only the ratio matters). Every raster then goes thr
     coarse: the coarse raster at its own grid (pixel_size "native")
     auto  : the coarse raster resampled to the training pixel size (pixel_size "auto", the default)
 
-and is scored per tile (Hungarian matching per tile, matched confusions summed: evaluate's
-per-tile protocol). The last line is JSON with the three mIoUs and auto / coarse.
+and, as an array, the coarse tile through `Model.predict_labels(..., pixel_size_m=gsd * factor)`
+(numpy resampling, centres fitted on the array: `array`). Each is scored per tile (Hungarian
+matching per tile, matched confusions summed: evaluate's per-tile protocol). The last line is
+JSON with the four mIoUs and auto / coarse.
 
     python benchmarks/resolution_check.py --shards data/shards/dubai --model model/best \
         [--split metrics_train] [--factor 2] [--gsd 0.5] [--every 1] [--k 5]
@@ -80,7 +82,7 @@ def main() -> int:
     k = args.k or num_classes
     tiles = load_val_tiles(args.shards, num_classes, args.split)
     picked = range(0, len(tiles.images), args.every)
-    scores = {name: PerTileProtocol(k, num_classes) for name in ("full", "coarse", "auto")}
+    scores = {name: PerTileProtocol(k, num_classes) for name in ("full", "coarse", "auto", "array")}
     notes = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,6 +100,8 @@ def main() -> int:
                                            ("auto", small_src, "auto", small_label)):
                 notes[name] = segment_and_score(src, tmp / f"{name}_out.tif", k, model, scores[name], target,
                                                 pixel_size=how).resolution
+            scores["array"].add(model.predict_labels(small, k, pixel_size_m=args.gsd * f), small_label)
+            notes["array"] = f"Model.predict_labels(pixel_size_m={args.gsd * f:g}) on the coarse array"
     report(scores, notes, ("auto", "coarse"), t0, tiles=len(picked), factor=args.factor, split=args.split)
     return 0
 

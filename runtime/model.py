@@ -11,10 +11,15 @@ Centres: `fit_centres(images, k)` fits one set of k centres for many images (the
 protocol: the same id means the same cluster everywhere); `predict_*(rgb, k)` with centres=None
 fits them on that image alone; `artifact_centres(k)` returns precomputed ones when the artifact
 carries `centres_k<K>`.
+
+Resolution: `predict_*(rgb, k, pixel_size_m=...)` with the array's ground pixel size runs the
+network at the model's training pixel size (`runtime.resolution`) and returns results on the
+array's own grid; without it the array is used as it is.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,7 @@ from . import cluster
 from .artifact import FORMAT_NAME, FORMAT_VERSION, load_artifact, validate
 from .errors import InputError
 from .network import DEFAULT_BAND_BYTES, Network
+from .resolution import positive_metres, plan_resolution, resample_image, to_source_grid
 
 DEFAULT_SAMPLES = 50_000  # embeddings (cells) drawn to fit centres
 _LABEL_BAND_CELLS = 64  # cell rows upsampled at a time when only labels are needed
@@ -165,17 +171,46 @@ class Model:
             centres = self.fit_centres_from_cells([cells], k, seed, samples, iters)
         return cells, self.check_centres(k, centres)
 
+    def working_image(self, rgb: np.ndarray, pixel_size_m=None) -> tuple[np.ndarray, float]:
+        """(the image on the grid the network runs at, its scale) for an image whose pixels are
+        `pixel_size_m` metres on the ground: resampled to the training pixel size when both are
+        known and differ by more than RESAMPLE_TOLERANCE (area average when coarsening, bilinear
+        when refining; `runtime.resolution`), else the image itself and scale 1. None = unknown
+        size: the image as it is."""
+        self._check_rgb(rgb)
+        if pixel_size_m is None:
+            return rgb, 1.0
+        if positive_metres(pixel_size_m) is None:
+            raise InputError(f"pixel_size_m must be a positive number of metres, got {pixel_size_m!r}")
+        if self.training_pixel_size_m is None:
+            warnings.warn(f"pixel_size_m={pixel_size_m:g} ignored: the model does not record its training "
+                          "pixel size, so the image is segmented as it is", stacklevel=3)
+            return rgb, 1.0
+        plan = plan_resolution(float(pixel_size_m), self, "auto", "array")
+        return (rgb, 1.0) if plan.scale == 1.0 else (resample_image(rgb, plan.scale), plan.scale)
+
     def predict_proba(self, rgb: np.ndarray, k: int, centres=None, smooth_iters: int | None = None,
-                      seed: int = 0, samples: int = DEFAULT_SAMPLES, iters: int | None = None) -> np.ndarray:
-        """float32 (k, H, W) cluster probabilities; centres=None fits them on this image alone."""
-        cells, c = self._prepare(rgb, k, centres, seed, samples, iters)
-        return upsample4(self.cell_proba(cells, c, smooth_iters), rgb.shape[0], rgb.shape[1])
+                      seed: int = 0, samples: int = DEFAULT_SAMPLES, iters: int | None = None,
+                      pixel_size_m=None) -> np.ndarray:
+        """float32 (k, H, W) cluster probabilities; centres=None fits them on this image alone.
+
+        pixel_size_m: the ground size of the image's pixels in metres, if known; an image far from
+        the training pixel size is then segmented at it and the result put back on the image's
+        grid (nearest), as `segment_raster` does for rasters (`working_image`)."""
+        work, scale = self.working_image(rgb, pixel_size_m)
+        cells, c = self._prepare(work, k, centres, seed, samples, iters)
+        proba = upsample4(self.cell_proba(cells, c, smooth_iters), work.shape[0], work.shape[1])
+        return proba if scale == 1.0 else to_source_grid(proba, scale, rgb.shape[0], rgb.shape[1])
 
     def predict_labels(self, rgb: np.ndarray, k: int, centres=None, smooth_iters: int | None = None,
-                       seed: int = 0, samples: int = DEFAULT_SAMPLES, iters: int | None = None) -> np.ndarray:
-        """uint8 (H, W) cluster ids 0..k-1 (argmax of predict_proba, computed in row bands)."""
-        cells, c = self._prepare(rgb, k, centres, seed, samples, iters)
-        return labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), rgb.shape[0], rgb.shape[1])
+                       seed: int = 0, samples: int = DEFAULT_SAMPLES, iters: int | None = None,
+                       pixel_size_m=None) -> np.ndarray:
+        """uint8 (H, W) cluster ids 0..k-1 (argmax of predict_proba, computed in row bands);
+        pixel_size_m as in `predict_proba`."""
+        work, scale = self.working_image(rgb, pixel_size_m)
+        cells, c = self._prepare(work, k, centres, seed, samples, iters)
+        labels = labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), work.shape[0], work.shape[1])
+        return labels if scale == 1.0 else to_source_grid(labels, scale, rgb.shape[0], rgb.shape[1])
 
 
 def load_model(path, *, threads: int | None = None) -> Model:

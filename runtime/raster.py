@@ -45,6 +45,7 @@ from .errors import Cancelled, InputError, OutputExistsError, RasterReadError
 from .cluster import DEFAULT_RESTARTS
 from .model import DEFAULT_SAMPLES, Model, labels_from_cell_proba, load_model
 from .rescale import PERCENTILES, STATS_SIZE, check_limits, percentile_limits, to_uint8
+from .resolution import RESAMPLE_TOLERANCE, ResolutionPlan, positive_metres, plan_resolution  # noqa: F401
 
 NODATA = 255  # output value of pixels that are nodata in the input (cluster ids are 0..k-1 <= 15)
 DEFAULT_TILE = 1024
@@ -52,7 +53,6 @@ SAMPLE_GRID = 4  # centres are fitted from SAMPLE_GRID x SAMPLE_GRID sample wind
 SAMPLE_CORE = 256  # pixels: side of each sample window's core (cells used for fitting)
 BLOCK = 256  # output GeoTIFF block size
 WGS84_A, WGS84_E2 = 6378137.0, 6.69437999014e-3  # semi-major axis (m), first eccentricity squared
-RESAMPLE_TOLERANCE = 1.25  # pixel_size="auto" leaves rasters within this factor of the training GSD as they are
 GDAL_CACHE_MB = 16  # bounded GDAL block cache (a few tiles of blocks): memory must not grow with the raster
 # Distinct colours for cluster ids 0..15 (qualitative palette, readable on imagery).
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -77,62 +77,6 @@ class SegmentResult:
     resolution: str = ""
     rescale_limits: np.ndarray | None = None
     rescale: str = ""
-
-
-@dataclass
-class ResolutionPlan:
-    """Where the network runs: at the raster's own grid (`scale` 1) or on a resampled grid whose
-    pixels are `scale` times the raster's (> 1 coarser, < 1 finer). Sizes in metres, None = unknown."""
-
-    raster_m: float | None
-    working_m: float | None
-    scale: float
-    note: str
-
-
-def plan_resolution(raster_m: float | None, model: Model, pixel_size, src) -> ResolutionPlan:
-    """Decide the working ground sample distance for `segment_raster`.
-
-    pixel_size: "auto" resamples to the model's training pixel size when the raster's and the
-    model's are both known and differ by more than RESAMPLE_TOLERANCE (the features are tied to the
-    training scale: on Dubai at half resolution the model lost 0.06 mIoU and resampling back
-    recovered it); "native" never resamples; a number is the working pixel size in metres.
-    raster_m: the raster's `ground_pixel_size_m` (None = unknown).
-    """
-    train_m = model.training_pixel_size_m
-    trained = "unknown" if train_m is None else f"{train_m:.3g} m"
-    if isinstance(pixel_size, str) and pixel_size == "native":
-        return ResolutionPlan(raster_m, raster_m, 1.0, "at the raster's own resolution (pixel_size='native')")
-    if isinstance(pixel_size, str) and pixel_size == "auto":
-        if train_m is None:
-            return ResolutionPlan(raster_m, raster_m, 1.0, "at the raster's own resolution: the model does not "
-                                  "record its training pixel size")
-        if raster_m is None:
-            return ResolutionPlan(None, None, 1.0, f"at the raster's own resolution: its ground pixel size is "
-                                  f"unknown (no CRS, or one GDAL cannot relate to WGS 84); the model was trained at "
-                                  f"{trained}: declare the raster's size (raster_pixel_size_m) or resample it")
-        if 1 / RESAMPLE_TOLERANCE <= raster_m / train_m <= RESAMPLE_TOLERANCE:
-            return ResolutionPlan(raster_m, raster_m, 1.0, f"at the raster's own {raster_m:.3g} m (model "
-                                  f"trained at {trained})")
-        target = float(train_m)
-    elif (target := _positive_metres(pixel_size)) is not None:
-        if raster_m is None:
-            raise InputError(f"{src}: pixel_size={target:g} m needs a raster with a CRS that GDAL can relate "
-                             f"to WGS 84 (its ground pixel size is unknown); georeference it, declare its "
-                             f"size (raster_pixel_size_m) or use pixel_size='native'")
-    else:
-        raise InputError(f"pixel_size must be 'auto', 'native' or a positive number of metres, got {pixel_size!r}")
-    scale = target / raster_m
-    # a factor within a millionth of n or 1/n is taken as exactly that, so the working grid nests in
-    # the raster's (rounding in the pixel sizes must not shift it by a sliver of a pixel)
-    for exact in (float(round(scale)), 1.0 / max(1, round(1.0 / scale))):
-        if exact > 0 and abs(scale / exact - 1.0) < 1e-6:
-            scale = exact
-    if scale == 1.0:
-        return ResolutionPlan(raster_m, raster_m, 1.0, f"at the raster's own {raster_m:.3g} m (model trained "
-                              f"at {trained})")
-    return ResolutionPlan(raster_m, target, scale, f"resampled from {raster_m:.3g} m to {target:.3g} m "
-                          f"(model trained at {trained}); labels written back on the raster's grid")
 
 
 def _check_int(name: str, value, lo: int) -> int:
@@ -514,18 +458,11 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                          plan.working_m, plan.note, values.limits, values.note)
 
 
-def _positive_metres(value) -> float | None:
-    """`value` as float when it is a finite positive number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return None
-    return float(value) if math.isfinite(value) and value > 0 else None
-
-
 def _raster_m(ds, declared, src) -> float | None:
     """The raster's ground pixel size in metres: from its CRS, else `declared`, else None."""
     if declared is None:
         return ground_pixel_size_m(ds.crs, ds.transform, ds.width, ds.height)
-    if _positive_metres(declared) is None:
+    if positive_metres(declared) is None:
         raise InputError(f"raster_pixel_size_m must be a positive number of metres, got {declared!r}")
     if ds.crs is not None:
         raise InputError(f"{src}: has a CRS, which gives its pixel size; raster_pixel_size_m is for rasters "

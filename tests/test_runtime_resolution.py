@@ -13,6 +13,7 @@ from runtime import segment_raster
 from runtime.errors import ArtifactError, Cancelled, InputError
 from runtime.model import load_model
 from runtime.raster import NODATA, ground_pixel_size_m, plan_resolution
+from runtime.resolution import resample_image, to_source_grid
 from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 K = 4
@@ -210,3 +211,66 @@ def test_raster_without_crs_is_resampled_at_its_declared_pixel_size(tmp_path, mo
                  "--raster-pixel-size", "0.3"]) == 0
     assert "resampled from 0.3 m to 0.6 m" in capsys.readouterr().err
     assert not (tmp_path / "x.tif").exists()
+
+
+# -- arrays: Model.predict_labels(..., pixel_size_m=...) ------------------------------------------
+
+
+def test_resample_image_averages_areas_and_interpolates_bilinearly():
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    up2 = np.repeat(np.repeat(rgb, 2, axis=0), 2, axis=1)
+    assert np.array_equal(resample_image(up2, 2.0), rgb)  # the 2 x 2 means of a repeated image
+    assert resample_image(rgb, 3.0).shape == (2, 3, 3)  # ceil(n / scale) per axis
+    # the last working pixel of a 7-px axis at scale 3 covers source pixel 6 alone (the rest is
+    # beyond the edge and left out of the average)
+    assert np.array_equal(resample_image(rgb, 3.0)[0, 2], np.rint(rgb[0:3, 6].astype(float).mean(0)).astype(np.uint8))
+    # area weights at a fractional scale: pixel 1 of scale 1.5 is half of source 1 and all of 2
+    row = np.array([[[0, 0, 0], [30, 30, 30], [90, 90, 90]]], dtype=np.uint8)
+    assert resample_image(row, 1.5)[0, 1, 0] == round((0.5 * 30 + 90) / 1.5)
+    # bilinear when refining: centres of a 2x upsampling sit a quarter pixel from the source's
+    ramp = np.array([[[0] * 3, [100] * 3]], dtype=np.uint8)
+    assert resample_image(ramp, 0.5)[0, :, 0].tolist() == [0, 25, 75, 100]
+    flat = np.full((5, 9, 3), 77, dtype=np.uint8)
+    for scale in (0.5, 1.5, 2.5):
+        assert (resample_image(flat, scale) == 77).all()
+
+
+def test_to_source_grid_takes_the_working_pixel_under_each_centre():
+    work = np.arange(6).reshape(2, 3)
+    assert np.array_equal(to_source_grid(work, 2.0, 4, 6), np.repeat(np.repeat(work, 2, 0), 2, 1))
+    assert to_source_grid(work, 2.0, 3, 5).shape == (3, 5)  # a partial last working pixel
+    fine = np.arange(16).reshape(4, 4)  # a working grid twice as fine: every second pixel, leading dims kept
+    assert np.array_equal(to_source_grid(np.stack([fine, -fine]), 0.5, 2, 2),
+                          np.stack([[[5, 7], [13, 15]], [[-5, -7], [-13, -15]]]))
+
+
+def test_predict_labels_resamples_an_array_of_known_pixel_size(model):
+    rgb = synthetic_rgb(96, 80, seed=3)
+    centres = model.fit_centres([rgb], K)
+    native = model.predict_labels(rgb, K, centres=centres)
+    assert len(np.unique(native)) == K  # the comparisons below are between real segmentations
+    # the same scene at 0.3 m (each pixel repeated 2 x 2): averaged back to 0.6 m, segmented there,
+    # and the labels repeated onto the 0.3 m grid, exactly
+    fine = np.repeat(np.repeat(rgb, 2, axis=0), 2, axis=1)
+    labels = model.predict_labels(fine, K, centres=centres, pixel_size_m=TRAIN_M / 2)
+    assert np.array_equal(labels, np.repeat(np.repeat(native, 2, axis=0), 2, axis=1))
+    proba = model.predict_proba(fine, K, centres=centres, pixel_size_m=TRAIN_M / 2)
+    assert proba.shape == (K, 192, 160) and np.array_equal(proba.argmax(0), labels)
+    assert not np.array_equal(labels, model.predict_labels(fine, K, centres=centres))  # not the native run
+    # within RESAMPLE_TOLERANCE, or of unknown size: the array as it is
+    assert np.array_equal(model.predict_labels(rgb, K, centres=centres, pixel_size_m=0.7), native)
+    assert np.array_equal(model.predict_labels(rgb, K, centres=centres, pixel_size_m=None), native)
+    coarse = model.predict_labels(rgb, K, centres=centres, pixel_size_m=1.2)  # refined 2x, labels back
+    assert coarse.shape == rgb.shape[:2] and coarse.dtype == np.uint8
+    for bad in (0, -0.3, float("inf"), "0.3", True):
+        with pytest.raises(InputError, match="pixel_size_m"):
+            model.predict_labels(rgb, K, centres=centres, pixel_size_m=bad)
+
+
+def test_pixel_size_of_an_array_is_ignored_with_a_warning_without_a_training_size(tmp_path, encoder):
+    unknown = load_model(write_encoder_artifact(tmp_path / "u", encoder, centres={K: np.eye(K, 8, dtype=np.float32)}))
+    rgb = synthetic_rgb(64, 64, seed=1)
+    centres = unknown.fit_centres([rgb], K)
+    with pytest.warns(UserWarning, match="does not record its training pixel size"):
+        labels = unknown.predict_labels(rgb, K, centres=centres, pixel_size_m=0.3)
+    assert np.array_equal(labels, unknown.predict_labels(rgb, K, centres=centres))
