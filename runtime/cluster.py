@@ -12,6 +12,8 @@ nearest chosen centre), so the same samples and seed always give the same centre
   Collapse guard: after every update, a centre that
   receives (almost) no probability mass, or that coincides with another centre, is re-seeded at
   the sample worst explained by the remaining centres, so k stays k distinct clusters.
+- `balanced_rows(emb, micro, seed)`: the rows resampled so that each of `micro` micro-clusters
+  weighs the same (density-balanced fitting: `fit_centres(balanced_rows(emb, 64), k, ...)`).
 - `soft_assign(emb, centres, temperature)`: (N, D) -> (N, k) probabilities.
 - `kmeans(x, k, seed, iters)` / `assign(x, centres)`: Euclidean k-means (Lloyd) for the RGB
   baselines; an empty cluster is re-seeded at the point farthest from its centre.
@@ -128,6 +130,27 @@ def fit_centres(emb: np.ndarray, k: int, temperature: float, iters: int, seed: i
     if iters and _collapsed(x, c, hard):
         return hard.astype(np.float32)
     return c.astype(np.float32)
+
+
+def balanced_rows(emb: np.ndarray, micro: int, seed: int = 0, lloyd_iters: int = LLOYD_ITERS) -> np.ndarray:
+    """Unit rows of `emb` (N, D) resampled so that each of `micro` micro-clusters weighs the same.
+
+    The rows are first split into `micro` clusters by hard spherical k-means (one seeded start);
+    then N rows are drawn with replacement (seeded), each with probability proportional to
+    1 / the size of its micro-cluster. Fitting k << micro centres on the result counts every
+    distinct kind of cell once instead of by its area, so a cover that is rare in the sample (a
+    road in a tile of sand) can still get a centre rather than a second centre going to the
+    dominant one. min(micro, N) micro-clusters when N is smaller."""
+    x = _normalise_rows(_check_samples(emb, 1, "balanced_rows"))
+    if isinstance(micro, bool) or not isinstance(micro, (int, np.integer)) or micro < 1:
+        raise InputError(f"balanced_rows: micro must be an integer >= 1, got {micro!r}")
+    rng = np.random.default_rng(seed)
+    m = min(int(micro), len(x))
+    c = _spherical_lloyd(x, m, rng, lloyd_iters)
+    label = np.concatenate([(x[i:i + _CHUNK] @ c.T).argmax(axis=1) for i in range(0, len(x), _CHUNK)])
+    weight = 1.0 / np.bincount(label, minlength=m)[label]
+    pick = rng.choice(len(x), size=len(x), replace=True, p=weight / weight.sum())
+    return x[np.sort(pick)]
 
 
 def _spherical_lloyd(x: np.ndarray, k: int, rng: np.random.Generator, lloyd_iters: int) -> np.ndarray:

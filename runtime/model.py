@@ -111,27 +111,34 @@ class Model:
 
     # -- centres --------------------------------------------------------------------------------
     def fit_centres(self, images, k: int, seed: int = 0, samples: int = DEFAULT_SAMPLES,
-                    iters: int | None = None, restarts: int = cluster.DEFAULT_RESTARTS) -> np.ndarray:
+                    iters: int | None = None, restarts: int = cluster.DEFAULT_RESTARTS,
+                    balance: int = 0) -> np.ndarray:
         """One set of (k, D) centres for a list of uint8 RGB images (the global protocol)."""
         if isinstance(images, np.ndarray):
             images = [images]
         return self.fit_centres_from_cells([self.embed_cells(im) for im in images], k, seed, samples, iters,
-                                           restarts)
+                                           restarts, balance)
 
     def fit_centres_from_cells(self, cells, k: int, seed: int = 0, samples: int = DEFAULT_SAMPLES,
-                               iters: int | None = None, restarts: int = cluster.DEFAULT_RESTARTS
-                               ) -> np.ndarray:
+                               iters: int | None = None, restarts: int = cluster.DEFAULT_RESTARTS,
+                               balance: int = 0) -> np.ndarray:
         """Centres from channels-last embeddings (h, w, D) or flat (N, D) arrays, e.g. from
         `embed_cells` (lets a caller embed once and reuse the embeddings to predict).
 
-        Draws at most `samples` cells uniformly (seeded) across all inputs, then runs spherical
-        k-means from `restarts` seeded starts and soft k-means (`iters` updates, default the
-        artifact's cluster_iters_default); see `runtime.cluster.fit_centres`."""
+        Draws at most `samples` cells uniformly (seeded) across all inputs; with `balance` = m > 0
+        resamples them so that each of m micro-clusters weighs the same
+        (`runtime.cluster.balanced_rows`); then runs spherical k-means from `restarts` seeded
+        starts and soft k-means (`iters` updates, default the artifact's cluster_iters_default);
+        see `runtime.cluster.fit_centres`."""
         k = self.check_k(k)
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < k:
             raise InputError(f"samples must be an integer >= k={k}, got {samples!r}")
+        if isinstance(balance, bool) or not isinstance(balance, (int, np.integer)) or balance < 0:
+            raise InputError(f"balance must be an integer >= 0 (micro-clusters; 0 = off), got {balance!r}")
         flat = [np.asarray(c, dtype=np.float32).reshape(-1, self.embed_dim) for c in cells]
         x = sample_rows(flat, samples, seed)
+        if balance:
+            x = cluster.balanced_rows(x, int(balance), seed)
         it = self.cluster_iters_default if iters is None else iters
         if isinstance(it, bool) or not isinstance(it, (int, np.integer)) or it < 0:
             raise InputError(f"iters must be an integer >= 0, got {it!r}")

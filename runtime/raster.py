@@ -269,7 +269,8 @@ class _Reader:
 
 
 def fit_raster_centres(reader: _Reader, height: int, width: int, model: Model, k: int, seed: int,
-                       samples: int, iters: int | None, restarts: int = DEFAULT_RESTARTS) -> np.ndarray:
+                       samples: int, iters: int | None, restarts: int = DEFAULT_RESTARTS,
+                       balance: int = 0) -> np.ndarray:
     """Centres from embeddings of seeded sample windows spread across the raster.
 
     The raster is split into a SAMPLE_GRID x SAMPLE_GRID grid; in each grid cell one window core of
@@ -310,7 +311,8 @@ def fit_raster_centres(reader: _Reader, height: int, width: int, model: Model, k
     if sum(p.shape[0] for p in pooled) < k:
         raise InputError(f"{reader.src}: too few valid (non-nodata) pixels in the sample windows to fit "
                          f"{k} clusters")
-    return model.fit_centres_from_cells(pooled, k, seed=seed, samples=samples, iters=iters, restarts=restarts)
+    return model.fit_centres_from_cells(pooled, k, seed=seed, samples=samples, iters=iters, restarts=restarts,
+                                        balance=balance)
 
 
 def _overview_factors(height: int, width: int) -> list[int]:
@@ -323,7 +325,7 @@ def _overview_factors(height: int, width: int) -> list[int]:
 
 def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=None,
                    centres=None, seed: int = 0, samples: int = DEFAULT_SAMPLES,
-                   iters: int | None = None, restarts: int = DEFAULT_RESTARTS,
+                   iters: int | None = None, restarts: int = DEFAULT_RESTARTS, balance: int = 0,
                    smooth_iters: int | None = None, pixel_size="auto", raster_pixel_size_m=None,
                    rescale="auto", overwrite: bool = False,
                    overviews: bool = False,
@@ -335,7 +337,9 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     bands: 1-based (R, G, B) band numbers, required for rasters with more than 3 bands.
     centres: None or "fit" (fit once on this raster, seeded), "artifact" (the model's centres_k<K>),
     or a (k, embed_dim) array. samples/iters/restarts: cells drawn, soft k-means updates and
-    seeded k-means++ starts for fitting.
+    seeded k-means++ starts for fitting; balance: micro-clusters of density-balanced fitting
+    (each kind of cell counted once rather than by its area, `runtime.cluster.balanced_rows`;
+    0 = off).
     smooth_iters: probability smoothing passes (default: the artifact's).
     pixel_size: "auto" (default) runs the network at the model's training ground sample distance
     when the raster's differs from it by more than RESAMPLE_TOLERANCE and both are known (a
@@ -362,6 +366,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
         raise InputError(f"tile must be a multiple of {model.stride} pixels, got {tile}")
     samples = _check_int("samples", samples, k)
     restarts = _check_int("restarts", restarts, 1)
+    balance = _check_int("balance", balance, 0)
     smooth = model.smooth_iters_default if smooth_iters is None else _check_int("smooth_iters", smooth_iters, 0)
     dst = Path(dst)
     if dst.exists() and not overwrite:
@@ -392,7 +397,8 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                 reader = _Reader(work, bands, model, src, values.limits)
 
                 if centres is None or (isinstance(centres, str) and centres == "fit"):
-                    c = fit_raster_centres(reader, height, width, model, k, seed, samples, iters, restarts)
+                    c = fit_raster_centres(reader, height, width, model, k, seed, samples, iters, restarts,
+                                           balance)
                     source = f"fitted on this raster (seed {seed})"
                 elif isinstance(centres, str) and centres == "artifact":
                     c = model.artifact_centres(k)

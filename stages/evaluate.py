@@ -99,8 +99,8 @@ class RuntimeSegmenter:
     (embed_cells -> fit_centres_from_cells -> cell_proba -> labels_from_cell_proba), so each tile
     is embedded once per pass instead of once per call."""
 
-    def __init__(self, model: Model, restarts: int):
-        self.model, self.restarts = model, restarts
+    def __init__(self, model: Model, restarts: int, balance: int = 0):
+        self.model, self.restarts, self.balance = model, restarts, balance
 
     def features(self, rgb: np.ndarray) -> np.ndarray:
         cells = self.model.embed_cells(rgb)
@@ -108,7 +108,7 @@ class RuntimeSegmenter:
 
     def fit(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
         return self.model.fit_centres_from_cells([samples], k, seed=seed, samples=len(samples),
-                                                 restarts=self.restarts)
+                                                 restarts=self.restarts, balance=self.balance)
 
     def labels(self, feats: np.ndarray, shape: tuple[int, int], centres: np.ndarray) -> np.ndarray:
         h, w = shape
@@ -290,8 +290,8 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
         print(f"scoring {len(tiles.images)} of the {tiles.split_tiles} val tiles (evaluate.max_tiles)")
 
     methods: dict[str, Segmenter] = {
-        "model": RuntimeSegmenter(model, params.kmeans_restarts),
-        "teacher": RuntimeSegmenter(teacher, params.kmeans_restarts),
+        "model": RuntimeSegmenter(model, params.kmeans_restarts, params.balance),
+        "teacher": RuntimeSegmenter(teacher, params.kmeans_restarts, params.balance),
         "kmeans_rgb": KMeansBaseline(rgb_features, params.kmeans_iters, params.kmeans_restarts),
         "kmeans_features": KMeansBaseline(handcrafted_features, params.kmeans_iters, params.kmeans_restarts),
     }

@@ -78,6 +78,7 @@ def test_pixel_size_option(setup, tmp_path, capsys):
     (["--k", "3", "--tile", "30"], "multiple of 4"),
     (["--k", "3", "--model", "nowhere"], "model artifact directory not found"),
     (["--k", "3", "--centres", "missing.npy"], "cannot read centres"),
+    (["--k", "3", "--balance", "-2"], "balance must be an integer >= 0"),
 ])
 def test_bad_input_exits_2_with_a_message_and_no_output(setup, tmp_path, capsys, extra, message):
     root, model, src = setup

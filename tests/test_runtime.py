@@ -183,6 +183,42 @@ def test_soft_kmeans_recovers_separated_directions_and_reseeds_collapsed_centres
     assert cluster.fit_centres(same, 3, 0.1, 3, seed=0).shape == (3, 16)
 
 
+def test_balanced_rows_weighs_each_micro_cluster_the_same():
+    rng = np.random.default_rng(0)
+    e = np.eye(3, 8, dtype=np.float32)
+    big = e[0] + rng.normal(0, 0.02, (1000, 8)).astype(np.float32)   # a cover that fills the sample
+    small = e[1] + rng.normal(0, 0.02, (10, 8)).astype(np.float32)   # a rare one
+    x = np.concatenate([big, small])
+    out = cluster.balanced_rows(x, 2, seed=0)
+    assert out.shape == x.shape
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    assert 0.4 < np.mean(out @ e[1] > 0.9) < 0.6  # about half the rows now, against 1 % before
+    np.testing.assert_array_equal(out, cluster.balanced_rows(x, 2, seed=0))  # seeded
+    assert cluster.balanced_rows(x[:3], 64, seed=0).shape == (3, 8)  # min(micro, N) micro-clusters
+    with pytest.raises(InputError, match="micro"):
+        cluster.balanced_rows(x, 0)
+
+
+def test_balanced_fitting_gives_a_rare_cover_a_centre():
+    """Three centres for a sample that is 1000 cells of one broad cover (two shades), 1000 of a
+    second and 12 of a rare third: plain k-means spends two centres on the broad cover, balanced
+    fitting gives the rare one its own."""
+    rng = np.random.default_rng(1)
+    e = np.eye(4, 8, dtype=np.float32)
+    shades = np.concatenate([e[0] + 0.35 * e[3], e[0] - 0.35 * e[3]] * 500).reshape(1000, 8)
+    x = np.concatenate([shades + rng.normal(0, 0.02, (1000, 8)),
+                        e[1] + rng.normal(0, 0.02, (1000, 8)),
+                        e[2] + rng.normal(0, 0.02, (12, 8))]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    model = _model(random_encoder(embed_dim=8))
+    rare = lambda c: bool((np.asarray(c) @ e[2] > 0.9).any())
+    assert not rare(model.fit_centres_from_cells([x], 3, iters=0))
+    assert rare(model.fit_centres_from_cells([x], 3, iters=0, balance=16))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InputError, match="balance"):
+            model.fit_centres_from_cells([x], 3, balance=bad)
+
+
 def test_euclidean_kmeans_and_assign_for_rgb_baselines():
     rng = np.random.default_rng(0)
     means = np.array([[20, 20, 20], [200, 30, 30], [30, 200, 30]], np.float32)

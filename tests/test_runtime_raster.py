@@ -55,6 +55,12 @@ def test_tiled_equals_untiled_exactly(tmp_path, src, model):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
     assert len(np.unique(a[a != NODATA])) >= 2
+    # density-balanced centres (`balance`) are fitted once per raster too: tiled still equals untiled
+    bal_whole = segment_raster(src, tmp_path / "bw.tif", K, model, tile=1024, balance=16)
+    bal_tiled = segment_raster(src, tmp_path / "bt.tif", K, model, tile=32, balance=16)
+    np.testing.assert_array_equal(bal_whole.centres, bal_tiled.centres)
+    assert not np.array_equal(bal_whole.centres, whole.centres)
+    np.testing.assert_array_equal(_read(tmp_path / "bw.tif")[0], _read(tmp_path / "bt.tif")[0])
 
 
 def test_tiled_equals_untiled_with_a_dilated_encoder(tmp_path, src):
@@ -148,6 +154,8 @@ def test_bad_arguments_and_inputs_are_refused(tmp_path, src, rgb, model):
         segment_raster(src, out, K, model, tile=30)
     with pytest.raises(InputError, match="restarts must be an integer >= 1"):
         segment_raster(src, out, K, model, restarts=0)
+    with pytest.raises(InputError, match="balance must be an integer >= 0"):
+        segment_raster(src, out, K, model, balance=-1)
     wide = write_raster(tmp_path / "u16.tif", rgb.astype(np.uint16) * 200)
     with pytest.raises(InputError, match=r"u16.tif: bands \[1, 2, 3\] are uint16; rescale='none' needs 8-bit"):
         segment_raster(wide, out, K, model, rescale="none")
