@@ -171,11 +171,11 @@ class Model:
         c = self.check_centres(self.check_k(len(centres)), centres)
         return labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), height, width)
 
-    def _prepare(self, rgb, k, centres, seed, samples, iters):
+    def _prepare(self, rgb, k, centres, seed, samples, iters, balance=0):
         k = self.check_k(k)
         cells = self.embed_cells(rgb)
         if centres is None:
-            centres = self.fit_centres_from_cells([cells], k, seed, samples, iters)
+            centres = self.fit_centres_from_cells([cells], k, seed, samples, iters, balance=balance)
         return cells, self.check_centres(k, centres)
 
     def working_image(self, rgb: np.ndarray, pixel_size_m=None) -> tuple[np.ndarray, float]:
@@ -198,24 +198,25 @@ class Model:
 
     def predict_proba(self, rgb: np.ndarray, k: int, centres=None, smooth_iters: int | None = None,
                       seed: int = 0, samples: int = DEFAULT_SAMPLES, iters: int | None = None,
-                      pixel_size_m=None) -> np.ndarray:
-        """float32 (k, H, W) cluster probabilities; centres=None fits them on this image alone.
+                      pixel_size_m=None, balance: int = 0) -> np.ndarray:
+        """float32 (k, H, W) cluster probabilities; centres=None fits them on this image alone
+        (`balance`: micro-clusters of density-balanced fitting, as in `fit_centres_from_cells`).
 
         pixel_size_m: the ground size of the image's pixels in metres, if known; an image far from
         the training pixel size is then segmented at it and the result put back on the image's
         grid (nearest), as `segment_raster` does for rasters (`working_image`)."""
         work, scale = self.working_image(rgb, pixel_size_m)
-        cells, c = self._prepare(work, k, centres, seed, samples, iters)
+        cells, c = self._prepare(work, k, centres, seed, samples, iters, balance)
         proba = upsample4(self.cell_proba(cells, c, smooth_iters), work.shape[0], work.shape[1])
         return proba if scale == 1.0 else to_source_grid(proba, scale, rgb.shape[0], rgb.shape[1])
 
     def predict_labels(self, rgb: np.ndarray, k: int, centres=None, smooth_iters: int | None = None,
                        seed: int = 0, samples: int = DEFAULT_SAMPLES, iters: int | None = None,
-                       pixel_size_m=None) -> np.ndarray:
+                       pixel_size_m=None, balance: int = 0) -> np.ndarray:
         """uint8 (H, W) cluster ids 0..k-1 (argmax of predict_proba, computed in row bands);
-        pixel_size_m as in `predict_proba`."""
+        pixel_size_m and balance as in `predict_proba`."""
         work, scale = self.working_image(rgb, pixel_size_m)
-        cells, c = self._prepare(work, k, centres, seed, samples, iters)
+        cells, c = self._prepare(work, k, centres, seed, samples, iters, balance)
         labels = labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), work.shape[0], work.shape[1])
         return labels if scale == 1.0 else to_source_grid(labels, scale, rgb.shape[0], rgb.shape[1])
 

@@ -219,6 +219,17 @@ def test_balanced_fitting_gives_a_rare_cover_a_centre():
             model.fit_centres_from_cells([x], 3, balance=bad)
 
 
+def test_predict_with_balanced_centres_fitted_on_the_image():
+    model = _model(random_encoder(embed_dim=8))
+    rgb = synthetic_rgb(64, 72, seed=2)
+    balanced = model.fit_centres([rgb], 4, balance=16)
+    assert not np.allclose(balanced, model.fit_centres([rgb], 4))
+    np.testing.assert_array_equal(model.predict_labels(rgb, 4, balance=16),
+                                  model.predict_labels(rgb, 4, centres=balanced))
+    np.testing.assert_array_equal(model.predict_proba(rgb, 4, balance=16),
+                                  model.predict_proba(rgb, 4, centres=balanced))
+
+
 def test_euclidean_kmeans_and_assign_for_rgb_baselines():
     rng = np.random.default_rng(0)
     means = np.array([[20, 20, 20], [200, 30, 30], [30, 200, 30]], np.float32)
