@@ -106,10 +106,10 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="soft k-means iterations when fitting centres (default: the model's)")
     p.add_argument("--restarts", type=int, default=DEFAULT_RESTARTS, metavar="N",
                    help="k-means starts when fitting centres; the best is kept (default: %(default)s)")
-    p.add_argument("--balance", type=int, default=0, metavar="N",
+    p.add_argument("--balance", type=int, default=None, metavar="N",
                    help="density-balanced centre fitting: the samples are resampled so that each of N "
-                        "micro-clusters weighs the same, so rare covers can get a cluster; 0 = off "
-                        "(default: %(default)s)")
+                        "micro-clusters weighs the same, so rare covers can get a cluster; 0 = plain "
+                        "k-means (default: 64)")
     p.add_argument("--smooth-iters", type=int, default=None, metavar="N",
                    help="3x3 probability smoothing passes; 0 = none (default: the model's)")
     p.add_argument("--pixel-size", type=_pixel_size, default="auto", metavar="auto|native|METRES",
@@ -163,7 +163,7 @@ class _Progress:
 
 
 def run_segment(args) -> int:
-    from .model import DEFAULT_SAMPLES, load_model
+    from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE, load_model
     from .raster import segment_raster
 
     model = load_model(args.model, threads=args.threads)
@@ -179,7 +179,8 @@ def run_segment(args) -> int:
         result = segment_raster(args.input, args.output, args.k, model, tile=args.tile, bands=args.bands,
                                 centres=centres, seed=args.seed,
                                 samples=DEFAULT_SAMPLES if args.samples is None else args.samples,
-                                iters=args.cluster_iters, restarts=args.restarts, balance=args.balance,
+                                iters=args.cluster_iters, restarts=args.restarts,
+                                balance=PER_IMAGE_BALANCE if args.balance is None else args.balance,
                                 smooth_iters=args.smooth_iters, pixel_size=args.pixel_size,
                                 raster_pixel_size_m=args.raster_pixel_size, rescale=args.rescale,
                                 overwrite=args.overwrite, overviews=args.overviews, progress=progress)

@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError, OutputExistsError, RasterReadError
 from .cluster import DEFAULT_RESTARTS
-from .model import DEFAULT_SAMPLES, Model, labels_from_cell_proba, load_model
+from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE, Model, labels_from_cell_proba, load_model
 from .rescale import PERCENTILES, STATS_SIZE, check_limits, percentile_limits, to_uint8
 from .resolution import RESAMPLE_TOLERANCE, ResolutionPlan, positive_metres, plan_resolution  # noqa: F401
 
@@ -325,7 +325,8 @@ def _overview_factors(height: int, width: int) -> list[int]:
 
 def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=None,
                    centres=None, seed: int = 0, samples: int = DEFAULT_SAMPLES,
-                   iters: int | None = None, restarts: int = DEFAULT_RESTARTS, balance: int = 0,
+                   iters: int | None = None, restarts: int = DEFAULT_RESTARTS,
+                   balance: int = PER_IMAGE_BALANCE,
                    smooth_iters: int | None = None, pixel_size="auto", raster_pixel_size_m=None,
                    rescale="auto", overwrite: bool = False,
                    overviews: bool = False,
@@ -339,7 +340,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     or a (k, embed_dim) array. samples/iters/restarts: cells drawn, soft k-means updates and
     seeded k-means++ starts for fitting; balance: micro-clusters of density-balanced fitting
     (each kind of cell counted once rather than by its area, `runtime.cluster.balanced_rows`;
-    0 = off).
+    default PER_IMAGE_BALANCE, 0 = plain k-means).
     smooth_iters: probability smoothing passes (default: the artifact's).
     pixel_size: "auto" (default) runs the network at the model's training ground sample distance
     when the raster's differs from it by more than RESAMPLE_TOLERANCE and both are known (a

@@ -94,5 +94,9 @@ class KMeansBaseline:
                 best, best_inertia = centres, inertia
         return best
 
+    def fit_tile(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+        """A tile's own centres: the same plain k-means (what a GIS user gets for free)."""
+        return self.fit(samples, k, seed)
+
     def labels(self, feats: np.ndarray, shape: tuple[int, int], centres: np.ndarray) -> np.ndarray:
         return assign(feats, centres).reshape(shape).astype(np.uint8)

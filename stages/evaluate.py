@@ -83,13 +83,16 @@ class Segmenter(Protocol):
     """How evaluate drives a method: rows to cluster per image, centres from rows, labels.
 
     `features(rgb)` -> (N, F) float32 rows (pixels for the baselines, stride-4 cells for the
-    network); `fit(samples, k, seed)` -> (k, F) centres; `labels(feats, (H, W), centres)` -> uint8
-    (H, W) cluster ids in [0, k).
+    network); `fit(samples, k, seed)` -> (k, F) centres for the whole split (global protocol) and
+    `fit_tile(samples, k, seed)` -> (k, F) centres for one tile (per-tile protocol, the way a user
+    fits centres per raster); `labels(feats, (H, W), centres)` -> uint8 (H, W) cluster ids in [0, k).
     """
 
     def features(self, rgb: np.ndarray) -> np.ndarray: ...
 
     def fit(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray: ...
+
+    def fit_tile(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray: ...
 
     def labels(self, feats: np.ndarray, shape: tuple[int, int], centres: np.ndarray) -> np.ndarray: ...
 
@@ -97,10 +100,12 @@ class Segmenter(Protocol):
 class RuntimeSegmenter:
     """A runtime `Model` as a `Segmenter`, through the same calls `Model.predict_labels` makes
     (embed_cells -> fit_centres_from_cells -> cell_proba -> labels_from_cell_proba), so each tile
-    is embedded once per pass instead of once per call."""
+    is embedded once per pass instead of once per call. Centres for the split are fitted plainly
+    (as `Model.fit_centres`); a tile's own centres with `tile_balance` micro-clusters of
+    density-balanced fitting (as `segment_raster` and `predict_*` fit them per raster or image)."""
 
-    def __init__(self, model: Model, restarts: int, balance: int = 0):
-        self.model, self.restarts, self.balance = model, restarts, balance
+    def __init__(self, model: Model, restarts: int, tile_balance: int = 0):
+        self.model, self.restarts, self.tile_balance = model, restarts, tile_balance
 
     def features(self, rgb: np.ndarray) -> np.ndarray:
         cells = self.model.embed_cells(rgb)
@@ -108,7 +113,11 @@ class RuntimeSegmenter:
 
     def fit(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
         return self.model.fit_centres_from_cells([samples], k, seed=seed, samples=len(samples),
-                                                 restarts=self.restarts, balance=self.balance)
+                                                 restarts=self.restarts)
+
+    def fit_tile(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+        return self.model.fit_centres_from_cells([samples], k, seed=seed, samples=len(samples),
+                                                 restarts=self.restarts, balance=self.tile_balance)
 
     def labels(self, feats: np.ndarray, shape: tuple[int, int], centres: np.ndarray) -> np.ndarray:
         h, w = shape
@@ -227,7 +236,7 @@ def score_method(method: Segmenter, tiles: LabelledTiles, k: int, num_classes: i
         group_glob[tiles.groups[i]].add(pred, label)
         if i < keep:
             kept.append(pred)
-        own = method.fit(sample_rows(feats, samples_per_tile, rng), k, seed=seed)
+        own = method.fit_tile(sample_rows(feats, samples_per_tile, rng), k, seed=seed)
         own_pred = method.labels(feats, label.shape, own)
         per_tile.add(own_pred, label)
         group_tile[tiles.groups[i]].add(own_pred, label)
@@ -290,8 +299,8 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
         print(f"scoring {len(tiles.images)} of the {tiles.split_tiles} val tiles (evaluate.max_tiles)")
 
     methods: dict[str, Segmenter] = {
-        "model": RuntimeSegmenter(model, params.kmeans_restarts, params.balance),
-        "teacher": RuntimeSegmenter(teacher, params.kmeans_restarts, params.balance),
+        "model": RuntimeSegmenter(model, params.kmeans_restarts, params.tile_balance),
+        "teacher": RuntimeSegmenter(teacher, params.kmeans_restarts, params.tile_balance),
         "kmeans_rgb": KMeansBaseline(rgb_features, params.kmeans_iters, params.kmeans_restarts),
         "kmeans_features": KMeansBaseline(handcrafted_features, params.kmeans_iters, params.kmeans_restarts),
     }

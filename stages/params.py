@@ -335,10 +335,11 @@ class EvaluateParams:
     kmeans_restarts: int = knob(3, "Seeded k-means++ starts per centre fit, for every method alike (the "
                                 "model's and teacher's spherical k-means, both baselines' k-means); the "
                                 "best objective is kept.", lo=1, hi=100)
-    balance: int = knob(0, "Model and teacher: density-balanced centre fitting, the sampled embeddings "
-                        "resampled so that each of this many micro-clusters (spherical k-means) weighs "
-                        "the same before the k centres are fitted (runtime.cluster.balanced_rows; the "
-                        "runtime's `balance` / `--balance`); 0 = plain k-means on the samples.", lo=0, hi=4096)
+    tile_balance: int = knob(64, "Per-tile protocol, model and teacher: micro-clusters of the density-balanced "
+                             "centre fitting each tile's own centres get, as segment_raster and predict_* "
+                             "fit centres per raster or image by default (runtime PER_IMAGE_BALANCE; "
+                             "runtime.cluster.balanced_rows); 0 = plain k-means. The global protocol's "
+                             "centres and both baselines are plain k-means.", lo=0, hi=4096)
 
 
 @dataclass

@@ -240,14 +240,17 @@ def test_labelled_pixel_count_ignores_zero(inputs, result):
 def test_model_scores_match_a_direct_runtime_run(inputs, result):
     """The stage's model numbers equal Model.predict_labels (what users call) scored by hand."""
     from runtime import load_model
+    from runtime.model import PER_IMAGE_BALANCE
 
     metrics, _ = result
     model = load_model(inputs["model"])
     tiles = ev.load_val_tiles(inputs["shards"], 3)
     per_tile = PerTileProtocol(3, 3)
     for rgb, label in zip(tiles.images, tiles.labels):
-        # per-tile protocol: centres fitted on the tile's own 256 sampled cells (all 64 here)
-        per_tile.add(model.predict_labels(rgb, 3, seed=0), label)
+        # per-tile protocol: centres fitted on the tile's own 256 sampled cells (all 64 here), balanced
+        # as predict_labels balances them by default, from the stage's kmeans_restarts starts
+        own = model.fit_centres([rgb], 3, seed=0, restarts=2, balance=PER_IMAGE_BALANCE)
+        per_tile.add(model.predict_labels(rgb, 3, centres=own), label)
     assert metrics["model"]["per_tile"]["miou"] == pytest.approx(per_tile.result()["miou"], abs=1e-6)
 
 
@@ -255,6 +258,7 @@ def test_max_tiles_scores_a_fixed_subset(inputs, tmp_path):
     """evaluate.max_tiles scores exactly the stable subset, records how many of the split's tiles,
     and the model's numbers equal a direct runtime run on those tiles."""
     from runtime import load_model
+    from runtime.model import PER_IMAGE_BALANCE
 
     metrics = ev.evaluate(inputs["shards"], inputs["model"], inputs["teacher"], tmp_path / "out",
                           small_params(max_tiles=2))
@@ -265,7 +269,8 @@ def test_max_tiles_scores_a_fixed_subset(inputs, tmp_path):
     model = load_model(inputs["model"])
     per_tile = PerTileProtocol(3, 3)
     for rgb, label in zip(tiles.images, tiles.labels):
-        per_tile.add(model.predict_labels(rgb, 3, seed=0), label)
+        own = model.fit_centres([rgb], 3, seed=0, restarts=2, balance=PER_IMAGE_BALANCE)
+        per_tile.add(model.predict_labels(rgb, 3, centres=own), label)
     assert metrics["model"]["per_tile"]["miou"] == pytest.approx(per_tile.result()["miou"], abs=1e-6)
     assert sum(g["tiles"] for g in json.loads((tmp_path / "out" / "per_group.json").read_text())["model"].values()) == 2
 
