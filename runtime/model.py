@@ -9,7 +9,8 @@ Probabilities are softmax(cos(embedding, centre) / temperature) on cells, option
 
 Centres: `fit_centres(images, k)` fits one set of k centres for many images (the "global"
 protocol: the same id means the same cluster everywhere); `predict_*(rgb, k)` with centres=None
-fits them on that image alone; `artifact_centres(k)` returns precomputed ones when the artifact
+fits them on that image alone, density-balanced (`PER_IMAGE_BALANCE` micro-clusters, as
+`segment_raster` fits them per raster); `artifact_centres(k)` returns precomputed ones when the artifact
 carries `centres_k<K>`.
 
 Resolution: `predict_*(rgb, k, pixel_size_m=...)` with the array's ground pixel size runs the
