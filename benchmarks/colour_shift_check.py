@@ -37,9 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features  # noqa: E402
-from stages.datasets import TileDataset  # noqa: E402
-from stages.evaluate import (LabelledTiles, RuntimeSegmenter, load_model_dir, read_summary,  # noqa: E402
-                             score_method)
+from stages.evaluate import (LabelledTiles, RuntimeSegmenter, load_model_dir, load_val_tiles,  # noqa: E402
+                             read_summary, score_method)
 from stages.params import EvaluateParams  # noqa: E402
 
 
@@ -72,11 +71,10 @@ def main() -> int:
 
     summary = read_summary(args.shards)
     num_classes = int(summary["num_classes"])
-    ds = TileDataset(args.shards, args.split, require_labels=True)
-    picked = list(range(0, len(ds), args.every))
-    tiles = [ds[i] for i in picked]
-    sources = [ds.records[i].source_item for i in picked]
-    groups = [ds.records[i].group for i in picked]
+    split = load_val_tiles(args.shards, num_classes, args.split)
+    picked = range(0, len(split.images), args.every)
+    item_ids, images, labels, groups, sources = ([getattr(split, f)[i] for i in picked]
+                                                 for f in ("item_ids", "images", "labels", "groups", "sources"))
     p = EvaluateParams()  # evaluate's defaults: samples, restarts, iterations, seed
     methods = {
         "model": RuntimeSegmenter(load_model_dir(args.model), p.kmeans_restarts),
@@ -84,13 +82,12 @@ def main() -> int:
         "kmeans_features": KMeansBaseline(handcrafted_features, p.kmeans_iters, p.kmeans_restarts),
     }
     t0 = time.perf_counter()
-    result: dict = {"split": args.split, "tiles": len(tiles), "sources": len(set(sources))}
+    result: dict = {"split": args.split, "tiles": len(images), "sources": len(set(sources))}
     print(f"{'strength':>8} {'method':<16} {'global mIoU':>11} {'tile mIoU':>10}")
     for s in args.strengths:
-        shifted = LabelledTiles([t["item_id"] for t in tiles],
-                                [apply_shift(t["image"], *shift_for(src, s, args.seed))
-                                 for t, src in zip(tiles, sources)],
-                                [t["label"] for t in tiles], groups, split_tiles=len(tiles))
+        shifted = LabelledTiles(item_ids, [apply_shift(rgb, *shift_for(src, s, args.seed))
+                                           for rgb, src in zip(images, sources)],
+                                labels, groups, split_tiles=len(images))
         for name, method in methods.items():
             glob, per_tile, _, _ = score_method(method, shifted, num_classes, num_classes, p.seed,
                                                 p.samples_per_tile, p.global_samples, name, 0)

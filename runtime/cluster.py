@@ -147,7 +147,7 @@ def balanced_rows(emb: np.ndarray, micro: int, seed: int = 0, lloyd_iters: int =
     rng = np.random.default_rng(seed)
     m = min(int(micro), len(x))
     c = _spherical_lloyd(x, m, rng, lloyd_iters)
-    label = np.concatenate([(x[i:i + _CHUNK] @ c.T).argmax(axis=1) for i in range(0, len(x), _CHUNK)])
+    label = np.argmax(x @ c.T, axis=1)  # as _spherical_lloyd assigns them (N x micro, like its loop)
     weight = 1.0 / np.bincount(label, minlength=m)[label]
     pick = rng.choice(len(x), size=len(x), replace=True, p=weight / weight.sum())
     return x[np.sort(pick)]

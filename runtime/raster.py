@@ -45,7 +45,7 @@ from .errors import Cancelled, InputError, OutputExistsError, RasterReadError
 from .cluster import DEFAULT_RESTARTS
 from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE, Model, labels_from_cell_proba, load_model
 from .rescale import PERCENTILES, STATS_SIZE, check_limits, percentile_limits, to_uint8
-from .resolution import RESAMPLE_TOLERANCE, ResolutionPlan, positive_metres, plan_resolution  # noqa: F401
+from .resolution import plan_resolution, positive_metres
 
 NODATA = 255  # output value of pixels that are nodata in the input (cluster ids are 0..k-1 <= 15)
 DEFAULT_TILE = 1024

@@ -42,7 +42,7 @@ import os
 import shutil
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol
 
@@ -111,13 +111,12 @@ class RuntimeSegmenter:
         cells = self.model.embed_cells(rgb)
         return cells.reshape(-1, cells.shape[2])
 
-    def fit(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    def fit(self, samples: np.ndarray, k: int, seed: int = 0, balance: int = 0) -> np.ndarray:
         return self.model.fit_centres_from_cells([samples], k, seed=seed, samples=len(samples),
-                                                 restarts=self.restarts)
+                                                 restarts=self.restarts, balance=balance)
 
     def fit_tile(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-        return self.model.fit_centres_from_cells([samples], k, seed=seed, samples=len(samples),
-                                                 restarts=self.restarts, balance=self.tile_balance)
+        return self.fit(samples, k, seed, balance=self.tile_balance)
 
     def labels(self, feats: np.ndarray, shape: tuple[int, int], centres: np.ndarray) -> np.ndarray:
         h, w = shape
@@ -139,6 +138,7 @@ class LabelledTiles:
     labels: list[np.ndarray]   # uint8 (H, W), 0 = ignored, 1..num_classes
     groups: list[str]          # split group (area) of each tile's source raster
     split_tiles: int = 0       # tiles in the split; more than len(images) under evaluate.max_tiles
+    sources: list[str] = field(default_factory=list)  # each tile's source raster (item id)
 
 
 def read_summary(dataset_root: Path) -> dict:
@@ -180,6 +180,7 @@ def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val",
         tiles.images.append(item["image"])
         tiles.labels.append(label)
         tiles.groups.append(r.group)
+        tiles.sources.append(r.source_item)
     if not any((lab > 0).any() for lab in tiles.labels):
         raise EvaluateError(f"{dataset_root / split}: every label pixel is 0 (ignored); nothing to score")
     return tiles

@@ -12,8 +12,8 @@ from rasterio.transform import from_origin
 from runtime import segment_raster
 from runtime.errors import ArtifactError, Cancelled, InputError
 from runtime.model import load_model
-from runtime.raster import NODATA, ground_pixel_size_m, plan_resolution
-from runtime.resolution import resample_image, to_source_grid
+from runtime.raster import NODATA, ground_pixel_size_m
+from runtime.resolution import plan_resolution, resample_image, to_source_grid
 from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 K = 4
