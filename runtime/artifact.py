@@ -157,6 +157,14 @@ def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> Layer
                             f"or null (unknown), got {gsd!r}")
     if "input_rescale" in meta:  # optional (older artifacts): how the training data became 8-bit
         check_training_rescale(meta["input_rescale"], meta_at)
+    cue = meta.get("cue")  # optional: the texture cue appended before clustering (runtime.cue)
+    if cue is not None:
+        if (not isinstance(cue, dict) or set(cue) != {"kind", "size", "scale"} or cue["kind"] != "dark_tophat"
+                or not _is_int(cue["size"]) or cue["size"] < 3 or cue["size"] % 2 == 0
+                or isinstance(cue["scale"], bool) or not isinstance(cue["scale"], (int, float))
+                or not math.isfinite(cue["scale"]) or cue["scale"] <= 0):
+            raise ArtifactError(f"{meta_at}: 'cue' must be null or {{\"kind\": \"dark_tophat\", \"size\": an odd "
+                                f"integer >= 3, \"scale\": a positive number}}, got {cue!r}")
     try:
         summary = validate_layers(layers)
     except ArtifactError as e:
@@ -178,7 +186,7 @@ def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> Layer
             k = int(m.group(1))
             if not 2 <= k <= meta["max_k"]:
                 raise ArtifactError(f"{npz_at}: {key!r} is for k={k}, outside 2..max_k={meta['max_k']}")
-            expected[key] = (k, meta["embed_dim"])
+            expected[key] = (k, meta["embed_dim"] + (1 if meta.get("cue") else 0))
         elif key not in expected:
             raise ArtifactError(f"{npz_at}: unexpected array {key!r} (not used by any layer)")
     for key, shape in expected.items():

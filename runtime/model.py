@@ -28,6 +28,7 @@ import numpy as np
 from . import cluster
 from .artifact import FORMAT_NAME, FORMAT_VERSION, load_artifact, validate
 from .errors import InputError
+from .cue import append_cue, dark_tophat_cells
 from .network import DEFAULT_BAND_BYTES, Network
 from .resolution import positive_metres, plan_resolution, resample_image, to_source_grid
 
@@ -61,6 +62,10 @@ class Model:
 
     # -- properties ---------------------------------------------------------------------------
     embed_dim = property(lambda self: self.meta["embed_dim"])
+    # the optional texture cue appended before clustering ({"kind": "dark_tophat", "size", "scale"})
+    cue = property(lambda self: self.meta.get("cue"))
+    # width of what is clustered: the embedding, plus one channel when the artifact has a cue
+    cluster_dim = property(lambda self: self.meta["embed_dim"] + (1 if self.meta.get("cue") else 0))
     max_k = property(lambda self: self.meta["max_k"])
     stride = property(lambda self: self.meta["stride"])
     temperature = property(lambda self: self.meta["temperature"])
@@ -77,7 +82,10 @@ class Model:
         the receptive field, plus one cell per smoothing iteration and one for bilinear upsampling,
         rounded up to a multiple of the stride (tile origins stay on the cell grid)."""
         smooth = self.smooth_iters_default if smooth_iters is None else smooth_iters
-        px = self.receptive_field + self.stride * (smooth + 1)
+        reach = self.receptive_field
+        if self.cue:  # a cell's cue reads size - 1 pixels on either side of the cell
+            reach = max(reach, 2 * (self.cue["size"] - 1) + self.stride)
+        px = reach + self.stride * (smooth + 1)
         return -(-px // self.stride) * self.stride
 
     def check_k(self, k) -> int:
@@ -106,9 +114,17 @@ class Model:
         return rgb
 
     def embed_cells(self, rgb: np.ndarray) -> np.ndarray:
-        """Channels-last unit embeddings (ceil(H/4), ceil(W/4), D) float32 (the input normalised as
-        (rgb / input_scale - input_mean) / input_std inside the forward pass)."""
-        return self.network.forward_rgb(self._check_rgb(rgb), self._scale, self._mean, self._std)
+        """What is clustered: channels-last unit rows (ceil(H/4), ceil(W/4), cluster_dim) float32.
+
+        The network's unit embeddings (the input normalised as (rgb / input_scale - input_mean) /
+        input_std inside the forward pass), with the artifact's texture cue appended and each row
+        renormalised when it has one (`runtime.cue`); `embed` is the network's output alone."""
+        rgb = self._check_rgb(rgb)
+        cells = self.network.forward_rgb(rgb, self._scale, self._mean, self._std)
+        cue = self.cue
+        if cue:
+            cells = append_cue(cells, dark_tophat_cells(rgb, cue["size"]), cue["scale"])
+        return cells
 
     def embed(self, rgb: np.ndarray) -> np.ndarray:
         """Unit embeddings (D, ceil(H/4), ceil(W/4)) float32, as the torch encoder's output."""
@@ -141,7 +157,7 @@ class Model:
             raise InputError(f"samples must be an integer >= k={k}, got {samples!r}")
         if isinstance(balance, bool) or not isinstance(balance, (int, np.integer)) or balance < 0:
             raise InputError(f"balance must be an integer >= 0 (micro-clusters; 0 = off), got {balance!r}")
-        flat = [np.asarray(c, dtype=np.float32).reshape(-1, self.embed_dim) for c in cells]
+        flat = [np.asarray(c, dtype=np.float32).reshape(-1, self.cluster_dim) for c in cells]
         x = sample_rows(flat, samples, seed)
         if balance:
             x = cluster.balanced_rows(x, int(balance), seed)
@@ -151,10 +167,11 @@ class Model:
         return cluster.fit_centres(x, k, self.temperature, int(it), seed, restarts=restarts)
 
     def check_centres(self, k: int, centres) -> np.ndarray:
-        """`centres` as a float32 (k, embed_dim) array; InputError if the shape or values are wrong."""
+        """`centres` as a float32 (k, cluster_dim) array; InputError if the shape or values are wrong."""
         c = np.asarray(centres, dtype=np.float32)
-        if c.shape != (k, self.embed_dim):
-            raise InputError(f"centres must have shape (k, embed_dim) = ({k}, {self.embed_dim}), got {c.shape}")
+        if c.shape != (k, self.cluster_dim):
+            what = "embed_dim + 1 (the embedding and the artifact's cue)" if self.cue else "embed_dim"
+            raise InputError(f"centres must have shape (k, {what}) = ({k}, {self.cluster_dim}), got {c.shape}")
         if not np.all(np.isfinite(c)) or np.any(np.linalg.norm(c, axis=1) == 0):
             raise InputError("centres must be finite non-zero vectors")
         return c

@@ -312,6 +312,22 @@ class DistillParams:
 @dataclass
 class ExportParams:
     source: str = knob("student", "Which checkpoint becomes model/best.", choices=("student", "teacher"))
+    cue_size: int = knob(0, "Texture cue appended to the embedding before clustering (runtime.cue): the "
+                         "side in pixels of the square of the dark top-hat (grey closing minus the image; "
+                         "large on dark structures narrower than the square). 0 = no cue; else odd, >= 3. "
+                         "Recorded in meta.json; every clustering of the artifact then sees it.", lo=0, hi=63)
+    cue_scale: float = knob(3.6, "Multiplier of the cue (a lightness difference, 0..1) before it joins the "
+                            "unit embedding; 3.6 = 1.5 x 0.35 / the cue's spread on Dubai's area 8. Used "
+                            "only when cue_size > 0.", lo=0.01, hi=100.0)
+
+    def check(self, prefix: str) -> None:
+        if self.cue_size and (self.cue_size < 3 or self.cue_size % 2 == 0):
+            raise ParamsError(f"{prefix}.cue_size: expected 0 (no cue) or an odd integer >= 3, got {self.cue_size}")
+
+    def cue(self) -> dict | None:
+        """The artifact's `cue` entry (None = no cue)."""
+        return ({"kind": "dark_tophat", "size": self.cue_size, "scale": self.cue_scale}
+                if self.cue_size else None)
 
 
 @dataclass

@@ -78,3 +78,19 @@ def test_main_missing_student(tmp_path, teacher_dir, capsys):  # noqa: F811
                  "--out", str(tmp_path / "best")])
     assert code == 2 and "student checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "best").exists()
+
+
+def test_export_records_the_cue_and_evaluate_gives_it_to_the_teacher(tmp_path, teacher_dir, student_dir):  # noqa: F811
+    from stages.evaluate import teacher_model
+    from stages.params import ExportParams
+
+    cue = ExportParams(cue_size=15, cue_scale=3.6).cue()
+    assert ExportParams().cue() is None  # the default exports no cue
+    out = export_model("student", teacher_dir, student_dir, tmp_path / "best", cue=cue)
+    model = runtime.load_model(out)
+    assert json.loads((out / "meta.json").read_text())["cue"] == {"kind": "dark_tophat", "size": 15, "scale": 3.6}
+    assert model.cluster_dim == model.embed_dim + 1
+    teacher = teacher_model(teacher_dir, cue=model.meta["cue"])
+    assert teacher.cluster_dim == teacher.embed_dim + 1
+    rgb = np.full((40, 36, 3), 90, np.uint8)
+    assert model.embed_cells(rgb).shape == (10, 9, model.embed_dim + 1)

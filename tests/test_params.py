@@ -151,3 +151,9 @@ def test_missing_keys_take_documented_defaults():
     assert params.train.steps == 7
     assert params.shards == P.ShardsParams()
     assert parse_params(None) == Params()
+
+
+@pytest.mark.parametrize("size", [2, 14, 1])
+def test_cue_size_must_be_zero_or_odd(size):
+    with pytest.raises(ParamsError, match=r"export\.cue_size: expected 0 \(no cue\) or an odd integer"):
+        parse_params({"export": {"cue_size": size}})
