@@ -33,7 +33,8 @@ dubai: setup
 		-S "shards.group_regex='t(\d+)_'" -S shards.train_fraction=0.4 \
 		-S +ingest.class_names.1=building -S +ingest.class_names.2=land -S +ingest.class_names.3=road \
 		-S +ingest.class_names.4=vegetation -S +ingest.class_names.5=water \
-		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8
+		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8 \
+		-S export.cue_size=15
 
 bench: setup
 	python benchmarks/build_shards_bench.py
