@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError, OutputExistsError
+from .cue import valid_size
 from .network import LayerSummary, validate_layers
 from .rescale import check_training_rescale
 
@@ -134,6 +135,11 @@ def build_meta(*, embed_dim: int, max_k: int, temperature: float, cluster_iters_
     return meta
 
 
+def cluster_dim(meta: dict) -> int:
+    """Width of what is clustered (and of centres): the embedding, plus one channel for a cue."""
+    return meta["embed_dim"] + (1 if meta.get("cue") else 0)
+
+
 def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> LayerSummary:
     """Check a (layers, arrays, meta) triple exactly as `load_artifact` does; raise ArtifactError."""
     meta_at = f"{where}/{META_FILE}"
@@ -160,8 +166,7 @@ def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> Layer
     cue = meta.get("cue")  # optional: the texture cue appended before clustering (runtime.cue)
     if cue is not None:
         if (not isinstance(cue, dict) or set(cue) != {"kind", "size", "scale"} or cue["kind"] != "dark_tophat"
-                or not _is_int(cue["size"]) or cue["size"] < 3 or cue["size"] % 2 == 0
-                or isinstance(cue["scale"], bool) or not isinstance(cue["scale"], (int, float))
+                or not valid_size(cue["size"]) or isinstance(cue["scale"], bool) or not isinstance(cue["scale"], (int, float))
                 or not math.isfinite(cue["scale"]) or cue["scale"] <= 0):
             raise ArtifactError(f"{meta_at}: 'cue' must be null or {{\"kind\": \"dark_tophat\", \"size\": an odd "
                                 f"integer >= 3, \"scale\": a positive number}}, got {cue!r}")
@@ -186,7 +191,7 @@ def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> Layer
             k = int(m.group(1))
             if not 2 <= k <= meta["max_k"]:
                 raise ArtifactError(f"{npz_at}: {key!r} is for k={k}, outside 2..max_k={meta['max_k']}")
-            expected[key] = (k, meta["embed_dim"] + (1 if meta.get("cue") else 0))
+            expected[key] = (k, cluster_dim(meta))
         elif key not in expected:
             raise ArtifactError(f"{npz_at}: unexpected array {key!r} (not used by any layer)")
     for key, shape in expected.items():

@@ -20,29 +20,35 @@ import numpy as np
 STRIDE = 4
 
 
-def _running_extreme(x: np.ndarray, size: int, axis: int, fn) -> np.ndarray:
-    """max or min over a centred window of `size` along `axis`, mirrored borders."""
-    r = size // 2
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (r, size - 1 - r)
-    xp = np.pad(x, pad, mode="symmetric")
-    n = x.shape[axis]
-    out = np.take(xp, np.arange(0, n), axis=axis).copy()
+def valid_size(size) -> bool:
+    """Whether `size` is a usable square side: an odd integer >= 3 (the window is centred)."""
+    return not isinstance(size, bool) and isinstance(size, (int, np.integer)) and size >= 3 and size % 2 == 1
+
+
+def _running_extreme_rows(x: np.ndarray, size: int, fn) -> np.ndarray:
+    """max or min over a centred window of `size` rows, mirrored borders."""
+    r, n = size // 2, x.shape[0]
+    xp = np.pad(x, ((r, size - 1 - r), (0, 0)), mode="symmetric")
+    out = xp[:n].copy()
     for s in range(1, size):
-        fn(out, np.take(xp, np.arange(s, s + n), axis=axis), out=out)
+        fn(out, xp[s:s + n], out=out)
     return out
+
+
+def _square_extreme(x: np.ndarray, size: int, fn) -> np.ndarray:
+    """max or min over a centred size x size square (separable: rows, then columns)."""
+    return _running_extreme_rows(_running_extreme_rows(x, size, fn).T, size, fn).T
 
 
 def grey_closing(x: np.ndarray, size: int) -> np.ndarray:
     """Grey closing (dilation, then erosion) over a size x size square; mirrored borders."""
-    d = _running_extreme(_running_extreme(x, size, 0, np.maximum), size, 1, np.maximum)
-    return _running_extreme(_running_extreme(d, size, 0, np.minimum), size, 1, np.minimum)
+    return _square_extreme(_square_extreme(x, size, np.maximum), size, np.minimum)
 
 
 def dark_tophat_cells(rgb: np.ndarray, size: int) -> np.ndarray:
     """uint8 (H, W, 3) -> float32 (ceil(H/4), ceil(W/4)): the dark top-hat averaged per cell
     (cells cut by the image edge average the pixels they have)."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 3 or size % 2 == 0:
+    if not valid_size(size):
         raise ValueError(f"top-hat size must be an odd integer >= 3, got {size!r}")
     light = rgb.astype(np.float32).mean(axis=2) / np.float32(255.0)
     th = grey_closing(light, int(size)) - light

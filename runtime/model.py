@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cluster
-from .artifact import FORMAT_NAME, FORMAT_VERSION, load_artifact, validate
+from .artifact import FORMAT_NAME, FORMAT_VERSION, cluster_dim, load_artifact, validate
 from .errors import InputError
 from .cue import append_cue, dark_tophat_cells
 from .network import DEFAULT_BAND_BYTES, Network
@@ -65,7 +65,7 @@ class Model:
     # the optional texture cue appended before clustering ({"kind": "dark_tophat", "size", "scale"})
     cue = property(lambda self: self.meta.get("cue"))
     # width of what is clustered: the embedding, plus one channel when the artifact has a cue
-    cluster_dim = property(lambda self: self.meta["embed_dim"] + (1 if self.meta.get("cue") else 0))
+    cluster_dim = property(lambda self: cluster_dim(self.meta))
     max_k = property(lambda self: self.meta["max_k"])
     stride = property(lambda self: self.meta["stride"])
     temperature = property(lambda self: self.meta["temperature"])

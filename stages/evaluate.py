@@ -290,7 +290,7 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
     summary = read_summary(dataset_root)
     num_classes, names = summary["num_classes"], class_names(summary)
     model = load_model_dir(Path(model_dir))
-    teacher = teacher_model(Path(teacher_path), cue=model.meta.get("cue"))
+    teacher = teacher_model(Path(teacher_path), cue=model.cue)
     k = params.k or num_classes
     max_k = min(model.meta["max_k"], teacher.meta["max_k"])
     if not 2 <= k <= max_k:

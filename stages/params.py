@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
+from runtime.cue import valid_size
 from runtime.errors import InputError
 from runtime.rescale import check_limits
 
@@ -321,7 +322,7 @@ class ExportParams:
                             "only when cue_size > 0.", lo=0.01, hi=100.0)
 
     def check(self, prefix: str) -> None:
-        if self.cue_size and (self.cue_size < 3 or self.cue_size % 2 == 0):
+        if self.cue_size and not valid_size(self.cue_size):
             raise ParamsError(f"{prefix}.cue_size: expected 0 (no cue) or an odd integer >= 3, got {self.cue_size}")
 
     def cue(self) -> dict | None:
