@@ -209,7 +209,8 @@ def conv2d_into(xin: np.ndarray, cw: ConvWeights, out: np.ndarray, skip: np.ndar
     `xin`, `out` and `skip` may be views with strided rows (the interior of a larger padded
     buffer) as long as each row's pixels are packed (W, C). Bands of output rows run on `pool`
     (serially when None); each band's result depends only on its own rows, so the output is the
-    same whatever the band size or the number of threads.
+    same bits whatever the number of threads. The band size may change the last bit: some BLAS
+    kernels round a row differently by sgemm height (OpenBLAS 0.3.31 on AVX2 does).
     """
     act = cw.act if act is None else act
     ho = out.shape[0]
@@ -409,7 +410,8 @@ class Network:
         self._blas = blas_threads()
         # Parallel bands need single-threaded BLAS. Without control over the BLAS's threads, run
         # bands serially with BLAS's own threading, in larger bands (a multi-threaded sgemm needs
-        # tall matrices to pay off): the same results, slower.
+        # tall matrices to pay off): the same results up to the rounding a band height may change,
+        # slower.
         self.parallel = self.threads > 1 and self._blas.available
         self._pool = BandPool(self.threads) if self.parallel else None
         if not self._blas.available:
