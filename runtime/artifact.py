@@ -11,7 +11,10 @@ An artifact is a directory of three files:
                    "smooth_iters_default", "input_mean": [r, g, b], "input_std": [r, g, b],
                    "input_scale", "supports_learned_refine", "receptive_field",
                    "provenance": {"git_commit", "params_hash", "created"}}
-                  plus any informational keys (e.g. "source": "student"), which are kept but not used
+                  plus optional keys: "cue" (runtime.cue; null = none), "fit_temperature" (the
+                  temperature of the soft k-means updates when centres are fitted; absent or null =
+                  "temperature"), "training_pixel_size_m", "input_rescale"; and any informational
+                  keys (e.g. "source": "student"), which are kept but not used
     metrics.json  a JSON object of the scores the exported model reached (informational)
 
 The export stage writes one with
@@ -163,6 +166,9 @@ def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> Layer
                             f"or null (unknown), got {gsd!r}")
     if "input_rescale" in meta:  # optional (older artifacts): how the training data became 8-bit
         check_training_rescale(meta["input_rescale"], meta_at)
+    fit_t = meta.get("fit_temperature")  # optional: soft k-means temperature when fitting centres
+    if fit_t is not None and not (_is_num(fit_t) and fit_t > 0):
+        raise ArtifactError(f"{meta_at}: 'fit_temperature' must be null or a number > 0, got {fit_t!r}")
     cue = meta.get("cue")  # optional: the texture cue appended before clustering (runtime.cue)
     if cue is not None:
         if (not isinstance(cue, dict) or set(cue) != {"kind", "size", "scale"} or cue["kind"] != "dark_tophat"

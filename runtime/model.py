@@ -69,6 +69,8 @@ class Model:
     max_k = property(lambda self: self.meta["max_k"])
     stride = property(lambda self: self.meta["stride"])
     temperature = property(lambda self: self.meta["temperature"])
+    # temperature of the soft k-means updates when centres are fitted (default: `temperature`)
+    fit_temperature = property(lambda self: self.meta.get("fit_temperature") or self.meta["temperature"])
     receptive_field = property(lambda self: self.meta["receptive_field"])
     smooth_iters_default = property(lambda self: self.meta["smooth_iters_default"])
     cluster_iters_default = property(lambda self: self.meta["cluster_iters_default"])
@@ -150,7 +152,8 @@ class Model:
         Draws at most `samples` cells uniformly (seeded) across all inputs; with `balance` = m > 0
         resamples them so that each of m micro-clusters weighs the same
         (`runtime.cluster.balanced_rows`); then runs spherical k-means from `restarts` seeded
-        starts and soft k-means (`iters` updates, default the artifact's cluster_iters_default);
+        starts and soft k-means (`iters` updates, default the artifact's cluster_iters_default, at
+        its `fit_temperature`);
         see `runtime.cluster.fit_centres`."""
         k = self.check_k(k)
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < k:
@@ -164,7 +167,7 @@ class Model:
         it = self.cluster_iters_default if iters is None else iters
         if isinstance(it, bool) or not isinstance(it, (int, np.integer)) or it < 0:
             raise InputError(f"iters must be an integer >= 0, got {it!r}")
-        return cluster.fit_centres(x, k, self.temperature, int(it), seed, restarts=restarts)
+        return cluster.fit_centres(x, k, self.fit_temperature, int(it), seed, restarts=restarts)
 
     def check_centres(self, k: int, centres) -> np.ndarray:
         """`centres` as a float32 (k, cluster_dim) array; InputError if the shape or values are wrong."""

@@ -192,9 +192,9 @@ def load_model_dir(model_dir: Path) -> Model:
     return load_model(model_dir)
 
 
-def teacher_model(teacher_path: Path, cue: dict | None = None) -> Model:
+def teacher_model(teacher_path: Path, cue: dict | None = None, fit_temperature: float | None = None) -> Model:
     """The teacher's encoder as an in-memory runtime Model (same settings export would write,
-    `cue` included: model/best's, so that both are clustered on the same features)."""
+    `cue` and `fit_temperature` included: model/best's, so that both are clustered the same way)."""
     teacher = load_teacher(teacher_path)
     cfg = teacher_info(teacher_path)["config"]
     encoder = teacher.encoder
@@ -204,7 +204,8 @@ def teacher_model(teacher_path: Path, cue: dict | None = None) -> Model:
                       input_mean=INPUT_MEAN, input_std=INPUT_STD, input_scale=INPUT_SCALE,
                       supports_learned_refine=encoder.refine is not None,
                       receptive_field=encoder.receptive_field, git_commit="in-memory",
-                      params_hash="in-memory", created="in-memory", source="teacher", cue=cue)
+                      params_hash="in-memory", created="in-memory", source="teacher", cue=cue,
+                      fit_temperature=fit_temperature)
     return Model(layers, arrays, meta)
 
 
@@ -290,7 +291,7 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
     summary = read_summary(dataset_root)
     num_classes, names = summary["num_classes"], class_names(summary)
     model = load_model_dir(Path(model_dir))
-    teacher = teacher_model(Path(teacher_path), cue=model.cue)
+    teacher = teacher_model(Path(teacher_path), cue=model.cue, fit_temperature=model.meta.get("fit_temperature"))
     k = params.k or num_classes
     max_k = min(model.meta["max_k"], teacher.meta["max_k"])
     if not 2 <= k <= max_k:

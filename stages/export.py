@@ -55,9 +55,11 @@ def training_input_rescale(t_info: dict, teacher_dir: Path) -> dict:
 
 
 def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Path,
-                 cue: dict | None = None) -> Path:
+                 cue: dict | None = None, fit_temperature: float | None = None) -> Path:
     """Write model/best from the chosen checkpoint; returns the artifact directory. `cue`: the
-    texture cue appended before clustering (`ExportParams.cue`, runtime.cue), or None."""
+    texture cue appended before clustering (`ExportParams.cue`, runtime.cue), or None;
+    `fit_temperature`: the soft k-means temperature when the runtime fits centres (None = the
+    head's training temperature)."""
     t_info = teacher_info(teacher_dir)
     cfg = t_info["config"]
     if source == "student":
@@ -78,7 +80,8 @@ def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Pat
                       receptive_field=encoder.receptive_field, git_commit=git_commit(),
                       params_hash=info["fingerprint"], source=source,
                       training_pixel_size_m=training_pixel_size(t_info, teacher_dir),
-                      input_rescale=training_input_rescale(t_info, teacher_dir), cue=cue)
+                      input_rescale=training_input_rescale(t_info, teacher_dir), cue=cue,
+                      fit_temperature=fit_temperature)
     val = info["val"]
     metrics = {"source": source, "val_metric": val["metric"], "val_score": val["score"], "val_step": val["step"],
                "teacher_val_score": t_info["val"]["score"]}
@@ -95,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         p = load_params(args.params)
         dst = export_model(p.export.source, Path(args.teacher), Path(args.student), Path(args.out),
-                           cue=p.export.cue())
+                           cue=p.export.cue(), fit_temperature=p.export.fit_temperature)
     except (ParamsError, TrainingError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -92,5 +92,18 @@ def test_export_records_the_cue_and_evaluate_gives_it_to_the_teacher(tmp_path, t
     assert model.cluster_dim == model.embed_dim + 1
     teacher = teacher_model(teacher_dir, cue=model.meta["cue"])
     assert teacher.cluster_dim == teacher.embed_dim + 1
+    assert model.fit_temperature == model.temperature  # not given: the head's training temperature
     rgb = np.full((40, 36, 3), 90, np.uint8)
     assert model.embed_cells(rgb).shape == (10, 9, model.embed_dim + 1)
+
+
+def test_export_records_fit_temperature_and_evaluate_gives_it_to_the_teacher(tmp_path, teacher_dir, student_dir):  # noqa: F811
+    from stages.evaluate import teacher_model
+    from stages.params import ExportParams
+
+    t = ExportParams().fit_temperature
+    out = export_model("student", teacher_dir, student_dir, tmp_path / "best", fit_temperature=t)
+    model = runtime.load_model(out)
+    assert json.loads((out / "meta.json").read_text())["fit_temperature"] == t == model.fit_temperature
+    assert model.temperature != t
+    assert teacher_model(teacher_dir, fit_temperature=model.meta["fit_temperature"]).fit_temperature == t

@@ -82,6 +82,7 @@ def test_wrong_types_are_named(raw, key, expected):
     ({"ingest": {"synthetic": {"num_scenes": 0}}}, "ingest.synthetic.num_scenes", "[1, 100000]"),
     ({"ingest": {"local": {"bands": [0, 1, 2]}}}, "ingest.local.bands[0]", "[1, 64]"),
     ({"ingest": {"provider": "ftp"}}, "ingest.provider", "one of ['synthetic', 'local', 'remote']"),
+    ({"export": {"fit_temperature": 0.0}}, "export.fit_temperature", "[0.001, 10.0]"),
 ])
 def test_out_of_range_values_name_the_range(raw, key, expected):
     with pytest.raises(ParamsError) as e:

@@ -144,6 +144,34 @@ def test_fit_centres_keeps_the_best_of_its_restarts():
         cluster.fit_centres(x, 5, 0.1, 0, restarts=0)
 
 
+def test_fit_temperature_sets_the_soft_updates_of_centre_fitting():
+    enc = random_encoder(width=16, depth=1, embed_dim=8)
+    plain, cooled = _model(enc), _model(enc, fit_temperature=0.03)
+    assert plain.fit_temperature == plain.temperature == 0.1 and cooled.fit_temperature == 0.03
+    # five loose groups of unit vectors: soft updates move the hard centres without merging them
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(np.eye(8)[i] * 3, 1.0, (200, 8)) for i in range(5)]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    hard = cluster.fit_centres(x, 5, 0.1, 0, seed=0)
+    fits = {}
+    for model, t in ((plain, 0.1), (cooled, 0.03)):  # every row is sampled, so both fits see exactly x
+        fits[t] = model.fit_centres_from_cells([x], 5, seed=0, samples=len(x))
+        np.testing.assert_array_equal(fits[t], cluster.fit_centres(x, 5, t, 3, seed=0))
+        assert not np.array_equal(fits[t], hard)
+    assert not np.array_equal(fits[0.1], fits[0.03])
+    # the probabilities (and so smoothing) keep the head's training temperature
+    cells = x[:120].reshape(10, 12, 8)
+    np.testing.assert_array_equal(cooled.cell_proba(cells, fits[0.03]), plain.cell_proba(cells, fits[0.03]))
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, "0.05", True, float("nan")])
+def test_bad_fit_temperature_is_refused(bad):
+    from runtime.artifact import ArtifactError
+
+    with pytest.raises(ArtifactError, match="'fit_temperature' must be null or a number > 0"):
+        _model(random_encoder(width=16, depth=1, embed_dim=8), fit_temperature=bad)
+
+
 def test_fit_centres_is_deterministic_distinct_and_global():
     model = _model(random_encoder(width=16, depth=1, embed_dim=8))
     images = [synthetic_rgb(64, 80, seed=s) for s in range(3)]
