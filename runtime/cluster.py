@@ -105,9 +105,10 @@ def fit_centres(emb: np.ndarray, k: int, temperature: float, iters: int, seed: i
     """Centres of unit rows `emb` (N, D): hard spherical k-means (k-means++ init, Lloyd until no
     assignment changes, at most `lloyd_iters`) from `restarts` seeded starts (seed, seed + 1, ...),
     keeping the one with the highest total cosine to its centres (as scikit-learn's n_init keeps the
-    lowest inertia); then `iters` soft k-means updates at `temperature` (the model's own clustering).
-    The hard phase is temperature-free, so it separates clusters even when embeddings are tightly
-    packed; the soft phase then matches the trained head's assignments. The soft result is kept
+    lowest inertia); then `iters` soft k-means updates at `temperature` (`Model` passes its
+    artifact's `fit_temperature`, 0.05 from export, below the head's training 0.1, which pulls
+    centres together). The hard phase is temperature-free, so it separates clusters even when
+    embeddings are tightly packed; the soft phase then refines them. The soft result is kept
     only if it did not collapse the clustering (see `_collapsed`); otherwise the hard k-means
     centres are returned."""
     x = _normalise_rows(_check_samples(emb, k, "fit_centres"))
