@@ -143,6 +143,13 @@ def cluster_dim(meta: dict) -> int:
     return meta["embed_dim"] + (1 if meta.get("cue") else 0)
 
 
+def clustering_settings(meta: dict) -> dict:
+    """The optional meta keys that change how an artifact's cells are clustered ("cue",
+    "fit_temperature"), as `build_meta` keywords: what another model needs to be clustered the
+    same way (evaluate's teacher)."""
+    return {"cue": meta.get("cue"), "fit_temperature": meta.get("fit_temperature")}
+
+
 def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> LayerSummary:
     """Check a (layers, arrays, meta) triple exactly as `load_artifact` does; raise ArtifactError."""
     meta_at = f"{where}/{META_FILE}"

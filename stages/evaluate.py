@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from runtime import Model, load_model
 from runtime.model import labels_from_cell_proba
-from runtime.artifact import build_meta
+from runtime.artifact import build_meta, clustering_settings
 from runtime.errors import LandsegError
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
 from stages.datasets import DatasetError, TileDataset
@@ -291,7 +291,7 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
     summary = read_summary(dataset_root)
     num_classes, names = summary["num_classes"], class_names(summary)
     model = load_model_dir(Path(model_dir))
-    teacher = teacher_model(Path(teacher_path), cue=model.cue, fit_temperature=model.meta.get("fit_temperature"))
+    teacher = teacher_model(Path(teacher_path), **clustering_settings(model.meta))
     k = params.k or num_classes
     max_k = min(model.meta["max_k"], teacher.meta["max_k"])
     if not 2 <= k <= max_k:
