@@ -12,6 +12,13 @@ import numpy as np
 from .cluster import DEFAULT_RESTARTS
 from .errors import LandsegError
 
+# A cluster under this share of the valid pixels is reported as near-empty, so that a user sees when
+# the map holds fewer covers than --k asked for: a raster with fewer covers than k, or centres fitted
+# elsewhere (--centres). On Dubai, plain k-means centres fitted over a whole region spent one of five
+# centres on cells where covers meet, which smoothing then all but erased (docs/experiments.md,
+# tenth session).
+NEAR_EMPTY_SHARE = 0.01
+
 DESCRIPTION = """\
 Segment an RGB aerial image (any GDAL-readable raster, e.g. a GeoTIFF orthophoto) into K land-cover
 clusters with the exported landseg model. The output is a single-band 8-bit GeoTIFF with the same
@@ -195,7 +202,26 @@ def run_segment(args) -> int:
         print(f"wrote {result.dst}: {result.k} clusters (ids 0..{result.k - 1}, 255 = nodata), "
               f"{result.tiles} tile(s), {result.seconds:.1f} s; centres {result.centres_source}; "
               f"{result.resolution}; {result.rescale}", file=sys.stderr)
+        for line in cluster_share_lines(result.cluster_pixels):
+            print(line, file=sys.stderr)
     return 0
+
+
+def cluster_share_lines(cluster_pixels: np.ndarray) -> list[str]:
+    """The share of valid pixels per cluster id, and a note naming the near-empty clusters."""
+    total = int(cluster_pixels.sum())
+    if total == 0:
+        return ["clusters: no valid pixel (every output pixel is nodata)"]
+    shares = cluster_pixels / total
+    lines = ["clusters (% of valid pixels): "
+             + ", ".join(f"{i}: {100 * s:.1f}" for i, s in enumerate(shares))]
+    small = [i for i, s in enumerate(shares) if s < NEAR_EMPTY_SHARE]
+    if small:
+        ids = ", ".join(map(str, small))
+        lines.append(f"note: cluster{'s' if len(small) > 1 else ''} {ids} cover{'' if len(small) > 1 else 's'} "
+                     f"less than {100 * NEAR_EMPTY_SHARE:.0f} % of the valid pixels: this raster may hold "
+                     f"fewer distinct covers than --k {len(shares)}; a smaller --k may give a cleaner map")
+    return lines
 
 
 def run_info(argv: list[str]) -> int:

@@ -32,6 +32,7 @@ rasterio (GDAL) is imported inside the functions, so `import runtime` stays nump
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -65,7 +66,8 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 class SegmentResult:
     """What `segment_raster` did: destination, k, the centres used and where they came from, and
     the ground sample distance the network saw (`pixel_size_m`, None when unknown) with a sentence
-    saying why (`resolution`)."""
+    saying why (`resolution`). `cluster_pixels[i]` counts the output pixels of cluster i, on the
+    raster's own grid; `nodata_pixels` those written as NODATA."""
 
     dst: Path
     k: int
@@ -77,6 +79,8 @@ class SegmentResult:
     resolution: str = ""
     rescale_limits: np.ndarray | None = None
     rescale: str = ""
+    cluster_pixels: np.ndarray | None = None
+    nodata_pixels: int = 0
 
 
 def _check_int(name: str, value, lo: int) -> int:
@@ -416,6 +420,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                 back = ([] if work is ds else
                         [(r, h, c0, w) for r, h in _grid(ds.height, tile) for c0, w in _grid(ds.width, tile)])
                 total = len(tiles) + len(back)
+                counts = np.zeros(256, np.int64)  # pixels written per output value, on the raster's grid
                 with rasterio.open(tmp if work is ds else work_tmp, "w",
                                    **_label_profile(width, height, work.crs, work.transform)) as out:
                     for i, (r0, rh, c0, cw) in enumerate(tiles):
@@ -423,6 +428,8 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                             raise Cancelled(f"cancelled after {i} of {len(tiles)} tiles; {dst} not written")
                         labels = _segment_tile(reader, model, c, smooth, halo, height, width, r0, rh, c0, cw)
                         out.write(labels[None], window=rasterio.windows.Window(c0, r0, cw, rh))
+                        if work is ds:
+                            counts += np.bincount(labels.ravel(), minlength=256)
                         if progress is not None:
                             progress(i + 1, total)
 
@@ -435,7 +442,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
 
                 if back:
                     _labels_to_source_grid(work_tmp, _Reader(ds, bands, model, src, values.limits), tmp,
-                                           back, after_block)
+                                           back, after_block, counts)
                 with rasterio.open(tmp, "r+") as out:
                     cmap = {i: PALETTE[i % len(PALETTE)] + (255,) for i in range(k)}
                     cmap[NODATA] = (0, 0, 0, 0)
@@ -445,7 +452,8 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                     out.update_tags(landseg_k=str(k), landseg_centres=source,
                                     landseg_model_commit=prov["git_commit"],
                                     landseg_model_params_hash=prov["params_hash"],
-                                    landseg_resolution=plan.note, landseg_rescale=values.note)
+                                    landseg_resolution=plan.note, landseg_rescale=values.note,
+                                    landseg_cluster_pixels=json.dumps(counts[:k].tolist()))
                     if overviews:
                         factors = _overview_factors(ds.height, ds.width)
                         if factors:
@@ -462,7 +470,8 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
             for leftover in (work_tmp, work_tmp.with_name(work_tmp.name + ".aux.xml")):
                 leftover.unlink(missing_ok=True)
     return SegmentResult(dst, k, c, source, len(tiles), time.perf_counter() - t_start,
-                         plan.working_m, plan.note, values.limits, values.note)
+                         plan.working_m, plan.note, values.limits, values.note,
+                         cluster_pixels=counts[:k].copy(), nodata_pixels=int(counts[NODATA]))
 
 
 def _raster_m(ds, declared, src) -> float | None:
@@ -504,10 +513,11 @@ def _resampled(ds, scale: float):
 
 
 def _labels_to_source_grid(work_path: Path, source: _Reader, dst: Path, blocks,
-                           after_block: Callable[[int], None]) -> None:
+                           after_block: Callable[[int], None], counts: np.ndarray) -> None:
     """Nearest-neighbour labels from the working grid back onto the source raster's grid, block by
     block (`blocks`: (row, height, col, width) on that grid; `after_block(j)` after the j-th), with
-    the source's own nodata pixels set to NODATA (a resampled cell may straddle them)."""
+    the source's own nodata pixels set to NODATA (a resampled cell may straddle them). Adds the
+    pixels written per value to `counts` (256,)."""
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
@@ -523,6 +533,7 @@ def _labels_to_source_grid(work_path: Path, source: _Reader, dst: Path, blocks,
             labels = back.read(1, window=win)
             labels[source.nodata(r0, c0, rh, cw)] = NODATA
             out.write(labels, 1, window=win)
+            counts += np.bincount(labels.ravel(), minlength=256)
             after_block(j)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from runtime.cli import main
+from runtime.cli import cluster_share_lines, main
 from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +47,7 @@ def test_segment_writes_output_and_reuses_saved_centres(setup, tmp_path):
                "--save-centres", centres, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stderr and "3 clusters" in res.stderr
+    assert "clusters (% of valid pixels): 0: " in res.stderr
     assert "own resolution: the model does not record its training pixel size" in res.stderr
     with rasterio.open(out) as ds:
         labels = ds.read(1)
@@ -57,6 +58,16 @@ def test_segment_writes_output_and_reuses_saved_centres(setup, tmp_path):
                  "--centres", str(centres), "--quiet"]) == 0
     with rasterio.open(tmp_path / "again.tif") as ds:
         np.testing.assert_array_equal(ds.read(1), labels)
+
+
+def test_cluster_shares_name_the_near_empty_clusters():
+    assert cluster_share_lines(np.array([600, 400])) == ["clusters (% of valid pixels): 0: 60.0, 1: 40.0"]
+    lines = cluster_share_lines(np.array([985, 5, 10, 0]))
+    assert lines[0] == "clusters (% of valid pixels): 0: 98.5, 1: 0.5, 2: 1.0, 3: 0.0"
+    assert lines[1].startswith("note: clusters 1, 3 cover less than 1 % of the valid pixels")
+    assert "--k 4" in lines[1]
+    assert cluster_share_lines(np.array([990, 10, 0]))[1].startswith("note: cluster 2 covers less")
+    assert cluster_share_lines(np.zeros(3, np.int64)) == ["clusters: no valid pixel (every output pixel is nodata)"]
 
 
 def test_pixel_size_option(setup, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import rasterio
@@ -86,11 +88,14 @@ def test_raster_labels_equal_array_prediction_with_the_same_centres(tmp_path, rg
 
 
 def test_nodata_georeferencing_and_format_are_kept(tmp_path, src, rgb, model):
-    segment_raster(src, tmp_path / "out.tif", K, model, tile=64, overviews=True)
+    res = segment_raster(src, tmp_path / "out.tif", K, model, tile=64, overviews=True)
     labels, profile, _ = _read(tmp_path / "out.tif")
     nodata = (rgb == 0).all(axis=2)
     assert (labels[nodata] == NODATA).all()
     assert (labels[~nodata] < K).all()
+    # the pixel count of every cluster is what the file holds (tag and result)
+    np.testing.assert_array_equal(res.cluster_pixels, np.bincount(labels[~nodata], minlength=K))
+    assert res.nodata_pixels == nodata.sum() > 0
     with rasterio.open(src) as s, rasterio.open(tmp_path / "out.tif") as o:
         assert o.crs == s.crs and o.transform == s.transform
         assert (o.width, o.height, o.count, o.dtypes[0]) == (s.width, s.height, 1, "uint8")
@@ -100,6 +105,7 @@ def test_nodata_georeferencing_and_format_are_kept(tmp_path, src, rgb, model):
         cmap = o.colormap(1)
         assert len({cmap[i] for i in range(K)}) == K and cmap[NODATA][3] == 0
         assert o.tags()["landseg_k"] == str(K)
+        assert json.loads(o.tags()["landseg_cluster_pixels"]) == res.cluster_pixels.tolist()
 
 
 def test_artifact_and_given_centres(tmp_path, src, model):

@@ -153,6 +153,10 @@ def test_masked_raster_is_resampled_and_keeps_its_nodata(tmp_path, model, mask):
     with rasterio.open(res.dst) as out:
         labels = out.read(1)
     assert (labels[:30, :40] == NODATA).all() and (labels[30:, 40:] < K).all()
+    # counted on the raster's own grid, after the labels went back to it
+    counts = np.bincount(labels.ravel(), minlength=256)
+    np.testing.assert_array_equal(res.cluster_pixels, counts[:K])
+    assert res.nodata_pixels == counts[NODATA] and counts[K:NODATA].sum() == 0
 
 
 @pytest.mark.parametrize("dst_crs", ["EPSG:3857", "EPSG:4326"])
