@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,7 @@ class _Progress:
 def run_segment(args) -> int:
     from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE, load_model
     from .raster import segment_raster
+    from rasterio.errors import NotGeoreferencedWarning
 
     model = load_model(args.model, threads=args.threads)
     centres = args.centres
@@ -183,14 +185,17 @@ def run_segment(args) -> int:
             raise LandsegError(f"{path}: cannot read centres (.npy from --save-centres): {e}") from None
     progress = _Progress(args.quiet)
     try:
-        result = segment_raster(args.input, args.output, args.k, model, tile=args.tile, bands=args.bands,
-                                centres=centres, seed=args.seed,
-                                samples=DEFAULT_SAMPLES if args.samples is None else args.samples,
-                                iters=args.cluster_iters, restarts=args.restarts,
-                                balance=PER_IMAGE_BALANCE if args.balance is None else args.balance,
-                                smooth_iters=args.smooth_iters, pixel_size=args.pixel_size,
-                                raster_pixel_size_m=args.raster_pixel_size, rescale=args.rescale,
-                                overwrite=args.overwrite, overviews=args.overviews, progress=progress)
+        with warnings.catch_warnings():
+            # said once, in words, below (rasterio warns on every open of a raster without a geotransform)
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            result = segment_raster(args.input, args.output, args.k, model, tile=args.tile, bands=args.bands,
+                                    centres=centres, seed=args.seed,
+                                    samples=DEFAULT_SAMPLES if args.samples is None else args.samples,
+                                    iters=args.cluster_iters, restarts=args.restarts,
+                                    balance=PER_IMAGE_BALANCE if args.balance is None else args.balance,
+                                    smooth_iters=args.smooth_iters, pixel_size=args.pixel_size,
+                                    raster_pixel_size_m=args.raster_pixel_size, rescale=args.rescale,
+                                    overwrite=args.overwrite, overviews=args.overviews, progress=progress)
     finally:
         progress.close()
     if args.save_centres:
@@ -202,6 +207,9 @@ def run_segment(args) -> int:
         print(f"wrote {result.dst}: {result.k} clusters (ids 0..{result.k - 1}, 255 = nodata), "
               f"{result.tiles} tile(s), {result.seconds:.1f} s; centres {result.centres_source}; "
               f"{result.resolution}; {result.rescale}", file=sys.stderr)
+        if not result.georeferenced:
+            print(f"note: {args.input} has no CRS and no geotransform, so {result.dst} has none either "
+                  "(it is on the input's pixel grid)", file=sys.stderr)
         for line in cluster_share_lines(result.cluster_pixels):
             print(line, file=sys.stderr)
     return 0

@@ -67,7 +67,9 @@ class SegmentResult:
     """What `segment_raster` did: destination, k, the centres used and where they came from, and
     the ground sample distance the network saw (`pixel_size_m`, None when unknown) with a sentence
     saying why (`resolution`). `cluster_pixels[i]` counts the output pixels of cluster i, on the
-    raster's own grid; `nodata_pixels` those written as NODATA."""
+    raster's own grid; `nodata_pixels` those written as NODATA. `georeferenced` is False when the
+    raster has neither a CRS nor a geotransform (a plain JPEG or PNG): the output then has none either
+    and is on the raster's pixel grid."""
 
     dst: Path
     k: int
@@ -81,6 +83,7 @@ class SegmentResult:
     rescale: str = ""
     cluster_pixels: np.ndarray | None = None
     nodata_pixels: int = 0
+    georeferenced: bool = True
 
 
 def _check_int(name: str, value, lo: int) -> int:
@@ -395,6 +398,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
         try:
             with ds, contextlib.ExitStack() as stack:
                 bands = select_bands(ds.count, bands, src)
+                georeferenced = ds.crs is not None or not ds.transform.is_identity
                 values = plan_rescale(ds, bands, rescale, src, model.input_rescale)
                 plan = plan_resolution(_raster_m(ds, raster_pixel_size_m, src), model, pixel_size, src)
                 work = ds if plan.scale == 1.0 else stack.enter_context(_resampled(ds, plan.scale))
@@ -471,7 +475,8 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                 leftover.unlink(missing_ok=True)
     return SegmentResult(dst, k, c, source, len(tiles), time.perf_counter() - t_start,
                          plan.working_m, plan.note, values.limits, values.note,
-                         cluster_pixels=counts[:k].copy(), nodata_pixels=int(counts[NODATA]))
+                         cluster_pixels=counts[:k].copy(), nodata_pixels=int(counts[NODATA]),
+                         georeferenced=georeferenced)
 
 
 def _raster_m(ds, declared, src) -> float | None:

@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+from rasterio.errors import NotGeoreferencedWarning
 
 from runtime.cli import cluster_share_lines, main
 from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
@@ -68,6 +70,21 @@ def test_cluster_shares_name_the_near_empty_clusters():
     assert "--k 4" in lines[1]
     assert cluster_share_lines(np.array([990, 10, 0]))[1].startswith("note: cluster 2 covers less")
     assert cluster_share_lines(np.zeros(3, np.int64)) == ["clusters: no valid pixel (every output pixel is nodata)"]
+
+
+def test_raster_without_georeferencing_gets_one_note_not_rasterio_warnings(setup, tmp_path):
+    root, model, _ = setup
+    src = tmp_path / "plain.tif"  # like a JPEG: no CRS, no geotransform
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(src, "w", driver="GTiff", width=40, height=36, count=3, dtype="uint8") as ds:
+            ds.write(synthetic_rgb(36, 40, seed=2).transpose(2, 0, 1))
+    res = _run("segment", src, tmp_path / "out.tif", "--k", 2, "--model", model, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "NotGeoreferencedWarning" not in res.stderr
+    assert f"note: {src} has no CRS and no geotransform, so {tmp_path / 'out.tif'} has none either" in res.stderr
+    georef = _run("segment", setup[2], tmp_path / "geo.tif", "--k", 2, "--model", model, cwd=tmp_path)
+    assert georef.returncode == 0 and "no CRS and no geotransform" not in georef.stderr
 
 
 def test_pixel_size_option(setup, tmp_path, capsys):
