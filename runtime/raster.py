@@ -22,7 +22,9 @@ tile size, and the result is identical to segmenting the raster in one piece:
   through a GDAL warped VRT at the training GSD, tiled and segmented there as above, and its labels
   are warped back (nearest) onto the raster's own grid, block by block.
 - Output: single-band uint8 GeoTIFF (tiled 256 x 256, DEFLATE, BIGTIFF when needed) in the source
-  CRS and transform, cluster ids 0..k-1 with a colour table, optional internal overviews (nearest).
+  CRS and transform, cluster ids 0..k-1 with a colour table, optional internal overviews (nearest),
+  and `landseg_*` tags (k, where the centres came from, the model's provenance, the resolution and
+  rescale notes, the pixel count of every cluster).
   It is written under a hidden temporary name beside `dst` and renamed when complete: an error,
   a cancel or an interruption leaves no partial `dst`.
 
