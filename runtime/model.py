@@ -101,8 +101,9 @@ class Model:
         c = self.arrays.get(f"centres_k{k}")
         if c is None:
             have = sorted(int(n[len("centres_k"):]) for n in self.arrays if n.startswith("centres_k"))
-            raise InputError(f"the model carries no precomputed centres for k={k} "
-                             f"(it has them for k in {have or 'none'}); fit them instead")
+            has = f"it has them for k = {', '.join(map(str, have))}" if have else "it has none"
+            raise InputError(f"the model carries no precomputed centres for k={k} ({has}); fit them "
+                             "instead (centres=None, CLI --centres fit, the default)")
         return c
 
     # -- embeddings ---------------------------------------------------------------------------

@@ -317,7 +317,7 @@ def test_bad_arrays_and_arguments_raise_clear_errors():
             model.predict_labels(rgb, k)
     with pytest.raises(InputError, match=r"centres must have shape \(k, embed_dim\) = \(3, 4\)"):
         model.predict_labels(rgb, 3, centres=np.ones((3, 5)))
-    with pytest.raises(InputError, match="no precomputed centres for k=3"):
+    with pytest.raises(InputError, match=r"no precomputed centres for k=3 \(it has none\); fit them"):
         model.artifact_centres(3)
 
 

@@ -114,7 +114,7 @@ def test_artifact_and_given_centres(tmp_path, src, model):
     given = segment_raster(src, tmp_path / "b.tif", K, model, centres=res.centres, tile=48)
     np.testing.assert_array_equal(_read(tmp_path / "a.tif")[0], _read(tmp_path / "b.tif")[0])
     assert given.centres_source == "given"
-    with pytest.raises(InputError, match="no precomputed centres for k=3"):
+    with pytest.raises(InputError, match=rf"no precomputed centres for k=3 \(it has them for k = {K}\)"):
         segment_raster(src, tmp_path / "c.tif", 3, model, centres="artifact")
     assert not (tmp_path / "c.tif").exists()
 
