@@ -226,9 +226,10 @@ def cluster_share_lines(cluster_pixels: np.ndarray) -> list[str]:
     small = [i for i, s in enumerate(shares) if s < NEAR_EMPTY_SHARE]
     if small:
         ids = ", ".join(map(str, small))
-        lines.append(f"note: cluster{'s' if len(small) > 1 else ''} {ids} cover{'' if len(small) > 1 else 's'} "
-                     f"less than {100 * NEAR_EMPTY_SHARE:.0f} % of the valid pixels: this raster may hold "
-                     f"fewer distinct covers than --k {len(shares)}; a smaller --k may give a cleaner map")
+        which = f"clusters {ids} cover" if len(small) > 1 else f"cluster {ids} covers"
+        lines.append(f"note: {which} less than {100 * NEAR_EMPTY_SHARE:.0f} % of the valid pixels: this "
+                     f"raster may hold fewer distinct covers than --k {len(shares)}; a smaller --k may "
+                     "give a cleaner map")
     return lines
 
 

@@ -477,7 +477,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                 leftover.unlink(missing_ok=True)
     return SegmentResult(dst, k, c, source, len(tiles), time.perf_counter() - t_start,
                          plan.working_m, plan.note, values.limits, values.note,
-                         cluster_pixels=counts[:k].copy(), nodata_pixels=int(counts[NODATA]),
+                         cluster_pixels=counts[:k], nodata_pixels=int(counts[NODATA]),
                          georeferenced=georeferenced)
 
 
