@@ -46,7 +46,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError, OutputExistsError, RasterReadError
 from .cluster import DEFAULT_RESTARTS
-from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE, Model, labels_from_cell_proba, load_model
+from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE, Model, labels_from_cell_proba, load_model, sample_rows
 from .rescale import PERCENTILES, STATS_SIZE, check_limits, percentile_limits, to_uint8
 from .resolution import plan_resolution, positive_metres
 
@@ -277,21 +277,21 @@ class _Reader:
         return (masks == 0).any(axis=0)
 
 
-def fit_raster_centres(reader: _Reader, height: int, width: int, model: Model, k: int, seed: int,
-                       samples: int, iters: int | None, restarts: int = DEFAULT_RESTARTS,
-                       balance: int = 0) -> np.ndarray:
-    """Centres from embeddings of seeded sample windows spread across the raster.
+def sample_raster_cells(reader: _Reader, height: int, width: int, model: Model,
+                        seed: int) -> tuple[np.ndarray, int]:
+    """Embeddings of seeded sample windows spread across the raster, for fitting centres.
 
     The raster is split into a SAMPLE_GRID x SAMPLE_GRID grid; in each grid cell one window core of
     SAMPLE_CORE pixels is placed at a seeded random position (multiple of 4), read with a margin of
     the receptive field so that its cells' embeddings equal the untiled ones, and its cells without
-    nodata pixels are pooled. At most `samples` cells are then drawn (seeded) to fit the centres.
-    Independent of the tile size, so tiled and untiled runs use the same centres.
+    nodata pixels are pooled. Independent of the tile size, so tiled and untiled runs use the same
+    cells. Returns the pooled (N, cluster_dim) cells and the number of core cells looked at (valid
+    or not), whose ratio estimates the raster's valid share.
     """
     stride = model.stride
     margin = -(-model.receptive_field // stride) * stride
     rng = np.random.default_rng(seed)
-    pooled = []
+    pooled, looked = [], 0
     for gi in range(SAMPLE_GRID):
         for gj in range(SAMPLE_GRID):
             origin = []
@@ -317,11 +317,107 @@ def fit_raster_centres(reader: _Reader, height: int, width: int, model: Model, k
             pad[:, nodata.shape[1]:] = False
             bad = pad.reshape(cells.shape[0], stride, cells.shape[1], stride).any(axis=(1, 3))[a0:a1, b0:b1]
             pooled.append(core[~bad])
-    if sum(p.shape[0] for p in pooled) < k:
+            looked += bad.size
+    return np.concatenate(pooled, axis=0), looked
+
+
+def fit_raster_centres(reader: _Reader, height: int, width: int, model: Model, k: int, seed: int,
+                       samples: int, iters: int | None, restarts: int = DEFAULT_RESTARTS,
+                       balance: int = 0) -> np.ndarray:
+    """Centres from the cells of `sample_raster_cells`: at most `samples` of them drawn (seeded),
+    then `Model.fit_centres_from_cells`."""
+    cells, _ = sample_raster_cells(reader, height, width, model, seed)
+    if cells.shape[0] < k:
         raise InputError(f"{reader.src}: too few valid (non-nodata) pixels in the sample windows to fit "
                          f"{k} clusters")
-    return model.fit_centres_from_cells(pooled, k, seed=seed, samples=samples, iters=iters, restarts=restarts,
+    return model.fit_centres_from_cells([cells], k, seed=seed, samples=samples, iters=iters, restarts=restarts,
                                         balance=balance)
+
+
+@dataclass
+class SharedCentres:
+    """What `fit_shared_centres` fitted: the (k, cluster_dim) centres, and per raster (in the order
+    given) the cells drawn from it and a note on how it was read (resolution; value mapping)."""
+
+    centres: np.ndarray
+    sources: list[str]
+    cells: list[int]
+    notes: list[str]
+
+
+def fit_shared_centres(sources, k: int, model, *, bands=None, seed: int = 0, samples: int = DEFAULT_SAMPLES,
+                       iters: int | None = None, restarts: int = DEFAULT_RESTARTS, balance: int = 0,
+                       pixel_size="auto", raster_pixel_size_m=None, rescale="auto") -> SharedCentres:
+    """One set of cluster centres for several rasters, so that `segment_raster(..., centres=c)` gives
+    every one of them the same cluster ids: one clustering over the whole area (a mosaic of tiles,
+    several flights), what evaluate's global protocol measures.
+
+    Each raster is read as `segment_raster` reads it with the same `bands`, `pixel_size`,
+    `raster_pixel_size_m` and `rescale` (pass the same values when segmenting), and its cells are
+    sampled from the same seeded windows (`sample_raster_cells`). Of the `samples` cells, each raster
+    gets a share proportional to its valid area on the grid the network runs on (its pixel count
+    times the valid share of its sample windows), so a raster four times larger counts four times
+    more, as it would in one clustering of the mosaic; at most the cells its windows hold. Then
+    `Model.fit_centres_from_cells`. With one raster the centres equal those `segment_raster` fits on it
+    with the same arguments.
+
+    balance: micro-clusters of density-balanced fitting, 0 (plain k-means) by default. Balancing
+    is `segment_raster`'s default for one raster, where it gained 0.04-0.09 per image, but over a
+    whole region it moved the global protocol by -0.02 to +0.005 (docs/experiments.md, "Balanced
+    centres"), so shared centres are plain unless asked.
+    """
+    if not isinstance(model, Model):
+        model = load_model(model)
+    k = model.check_k(k)
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    sources = [str(src) for src in sources]
+    if not sources:
+        raise InputError("fit_shared_centres: no rasters given")
+    samples = _check_int("samples", samples, k)
+    restarts = _check_int("restarts", restarts, 1)
+    balance = _check_int("balance", balance, 0)
+
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    pools, areas, notes = [], [], []
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 1024 * 1024):
+        for src in sources:
+            ds = _open_raster(src)
+            try:
+                with ds, contextlib.ExitStack() as stack:
+                    _, values, plan, work, reader = _working_grid(ds, src, model, bands, rescale, pixel_size,
+                                                                  raster_pixel_size_m, stack)
+                    cells, looked = sample_raster_cells(reader, work.height, work.width, model, seed)
+                    area = work.height * work.width * cells.shape[0] / looked if looked else 0.0
+            except RasterioError as e:
+                raise RasterReadError(f"GDAL error while sampling {src}: {e}") from None
+            pools.append(cells)
+            areas.append(area)
+            notes.append(f"{plan.note}; {values.note}")
+    if sum(areas) == 0:
+        raise InputError(f"no valid (non-nodata) pixels in the sample windows of any of the {len(sources)} "
+                         f"raster(s)")
+    quota = _apportion(samples, np.asarray(areas, dtype=np.float64))
+    drawn = [sample_rows([p], int(min(q, p.shape[0])), seed) if q else p[:0] for p, q in zip(pools, quota)]
+    total = sum(d.shape[0] for d in drawn)
+    if total < k:
+        raise InputError(f"too few valid (non-nodata) pixels in the sample windows of "
+                         f"{', '.join(sources)} to fit {k} clusters")
+    centres = model.fit_centres_from_cells(drawn, k, seed=seed, samples=total, iters=iters, restarts=restarts,
+                                           balance=balance)
+    return SharedCentres(centres, sources, [d.shape[0] for d in drawn], notes)
+
+
+def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
+    """`total` split in proportion to `weights` into integers that sum to `total` (largest remainders;
+    ties to the earlier entry)."""
+    exact = total * weights / weights.sum()
+    whole = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - whole), kind="stable")
+    whole[order[:total - int(whole.sum())]] += 1
+    return whole
 
 
 def _overview_factors(height: int, width: int) -> list[int]:
@@ -393,19 +489,13 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
     work_tmp = dst.with_name(f".{dst.name}.working-{os.getpid()}")  # labels on a resampled grid
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 1024 * 1024):
-        try:
-            ds = rasterio.open(src)
-        except (RasterioError, OSError) as e:
-            raise RasterReadError(f"{src}: GDAL cannot read this raster: {e}") from None
+        ds = _open_raster(src)
         try:
             with ds, contextlib.ExitStack() as stack:
-                bands = select_bands(ds.count, bands, src)
                 georeferenced = ds.crs is not None or not ds.transform.is_identity
-                values = plan_rescale(ds, bands, rescale, src, model.input_rescale)
-                plan = plan_resolution(_raster_m(ds, raster_pixel_size_m, src), model, pixel_size, src)
-                work = ds if plan.scale == 1.0 else stack.enter_context(_resampled(ds, plan.scale))
+                bands, values, plan, work, reader = _working_grid(ds, src, model, bands, rescale, pixel_size,
+                                                                  raster_pixel_size_m, stack)
                 height, width = work.height, work.width
-                reader = _Reader(work, bands, model, src, values.limits)
 
                 if centres is None or (isinstance(centres, str) and centres == "fit"):
                     c = fit_raster_centres(reader, height, width, model, k, seed, samples, iters, restarts,
@@ -479,6 +569,28 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                          plan.working_m, plan.note, values.limits, values.note,
                          cluster_pixels=counts[:k], nodata_pixels=int(counts[NODATA]),
                          georeferenced=georeferenced)
+
+
+def _open_raster(src):
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    try:
+        return rasterio.open(src)
+    except (RasterioError, OSError) as e:
+        raise RasterReadError(f"{src}: GDAL cannot read this raster: {e}") from None
+
+
+def _working_grid(ds, src, model: Model, bands, rescale, pixel_size, raster_pixel_size_m,
+                  stack: contextlib.ExitStack):
+    """How the network sees the open raster `ds`: its (R, G, B) bands, the mapping of its values to
+    0..255 (`plan_rescale`), the resolution plan (`plan_resolution`), the grid it runs on (`ds`
+    itself, or a warped VRT at the planned pixel size, closed with `stack`) and a reader of that grid."""
+    bands = select_bands(ds.count, bands, src)
+    values = plan_rescale(ds, bands, rescale, src, model.input_rescale)
+    plan = plan_resolution(_raster_m(ds, raster_pixel_size_m, src), model, pixel_size, src)
+    work = ds if plan.scale == 1.0 else stack.enter_context(_resampled(ds, plan.scale))
+    return bands, values, plan, work, _Reader(work, bands, model, src, values.limits)
 
 
 def _raster_m(ds, declared, src) -> float | None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from runtime import segment_raster
+from runtime import fit_shared_centres, segment_raster
 from runtime.errors import Cancelled, InputError, OutputExistsError, RasterReadError
 from runtime.model import load_model
 from runtime.raster import NODATA
@@ -203,3 +203,72 @@ def test_cancel_and_interruption_leave_no_partial_output(tmp_path, src, model):
     with pytest.raises(KeyboardInterrupt):
         segment_raster(src, out, K, model, tile=32, progress=interrupt)
     assert list(tmp_path.iterdir()) == []  # neither dst nor the temporary file
+
+
+# --- centres shared by several rasters (fit_shared_centres) ---------------------------------------
+
+
+@pytest.mark.parametrize("balance", [0, 16])
+def test_shared_centres_of_one_raster_equal_the_centres_segment_raster_fits(tmp_path, src, model, balance):
+    own = segment_raster(src, tmp_path / "own.tif", K, model, balance=balance, seed=3)
+    shared = fit_shared_centres([src], K, model, balance=balance, seed=3)
+    np.testing.assert_array_equal(shared.centres, own.centres)
+    assert shared.sources == [str(src)] and len(shared.cells) == 1 and len(shared.notes) == 1
+    assert "own resolution" in shared.notes[0] and "8-bit input used as it is" in shared.notes[0]
+
+
+def test_shared_centres_draw_from_each_raster_in_proportion_to_its_valid_area(tmp_path, model):
+    a = write_raster(tmp_path / "a.tif", synthetic_rgb(96, 96, seed=1))
+    big = synthetic_rgb(192, 192, seed=2)  # four times the area of a
+    b = write_raster(tmp_path / "b.tif", big)
+    half = synthetic_rgb(96, 96, seed=4)
+    half[:48] = 0  # nodata on whole stride-4 cells: exactly half of c is valid
+    c = write_raster(tmp_path / "c.tif", half, nodata=0)
+    shared = fit_shared_centres([a, b, c], K, model, samples=1100)
+    assert shared.cells == [200, 800, 100]  # areas 9216 : 36864 : 4608 valid pixels
+    assert shared.centres.shape == (K, 8) and shared.centres.dtype == np.float32
+    # a raster that is nodata everywhere contributes nothing, and is not an error among others
+    empty = write_raster(tmp_path / "empty.tif", np.zeros((64, 64, 3), np.uint8), nodata=0)
+    assert fit_shared_centres([a, empty], K, model, samples=500).cells == [500, 0]
+    with pytest.raises(InputError, match="no valid .* of any of the 1 raster"):
+        fit_shared_centres([empty], K, model)
+
+
+def test_shared_centres_cluster_the_covers_of_all_rasters_together(tmp_path, model):
+    # a and b each hold one cover: centres fitted on both give each raster one id and the two
+    # rasters different ids; centres fitted on one raster alone spend the second cluster inside it
+    # (on its edge cells), so that raster is no longer one id (96 % here)
+    rng = np.random.default_rng(0)
+
+    def one_cover(colour):
+        return np.clip(np.array(colour, np.float64) + rng.normal(0, 4, (96, 96, 3)), 0, 255).astype(np.uint8)
+
+    a = write_raster(tmp_path / "a.tif", one_cover([30, 60, 140]))
+    b = write_raster(tmp_path / "b.tif", one_cover([200, 180, 140]))
+
+    def main_ids(centres):
+        found = []
+        for name, path in (("a", a), ("b", b)):
+            segment_raster(path, tmp_path / f"{name}2.tif", 2, model, centres=centres, overwrite=True)
+            ids, counts = np.unique(_read(tmp_path / f"{name}2.tif")[0], return_counts=True)
+            found.append((ids[counts.argmax()], counts.max() / counts.sum()))
+        return found
+
+    (id_a, pure_a), (id_b, pure_b) = main_ids(fit_shared_centres([a, b], 2, model).centres)
+    assert pure_a == pure_b == 1.0 and id_a != id_b
+    (_, pure_a), _ = main_ids(fit_shared_centres([a], 2, model).centres)
+    assert pure_a < 0.99
+
+
+def test_shared_centres_refuse_bad_input(tmp_path, src, rgb, model):
+    with pytest.raises(InputError, match="no rasters given"):
+        fit_shared_centres([], K, model)
+    with pytest.raises(InputError, match=r"k must be an integer in 2\.\.8"):
+        fit_shared_centres([src], 9, model)
+    with pytest.raises(RasterReadError, match="missing.tif: GDAL cannot read"):
+        fit_shared_centres([src, tmp_path / "missing.tif"], K, model)
+    rgbn = write_raster(tmp_path / "rgbn.tif", np.concatenate([rgb, rgb[..., :1]], axis=2), photometric="minisblack")
+    with pytest.raises(InputError, match="rgbn.tif: has 4 bands"):
+        fit_shared_centres([src, rgbn], K, model)
+    with pytest.raises(InputError, match="balance must be an integer >= 0"):
+        fit_shared_centres([src], K, model, balance=-1)
