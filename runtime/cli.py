@@ -1,9 +1,11 @@
-"""Command line: `python -m runtime segment IN OUT --k 6` (also installed as `landseg-segment`)."""
+"""Command line: `python -m runtime segment IN OUT --k 6` (also installed as `landseg-segment`),
+`python -m runtime fit-centres IN [IN ...] --k 6 --out centres.npy` and `python -m runtime info`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -28,8 +30,9 @@ table for QGIS), and pixels that are nodata in the input are written as 255 (the
 value). Clusters are unsupervised: the ids are not classes; name them by looking at the result.
 
 The raster is processed in tiles, so any size works; the result is the same as processing it in
-one piece. Cluster centres are fitted once per raster from samples across it; use --centres
-artifact (or a saved .npy) to keep the same ids across several rasters.
+one piece. Cluster centres are fitted once per raster from samples across it; to keep the same
+ids across several rasters, fit one set on all of them (python -m runtime fit-centres) or reuse
+saved or artifact centres (--centres).
 """
 
 EPILOG = """\
@@ -39,6 +42,8 @@ examples:
   landseg-segment uint16_ortho.tif clusters.tif --k 6              # 16-bit: 2-98 % stretch
   landseg-segment a.tif a_k6.tif --k 6 --save-centres centres_k6.npy
   landseg-segment b.tif b_k6.tif --k 6 --centres centres_k6.npy     # same ids as a.tif
+  python -m runtime fit-centres a.tif b.tif c.tif --k 6 --out area_k6.npy   # one clustering of all three
+  landseg-segment c.tif c_k6.tif --k 6 --centres area_k6.npy
   python -m runtime info --model model/best                          # what the model is
 
 exit status: 0 on success, 2 on bad input (message on stderr), 130 when interrupted.
@@ -93,12 +98,7 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN", help="input RGB raster (3 bands, or more with --bands; 8-bit, 16-bit "
                                                  "or float: see --rescale)")
     p.add_argument("output", metavar="OUT", help="output GeoTIFF of cluster ids")
-    p.add_argument("--k", type=int, required=True, help="number of clusters, 2..max_k of the model (often 8)")
-    p.add_argument("--model", default="model/best",
-                   help="model directory with model.npz, meta.json, metrics.json (default: %(default)s)")
-    p.add_argument("--bands", type=_bands, default=None, metavar="R,G,B",
-                   help="1-based band numbers of red, green and blue; required when the input has "
-                        "more than 3 bands (e.g. 1,2,3 for NAIP RGBN)")
+    _add_model_options(p)
     p.add_argument("--tile", type=int, default=1024, metavar="PIXELS",
                    help="tile side in pixels, a multiple of 4; memory grows with it, results do not "
                         "change (default: %(default)s)")
@@ -107,6 +107,26 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "precomputed centres for K; or a .npy file written by --save-centres")
     p.add_argument("--save-centres", default=None, metavar="FILE.npy",
                    help="save the centres used, to reuse them on other rasters with --centres")
+    _add_fitting_options(p, "64")
+    p.add_argument("--smooth-iters", type=int, default=None, metavar="N",
+                   help="3x3 probability smoothing passes; 0 = none (default: the model's)")
+    _add_reading_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overviews", action="store_true", help="build internal overviews (nearest) for fast display")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k", type=int, required=True, help="number of clusters, 2..max_k of the model (often 8)")
+    p.add_argument("--model", default="model/best",
+                   help="model directory with model.npz, meta.json, metrics.json (default: %(default)s)")
+    p.add_argument("--bands", type=_bands, default=None, metavar="R,G,B",
+                   help="1-based band numbers of red, green and blue; required when the input has "
+                        "more than 3 bands (e.g. 1,2,3 for NAIP RGBN)")
+
+
+def _add_fitting_options(p: argparse.ArgumentParser, balance_default: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the centre fitting (default: %(default)s)")
     p.add_argument("--samples", type=int, default=None, metavar="N",
                    help="embedding samples used to fit centres (default: 50000)")
@@ -117,9 +137,10 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--balance", type=int, default=None, metavar="N",
                    help="density-balanced centre fitting: the samples are resampled so that each of N "
                         "micro-clusters weighs the same, so rare covers can get a cluster; 0 = plain "
-                        "k-means (default: 64)")
-    p.add_argument("--smooth-iters", type=int, default=None, metavar="N",
-                   help="3x3 probability smoothing passes; 0 = none (default: the model's)")
+                        f"k-means (default: {balance_default})")
+
+
+def _add_reading_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pixel-size", type=_pixel_size, default="auto", metavar="auto|native|METRES",
                    help="ground sample distance the network runs at: auto = the model's training pixel size "
                         "when the raster's differs by more than 1.25x (georeferenced rasters only), native = the "
@@ -136,9 +157,37 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "pair per band) = map that range to 0..255 (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads (default: all available cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--overviews", action="store_true", help="build internal overviews (nearest) for fast display")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+FIT_DESCRIPTION = """\
+Fit one set of K cluster centres over several RGB rasters (a mosaic of tiles, several flights) and
+save it as a .npy file. Segmenting each raster with --centres FILE then gives every raster the same
+cluster ids: one clustering of the whole area instead of one per raster. Each raster is read as
+`segment` reads it (--bands, --pixel-size, --raster-pixel-size and --rescale: give segment the same
+values) and sampled from the same seeded windows; each contributes cells in proportion to its valid
+area. Centres are plain k-means by default (--balance 0), unlike segment's per-raster default.
+"""
+
+FIT_EPILOG = """\
+examples:
+  python -m runtime fit-centres tiles/*.tif --k 6 --out area_k6.npy
+  for f in tiles/*.tif; do landseg-segment "$f" "out/$(basename "$f")" --k 6 --centres area_k6.npy; done
+
+exit status: 0 on success, 2 on bad input (message on stderr), 130 when interrupted.
+The file is written under a temporary name and renamed when complete.
+"""
+
+
+def fit_centres_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime fit-centres", description=FIT_DESCRIPTION,
+                                epilog=FIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", metavar="IN", nargs="+", help="input RGB rasters, as for segment")
+    p.add_argument("--out", required=True, metavar="FILE.npy", help="where to write the (K, D) centres")
+    _add_model_options(p)
+    _add_fitting_options(p, "0")
+    _add_reading_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
 
@@ -199,10 +248,7 @@ def run_segment(args) -> int:
     finally:
         progress.close()
     if args.save_centres:
-        try:
-            np.save(args.save_centres, result.centres, allow_pickle=False)
-        except OSError as e:
-            raise LandsegError(f"{args.save_centres}: cannot save centres: {e}") from None
+        save_centres(Path(args.save_centres), result.centres, overwrite=True)
     if not args.quiet:
         print(f"wrote {result.dst}: {result.k} clusters (ids 0..{result.k - 1}, 255 = nodata), "
               f"{result.tiles} tile(s), {result.seconds:.1f} s; centres {result.centres_source}; "
@@ -233,6 +279,56 @@ def cluster_share_lines(cluster_pixels: np.ndarray) -> list[str]:
     return lines
 
 
+def save_centres(path: Path, centres: np.ndarray, overwrite: bool) -> None:
+    """Write (k, D) centres to `path` exactly (no suffix added) as .npy, under a temporary name first."""
+    if path.exists() and not overwrite:
+        raise LandsegError(f"{path}: exists (pass --overwrite to replace it)")
+    if path.is_dir() or not path.parent.is_dir():
+        raise LandsegError(f"{path}: expected a file path in an existing directory")
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(centres, dtype=np.float32), allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise LandsegError(f"{path}: cannot save centres: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_fit_centres(args) -> int:
+    from .model import DEFAULT_SAMPLES, load_model
+    from .raster import fit_shared_centres
+    from rasterio.errors import NotGeoreferencedWarning
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # before the work, not after it
+        raise LandsegError(f"{out}: exists (pass --overwrite to replace it)")
+    model = load_model(args.model, threads=args.threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        shared = fit_shared_centres(args.inputs, args.k, model, bands=args.bands, seed=args.seed,
+                                    samples=DEFAULT_SAMPLES if args.samples is None else args.samples,
+                                    iters=args.cluster_iters, restarts=args.restarts,
+                                    balance=0 if args.balance is None else args.balance,
+                                    pixel_size=args.pixel_size, raster_pixel_size_m=args.raster_pixel_size,
+                                    rescale=args.rescale)
+    save_centres(out, shared.centres, overwrite=args.overwrite)
+    if not args.quiet:
+        k = shared.centres.shape[0]
+        print(f"wrote {out}: {k} centres fitted on {sum(shared.cells):,} cells of {len(shared.sources)} "
+              f"raster(s)", file=sys.stderr)
+        for src, cells, note in zip(shared.sources, shared.cells, shared.notes):
+            print(f"  {src}: {cells:,} cells; {note}", file=sys.stderr)
+        empty = [src for src, cells in zip(shared.sources, shared.cells) if cells == 0]
+        if empty:
+            print(f"note: no valid pixels in the sample windows of {', '.join(empty)}: not used for the centres",
+                  file=sys.stderr)
+        print(f"segment each raster with --k {k} --centres {out}, and the same --bands, --pixel-size, "
+              "--raster-pixel-size and --rescale", file=sys.stderr)
+    return 0
+
+
 def run_info(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime info",
                                 description="Print what a model artifact is (meta.json and metrics.json).")
@@ -249,11 +345,13 @@ def run_info(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Entry point of `landseg-segment IN OUT --k K ...` and `python -m runtime segment|info ...`."""
+    """Entry point of `landseg-segment IN OUT --k K ...` and `python -m runtime segment|fit-centres|info ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "info":
             return run_info(argv[1:])
+        if argv and argv[0] == "fit-centres":
+            return run_fit_centres(fit_centres_parser().parse_args(argv[1:]))
         if argv and argv[0] == "segment":
             argv = argv[1:]
         return run_segment(segment_parser(prog).parse_args(argv))

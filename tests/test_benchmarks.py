@@ -52,3 +52,18 @@ def test_colour_shift_is_one_draw_per_source_image_and_none_at_strength_0():
     assert np.array_equal(shift_for("a", 2.0, 0)[0], gains_a)      # a pure function of the name
     assert not np.array_equal(shift_for("b", 2.0, 0)[0], gains_a)  # another image, another shift
     assert not np.array_equal(apply_shift(rgb, gains_a, gamma_a, haze_a), rgb)
+
+
+def test_shared_centres_check_runs_on_ingested_rasters(tiny_dataset, tmp_path):
+    """The by-hand shared-centres check: one JSON line, both ways of fitting under both protocols."""
+    from runtime_fixtures import random_encoder, write_encoder_artifact
+
+    model = write_encoder_artifact(tmp_path / "model", random_encoder())
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "shared_centres_check.py"),
+                           "--raw", str(tiny_dataset.parents[1] / "raw"), "--model", str(model)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("per_raster/global", "per_raster/per_raster", "shared/global", "shared/per_raster"):
+        assert 0.0 <= result[name] <= 1.0
+    assert result["rasters"] >= 2 and len(result["cells"]) == result["rasters"]

@@ -131,6 +131,40 @@ def test_existing_output_and_unreadable_input_exit_2(setup, tmp_path, capsys):
     assert "GDAL cannot read" in capsys.readouterr().err
 
 
+def test_fit_centres_over_several_rasters_then_segment_each_with_them(setup, tmp_path, capsys):
+    root, model, src = setup
+    other = write_raster(tmp_path / "other.tif", synthetic_rgb(60, 140, seed=5))
+    out = tmp_path / "area.npy"
+    assert main(["fit-centres", str(src), str(other), "--k", "3", "--model", str(model), "--out", str(out),
+                 "--samples", "800"]) == 0
+    err = capsys.readouterr().err
+    assert f"wrote {out}: 3 centres fitted on 800 cells of 2 raster(s)" in err
+    # cells by area: 70 x 90 and 60 x 140 pixels
+    assert f"{src}: 343 cells; at the raster's own resolution" in err and f"{other}: 457 cells; at the" in err
+    assert "--centres" in err and not list(tmp_path.glob(".area.npy*"))
+    centres = np.load(out)
+    assert centres.shape == (3, 4) and centres.dtype == np.float32
+    for i, raster in enumerate((src, other)):
+        assert main(["segment", str(raster), str(tmp_path / f"s{i}.tif"), "--k", "3", "--model", str(model),
+                     "--centres", str(out), "--quiet"]) == 0
+        with rasterio.open(tmp_path / f"s{i}.tif") as ds:
+            assert ds.tags()["landseg_centres"] == "given"
+    # an existing --out is kept unless --overwrite, and a bad input writes nothing
+    before = out.read_bytes()
+    assert main(["fit-centres", str(src), "--k", "3", "--model", str(model), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["fit-centres", str(src), "--k", "3", "--model", str(model), "--out", str(out), "--overwrite",
+                 "--quiet"]) == 0
+    assert out.read_bytes() != before
+    fresh = tmp_path / "fresh.npy"
+    assert main(["fit-centres", str(src), str(tmp_path / "missing.tif"), "--k", "3", "--model", str(model),
+                 "--out", str(fresh)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.tif" in err and not fresh.exists()
+    assert main(["fit-centres", str(src), "--k", "12", "--model", str(model), "--out", str(fresh)]) == 2
+    assert "k must be an integer in 2..8" in capsys.readouterr().err and not fresh.exists()
+
+
 def test_info_prints_meta_and_metrics(setup, capsys):
     root, model, src = setup
     assert main(["info", "--model", str(model)]) == 0
