@@ -15,11 +15,20 @@ Two protocols (definitions in `stages/metrics.py`), each with its own cluster ce
   on that tile (partition quality).
 Truth labels 0 are ignored; every predicted pixel of a labelled pixel counts.
 
+Tiles are scored one by one, each seen alone with zero padding at its borders (the 39 px receptive
+field and the smoothing reach about 20 px into a 256 px tile from every side). A user's raster
+has its neighbours there: `segment_raster` runs whole rasters, seamlessly. So with `evaluate.rasters`
+(the default) every method is also scored on the tiles' whole source rasters from data/raw, each
+segmented in one piece (the model through `Model.embed_cells` on the whole array, which equals
+`segment_raster`'s tiled result), under the same two protocols: `global` (one set of centres
+sampled from all rasters in proportion to their areas, one matching) and `per_raster` (each
+raster's own centres and matching, as `segment_raster` fits them by default).
+
 Outputs (written to a temporary directory, then moved into `--out`; on any error the previous
 metrics.json is removed so nothing stale looks current):
 - `metrics.json` (the headline for `dvc metrics show/diff`): per method and protocol mIoU and
-  pixel accuracy; `ratio_miou` (model / method) per protocol; `tiles` scored of the split's
-  `split_tiles`;
+  pixel accuracy (`<method>.rasters.global` / `.per_raster` for the whole rasters); `ratio_miou`
+  (model / method) per protocol; `tiles` scored of the split's `split_tiles`, `rasters` scored;
 - `per_class_iou.json`: per method and protocol, IoU of every class by name (null when the class
   is in neither truth nor prediction);
 - `per_group.json`: per method and split group (area, `shards.group_regex`), its tile count and
@@ -30,7 +39,7 @@ metrics.json is removed so nothing stale looks current):
 - `plots/overlays/<item_id>.png`: image | truth | model prediction (global protocol), each
   predicted cluster drawn in the colour of the class it is matched to, unmatched clusters magenta.
 
-    python -m stages.evaluate [--params params.yaml] [--shards data/shards]
+    python -m stages.evaluate [--params params.yaml] [--shards data/shards] [--raw data/raw]
                               [--model model/best] [--teacher model/teacher] [--out results/evaluate]
 """
 
@@ -186,6 +195,48 @@ def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val",
     return tiles
 
 
+def load_val_rasters(raw_dir: Path, tiles: LabelledTiles, num_classes: int, fill: np.ndarray) -> LabelledTiles:
+    """The whole source rasters of `tiles` (data/raw, by the tiles' source item ids, in id order),
+    each with its label on the image's grid, as `LabelledTiles` (one entry per raster; `groups` are
+    the tiles' groups). Pixels that are nodata in the image are ignored in the label and set to
+    `fill`, the colour segment_raster feeds the network there."""
+    from rasterio.windows import Window
+
+    from stages.build_shards import ShardsError, read_manifest
+    from stages.rasterio_utils import open_raster, read, read_label_aligned, read_valid
+
+    try:
+        entries, _ = read_manifest(raw_dir)
+    except ShardsError as e:
+        raise EvaluateError(f"{e} (evaluate.rasters scores the val split's whole rasters)") from None
+    by_id = {e["item_id"]: e for e in entries}
+    group_of = dict(zip(tiles.sources, tiles.groups))
+    rasters = LabelledTiles([], [], [], [])
+    for item in sorted(group_of):
+        entry = by_id.get(item)
+        if entry is None or not entry["label"]:
+            raise EvaluateError(f"{raw_dir / 'manifest.jsonl'}: no labelled item {item!r}, the source of val tiles: "
+                                "data/raw and the shards disagree (rerun build_shards)")
+        with open_raster(raw_dir / entry["image"], what="image") as src, \
+                open_raster(raw_dir / entry["label"], what="label raster") as lab:
+            window = Window(0, 0, src.width, src.height)
+            rgb = np.ascontiguousarray(read(src, [1, 2, 3], window).transpose(1, 2, 0))
+            valid = read_valid(src, window, [1, 2, 3])
+            label = read_label_aligned(lab, src, window)
+        rgb[~valid] = fill
+        label[~valid] = 0
+        if label.size and int(label.max()) > num_classes:
+            raise EvaluateError(f"{raw_dir / entry['label']}: label value {int(label.max())} exceeds num_classes "
+                                f"{num_classes}")
+        rasters.item_ids.append(item)
+        rasters.images.append(rgb)
+        rasters.labels.append(label)
+        rasters.groups.append(group_of[item])
+        rasters.sources.append(item)
+    rasters.split_tiles = len(rasters.images)
+    return rasters
+
+
 def load_model_dir(model_dir: Path) -> Model:
     if not (model_dir / "meta.json").is_file():
         raise EvaluateError(f"{model_dir}: exported model not found (no meta.json; run the export stage)")
@@ -215,7 +266,8 @@ def score_method(method: Segmenter, tiles: LabelledTiles, k: int, num_classes: i
     """Both protocols for one method, in two passes over the tiles (memory bounded by one tile
     plus the global sample).
 
-    Pass 1 samples ceil(global_samples / tiles) rows of every tile and fits the global centres.
+    Pass 1 samples ceil(global_samples x its share of the total area) rows of every tile (or raster)
+    and fits the global centres.
     Pass 2 labels every tile with them (global protocol) and with centres fitted on
     `samples_per_tile` rows of that tile alone (per-tile protocol). Returns the accumulators, the
     first `keep` global predictions and both protocols' scores per group (`per_group_scores`).
@@ -225,9 +277,12 @@ def score_method(method: Segmenter, tiles: LabelledTiles, k: int, num_classes: i
     group_tile = {g: PerTileProtocol(k, num_classes) for g in group_glob}
     rng = np.random.default_rng(seed)
     progress = dict(unit="tile", file=sys.stderr, disable=None, leave=False)
-    per_tile_share = max(k, -(-global_samples // len(tiles.images)))
-    pooled = [sample_rows(method.features(rgb), per_tile_share, rng)
-              for rgb in tqdm(tiles.images, desc=f"{name}: sample", **progress)]
+    areas = [rgb.shape[0] * rgb.shape[1] for rgb in tiles.images]
+    total = sum(areas)
+    # a share of global_samples in proportion to each image's area: the same number from every
+    # tile (all one size), more from a larger raster
+    pooled = [sample_rows(method.features(rgb), max(k, -(-global_samples * area // total)), rng)
+              for rgb, area in tqdm(list(zip(tiles.images, areas)), desc=f"{name}: sample", **progress)]
     centres = method.fit(np.concatenate(pooled), k, seed=seed)
     del pooled
     kept = []
@@ -284,8 +339,9 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: Path,
-             params: EvaluateParams, dataset: str = "") -> dict:
-    """Score model/best, the teacher and both baselines on `val`; write metrics and plots to out_dir."""
+             params: EvaluateParams, dataset: str = "", raw_dir: Path | None = None) -> dict:
+    """Score model/best, the teacher and both baselines on `val`; write metrics and plots to out_dir.
+    With `params.rasters`, also on the val tiles' whole source rasters in `raw_dir` (data/raw)."""
     dataset_root, out_dir = Path(dataset_root), Path(out_dir)
     _remove_outputs(out_dir)  # nothing from an earlier run may look current if this one fails
     summary = read_summary(dataset_root)
@@ -328,10 +384,28 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
                            for proto, s in results[name].items()}
         if name == "model":
             model_glob, model_preds = glob, kept
+    if params.rasters:
+        if raw_dir is None:
+            raise EvaluateError("evaluate.rasters needs the ingested rasters (data/raw); set it false to score "
+                                "tiles only")
+        fill = np.clip(np.round(np.asarray(model.meta["input_mean"]) * model.meta["input_scale"]), 0, 255)
+        rasters = load_val_rasters(Path(raw_dir), tiles, num_classes, fill.astype(np.uint8))
+        metrics["rasters"] = len(rasters.images)
+        metrics["raster_labelled_pixels"] = int(sum((lab > 0).sum() for lab in rasters.labels))
+        for name, method in methods.items():
+            glob, per_raster, _, _ = score_method(method, rasters, k, num_classes, params.seed,
+                                                  params.samples_per_tile, params.global_samples,
+                                                  f"{name} (rasters)", 0)
+            results[name]["rasters_global"], results[name]["per_raster"] = glob.result(), per_raster.result()
+            metrics[name]["rasters"] = {
+                proto: {"miou": _json_number(s["miou"]), "pixel_accuracy": _json_number(s["pixel_accuracy"])}
+                for proto, s in (("global", glob.result()), ("per_raster", per_raster.result()))}
+            for proto in ("rasters_global", "per_raster"):
+                per_class[name][proto] = dict(zip(names, map(_json_number, results[name][proto]["per_class_iou"])))
     metrics["ratio_miou"] = {
         proto: {b: (round(results["model"][proto]["miou"] / results[b][proto]["miou"], 6)
                     if results[b][proto]["miou"] > 0 else None) for b in BASELINES}
-        for proto in ("global", "per_tile")}
+        for proto in results["model"]}
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -370,11 +444,17 @@ def _install_outputs(tmp: Path, out_dir: Path) -> None:
 
 
 def print_table(metrics: dict, per_group: dict | None = None) -> None:
-    print(f"{'method':<16} {'global mIoU':>11} {'global acc':>10} {'tile mIoU':>10} {'tile acc':>9}")
-    for name in METHODS:
-        g, t = metrics[name]["global"], metrics[name]["per_tile"]
-        print(f"{name:<16} {g['miou']:>11.4f} {g['pixel_accuracy']:>10.4f} {t['miou']:>10.4f} "
-              f"{t['pixel_accuracy']:>9.4f}")
+    rows = [("tiles", "global", "per_tile", "tile")]
+    if "rasters" in metrics:
+        rows.append((f"whole rasters ({metrics['rasters']})", "global", "per_raster", "raster"))
+    for title, glob, own, unit in rows:
+        print(f"{title}:")
+        print(f"{'method':<16} {'global mIoU':>11} {'global acc':>10} {unit + ' mIoU':>11} {unit + ' acc':>10}")
+        for name in METHODS:
+            scores = metrics[name] if unit == "tile" else metrics[name]["rasters"]
+            g, t = scores[glob], scores[own]
+            print(f"{name:<16} {_fmt(g['miou']):>11} {_fmt(g['pixel_accuracy']):>10} {_fmt(t['miou']):>11} "
+                  f"{_fmt(t['pixel_accuracy']):>10}")
     if per_group and len(per_group["model"]) > 1:
         print("global mIoU per group (the split's one matching):")
         print(f"{'group':<16} {'tiles':>5} " + " ".join(f"{name:>15}" for name in METHODS))
@@ -395,11 +475,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--model", default="model/best")
     ap.add_argument("--teacher", default="model/teacher")
     ap.add_argument("--out", default="results/evaluate")
+    ap.add_argument("--raw", default="data/raw", help="ingested rasters (for evaluate.rasters)")
     args = ap.parse_args(argv)
     try:
         p = load_params(args.params)
-        metrics = evaluate(Path(args.shards) / p.ingest.dataset, Path(args.model), Path(args.teacher), Path(args.out), p.evaluate,
-                           dataset=p.ingest.dataset)
+        metrics = evaluate(Path(args.shards) / p.ingest.dataset, Path(args.model), Path(args.teacher), Path(args.out),
+                           p.evaluate, dataset=p.ingest.dataset, raw_dir=Path(args.raw))
     except (ParamsError, EvaluateError, DatasetError, RasterError, TrainingError, LandsegError) as e:
         _remove_outputs(Path(args.out))
         print(f"error: {e}", file=sys.stderr)

@@ -346,8 +346,9 @@ class EvaluateParams:
                              "tiles of the val split in index order.", lo=0, hi=64)
     samples_per_tile: int = knob(4096, "Per-tile protocol: pixels (baselines) or stride-4 embeddings (model, "
                                  "teacher) of a tile sampled (seeded) to fit that tile's centres.", lo=16, hi=10**7)
-    global_samples: int = knob(100000, "Global protocol: pixels or embeddings sampled (seeded, the same number "
-                               "from every tile) across the split to fit its one set of centres.", lo=16, hi=10**8)
+    global_samples: int = knob(100000, "Global protocol: pixels or embeddings sampled (seeded, from every tile or "
+                               "raster in proportion to its area: the same number from every tile) across the "
+                               "split to fit its one set of centres.", lo=16, hi=10**8)
     kmeans_iters: int = knob(50, "Lloyd iterations of the baselines' k-means (stops early when stable).",
                              lo=1, hi=1000)
     max_tiles: int = knob(0, "Score at most this many `val` tiles, a fixed subset chosen by a hash of the "
@@ -363,6 +364,12 @@ class EvaluateParams:
                              "fit centres per raster or image by default (runtime PER_IMAGE_BALANCE; "
                              "runtime.cluster.balanced_rows); 0 = plain k-means. The global protocol's "
                              "centres and both baselines are plain k-means.", lo=0, hi=4096)
+    rasters: bool = knob(True, "Also score the split's whole source rasters (data/raw), each segmented in one "
+                         "piece as segment_raster segments a raster, under the same two protocols (global: one "
+                         "set of centres for all rasters; per_raster: each raster's own centres). The tile "
+                         "protocols see every tile alone, with zero padding at its borders where a user's "
+                         "raster has its neighbours. Holds the rasters of the scored tiles in memory (the "
+                         "tiles' pixels again) and about doubles the stage's time; false = tiles only.")
 
 
 @dataclass

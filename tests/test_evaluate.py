@@ -42,8 +42,10 @@ def make_tile(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rgb, label
 
 
-def write_dataset(root: Path, n_tiles: int = 4, labels: bool = True, label_fn=None) -> Path:
-    """A one-shard `val` split in the shard contract (see stages/datasets.py)."""
+def write_dataset(root: Path, n_tiles: int = 4, labels: bool = True, label_fn=None,
+                  source_fn=lambda i: f"scene-{i:04d}") -> Path:
+    """A one-shard `val` split in the shard contract (see stages/datasets.py); tile i is cut from
+    the raster `source_fn(i)` (by default a raster of its own)."""
     shard = root / "val" / "shard-00000"
     shard.mkdir(parents=True)
     lines = []
@@ -58,13 +60,29 @@ def write_dataset(root: Path, n_tiles: int = 4, labels: bool = True, label_fn=No
             write_geotiff(shard / f"{item}.label.tif", label, crs="EPSG:32611", transform=transform)
         lines.append(json.dumps({"item_id": item, "split": "val", "input": f"{item}.tif",
                                  "target": f"{item}.label.tif" if labels else None,
-                                 "source_item": f"scene-{i:04d}", "group": f"area-{i % 2}",
+                                 "source_item": source_fn(i), "group": f"area-{i % 2}",
                                  "window": [0, 0, TILE, TILE],
                                  "class_hist": None}))
     (shard / "index.jsonl").write_text("\n".join(lines) + "\n")
     (root / "summary.json").write_text(json.dumps({
         "dataset": "handmade", "num_classes": 3, "class_names": NAMES, "counts": {"val": n_tiles},
         "class_hist": {}, "params_hash": "test"}))
+    return root
+
+
+def write_raw(root: Path, rasters: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """data/raw as ingest writes it (manifest.jsonl, dataset.json, images/, labels/) for
+    {item_id: (rgb, label)}."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    lines = []
+    for item, (rgb, label) in rasters.items():
+        transform = Affine(0.6, 0, 500000, 0, -0.6, 4000000)
+        write_geotiff(root / "images" / f"{item}.tif", rgb.transpose(2, 0, 1), crs="EPSG:32611", transform=transform)
+        write_geotiff(root / "labels" / f"{item}.tif", label, crs="EPSG:32611", transform=transform)
+        lines.append(json.dumps({"item_id": item, "image": f"images/{item}.tif", "label": f"labels/{item}.tif"}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "dataset.json").write_text(json.dumps({"num_classes": 3}))
     return root
 
 
@@ -99,7 +117,7 @@ def inputs(tmp_path_factory):
 
 def small_params(**kw) -> EvaluateParams:
     return EvaluateParams(**{"k": 0, "seed": 0, "num_overlays": 2, "samples_per_tile": 256, "global_samples": 1024,
-                             "kmeans_iters": 20, "kmeans_restarts": 2, **kw})
+                             "kmeans_iters": 20, "kmeans_restarts": 2, "rasters": False, **kw})
 
 
 def run_main(inputs, out: Path, evaluate_yaml: str = "", **override) -> int:
@@ -109,10 +127,11 @@ def run_main(inputs, out: Path, evaluate_yaml: str = "", **override) -> int:
     shards = Path(override.get("shards", inputs["shards"]))
     params.write_text(f"ingest:\n  dataset: {shards.name}\n"
                       "evaluate:\n  samples_per_tile: 256\n  global_samples: 1024\n  kmeans_iters: 20\n"
-                      + evaluate_yaml)
+                      + (evaluate_yaml if "rasters:" in evaluate_yaml else evaluate_yaml + "  rasters: false\n"))
     argv = ["--params", str(params), "--shards", str(shards.parent),
             "--model", str(override.get("model", inputs["model"])),
-            "--teacher", str(override.get("teacher", inputs["teacher"])), "--out", str(out)]
+            "--teacher", str(override.get("teacher", inputs["teacher"])), "--out", str(out),
+            "--raw", str(override.get("raw", out.parent / "no_raw"))]
     return ev.main(argv)
 
 
@@ -322,6 +341,61 @@ def test_explicit_k_above_classes_counts_unmatched_clusters(inputs):
     # With 4 clusters on 3 flat colours, k-means splits one colour: the extra cluster is unmatched,
     # so RGB k-means can no longer be perfect in the global protocol.
     assert metrics["kmeans_rgb"]["global"]["miou"] < 1.0
+
+
+def test_rasters_that_are_one_tile_score_exactly_as_their_tiles(inputs, tmp_path):
+    """Each hand-made tile is a whole raster of its own: the whole-raster protocols must then give
+    every method exactly its tile protocols' scores (same pixels, samples and fits)."""
+    raw = write_raw(tmp_path / "raw", {f"scene-{i:04d}": make_tile(i) for i in range(4)})
+    metrics = ev.evaluate(inputs["shards"], inputs["model"], inputs["teacher"], tmp_path / "out",
+                          small_params(rasters=True), raw_dir=raw)
+    assert metrics["rasters"] == 4 and metrics["raster_labelled_pixels"] == metrics["labelled_pixels"]
+    for name in ev.METHODS:
+        assert metrics[name]["rasters"]["global"] == metrics[name]["global"], name
+        assert metrics[name]["rasters"]["per_raster"] == metrics[name]["per_tile"], name
+    assert metrics["ratio_miou"]["rasters_global"] == metrics["ratio_miou"]["global"]
+    per_class = json.loads((tmp_path / "out" / "per_class_iou.json").read_text())
+    assert per_class["model"]["rasters_global"] == per_class["model"]["global"]
+    assert per_class["kmeans_rgb"]["per_raster"] == {"water": 1.0, "tree canopy": 1.0, "bare soil": 1.0}
+
+
+def test_whole_raster_protocol_runs_the_runtime_on_the_whole_raster(tmp_path):
+    """Two tiles cut from one 32 x 64 raster: the raster is scored in one piece, and the model's
+    scores equal a direct runtime run on the whole array (centres fitted on it, as evaluate fits
+    them: plain for the global protocol, balanced for the raster's own)."""
+    from runtime import load_model
+    from runtime.model import PER_IMAGE_BALANCE
+
+    (a, la), (b, lb) = make_tile(0), make_tile(1)
+    big, big_label = np.concatenate([a, b], axis=1), np.concatenate([la, lb], axis=1)
+    shards = write_dataset(tmp_path / "shards", n_tiles=2, source_fn=lambda i: "big-0000")
+    raw = write_raw(tmp_path / "raw", {"big-0000": (big, big_label)})
+    model_dir, teacher = write_model(tmp_path / "best"), write_teacher(tmp_path / "teacher")
+    metrics = ev.evaluate(shards, model_dir, teacher, tmp_path / "out", small_params(rasters=True), raw_dir=raw)
+    assert metrics["rasters"] == 1 and metrics["raster_labelled_pixels"] == int((big_label > 0).sum())
+    model = load_model(model_dir)
+    expect = {}
+    for proto, balance in (("global", 0), ("per_raster", PER_IMAGE_BALANCE)):
+        centres = model.fit_centres([big], 3, seed=0, restarts=2, balance=balance)
+        one = PerTileProtocol(3, 3)
+        one.add(model.predict_labels(big, 3, centres=centres), big_label)
+        expect[proto] = one.result()["miou"]
+    assert metrics["model"]["rasters"]["global"]["miou"] == pytest.approx(expect["global"], abs=1e-6)
+    assert metrics["model"]["rasters"]["per_raster"]["miou"] == pytest.approx(expect["per_raster"], abs=1e-6)
+    assert metrics["kmeans_rgb"]["rasters"]["global"]["miou"] == 1.0  # flat colours: RGB k-means is exact
+
+
+def test_rasters_need_the_ingested_rasters(inputs, tmp_path):
+    out = stale_out(tmp_path)
+    assert run_main(inputs, out, evaluate_yaml="  rasters: true\n", raw=tmp_path / "empty") == 2
+    assert not (out / "metrics.json").exists()
+    raw = write_raw(tmp_path / "raw", {"scene-0000": make_tile(0)})  # scene-0001.. are missing
+    with pytest.raises(ev.EvaluateError, match=r"no labelled item 'scene-0001', the source of val tiles"):
+        ev.evaluate(inputs["shards"], inputs["model"], inputs["teacher"], tmp_path / "o", small_params(rasters=True),
+                    raw_dir=raw)
+    with pytest.raises(ev.EvaluateError, match="manifest.jsonl: missing; run the ingest stage first"):
+        ev.evaluate(inputs["shards"], inputs["model"], inputs["teacher"], tmp_path / "o", small_params(rasters=True),
+                    raw_dir=tmp_path / "empty")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,11 +85,15 @@ def test_whole_dag_then_experiment(tmp_path):
     for method in ("model", "teacher", "kmeans_rgb", "kmeans_features"):
         for proto in ("global", "per_tile"):
             assert 0.0 < metrics[method][proto]["miou"] <= 1.0, (method, proto)
+        for proto in ("global", "per_raster"):  # the val scenes' whole rasters (evaluate.rasters)
+            assert 0.0 < metrics[method]["rasters"][proto]["miou"] <= 1.0, (method, proto)
+    assert metrics["rasters"] >= 1
     for proto in ("global", "per_tile"):
         assert metrics["ratio_miou"][proto]["kmeans_rgb"] == pytest.approx(
             metrics["model"][proto]["miou"] / metrics["kmeans_rgb"][proto]["miou"], rel=1e-4)
     table = run([dvc, "metrics", "show"], repo, env)
     assert "model.global.miou" in table and "kmeans_features.per_tile.miou" in table, table
+    assert "model.rasters.global.miou" in table, table
     assert (repo / "results/evaluate/plots/confusion.json").is_file()
     assert len(list((repo / "results/evaluate/plots/overlays").glob("*.png"))) == 1
 
