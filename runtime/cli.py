@@ -17,9 +17,10 @@ from .errors import LandsegError
 
 # A cluster under this share of the valid pixels is reported as near-empty, so that a user sees when
 # the map holds fewer covers than --k asked for: a raster with fewer covers than k, or centres fitted
-# elsewhere (--centres). On Dubai, plain k-means centres fitted over a whole region spent one of five
-# centres on cells where covers meet, which smoothing then all but erased (docs/experiments.md,
-# tenth session).
+# elsewhere (--centres). On Dubai's 256 px evaluation tiles, plain k-means centres fitted over many
+# tiles spent one of five centres on the outermost cells of every tile (their receptive field half
+# zero padding), which smoothing then all but erased (docs/experiments.md, eleventh session); a
+# small raster can do the same.
 NEAR_EMPTY_SHARE = 0.01
 
 DESCRIPTION = """\
