@@ -17,8 +17,6 @@ evaluate's per-tile protocol). The last line is JSON with both mIoUs and the rat
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
 import tempfile
 import time
@@ -29,9 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from raster_scoring import report, segment_and_score  # noqa: E402
+from raster_scoring import labelled_items_args, report, segment_and_score  # noqa: E402
 from runtime.model import load_model  # noqa: E402
-from stages.build_shards import read_manifest  # noqa: E402
 from stages.metrics import PerTileProtocol  # noqa: E402
 
 OFFSET, GAIN = 100, 16  # the simulated 12-bit sensor: dn = value * GAIN + OFFSET (0..4180)
@@ -48,20 +45,9 @@ def write_geotiff(path: Path, bands_hwc: np.ndarray) -> Path:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--raw", type=Path, required=True, help="data/raw of an ingested dataset with labels")
-    ap.add_argument("--model", type=Path, required=True, help="artifact directory (model/best)")
-    ap.add_argument("--items", default="", help="regex an item id must match (default: every labelled item)")
-    ap.add_argument("--k", type=int, default=0, help="clusters (default: the dataset's class count)")
-    args = ap.parse_args()
+    args, items, num_classes, k = labelled_items_args(__doc__.splitlines()[0])
     import rasterio
 
-    items, info = read_manifest(args.raw)
-    num_classes = int(info["num_classes"])
-    k = args.k or num_classes
-    items = [it for it in items if it["label"] and re.search(args.items, it["item_id"])]
-    if not items:
-        raise SystemExit(f"{args.raw}: no labelled item matches {args.items!r}")
     model = load_model(args.model)
     scores = {name: PerTileProtocol(k, num_classes) for name in ("8bit", "16bit")}
     notes = {}

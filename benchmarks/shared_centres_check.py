@@ -18,8 +18,7 @@ global protocol.
 
 from __future__ import annotations
 
-import argparse
-import re
+import json
 import sys
 import tempfile
 import time
@@ -28,29 +27,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from raster_scoring import labelled_items_args  # noqa: E402
 from runtime import fit_shared_centres, segment_raster  # noqa: E402
 from runtime.model import load_model  # noqa: E402
-from stages.build_shards import read_manifest  # noqa: E402
 from stages.metrics import GlobalProtocol, PerTileProtocol  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--raw", type=Path, required=True, help="data/raw of an ingested dataset with labels")
-    ap.add_argument("--model", type=Path, required=True, help="artifact directory (model/best)")
-    ap.add_argument("--items", default="", help="regex an item id must match (default: every labelled item)")
-    ap.add_argument("--k", type=int, default=0, help="clusters (default: the dataset's class count)")
-    args = ap.parse_args()
-    import json
-
+    args, items, num_classes, k = labelled_items_args(__doc__.splitlines()[0])
     import rasterio
 
-    items, info = read_manifest(args.raw)
-    num_classes = int(info["num_classes"])
-    k = args.k or num_classes
-    items = [it for it in items if it["label"] and re.search(args.items, it["item_id"])]
-    if not items:
-        raise SystemExit(f"{args.raw}: no labelled item matches {args.items!r}")
     model = load_model(args.model)
     t0 = time.perf_counter()
     shared = fit_shared_centres([args.raw / it["image"] for it in items], k, model)
