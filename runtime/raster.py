@@ -357,7 +357,8 @@ def fit_shared_centres(sources, k: int, model, *, bands=None, seed: int = 0, sam
     sampled from the same seeded windows (`sample_raster_cells`). Of the `samples` cells, each raster
     gets a share proportional to its valid area on the grid the network runs on (its pixel count
     times the valid share of its sample windows), so a raster four times larger counts four times
-    more, as it would in one clustering of the mosaic; at most the cells its windows hold. Then
+    more, as it would in one clustering of the mosaic; at most the cells its windows hold (a
+    uniform subsample of at most `samples` of them is kept per raster while the others are read). Then
     `Model.fit_centres_from_cells`. With one raster the centres equal those `segment_raster` fits on it
     with the same arguments.
 
@@ -393,7 +394,9 @@ def fit_shared_centres(sources, k: int, model, *, bands=None, seed: int = 0, sam
                     area = work.height * work.width * cells.shape[0] / looked if looked else 0.0
             except RasterioError as e:
                 raise RasterReadError(f"GDAL error while sampling {src}: {e}") from None
-            pools.append(cells)
+            # at most `samples` per raster (what its quota can use), so memory stays bounded by
+            # samples x rasters x D floats: about 2 MB per raster at the defaults
+            pools.append(sample_rows([cells], samples, seed) if cells.shape[0] else cells)
             areas.append(area)
             notes.append(f"{plan.note}; {values.note}")
     if sum(areas) == 0:
