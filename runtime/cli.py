@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .cluster import DEFAULT_RESTARTS
+from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE
 from .errors import LandsegError
 
 # A cluster under this share of the valid pixels is reported as near-empty, so that a user sees when
@@ -108,7 +109,7 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "precomputed centres for K; or a .npy file written by --save-centres")
     p.add_argument("--save-centres", default=None, metavar="FILE.npy",
                    help="save the centres used, to reuse them on other rasters with --centres")
-    _add_fitting_options(p, "64")
+    _add_fitting_options(p, PER_IMAGE_BALANCE)
     p.add_argument("--smooth-iters", type=int, default=None, metavar="N",
                    help="3x3 probability smoothing passes; 0 = none (default: the model's)")
     _add_reading_options(p)
@@ -127,18 +128,18 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "more than 3 bands (e.g. 1,2,3 for NAIP RGBN)")
 
 
-def _add_fitting_options(p: argparse.ArgumentParser, balance_default: str) -> None:
+def _add_fitting_options(p: argparse.ArgumentParser, balance_default: int) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the centre fitting (default: %(default)s)")
-    p.add_argument("--samples", type=int, default=None, metavar="N",
-                   help="embedding samples used to fit centres (default: 50000)")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
+                   help="embedding samples used to fit centres (default: %(default)s)")
     p.add_argument("--cluster-iters", type=int, default=None, metavar="N",
                    help="soft k-means iterations when fitting centres (default: the model's)")
     p.add_argument("--restarts", type=int, default=DEFAULT_RESTARTS, metavar="N",
                    help="k-means starts when fitting centres; the best is kept (default: %(default)s)")
-    p.add_argument("--balance", type=int, default=None, metavar="N",
+    p.add_argument("--balance", type=int, default=balance_default, metavar="N",
                    help="density-balanced centre fitting: the samples are resampled so that each of N "
                         "micro-clusters weighs the same, so rare covers can get a cluster; 0 = plain "
-                        f"k-means (default: {balance_default})")
+                        "k-means (default: %(default)s)")
 
 
 def _add_reading_options(p: argparse.ArgumentParser) -> None:
@@ -185,7 +186,7 @@ def fit_centres_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", metavar="IN", nargs="+", help="input RGB rasters, as for segment")
     p.add_argument("--out", required=True, metavar="FILE.npy", help="where to write the (K, D) centres")
     _add_model_options(p)
-    _add_fitting_options(p, "0")
+    _add_fitting_options(p, 0)
     _add_reading_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -221,7 +222,7 @@ class _Progress:
 
 
 def run_segment(args) -> int:
-    from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE, load_model
+    from .model import load_model
     from .raster import segment_raster
     from rasterio.errors import NotGeoreferencedWarning
 
@@ -240,9 +241,8 @@ def run_segment(args) -> int:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             result = segment_raster(args.input, args.output, args.k, model, tile=args.tile, bands=args.bands,
                                     centres=centres, seed=args.seed,
-                                    samples=DEFAULT_SAMPLES if args.samples is None else args.samples,
-                                    iters=args.cluster_iters, restarts=args.restarts,
-                                    balance=PER_IMAGE_BALANCE if args.balance is None else args.balance,
+                                    samples=args.samples, iters=args.cluster_iters, restarts=args.restarts,
+                                    balance=args.balance,
                                     smooth_iters=args.smooth_iters, pixel_size=args.pixel_size,
                                     raster_pixel_size_m=args.raster_pixel_size, rescale=args.rescale,
                                     overwrite=args.overwrite, overviews=args.overviews, progress=progress)
@@ -298,7 +298,7 @@ def save_centres(path: Path, centres: np.ndarray, overwrite: bool) -> None:
 
 
 def run_fit_centres(args) -> int:
-    from .model import DEFAULT_SAMPLES, load_model
+    from .model import load_model
     from .raster import fit_shared_centres
     from rasterio.errors import NotGeoreferencedWarning
 
@@ -309,9 +309,8 @@ def run_fit_centres(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         shared = fit_shared_centres(args.inputs, args.k, model, bands=args.bands, seed=args.seed,
-                                    samples=DEFAULT_SAMPLES if args.samples is None else args.samples,
-                                    iters=args.cluster_iters, restarts=args.restarts,
-                                    balance=0 if args.balance is None else args.balance,
+                                    samples=args.samples, iters=args.cluster_iters, restarts=args.restarts,
+                                    balance=args.balance,
                                     pixel_size=args.pixel_size, raster_pixel_size_m=args.raster_pixel_size,
                                     rescale=args.rescale)
     save_centres(out, shared.centres, overwrite=args.overwrite)

@@ -78,6 +78,9 @@ class Model:
     training_pixel_size_m = property(lambda self: self.meta.get("training_pixel_size_m"))
     # how the training data became 8-bit ({"mode", "limits"}; None for artifacts that predate it)
     input_rescale = property(lambda self: self.meta.get("input_rescale"))
+    # uint8 (3,) colour fed to the network where the input is nodata: the input mean, which the
+    # normalisation maps to zero
+    nodata_fill = property(lambda self: np.clip(np.round(self._mean * self._scale), 0, 255).astype(np.uint8))
 
     def halo(self, smooth_iters: int | None = None) -> int:
         """Pixels of context a tile needs on each side so that its core equals the untiled result:

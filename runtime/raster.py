@@ -232,8 +232,7 @@ class _Reader:
     def __init__(self, ds, bands, model: Model, src, limits: np.ndarray | None = None):
         self.ds, self.bands, self.src, self.limits = ds, list(bands), src, limits
         self.floating = has_float_bands(ds, self.bands)
-        fill = np.asarray(model.meta["input_mean"]) * model.meta["input_scale"]
-        self.fill = np.clip(np.round(fill), 0, 255).astype(np.uint8)
+        self.fill = model.nodata_fill
 
     def read(self, row0: int, col0: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         data = self._values(row0, col0, height, width)

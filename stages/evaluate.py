@@ -388,8 +388,7 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
         if raw_dir is None:
             raise EvaluateError("evaluate.rasters needs the ingested rasters (data/raw); set it false to score "
                                 "tiles only")
-        fill = np.clip(np.round(np.asarray(model.meta["input_mean"]) * model.meta["input_scale"]), 0, 255)
-        rasters = load_val_rasters(Path(raw_dir), tiles, num_classes, fill.astype(np.uint8))
+        rasters = load_val_rasters(Path(raw_dir), tiles, num_classes, model.nodata_fill)
         metrics["rasters"] = len(rasters.images)
         metrics["raster_labelled_pixels"] = int(sum((lab > 0).sum() for lab in rasters.labels))
         for name, method in methods.items():
@@ -399,7 +398,8 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
             results[name]["rasters_global"], results[name]["per_raster"] = glob.result(), per_raster.result()
             metrics[name]["rasters"] = {
                 proto: {"miou": _json_number(s["miou"]), "pixel_accuracy": _json_number(s["pixel_accuracy"])}
-                for proto, s in (("global", glob.result()), ("per_raster", per_raster.result()))}
+                for proto, s in (("global", results[name]["rasters_global"]),
+                                 ("per_raster", results[name]["per_raster"]))}
             for proto in ("rasters_global", "per_raster"):
                 per_class[name][proto] = dict(zip(names, map(_json_number, results[name][proto]["per_class_iou"])))
     metrics["ratio_miou"] = {
