@@ -43,13 +43,13 @@ import json
 import math
 import os
 import re
-import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .destination import atomic_folder
 from .errors import ArtifactError, OutputExistsError
 from .cue import valid_size
 from .network import LayerSummary, validate_layers
@@ -266,24 +266,10 @@ def write_artifact(dst_dir, *, layers: list, arrays: dict, meta: dict, metrics: 
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{dst}: meta or metrics are not plain JSON: {e}") from None
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_folder(dst, what="model artifact folder") as tmp:
         _write_npz(tmp / MODEL_FILE, arrays32)
         (tmp / META_FILE).write_text(meta_text)
         (tmp / METRICS_FILE).write_text(metrics_text)
-        if dst.exists():
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not dst.exists():
-            os.replace(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return dst
 
 

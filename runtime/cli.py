@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -13,8 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from .cluster import DEFAULT_RESTARTS
+from .command import run_command
+from .destination import atomic_file, check_file
+from .errors import LandsegError, OutputError
 from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE
-from .errors import LandsegError
 
 # A cluster under this share of the valid pixels is reported as near-empty, so that a user sees when
 # the map holds fewer covers than --k asked for: a raster with fewer covers than k, or centres fitted
@@ -48,9 +49,10 @@ examples:
   landseg-segment c.tif c_k6.tif --k 6 --centres area_k6.npy
   python -m runtime info --model model/best                          # what the model is
 
-exit status: 0 on success, 2 on bad input (message on stderr), 130 when interrupted.
-The output is written under a temporary name and renamed when complete, so an error or an
-interruption never leaves a partial file at OUT.
+exit status: 0 on success, 2 on bad input (message on stderr), 130 on Ctrl-C, 143 on SIGTERM.
+OUT (and --save-centres) must be new files, or regular files with --overwrite; never the input, a
+folder or a device. Both are checked before any work, written under a temporary name and renamed
+when complete, so an error or an interruption never leaves a partial file.
 """
 
 
@@ -108,12 +110,14 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="'fit': fit cluster centres on this raster (default); 'artifact': the model's "
                         "precomputed centres for K; or a .npy file written by --save-centres")
     p.add_argument("--save-centres", default=None, metavar="FILE.npy",
-                   help="save the centres used, to reuse them on other rasters with --centres")
+                   help="save the centres used, to reuse them on other rasters with --centres (an existing "
+                        "file is replaced only with --overwrite)")
     _add_fitting_options(p, PER_IMAGE_BALANCE)
     p.add_argument("--smooth-iters", type=int, default=None, metavar="N",
                    help="3x3 probability smoothing passes; 0 = none (default: the model's)")
     _add_reading_options(p)
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT (and the --save-centres file) if it exists as a regular file")
     p.add_argument("--overviews", action="store_true", help="build internal overviews (nearest) for fast display")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -175,7 +179,7 @@ examples:
   python -m runtime fit-centres tiles/*.tif --k 6 --out area_k6.npy
   for f in tiles/*.tif; do landseg-segment "$f" "out/$(basename "$f")" --k 6 --centres area_k6.npy; done
 
-exit status: 0 on success, 2 on bad input (message on stderr), 130 when interrupted.
+exit status: 0 on success, 2 on bad input (message on stderr), 130 on Ctrl-C, 143 on SIGTERM.
 The file is written under a temporary name and renamed when complete.
 """
 
@@ -228,12 +232,18 @@ def run_segment(args) -> int:
 
     model = load_model(args.model, threads=args.threads)
     centres = args.centres
+    reads = [args.input, *(Path(args.model) / name for name in ("model.npz", "meta.json", "metrics.json"))]
     if centres not in ("fit", "artifact"):
         path = Path(centres)
+        reads.append(path)
         try:
             centres = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise LandsegError(f"{path}: cannot read centres (.npy from --save-centres): {e}") from None
+    if args.save_centres:  # before the work, so that a bad path never costs a run nor leaves OUT behind
+        if Path(args.save_centres).resolve() == Path(args.output).resolve():
+            raise OutputError(f"{args.save_centres}: --save-centres names OUT; give the centres their own file")
+        check_file(args.save_centres, overwrite=args.overwrite, inputs=reads, what="centres file")
     progress = _Progress(args.quiet)
     try:
         with warnings.catch_warnings():
@@ -249,7 +259,7 @@ def run_segment(args) -> int:
     finally:
         progress.close()
     if args.save_centres:
-        save_centres(Path(args.save_centres), result.centres, overwrite=True)
+        save_centres(Path(args.save_centres), result.centres, overwrite=args.overwrite, inputs=reads)
     if not args.quiet:
         print(f"wrote {result.dst}: {result.k} clusters (ids 0..{result.k - 1}, 255 = nodata), "
               f"{result.tiles} tile(s), {result.seconds:.1f} s; centres {result.centres_source}; "
@@ -280,21 +290,14 @@ def cluster_share_lines(cluster_pixels: np.ndarray) -> list[str]:
     return lines
 
 
-def save_centres(path: Path, centres: np.ndarray, overwrite: bool) -> None:
+def save_centres(path: Path, centres: np.ndarray, overwrite: bool, inputs=()) -> None:
     """Write (k, D) centres to `path` exactly (no suffix added) as .npy, under a temporary name first."""
-    if path.exists() and not overwrite:
-        raise LandsegError(f"{path}: exists (pass --overwrite to replace it)")
-    if path.is_dir() or not path.parent.is_dir():
-        raise LandsegError(f"{path}: expected a file path in an existing directory")
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(centres, dtype=np.float32), allow_pickle=False)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise LandsegError(f"{path}: cannot save centres: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path, overwrite=overwrite, inputs=inputs, what="centres file") as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(centres, dtype=np.float32), allow_pickle=False)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot save centres: {e}") from None
 
 
 def run_fit_centres(args) -> int:
@@ -303,8 +306,8 @@ def run_fit_centres(args) -> int:
     from rasterio.errors import NotGeoreferencedWarning
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:  # before the work, not after it
-        raise LandsegError(f"{out}: exists (pass --overwrite to replace it)")
+    reads = [*args.inputs, *(Path(args.model) / name for name in ("model.npz", "meta.json", "metrics.json"))]
+    check_file(out, overwrite=args.overwrite, inputs=reads, what="centres file")  # before the work
     model = load_model(args.model, threads=args.threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -313,7 +316,7 @@ def run_fit_centres(args) -> int:
                                     balance=args.balance,
                                     pixel_size=args.pixel_size, raster_pixel_size_m=args.raster_pixel_size,
                                     rescale=args.rescale)
-    save_centres(out, shared.centres, overwrite=args.overwrite)
+    save_centres(out, shared.centres, overwrite=args.overwrite, inputs=reads)
     if not args.quiet:
         k = shared.centres.shape[0]
         print(f"wrote {out}: {k} centres fitted on {sum(shared.cells):,} cells of {len(shared.sources)} "
@@ -347,17 +350,12 @@ def run_info(argv: list[str]) -> int:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of `landseg-segment IN OUT --k K ...` and `python -m runtime segment|fit-centres|info ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "info":
-            return run_info(argv[1:])
-        if argv and argv[0] == "fit-centres":
-            return run_fit_centres(fit_centres_parser().parse_args(argv[1:]))
-        if argv and argv[0] == "segment":
-            argv = argv[1:]
-        return run_segment(segment_parser(prog).parse_args(argv))
-    except LandsegError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
+    if argv and argv[0] == "info":
+        return run_command("info", lambda: run_info(argv[1:]), interrupted="nothing written")
+    if argv and argv[0] == "fit-centres":
+        args = fit_centres_parser().parse_args(argv[1:])
+        return run_command("fit-centres", lambda: run_fit_centres(args), interrupted=f"{args.out} not written")
+    if argv and argv[0] == "segment":
+        argv = argv[1:]
+    args = segment_parser(prog).parse_args(argv)
+    return run_command("segment", lambda: run_segment(args), interrupted=f"nothing written to {args.output}")

@@ -21,9 +21,34 @@ class RasterReadError(LandsegError):
     """GDAL could not open or read a raster."""
 
 
-class OutputExistsError(LandsegError, FileExistsError):
+class UnsafePathError(InputError):
+    """A name or path read from data (an item id, a manifest or index path) is not a plain file name
+    or leads outside its folder; it is rejected, never used as a path."""
+
+
+class OutputError(LandsegError):
+    """The destination cannot be written: a directory, a device, one of the inputs, a missing folder,
+    a read-only file system (`runtime.destination`)."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
     """The destination exists and overwriting was not asked for."""
 
 
 class Cancelled(LandsegError):
     """The caller's cancel check returned True; nothing was written to the destination."""
+
+
+def error_text(e: BaseException) -> str:
+    """The message of `e` with those of the errors it was raised from, so that GDAL's own words
+    reach the user: rasterio raises "Read failed. See previous exception for details." from the
+    GDAL error that says what failed (e.g. "IReadBlock failed at X offset 1, Y offset 0:
+    TIFFReadEncodedTile() failed")."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).strip()
+        if text and "See previous exception" not in text and text not in parts:
+            parts.append(text)
+        e = e.__cause__ or e.__context__
+    return "; ".join(reversed(parts)) or "unknown error"

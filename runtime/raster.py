@@ -44,7 +44,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import Cancelled, InputError, OutputExistsError, RasterReadError
+from .destination import atomic_file, discard, temporary
+from .errors import Cancelled, InputError, RasterReadError, error_text
 from .cluster import DEFAULT_RESTARTS
 from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE, Model, labels_from_cell_proba, load_model, sample_rows
 from .rescale import PERCENTILES, STATS_SIZE, check_limits, percentile_limits, to_uint8
@@ -176,6 +177,9 @@ def plan_rescale(ds, bands, rescale, src, trained: dict | None = None, window=No
     """
     dtypes = sorted({ds.dtypes[b - 1] for b in bands})
     kind = "/".join(dtypes)
+    if any("complex" in d for d in dtypes):  # CInt16, CFloat32, ... (radar): no RGB reading of them
+        raise InputError(f"{src}: bands {list(bands)} are {kind}; complex values are not RGB imagery "
+                         "(convert them to real-valued bands first, e.g. amplitude with gdal_calc)")
     if isinstance(rescale, str) and rescale == "auto" and trained is not None:
         if trained["mode"] == "percentile":
             rescale = "percentile"
@@ -221,7 +225,7 @@ def _raster_percentiles(ds, bands, src, window=None) -> np.ndarray:
         data = ds.read(list(bands), window=window, out_shape=shape, resampling=Resampling.nearest)
         masks = ds.read_masks(list(bands), window=window, out_shape=shape, resampling=Resampling.nearest)
     except (RasterioError, OSError) as e:
-        raise RasterReadError(f"{src}: GDAL failed to read the raster for its value statistics: {e}") from None
+        raise RasterReadError(f"{src}: GDAL failed to read the raster for its value statistics: {error_text(e)}") from None
     return percentile_limits(data.transpose(1, 2, 0), (masks != 0).all(axis=0), PERCENTILES, src)
 
 
@@ -262,7 +266,7 @@ class _Reader:
             return self.ds.read(self.bands, window=Window(col0, row0, width, height))
         except (RasterioError, OSError) as e:
             raise RasterReadError(f"{self.src}: GDAL failed to read window rows {row0}..{row0 + height}, "
-                                  f"cols {col0}..{col0 + width}: {e}") from None
+                                  f"cols {col0}..{col0 + width}: {error_text(e)}") from None
 
     def _masked(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
         from rasterio.errors import RasterioError
@@ -272,7 +276,7 @@ class _Reader:
             masks = self.ds.read_masks(self.bands, window=Window(col0, row0, width, height))
         except (RasterioError, OSError) as e:
             raise RasterReadError(f"{self.src}: GDAL failed to read the mask of rows {row0}..{row0 + height}, "
-                                  f"cols {col0}..{col0 + width}: {e}") from None
+                                  f"cols {col0}..{col0 + width}: {error_text(e)}") from None
         return (masks == 0).any(axis=0)
 
 
@@ -392,7 +396,7 @@ def fit_shared_centres(sources, k: int, model, *, bands=None, seed: int = 0, sam
                     cells, looked = sample_raster_cells(reader, work.height, work.width, model, seed)
                     area = work.height * work.width * cells.shape[0] / looked if looked else 0.0
             except RasterioError as e:
-                raise RasterReadError(f"GDAL error while sampling {src}: {e}") from None
+                raise RasterReadError(f"GDAL error while sampling {src}: {error_text(e)}") from None
             # at most `samples` per raster (what its quota can use), so memory stays bounded by
             # samples x rasters x D floats: about 2 MB per raster at the defaults
             pools.append(sample_rows([cells], samples, seed) if cells.shape[0] else cells)
@@ -476,21 +480,16 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     restarts = _check_int("restarts", restarts, 1)
     balance = _check_int("balance", balance, 0)
     smooth = model.smooth_iters_default if smooth_iters is None else _check_int("smooth_iters", smooth_iters, 0)
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise OutputExistsError(f"{dst}: output exists (pass overwrite=True / --overwrite to replace it)")
-    if dst.is_dir():
-        raise InputError(f"{dst}: is a directory, expected a GeoTIFF file path")
-    if not dst.parent.is_dir():
-        raise InputError(f"{dst.parent}: output directory does not exist")
 
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.errors import RasterioError
 
-    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
-    work_tmp = dst.with_name(f".{dst.name}.working-{os.getpid()}")  # labels on a resampled grid
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 1024 * 1024):
+    # the destination is checked and claimed (an empty temporary beside it) before any work
+    with atomic_file(dst, overwrite=overwrite, inputs=[src], what="output") as tmp, \
+            rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 1024 * 1024):
+        dst = Path(dst)
+        work_tmp = temporary(dst, "working")  # labels on a resampled grid
         ds = _open_raster(src)
         try:
             with ds, contextlib.ExitStack() as stack:
@@ -557,16 +556,10 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                         if factors:
                             out.build_overviews(factors, Resampling.nearest)
                             out.update_tags(ns="rio_overview", resampling="nearest")
-            os.replace(tmp, dst)
-        except BaseException as e:
-            for leftover in (tmp, tmp.with_name(tmp.name + ".aux.xml"), tmp.with_name(tmp.name + ".ovr")):
-                leftover.unlink(missing_ok=True)
-            if isinstance(e, RasterioError):
-                raise RasterReadError(f"GDAL error while segmenting {src} into {dst}: {e}") from None
-            raise
+        except RasterioError as e:
+            raise RasterReadError(f"GDAL error while segmenting {src} into {dst}: {error_text(e)}") from None
         finally:
-            for leftover in (work_tmp, work_tmp.with_name(work_tmp.name + ".aux.xml")):
-                leftover.unlink(missing_ok=True)
+            discard(work_tmp)
     return SegmentResult(dst, k, c, source, len(tiles), time.perf_counter() - t_start,
                          plan.working_m, plan.note, values.limits, values.note,
                          cluster_pixels=counts[:k], nodata_pixels=int(counts[NODATA]),
@@ -580,7 +573,7 @@ def _open_raster(src):
     try:
         return rasterio.open(src)
     except (RasterioError, OSError) as e:
-        raise RasterReadError(f"{src}: GDAL cannot read this raster: {e}") from None
+        raise RasterReadError(f"{src}: GDAL cannot read this raster: {error_text(e)}") from None
 
 
 def _working_grid(ds, src, model: Model, bands, rescale, pixel_size, raster_pixel_size_m,

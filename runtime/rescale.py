@@ -45,7 +45,7 @@ def percentile_limits(values: np.ndarray, valid: np.ndarray | None = None,
         low, high = np.percentile(band, [lo_p, hi_p])
         if not high > low:
             raise InputError(f"{src}: band {b + 1} of the RGB selection is constant ({low:g}) between its "
-                             f"{lo_p:g}th and {hi_p:g}th percentiles; give explicit limits instead")
+                             f"{lo_p:g} % and {hi_p:g} % percentiles; give explicit limits instead")
         limits[b] = low, high
     return limits
 

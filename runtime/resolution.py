@@ -21,6 +21,9 @@ import numpy as np
 from .errors import InputError
 
 RESAMPLE_TOLERANCE = 1.25  # pixel_size="auto" leaves data within this factor of the training GSD as it is
+# pixel_size="auto" refines a coarser raster at most this many times along each axis (16x the pixels):
+# beyond it the network would see mostly interpolation, at a cost that grows with the factor squared
+MAX_AUTO_UPSAMPLE = 4.0
 
 
 @dataclass
@@ -59,6 +62,13 @@ def plan_resolution(raster_m: float | None, model, pixel_size, src) -> Resolutio
         if 1 / RESAMPLE_TOLERANCE <= raster_m / train_m <= RESAMPLE_TOLERANCE:
             return ResolutionPlan(raster_m, raster_m, 1.0, f"at the raster's own {raster_m:.3g} m (model "
                                   f"trained at {trained})")
+        if train_m * MAX_AUTO_UPSAMPLE < raster_m:
+            factor = raster_m / train_m
+            raise InputError(f"{src}: its {raster_m:.3g} m pixels are {factor:.1f}x coarser than the model's "
+                             f"training {trained}; resampling to it would make {factor * factor:.0f}x the pixels "
+                             f"(pixel_size='auto' refines at most {MAX_AUTO_UPSAMPLE:g}x per axis). Run at the "
+                             "raster's own pixels (pixel_size='native' / --pixel-size native) or choose a pixel "
+                             "size in metres; a model trained on imagery of this resolution will serve it better")
         target = float(train_m)
     elif (target := positive_metres(pixel_size)) is not None:
         if raster_m is None:
@@ -77,7 +87,8 @@ def plan_resolution(raster_m: float | None, model, pixel_size, src) -> Resolutio
         return ResolutionPlan(raster_m, raster_m, 1.0, f"at the raster's own {raster_m:.3g} m (model trained "
                               f"at {trained})")
     return ResolutionPlan(raster_m, target, scale, f"resampled from {raster_m:.3g} m to {target:.3g} m "
-                          f"(model trained at {trained}); labels written back on the raster's grid")
+                          f"({1 / scale ** 2:.3g}x the pixels; model trained at {trained}); labels written "
+                          "back on the raster's grid")
 
 
 def positive_metres(value) -> float | None:

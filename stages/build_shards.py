@@ -38,7 +38,6 @@ import contextlib
 import hashlib
 import json
 import re
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -47,10 +46,13 @@ import numpy as np
 from rasterio.windows import Window
 from tqdm import tqdm
 
+from runtime.command import run_command
+from runtime.destination import atomic_folder, check_name, child, inside
+from runtime.errors import UnsafePathError
 from runtime.raster import ground_pixel_size_m
 from stages.params import ParamsError, ShardsParams, load_params
-from stages.rasterio_utils import (RasterError, fresh_tmp_dir, open_raster, read, read_label_aligned,
-                                   read_valid, replace_dir, window_transform, write_geotiff)
+from stages.rasterio_utils import (RasterError, open_raster, read, read_label_aligned, read_valid,
+                                   window_transform, write_geotiff)
 
 SPLITS = ("train", "metrics_train", "val")
 
@@ -131,10 +133,22 @@ def read_manifest(raw_dir: Path) -> tuple[list[dict], dict]:
         raise ShardsError(f"{raw_dir}: manifest or dataset.json is not valid JSON: {e}") from None
     if not entries:
         raise ShardsError(f"{manifest}: no items")
-    for e in entries:
-        missing = {"item_id", "image", "label"} - set(e)
+    for n, e in enumerate(entries, 1):
+        where = f"{manifest}:{n}"
+        missing = {"item_id", "image", "label"} - set(e) if isinstance(e, dict) else {"item_id", "image", "label"}
         if missing:
-            raise ShardsError(f"{manifest}: entry {e.get('item_id', '?')} lacks {sorted(missing)}")
+            raise ShardsError(f"{where}: entry lacks {sorted(missing)}")
+        try:  # item ids name the tiles; paths are read: neither may lead outside data/raw
+            check_name(e["item_id"], f"{where}: item_id")
+            for key in ("image", "label"):
+                if e[key] is not None or key == "image":
+                    inside(raw_dir, e[key], f"{where}: {key}", root_name="ingest folder")
+        except UnsafePathError as err:
+            raise ShardsError(str(err)) from None
+    ids = [e["item_id"] for e in entries]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ShardsError(f"{manifest}: item ids {dup[:5]} appear more than once")
     return sorted(entries, key=lambda e: e["item_id"]), info
 
 
@@ -153,11 +167,11 @@ class _ShardWriter:
     def add(self, item_id, rgb, label, valid, *, crs, transform, source_item, group, window, class_hist):
         shard = self.shard_dir
         shard.mkdir(exist_ok=True)
-        write_geotiff(shard / f"{item_id}.tif", rgb, crs=crs, transform=transform, mask=valid)
+        write_geotiff(child(shard, item_id, "tile id", ".tif"), rgb, crs=crs, transform=transform, mask=valid)
         target = None
         if label is not None:
             target = f"{item_id}.label.tif"
-            write_geotiff(shard / target, label, crs=crs, transform=transform)
+            write_geotiff(child(shard, item_id, "tile id", ".label.tif"), label, crs=crs, transform=transform)
         self.lines.append(json.dumps({
             "item_id": item_id, "split": self.split, "input": f"{item_id}.tif", "target": target,
             "source_item": source_item, "group": group, "window": window, "class_hist": class_hist},
@@ -197,10 +211,7 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
         raise ShardsError(f"{raw_dir / 'dataset.json'}: lacks 'rescale' (written by an older ingest: rerun it)")
     num_classes = int(info["num_classes"])
     groups = {e["item_id"]: group_key(e["item_id"], params.group_regex) for e in entries}
-    out_root.mkdir(parents=True, exist_ok=True)
-    final = out_root / dataset
-    tmp = fresh_tmp_dir(final)
-    try:
+    with atomic_folder(out_root / dataset, what="shards folder") as tmp:
         writers = {s: _ShardWriter(tmp / s, s, params.tiles_per_shard) for s in SPLITS}
         hist = {s: np.zeros(256, dtype=np.int64) for s in SPLITS}
         split_groups = {s: set() for s in SPLITS}
@@ -274,10 +285,6 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
             "params_hash": hashlib.sha256(params_blob.encode()).hexdigest(),
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return summary
 
 
@@ -287,19 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw", default="data/raw", help="ingest output folder")
     ap.add_argument("--out", default="data/shards", help="shards root; writes <out>/<dataset>/")
     args = ap.parse_args(argv)
-    try:
+
+    def run() -> int:
         params = load_params(args.params)
         summary = build_shards(Path(args.raw), Path(args.out), params.ingest.dataset, params.shards,
                                progress=sys.stderr.isatty())
-    except (ParamsError, ShardsError, RasterError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"build_shards: {summary['counts']} tiles ({summary['dropped_blank_tiles']} blank dropped), "
-          f"groups {{train: {len(summary['groups']['train'])}, metrics_train: "
-          f"{len(summary['groups']['metrics_train'])}, val: {len(summary['groups']['val'])}}} -> "
-          f"{Path(args.out) / summary['dataset']}")
-    return 0
+        print(f"build_shards: {summary['counts']} tiles ({summary['dropped_blank_tiles']} blank dropped), "
+              f"groups {{train: {len(summary['groups']['train'])}, metrics_train: "
+              f"{len(summary['groups']['metrics_train'])}, val: {len(summary['groups']['val'])}}} -> "
+              f"{Path(args.out) / summary['dataset']}")
+        return 0
 
+    return run_command("build_shards", run, errors=(ParamsError, ShardsError, RasterError),
+                       interrupted=f"{args.out} left as it was")
 
 if __name__ == "__main__":
     sys.exit(main())

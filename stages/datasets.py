@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,6 +25,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from rasterio.windows import Window
 
+from runtime.destination import check_name, inside
+from runtime.errors import UnsafePathError
 from stages.rasterio_utils import RasterError, has_mask, open_raster, read, read_valid
 
 INDEX_KEYS = ("item_id", "split", "input", "target", "source_item", "group", "window", "class_hist")
@@ -51,16 +52,10 @@ class TileRecord:
 
 def _inside(root: Path, shard_dir: Path, rel: object, where: str) -> Path:
     """Resolve an index path relative to its shard; reject anything that leaves `root`."""
-    if not isinstance(rel, str) or not rel:
-        raise DatasetError(f"{where}: expected a relative path string, got {rel!r}")
-    if os.path.isabs(rel):
-        raise DatasetError(f"{where}: path {rel!r} is absolute; index paths must be relative to the "
-                           "shard directory (rejected, not followed)")
-    path = (shard_dir / rel).resolve()
-    if not path.is_relative_to(root):
-        raise DatasetError(f"{where}: path {rel!r} points outside the dataset root {root} "
-                           "(rejected, not followed)")
-    return path
+    try:
+        return inside(root, rel, where, base=shard_dir, root_name="dataset root")
+    except UnsafePathError as e:
+        raise DatasetError(str(e)) from None
 
 
 def read_index(dataset_root: Path, split: str) -> list[TileRecord]:
@@ -92,8 +87,12 @@ def read_index(dataset_root: Path, split: str) -> list[TileRecord]:
             if not (isinstance(window, list) and len(window) == 4 and all(isinstance(v, int) for v in window)):
                 raise DatasetError(f"{where}: window must be [col_off, row_off, width, height], got {window!r}")
             target = None if e["target"] is None else _inside(root, shard_dir, e["target"], where)
+            try:  # item ids name files (evaluate's overlays): one plain file name
+                check_name(e["item_id"], f"{where}: item_id")
+            except UnsafePathError as err:
+                raise DatasetError(str(err)) from None
             records.append(TileRecord(
-                item_id=str(e["item_id"]), split=split,
+                item_id=e["item_id"], split=split,
                 input=_inside(root, shard_dir, e["input"], where), target=target,
                 source_item=str(e["source_item"]), group=str(e["group"]), window=tuple(window),
                 class_hist=e["class_hist"]))

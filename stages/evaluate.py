@@ -61,7 +61,8 @@ from tqdm import tqdm
 from runtime import Model, load_model
 from runtime.model import labels_from_cell_proba
 from runtime.artifact import build_meta, clustering_settings
-from runtime.errors import LandsegError
+from runtime.command import run_command
+from runtime.destination import check_folder, child, discard, remove_stale, temporary
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
 from stages.datasets import DatasetError, TileDataset
 from stages.metrics import (GlobalProtocol, PerTileProtocol, matched_confusion, row_percent_records,
@@ -407,26 +408,32 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
                     if results[b][proto]["miou"] > 0 else None) for b in BASELINES}
         for proto in results["model"]}
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_folder(out_dir, "evaluate output folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out_dir)
+    tmp = temporary(out_dir)
+    discard(tmp)
     try:
         (tmp / "plots" / "overlays").mkdir(parents=True)
         (tmp / "plots" / "confusion.json").write_text(
             json.dumps(row_percent_records(model_glob.matched, names), indent=None) + "\n")
         mapping = model_glob.mapping()
         for item_id, rgb, label, pred in zip(tiles.item_ids, tiles.images, tiles.labels, model_preds):
-            write_png(tmp / "plots" / "overlays" / f"{item_id}.png", overlay(rgb, label, pred, mapping))
+            write_png(child(tmp / "plots" / "overlays", item_id, "val tile id", ".png"),
+                      overlay(rgb, label, pred, mapping))
         (tmp / "per_class_iou.json").write_text(json.dumps(per_class, indent=2) + "\n")
         (tmp / "per_group.json").write_text(json.dumps(per_group, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         _install_outputs(tmp, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
     return metrics
 
 
 def _remove_outputs(out_dir: Path) -> None:
     """Delete this stage's outputs in out_dir (metrics first: its presence means 'complete')."""
+    if not out_dir.is_dir():
+        return
     (out_dir / "metrics.json").unlink(missing_ok=True)
     (out_dir / "per_class_iou.json").unlink(missing_ok=True)
     (out_dir / "per_group.json").unlink(missing_ok=True)
@@ -477,18 +484,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default="results/evaluate")
     ap.add_argument("--raw", default="data/raw", help="ingested rasters (for evaluate.rasters)")
     args = ap.parse_args(argv)
-    try:
-        p = load_params(args.params)
-        metrics = evaluate(Path(args.shards) / p.ingest.dataset, Path(args.model), Path(args.teacher), Path(args.out),
-                           p.evaluate, dataset=p.ingest.dataset, raw_dir=Path(args.raw))
-    except (ParamsError, EvaluateError, DatasetError, RasterError, TrainingError, LandsegError) as e:
-        _remove_outputs(Path(args.out))
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_table(metrics, json.loads((Path(args.out) / "per_group.json").read_text()))
-    print(f"wrote {Path(args.out) / 'metrics.json'}")
-    return 0
 
+    def run() -> int:
+        p = load_params(args.params)
+        try:
+            metrics = evaluate(Path(args.shards) / p.ingest.dataset, Path(args.model), Path(args.teacher),
+                               Path(args.out), p.evaluate, dataset=p.ingest.dataset, raw_dir=Path(args.raw))
+        except BaseException:
+            _remove_outputs(Path(args.out))  # metrics of another model or data must not stay behind
+            raise
+        print_table(metrics, json.loads((Path(args.out) / "per_group.json").read_text()))
+        print(f"wrote {Path(args.out) / 'metrics.json'}")
+        return 0
+
+    return run_command("evaluate", run, errors=(ParamsError, EvaluateError, DatasetError, RasterError, TrainingError),
+                       interrupted=f"no metrics in {args.out}")
 
 if __name__ == "__main__":
     sys.exit(main())

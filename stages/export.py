@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from runtime.artifact import build_meta, write_artifact
-from runtime.errors import ArtifactError
+from runtime.command import run_command
 from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, Encoder
 from stages.params import ParamsError, load_params
 from stages.train import TrainingError, load_teacher, teacher_info
@@ -95,16 +95,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--student", default="model/student")
     ap.add_argument("--out", default="model/best")
     args = ap.parse_args(argv)
-    try:
+
+    def run() -> int:
         p = load_params(args.params)
         dst = export_model(p.export.source, Path(args.teacher), Path(args.student), Path(args.out),
                            cue=p.export.cue(), fit_temperature=p.export.fit_temperature)
-    except (ParamsError, TrainingError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported {p.export.source} to {dst}")
-    return 0
+        print(f"exported {p.export.source} to {dst}")
+        return 0
 
+    return run_command("export", run, errors=(ParamsError, TrainingError), interrupted=f"{args.out} left as it was")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,7 +30,6 @@ import contextlib
 import glob
 import json
 import re
-import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -42,14 +41,15 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
+from runtime.command import run_command
+from runtime.destination import atomic_folder, child
 from runtime.errors import LandsegError
 from runtime.raster import has_float_bands, plan_rescale
 from runtime.rescale import to_uint8
 from stages import synthetic
 from stages.params import IngestParams, ParamsError, load_params
-from stages.rasterio_utils import (GDAL_READ_ENV, Grid, RasterError, crs_string, fresh_tmp_dir,
-                                   geotiff_profile, has_mask, open_raster, read, read_label_aligned,
-                                   replace_dir, sha256_file, window_transform)
+from stages.rasterio_utils import (GDAL_READ_ENV, Grid, RasterError, crs_string, geotiff_profile, has_mask,
+                                   open_raster, read, read_label_aligned, sha256_file, window_transform)
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".jpg", ".jpeg", ".png", ".jp2", ".img", ".bmp", ".gif"}
 BLOCK_ROWS = 512  # rows copied per read/write; bounds memory to ~BLOCK_ROWS * width * bands bytes
@@ -424,8 +424,8 @@ def ingest_rasters(items: list[Item], params: IngestParams, root: Path, label_ma
     entries, no_crs, max_label = [], [], 0
     rescale = params.rescale_limit_pairs() if params.rescale == "fixed" else params.rescale
     for item in items:
-        image = root / "images" / f"{item.item_id}.tif"
-        label = root / "labels" / f"{item.item_id}.tif" if item.label else None
+        image = child(root / "images", item.item_id, f"{item.source}: item id", ".tif")
+        label = child(root / "labels", item.item_id, f"{item.source}: item id", ".tif") if item.label else None
         grid, top = _copy_raster(item, image, label, bands, label_map, no_crs, rescale)
         if declared_m > 0 and grid["crs"] is not None:
             raise IngestError(f"{item.image}: has a CRS, which gives its pixel size; ingest.local.pixel_size_m "
@@ -455,13 +455,11 @@ def ingest_rasters(items: list[Item], params: IngestParams, root: Path, label_ma
 def ingest(params: IngestParams, out_dir: Path) -> list[dict]:
     """Run the configured provider into `out_dir` (atomically replaced). Returns manifest entries."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     if params.provider == "local":
         items = local_items(params)  # validate inputs before touching the output
     elif params.provider == "remote":
         items = remote_items(params)
-    tmp = fresh_tmp_dir(out_dir)
-    try:
+    with atomic_folder(out_dir, what="ingest output folder") as tmp:
         (tmp / "images").mkdir()
         (tmp / "labels").mkdir()
         if params.provider == "synthetic":
@@ -486,10 +484,6 @@ def ingest(params: IngestParams, out_dir: Path) -> list[dict]:
                             "limits": params.rescale_limit_pairs()},
                 "items": len(entries), "labelled_items": sum(e["has_label"] for e in entries)}
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return entries
 
 
@@ -498,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml", help="params file (group `ingest`)")
     ap.add_argument("--out", default="data/raw", help="output folder (replaced atomically)")
     args = ap.parse_args(argv)
-    try:
+
+    def run() -> int:
         params = load_params(args.params).ingest
         with warnings.catch_warnings():
             warnings.simplefilter("always", NoCRSWarning)
@@ -513,14 +508,13 @@ def main(argv: list[str] | None = None) -> int:
 
             warnings.showwarning = show
             entries = ingest(params, Path(args.out))
-    except (ParamsError, IngestError, RasterError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    labelled = sum(e["has_label"] for e in entries)
-    pixels = sum(e["width"] * e["height"] for e in entries)
-    print(f"ingest: {len(entries)} rasters ({labelled} labelled, {pixels / 1e6:.1f} MPix) -> {args.out}")
-    return 0
+        labelled = sum(e["has_label"] for e in entries)
+        pixels = sum(e["width"] * e["height"] for e in entries)
+        print(f"ingest: {len(entries)} rasters ({labelled} labelled, {pixels / 1e6:.1f} MPix) -> {args.out}")
+        return 0
 
+    return run_command("ingest", run, errors=(ParamsError, IngestError, RasterError),
+                       interrupted=f"{args.out} left as it was")
 
 if __name__ == "__main__":
     sys.exit(main())

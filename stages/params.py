@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import sys
 import types
@@ -432,6 +433,8 @@ def _convert(value: Any, tp: Any, key: str, meta: dict) -> Any:
             hint = " (YAML reads '1e-3' as text: write 0.001 or 1.0e-3)" if isinstance(value, str) else ""
             raise ParamsError(f"{key}: expected a number, got {value!r}{hint}")
         value = float(value)
+        if not math.isfinite(value):  # NaN passes every range check (nan < lo and nan > hi are False)
+            raise ParamsError(f"{key}: expected a finite number, got {value!r}")
     elif tp is str:
         if not isinstance(value, str):
             raise ParamsError(f"{key}: expected a string, got {value!r}")
@@ -474,11 +477,29 @@ def parse_params(raw: Any) -> Params:
     return _parse_dataclass(Params, raw, "")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (the plain loader
+    keeps the last value without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ParamsError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one "
+                                  f"mapping (first on line {seen[key] + 1}); keep one of them")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raise ParamsError naming the file and key on any problem."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
     except yaml.YAMLError as e:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,9 @@ from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.warp import reproject
 from rasterio.windows import Window
+
+from runtime.destination import atomic_file
+from runtime.errors import error_text
 
 # GDAL settings for every read: libjpeg warnings ("premature end of data") become errors, so a
 # truncated JPEG fails loudly instead of returning grey-filled pixels; the block cache is capped
@@ -67,7 +68,7 @@ def open_raster(path: str | Path, *, what: str = "raster") -> Iterator[rasterio.
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 src = rasterio.open(path)
         except (RasterioError, OSError) as e:
-            raise RasterError(f"{path}: GDAL cannot open this {what}: {e}") from None
+            raise RasterError(f"{path}: GDAL cannot open this {what}: {error_text(e)}") from None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -104,7 +105,7 @@ def read(src: rasterio.DatasetReader, indexes: int | Sequence[int], window: Wind
             out[..., dr:dr + int(part.height), dc:dc + int(part.width)] = src.read(indexes, window=part)
         return out
     except (RasterioError, OSError) as e:
-        raise RasterError(f"{src.name}: read failed at window {window}: {e} "
+        raise RasterError(f"{src.name}: read failed at window {window}: {error_text(e)} "
                           "(truncated or corrupt file?)") from None
 
 
@@ -130,7 +131,7 @@ def read_valid(src: rasterio.DatasetReader, window: Window, indexes: Sequence[in
         try:
             masks = src.read_masks(list(indexes), window=part)
         except (RasterioError, OSError) as e:
-            raise RasterError(f"{src.name}: reading the mask failed: {e}") from None
+            raise RasterError(f"{src.name}: reading the mask failed: {error_text(e)}") from None
         inside[r0:r0 + ph, c0:c0 + pw] = np.all(masks > 0, axis=0)
     else:
         inside[r0:r0 + ph, c0:c0 + pw] = True
@@ -179,7 +180,7 @@ def read_label_aligned(label: rasterio.DatasetReader, image: Grid | rasterio.Dat
                   dst_crs=image.crs, dst_transform=window_transform(window, image.transform), dst_nodata=0,
                   resampling=Resampling.nearest)
     except (RasterioError, OSError) as e:
-        raise RasterError(f"{label.name}: warping the label onto {image.name} failed: {e}") from None
+        raise RasterError(f"{label.name}: warping the label onto {image.name} failed: {error_text(e)}") from None
     return out
 
 
@@ -191,18 +192,14 @@ def _block_size(width: int, height: int) -> dict:
     return {"tiled": False}
 
 
-def tmp_path_for(dst: Path) -> Path:
-    """A temporary sibling of `dst` (same filesystem, so the final rename is atomic)."""
-    return dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-
-
 def geotiff_profile(width: int, height: int, count: int, *, crs, transform) -> dict:
     return {**GTIFF_PROFILE, **_block_size(width, height), "width": width, "height": height,
             "count": count, "dtype": "uint8", "crs": crs, "transform": transform}
 
 
-def write_geotiff(dst: Path, data: np.ndarray, *, crs, transform, mask: np.ndarray | None = None) -> None:
-    """Write uint8 (C, H, W) or (H, W) as a tiled deflate GeoTIFF, atomically (temp + rename).
+def write_geotiff(dst: Path, data: np.ndarray, *, crs, transform, mask: np.ndarray | None = None,
+                  overwrite: bool = False) -> None:
+    """Write uint8 (C, H, W) or (H, W) as a tiled deflate GeoTIFF, atomically (`runtime.destination`).
 
     `mask` (bool (H, W), True = valid) is stored as the GeoTIFF's internal dataset mask; it is
     omitted when every pixel is valid.
@@ -211,9 +208,8 @@ def write_geotiff(dst: Path, data: np.ndarray, *, crs, transform, mask: np.ndarr
     arr = data[None] if data.ndim == 2 else data
     if arr.dtype != np.uint8:
         raise RasterError(f"{dst}: expected uint8 pixels, got {arr.dtype}")
-    tmp = tmp_path_for(dst)
     profile = geotiff_profile(arr.shape[2], arr.shape[1], arr.shape[0], crs=crs, transform=transform)
-    try:
+    with atomic_file(dst, overwrite=overwrite, what="GeoTIFF") as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
@@ -221,10 +217,6 @@ def write_geotiff(dst: Path, data: np.ndarray, *, crs, transform, mask: np.ndarr
                     out.write(arr)
                     if mask is not None and not mask.all():
                         out.write_mask(np.where(mask, 255, 0).astype(np.uint8))
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -233,26 +225,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def replace_dir(tmp: Path, dst: Path) -> None:
-    """Move a completed temporary directory onto `dst`, removing only the previous `dst`."""
-    tmp, dst = Path(tmp), Path(dst)
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def fresh_tmp_dir(dst: Path) -> Path:
-    """An empty temporary directory beside `dst` (a stale one from a crashed run is removed)."""
-    tmp = tmp_path_for(Path(dst))
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def crs_string(crs) -> str | None:

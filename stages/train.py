@@ -35,9 +35,7 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -47,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from runtime.command import run_command
+from runtime.destination import atomic_file, atomic_folder
 from stages import losses
 from stages.augment import invert_each, make_views
 from stages.metrics import confusion, hungarian_scores
@@ -310,39 +310,34 @@ def atomic_torch_save(obj: dict, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then rename (never a half-written file).
 
     Serialised through memory: torch.save names the zip archive inside after the file it writes,
-    and the random temporary name would make identical checkpoints differ byte for byte.
+    and the temporary name would make identical checkpoints differ byte for byte.
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(obj, buf)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, overwrite=True, what="checkpoint") as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def write_output_dir(dst: Path, files: dict[str, Callable[[Path], None]]) -> None:
     """Write each file with its writer into a temporary directory beside `dst`, then swap it in."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
+    with atomic_folder(dst, what="model folder") as tmp:
         for name, write in files.items():
             write(tmp / name)
-        old = None
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def check_finite(terms: dict[str, torch.Tensor], step: int, stage: str, checkpoint: Path) -> None:
+    """TrainingError naming the step and the loss terms that are NaN or infinite (before the
+    optimiser step, so that no weight is touched and the last checkpoint stays the last good one)."""
+    bad = {name: float(v.detach()) for name, v in terms.items()
+           if not name.startswith("_") and not bool(torch.isfinite(v.detach()).all())}
+    if bad:
+        where = f"{checkpoint} (the last good state) is kept" if checkpoint.exists() else "no checkpoint written"
+        raise TrainingError(f"{stage}: loss not finite at step {step}: "
+                            + ", ".join(f"{name} = {value}" for name, value in bad.items())
+                            + f"; training stopped, {where}. Lower the learning rate or the loss weights, "
+                            "or check the training tiles")
 
 
 def load_checkpoint(path: Path, fingerprint: str, total_steps: int) -> Optional[dict]:
@@ -633,6 +628,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
                                    torch.Generator().manual_seed(train_params.seed * 1_000_003 + step), target,
                                    projector, contrastive_weight_at(step, loss_params.contrastive,
                                                                     loss_params.contrastive_decay_steps))
+            check_finite(terms, step + 1, "train", ckpt_path)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             opt.step()
@@ -703,15 +699,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--results", default="results/train")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    try:
+
+    def run() -> int:
         p = load_params(args.params)
         train_teacher(Path(args.shards) / p.ingest.dataset, Path(args.out), Path(args.checkpoints),
                       Path(args.results), p.aug, p.model, p.loss, p.train, progress=not args.no_progress)
-    except (ParamsError, TrainingError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
 
+    return run_command("train", run, errors=(ParamsError, TrainingError, FileNotFoundError, ValueError),
+                       interrupted=f"{args.out} not written; the last checkpoint in {args.checkpoints} is kept: "
+                       "rerun to resume")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,11 +38,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from runtime.command import run_command
 from stages import losses
 from stages.augment import apply_each, draw_transforms, normalise01, step_generator, to_rgb01
 from stages.model import Encoder, student_from_params
 from stages.params import ParamsError, StudentParams, load_params
-from stages.train import (CHECKPOINT_VERSION, USAGE_THRESHOLD, HeldOutBatch, Prefetcher, TrainingError, atomic_torch_save,
+from stages.train import (CHECKPOINT_VERSION, USAGE_THRESHOLD, HeldOutBatch, Prefetcher, TrainingError,
+                          atomic_torch_save, check_finite,
                           cluster_usage, embed_images, global_scores, load_checkpoint, load_labelled_split,
                           load_teacher, lr_at, open_live, read_summary, resolve_device, run_fingerprint,
                           set_threads, teacher_config, teacher_info, training_sources, write_output_dir)
@@ -229,6 +231,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
                 group["lr"] = lr
             gen = torch.Generator().manual_seed(distill.seed * 1_000_003 + step)
             terms = distill_losses(distiller, teacher, x, guide, distill, loss_params.edge_sigma, gen)
+            check_finite(terms, step + 1, "train_distill", ckpt_path)
             key = str(size)
             normalised = normaliser.normalise(key, terms["raw"])
             merged = normaliser.merged(key, normalised)
@@ -293,16 +296,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--results", default="results/train_distill")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    try:
+
+    def run() -> int:
         p = load_params(args.params)
         train_student(Path(args.shards) / p.ingest.dataset, Path(args.teacher), Path(args.out),
                       Path(args.checkpoints), Path(args.results), p.model, p.loss, p.student, p.data,
                       p.distill, p.train, progress=not args.no_progress)
-    except (ParamsError, TrainingError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
 
+    return run_command("train_distill", run, errors=(ParamsError, TrainingError, FileNotFoundError, ValueError),
+                       interrupted=f"{args.out} not written; the last checkpoint in {args.checkpoints} is kept: "
+                       "rerun to resume")
 
 if __name__ == "__main__":
     sys.exit(main())
