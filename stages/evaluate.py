@@ -344,6 +344,7 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
     """Score model/best, the teacher and both baselines on `val`; write metrics and plots to out_dir.
     With `params.rasters`, also on the val tiles' whole source rasters in `raw_dir` (data/raw)."""
     dataset_root, out_dir = Path(dataset_root), Path(out_dir)
+    check_folder(out_dir, "evaluate output folder")  # before the work
     _remove_outputs(out_dir)  # nothing from an earlier run may look current if this one fails
     summary = read_summary(dataset_root)
     num_classes, names = summary["num_classes"], class_names(summary)
@@ -408,7 +409,6 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
                     if results[b][proto]["miou"] > 0 else None) for b in BASELINES}
         for proto in results["model"]}
 
-    check_folder(out_dir, "evaluate output folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out_dir)
     tmp = temporary(out_dir)
