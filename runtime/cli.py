@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +227,6 @@ class _Progress:
 def run_segment(args) -> int:
     from .model import load_model
     from .raster import segment_raster
-    from rasterio.errors import NotGeoreferencedWarning
 
     model = load_model(args.model, threads=args.threads)
     centres = args.centres
@@ -246,16 +244,13 @@ def run_segment(args) -> int:
         check_file(args.save_centres, overwrite=args.overwrite, inputs=reads, what="centres file")
     progress = _Progress(args.quiet)
     try:
-        with warnings.catch_warnings():
-            # said once, in words, below (rasterio warns on every open of a raster without a geotransform)
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            result = segment_raster(args.input, args.output, args.k, model, tile=args.tile, bands=args.bands,
-                                    centres=centres, seed=args.seed,
-                                    samples=args.samples, iters=args.cluster_iters, restarts=args.restarts,
-                                    balance=args.balance,
-                                    smooth_iters=args.smooth_iters, pixel_size=args.pixel_size,
-                                    raster_pixel_size_m=args.raster_pixel_size, rescale=args.rescale,
-                                    overwrite=args.overwrite, overviews=args.overviews, progress=progress)
+        result = segment_raster(args.input, args.output, args.k, model, tile=args.tile, bands=args.bands,
+                                centres=centres, seed=args.seed,
+                                samples=args.samples, iters=args.cluster_iters, restarts=args.restarts,
+                                balance=args.balance,
+                                smooth_iters=args.smooth_iters, pixel_size=args.pixel_size,
+                                raster_pixel_size_m=args.raster_pixel_size, rescale=args.rescale,
+                                overwrite=args.overwrite, overviews=args.overviews, progress=progress)
     finally:
         progress.close()
     if args.save_centres:
@@ -303,19 +298,16 @@ def save_centres(path: Path, centres: np.ndarray, overwrite: bool, inputs=()) ->
 def run_fit_centres(args) -> int:
     from .model import load_model
     from .raster import fit_shared_centres
-    from rasterio.errors import NotGeoreferencedWarning
 
     out = Path(args.out)
     reads = [*args.inputs, *(Path(args.model) / name for name in ("model.npz", "meta.json", "metrics.json"))]
     check_file(out, overwrite=args.overwrite, inputs=reads, what="centres file")  # before the work
     model = load_model(args.model, threads=args.threads)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        shared = fit_shared_centres(args.inputs, args.k, model, bands=args.bands, seed=args.seed,
-                                    samples=args.samples, iters=args.cluster_iters, restarts=args.restarts,
-                                    balance=args.balance,
-                                    pixel_size=args.pixel_size, raster_pixel_size_m=args.raster_pixel_size,
-                                    rescale=args.rescale)
+    shared = fit_shared_centres(args.inputs, args.k, model, bands=args.bands, seed=args.seed,
+                                samples=args.samples, iters=args.cluster_iters, restarts=args.restarts,
+                                balance=args.balance,
+                                pixel_size=args.pixel_size, raster_pixel_size_m=args.raster_pixel_size,
+                                rescale=args.rescale)
     save_centres(out, shared.centres, overwrite=args.overwrite, inputs=reads)
     if not args.quiet:
         k = shared.centres.shape[0]

@@ -28,7 +28,8 @@ tile size, and the result is identical to segmenting the raster in one piece:
   It is written under a hidden temporary name beside `dst` and renamed when complete: an error,
   a cancel or an interruption leaves no partial `dst`.
 
-rasterio (GDAL) is imported inside the functions, so `import runtime` stays numpy-only.
+Raster I/O goes through `runtime.raster_io`: rasterio where it is installed, else GDAL's own bindings
+(`osgeo.gdal`, as in QGIS); either is imported inside the functions, so `import runtime` stays numpy-only.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from typing import Callable
 import numpy as np
 
 from .destination import atomic_file, discard, temporary
-from .errors import Cancelled, InputError, RasterReadError, error_text
+from .errors import Cancelled, InputError
+from .raster_io import backend
 from .cluster import DEFAULT_RESTARTS
 from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE, Model, labels_from_cell_proba, load_model, sample_rows
 from .rescale import PERCENTILES, STATS_SIZE, check_limits, percentile_limits, to_uint8
@@ -114,28 +116,27 @@ def select_bands(count: int, bands, src) -> tuple[int, int, int]:
     return tuple(int(b) for b in bands)
 
 
-def ground_pixel_size_m(crs, transform, width: int = 1, height: int = 1) -> float | None:
+def ground_pixel_size_m(crs, transform, width: int = 1, height: int = 1, io=None) -> float | None:
     """Ground sample distance in metres at the centre of a `width` x `height` pixel grid: the side
     of a square with the ground area of one pixel.
 
     The pixel's two edge vectors are taken to longitude / latitude by GDAL (`crs` -> WGS 84) and
     measured with the WGS 84 ellipsoid's local radii of curvature, so a geographic CRS (degrees),
     Web Mercator (whose "metres" are 1 / cos(latitude) ground metres) and feet-based CRSs all give
-    ground metres. None without a CRS or when GDAL cannot relate the CRS to WGS 84.
+    ground metres. None without a CRS or when GDAL cannot relate the CRS to WGS 84. `crs` is the
+    raster I/O backend's (`io`, default `raster_io.backend()`): a rasterio CRS or WKT.
     """
     if crs is None:
         return None
-    from rasterio.warp import transform as reproject_points
-
     col, row = width / 2, height / 2
     t = transform  # written out, not `t * (x, y)` / `t @ (x, y)`, which affine versions disagree on
     grid = [(col, row), (col + 1, row), (col, row + 1)]
     xs = [t.a * c + t.b * r + t.c for c, r in grid]
     ys = [t.d * c + t.e * r + t.f for c, r in grid]
-    try:
-        lon, lat = reproject_points(crs, "EPSG:4326", xs, ys)
-    except Exception:  # CRSError / ValueError: no transformation to WGS 84 (e.g. a local CRS)
+    lonlat = (io or backend()).wgs84_points(crs, xs, ys)
+    if lonlat is None:  # no transformation to WGS 84 (e.g. a local CRS)
         return None
+    lon, lat = lonlat
     if not all(math.isfinite(v) for v in (*lon, *lat)):
         return None
     phi = math.radians(lat[0])
@@ -172,8 +173,8 @@ def plan_rescale(ds, bands, rescale, src, trained: dict | None = None, window=No
     "percentile". "none" requires 8-bit data; "percentile" maps each band's 2nd-98th percentiles of
     valid values (from a read of the whole raster decimated to STATS_SIZE pixels on its long side)
     to 0..255; a (low, high) pair (all bands) or three pairs (R, G, B) in the raster's units give the
-    limits directly. window: a rasterio Window the percentiles are taken over (default: the whole
-    raster).
+    limits directly. ds: a `raster_io` Source. window: (col0, row0, width, height) in pixels the
+    percentiles are taken over (default: the whole raster).
     """
     dtypes = sorted({ds.dtypes[b - 1] for b in bands})
     kind = "/".join(dtypes)
@@ -213,19 +214,11 @@ def has_float_bands(ds, bands) -> bool:
 
 
 def _raster_percentiles(ds, bands, src, window=None) -> np.ndarray:
-    """Per-band PERCENTILES limits of the valid values of the raster (or of `window`), from a read
-    decimated to STATS_SIZE pixels on the long side."""
-    from rasterio.enums import Resampling
-    from rasterio.errors import RasterioError
-
-    height, width = (ds.height, ds.width) if window is None else (int(window.height), int(window.width))
+    """Per-band PERCENTILES limits of the valid values of the raster (or of `window`, (col0, row0,
+    width, height)), from a read decimated to STATS_SIZE pixels on the long side."""
+    height, width = (ds.height, ds.width) if window is None else (int(window[3]), int(window[2]))
     f = max(1.0, max(height, width) / STATS_SIZE)
-    shape = (len(bands), max(1, round(height / f)), max(1, round(width / f)))
-    try:
-        data = ds.read(list(bands), window=window, out_shape=shape, resampling=Resampling.nearest)
-        masks = ds.read_masks(list(bands), window=window, out_shape=shape, resampling=Resampling.nearest)
-    except (RasterioError, OSError) as e:
-        raise RasterReadError(f"{src}: GDAL failed to read the raster for its value statistics: {error_text(e)}") from None
+    data, masks = ds.read_decimated(bands, max(1, round(height / f)), max(1, round(width / f)), window)
     return percentile_limits(data.transpose(1, 2, 0), (masks != 0).all(axis=0), PERCENTILES, src)
 
 
@@ -259,25 +252,10 @@ class _Reader:
 
     def _values(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
         """The RGB bands' values (3, height, width) in the raster's own dtype."""
-        from rasterio.errors import RasterioError
-        from rasterio.windows import Window
-
-        try:
-            return self.ds.read(self.bands, window=Window(col0, row0, width, height))
-        except (RasterioError, OSError) as e:
-            raise RasterReadError(f"{self.src}: GDAL failed to read window rows {row0}..{row0 + height}, "
-                                  f"cols {col0}..{col0 + width}: {error_text(e)}") from None
+        return self.ds.read(self.bands, row0, col0, height, width)
 
     def _masked(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
-        from rasterio.errors import RasterioError
-        from rasterio.windows import Window
-
-        try:
-            masks = self.ds.read_masks(self.bands, window=Window(col0, row0, width, height))
-        except (RasterioError, OSError) as e:
-            raise RasterReadError(f"{self.src}: GDAL failed to read the mask of rows {row0}..{row0 + height}, "
-                                  f"cols {col0}..{col0 + width}: {error_text(e)}") from None
-        return (masks == 0).any(axis=0)
+        return (self.ds.read_masks(self.bands, row0, col0, height, width) == 0).any(axis=0)
 
 
 def sample_raster_cells(reader: _Reader, height: int, width: int, model: Model,
@@ -382,21 +360,16 @@ def fit_shared_centres(sources, k: int, model, *, bands=None, seed: int = 0, sam
     restarts = _check_int("restarts", restarts, 1)
     balance = _check_int("balance", balance, 0)
 
-    import rasterio
-    from rasterio.errors import RasterioError
-
+    io = backend()
     pools, areas, notes = [], [], []
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 1024 * 1024):
+    with io.env(GDAL_CACHE_MB):
         for src in sources:
-            ds = _open_raster(src)
-            try:
-                with ds, contextlib.ExitStack() as stack:
-                    _, values, plan, work, reader = _working_grid(ds, src, model, bands, rescale, pixel_size,
-                                                                  raster_pixel_size_m, stack)
-                    cells, looked = sample_raster_cells(reader, work.height, work.width, model, seed)
-                    area = work.height * work.width * cells.shape[0] / looked if looked else 0.0
-            except RasterioError as e:
-                raise RasterReadError(f"GDAL error while sampling {src}: {error_text(e)}") from None
+            with io.errors_as_read_errors(f"sampling {src}"), io.open_source(src) as ds, \
+                    contextlib.ExitStack() as stack:
+                _, values, plan, work, reader = _working_grid(ds, src, model, bands, rescale, pixel_size,
+                                                              raster_pixel_size_m, stack)
+                cells, looked = sample_raster_cells(reader, work.height, work.width, model, seed)
+                area = work.height * work.width * cells.shape[0] / looked if looked else 0.0
             # at most `samples` per raster (what its quota can use), so memory stays bounded by
             # samples x rasters x D floats: about 2 MB per raster at the defaults
             pools.append(sample_rows([cells], samples, seed) if cells.shape[0] else cells)
@@ -481,19 +454,15 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     balance = _check_int("balance", balance, 0)
     smooth = model.smooth_iters_default if smooth_iters is None else _check_int("smooth_iters", smooth_iters, 0)
 
-    import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.errors import RasterioError
-
+    io = backend()
     # the destination is checked and claimed (an empty temporary beside it) before any work
-    with atomic_file(dst, overwrite=overwrite, inputs=[src], what="output") as tmp, \
-            rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 1024 * 1024):
+    with atomic_file(dst, overwrite=overwrite, inputs=[src], what="output") as tmp, io.env(GDAL_CACHE_MB):
         dst = Path(dst)
         work_tmp = temporary(dst, "working")  # labels on a resampled grid
-        ds = _open_raster(src)
         try:
-            with ds, contextlib.ExitStack() as stack:
-                georeferenced = ds.crs is not None or not ds.transform.is_identity
+            with io.errors_as_read_errors(f"segmenting {src} into {dst}"), io.open_source(src) as ds, \
+                    contextlib.ExitStack() as stack:
+                georeferenced = ds.georeferenced
                 bands, values, plan, work, reader = _working_grid(ds, src, model, bands, rescale, pixel_size,
                                                                   raster_pixel_size_m, stack)
                 height, width = work.height, work.width
@@ -518,13 +487,13 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                         [(r, h, c0, w) for r, h in _grid(ds.height, tile) for c0, w in _grid(ds.width, tile)])
                 total = len(tiles) + len(back)
                 counts = np.zeros(256, np.int64)  # pixels written per output value, on the raster's grid
-                with rasterio.open(tmp if work is ds else work_tmp, "w",
-                                   **_label_profile(width, height, work.crs, work.transform)) as out:
+                with io.LabelWriter(tmp if work is ds else work_tmp, width, height, work.crs, work.transform,
+                                    block=BLOCK, nodata=NODATA) as out:
                     for i, (r0, rh, c0, cw) in enumerate(tiles):
                         if cancel is not None and cancel():
                             raise Cancelled(f"cancelled after {i} of {len(tiles)} tiles; {dst} not written")
                         labels = _segment_tile(reader, model, c, smooth, halo, height, width, r0, rh, c0, cw)
-                        out.write(labels[None], window=rasterio.windows.Window(c0, r0, cw, rh))
+                        out.write(labels, r0, c0)
                         if work is ds:
                             counts += np.bincount(labels.ravel(), minlength=256)
                         if progress is not None:
@@ -538,26 +507,16 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                                         f"blocks); {dst} not written")
 
                 if back:
-                    _labels_to_source_grid(work_tmp, _Reader(ds, bands, model, src, values.limits), tmp,
+                    _labels_to_source_grid(io, work_tmp, _Reader(ds, bands, model, src, values.limits), tmp,
                                            back, after_block, counts)
-                with rasterio.open(tmp, "r+") as out:
-                    cmap = {i: PALETTE[i % len(PALETTE)] + (255,) for i in range(k)}
-                    cmap[NODATA] = (0, 0, 0, 0)
-                    out.write_colormap(1, cmap)
-                    out.set_band_description(1, f"cluster id 0..{k - 1} ({NODATA} = nodata)")
-                    prov = model.meta["provenance"]
-                    out.update_tags(landseg_k=str(k), landseg_centres=source,
-                                    landseg_model_commit=prov["git_commit"],
-                                    landseg_model_params_hash=prov["params_hash"],
-                                    landseg_resolution=plan.note, landseg_rescale=values.note,
-                                    landseg_cluster_pixels=json.dumps(counts[:k].tolist()))
-                    if overviews:
-                        factors = _overview_factors(ds.height, ds.width)
-                        if factors:
-                            out.build_overviews(factors, Resampling.nearest)
-                            out.update_tags(ns="rio_overview", resampling="nearest")
-        except RasterioError as e:
-            raise RasterReadError(f"GDAL error while segmenting {src} into {dst}: {error_text(e)}") from None
+                cmap = {i: PALETTE[i % len(PALETTE)] + (255,) for i in range(k)}
+                cmap[NODATA] = (0, 0, 0, 0)
+                prov = model.meta["provenance"]
+                tags = dict(landseg_k=str(k), landseg_centres=source, landseg_model_commit=prov["git_commit"],
+                            landseg_model_params_hash=prov["params_hash"], landseg_resolution=plan.note,
+                            landseg_rescale=values.note, landseg_cluster_pixels=json.dumps(counts[:k].tolist()))
+                io.finish_labels(tmp, cmap, f"cluster id 0..{k - 1} ({NODATA} = nodata)", tags,
+                                 _overview_factors(ds.height, ds.width) if overviews else [])
         finally:
             discard(work_tmp)
     return SegmentResult(dst, k, c, source, len(tiles), time.perf_counter() - t_start,
@@ -566,21 +525,12 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                          georeferenced=georeferenced)
 
 
-def _open_raster(src):
-    import rasterio
-    from rasterio.errors import RasterioError
-
-    try:
-        return rasterio.open(src)
-    except (RasterioError, OSError) as e:
-        raise RasterReadError(f"{src}: GDAL cannot read this raster: {error_text(e)}") from None
-
-
 def _working_grid(ds, src, model: Model, bands, rescale, pixel_size, raster_pixel_size_m,
                   stack: contextlib.ExitStack):
     """How the network sees the open raster `ds`: its (R, G, B) bands, the mapping of its values to
     0..255 (`plan_rescale`), the resolution plan (`plan_resolution`), the grid it runs on (`ds`
-    itself, or a warped VRT at the planned pixel size, closed with `stack`) and a reader of that grid."""
+    itself, or a warped VRT at the planned pixel size, closed with `stack`) and a reader of that grid.
+    `ds`: a `raster_io` Source."""
     bands = select_bands(ds.count, bands, src)
     values = plan_rescale(ds, bands, rescale, src, model.input_rescale)
     plan = plan_resolution(_raster_m(ds, raster_pixel_size_m, src), model, pixel_size, src)
@@ -600,53 +550,34 @@ def _raster_m(ds, declared, src) -> float | None:
     return float(declared)
 
 
-def _label_profile(width: int, height: int, crs, transform) -> dict:
-    return {"driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "uint8",
-            "crs": crs, "transform": transform, "nodata": NODATA, "tiled": True,
-            "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
-
-
 def _resampled(ds, scale: float):
     """A virtual (GDAL warped VRT) view of `ds` whose pixels are `scale` times larger, same CRS and
     origin: area-averaged when coarser (no aliasing), bilinear when finer. Pixels beyond the
     source's edge are masked (alpha band, or the source's nodata value)."""
-    from affine import Affine
-    from rasterio.enums import MaskFlags, Resampling
-    from rasterio.vrt import WarpedVRT
-
     width = max(1, int(np.ceil(ds.width / scale - 1e-9)))
     height = max(1, int(np.ceil(ds.height / scale - 1e-9)))
     # GDAL carries a nodata value or an alpha band into the VRT itself; otherwise an alpha band is
     # added so that pixels beyond the source's edge read as masked
-    has_alpha = any(MaskFlags.alpha in flags for flags in ds.mask_flag_enums)
-    kw = {"add_alpha": True} if ds.nodata is None and not has_alpha else {}
     t = ds.transform  # same origin, pixel vectors `scale` times longer
-    scaled = Affine(t.a * scale, t.b * scale, t.c, t.d * scale, t.e * scale, t.f)
-    return WarpedVRT(ds, crs=ds.crs, transform=scaled, width=width, height=height,
-                     resampling=Resampling.average if scale > 1 else Resampling.bilinear, **kw)
+    scaled = (t.a * scale, t.b * scale, t.c, t.d * scale, t.e * scale, t.f)
+    return ds.warped(scaled, width, height, "average" if scale > 1 else "bilinear",
+                     add_alpha=ds.nodata is None and not ds.has_alpha)
 
 
-def _labels_to_source_grid(work_path: Path, source: _Reader, dst: Path, blocks,
+def _labels_to_source_grid(io, work_path: Path, source: _Reader, dst: Path, blocks,
                            after_block: Callable[[int], None], counts: np.ndarray) -> None:
     """Nearest-neighbour labels from the working grid back onto the source raster's grid, block by
     block (`blocks`: (row, height, col, width) on that grid; `after_block(j)` after the j-th), with
     the source's own nodata pixels set to NODATA (a resampled cell may straddle them). Adds the
     pixels written per value to `counts` (256,)."""
-    import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.vrt import WarpedVRT
-    from rasterio.windows import Window
-
     ds = source.ds
-    with rasterio.open(work_path) as work, \
-            WarpedVRT(work, crs=ds.crs, transform=ds.transform, width=ds.width, height=ds.height,
-                      resampling=Resampling.nearest, src_nodata=NODATA, nodata=NODATA) as back, \
-            rasterio.open(dst, "w", **_label_profile(ds.width, ds.height, ds.crs, ds.transform)) as out:
+    with io.open_source(work_path) as work, \
+            work.warped(ds.transform, ds.width, ds.height, "nearest", src_nodata=NODATA, nodata=NODATA) as back, \
+            io.LabelWriter(dst, ds.width, ds.height, ds.crs, ds.transform, block=BLOCK, nodata=NODATA) as out:
         for j, (r0, rh, c0, cw) in enumerate(blocks):
-            win = Window(c0, r0, cw, rh)
-            labels = back.read(1, window=win)
+            labels = back.read([1], r0, c0, rh, cw)[0]
             labels[source.nodata(r0, c0, rh, cw)] = NODATA
-            out.write(labels, 1, window=win)
+            out.write(labels, r0, c0)
             counts += np.bincount(labels.ravel(), minlength=256)
             after_block(j)
 

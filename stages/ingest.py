@@ -44,6 +44,7 @@ from rasterio.windows import Window
 from runtime.command import run_command
 from runtime.destination import atomic_folder, child
 from runtime.errors import LandsegError
+from runtime.io_rasterio import from_dataset
 from runtime.raster import has_float_bands, plan_rescale
 from runtime.rescale import to_uint8
 from stages import synthetic
@@ -207,7 +208,7 @@ def _copy_raster(item: Item, dst_image: Path, dst_label: Path | None, bands: lis
         full = Window(c0, r0, w, h)
         transform = window_transform(full, src.transform)
         try:  # a percentile stretch comes from the pixels copied: a remote window, not its whole COG
-            values = plan_rescale(src, bands, rescale, item.image, window=full)
+            values = plan_rescale(from_dataset(src), bands, rescale, item.image, window=(c0, r0, w, h))
         except LandsegError as e:
             raise IngestError(f"{e} (ingest.rescale: {rescale!r})") from None
         floating = has_float_bands(src, bands)
