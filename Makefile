@@ -1,6 +1,7 @@
 # `make repro`: isolated environment + the whole DVC pipeline on the embedded synthetic data.
 # `make test`:  the same environment + the test suite.
 # `make dubai`:  the README's real-imagery run on ../shared/datasets/dubai, as a DVC experiment.
+# `make plugin`: the QGIS plugin zip, dist/landseg-qgis-<version>.zip.
 VENV ?= .venv
 PYTHON ?= python3
 # Stage commands in dvc.yaml call `python`: put the environment first on PATH.
@@ -8,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 DUBAI ?= ../shared/datasets/dubai
 
-.PHONY: setup repro test bench dubai clean-venv
+.PHONY: setup repro test bench dubai plugin clean-venv
 
 setup: $(VENV)/.installed
 
@@ -35,6 +36,11 @@ dubai: setup
 		-S +ingest.class_names.4=vegetation -S +ingest.class_names.5=water \
 		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8 \
 		-S export.cue_size=15
+
+# The QGIS plugin zip (dist/landseg-qgis-<version>.zip) with model/best bundled: run `make repro`
+# (or `dvc pull`) first. Install it from QGIS's "Install from ZIP".
+plugin: setup
+	python qgis_plugin/build.py --model model/best --out dist
 
 bench: setup
 	python benchmarks/build_shards_bench.py

@@ -92,14 +92,181 @@ class BlasThreads:
                         self._set(self._saved)
 
 
-def _loaded_openblas_paths() -> list[str]:
+def _loaded_libraries(word: str) -> list[str]:
+    """Paths of the loaded shared libraries whose path holds `word` (Linux: /proc/self/maps; else [])."""
     try:
         with open("/proc/self/maps") as f:
             lines = f.read().splitlines()
     except OSError:
         return []
-    paths = {line.split()[-1] for line in lines if "openblas" in line.lower() and "/" in line}
-    return sorted(paths)
+    return sorted({line.split()[-1] for line in lines if word in line.lower() and "/" in line})
+
+
+def _loaded_openblas_paths() -> list[str]:
+    return _loaded_libraries("openblas")
+
+
+# Optimised BLAS libraries numpy may use; anything else named *blas* is taken for the reference one
+_FAST_BLAS = ("openblas", "blis", "mkl", "accelerate", "atlas", "flexiblas")
+
+
+def reference_blas_note() -> str | None:
+    """A sentence for the user when the runtime's matrix products run on an unoptimised BLAS, which
+    makes them several times slower: numpy linked to the netlib reference BLAS (Debian's numpy is
+    unless OpenBLAS is installed), or GSL's CBLAS shadowing numpy's with no other BLAS to turn to.
+    None otherwise, or when it cannot be told (no /proc/self/maps)."""
+    import numpy as np
+
+    np.dot(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32))  # numpy loads its BLAS lazily
+    routed = routed_blas()
+    if routed is not None:
+        blas = [routed.path]
+    elif _shadowing_library() is not None:
+        return (f"numpy's matrix products run on GSL's unoptimised CBLAS ({_shadowing_library()}, linked by the "
+                "QGIS executable), which makes landseg several times slower: install OpenBLAS (Debian and "
+                "Ubuntu: sudo apt install libopenblas0-pthread) and restart QGIS")
+    else:
+        blas = [p for p in _loaded_libraries("blas") if "gslcblas" not in p]
+    if not blas or any(fast in path.lower() for path in blas for fast in _FAST_BLAS):
+        return None
+    return (f"numpy runs on the reference BLAS ({blas[0]}), which makes landseg several times slower: install "
+            "OpenBLAS (Debian and Ubuntu: sudo apt install libopenblas0-pthread) and restart QGIS")
+
+
+# -- numpy's own BLAS when another library shadows it ----------------------------------------------
+#
+# QGIS's executables (qgis, qgis_process) link GSL, and its libgslcblas then comes first in the
+# process's symbol lookup: Debian's numpy, which calls cblas_sgemm by name, gets GSL's unoptimised
+# CBLAS instead of the OpenBLAS it was installed with (measured in qgis_process: a 2000 x 2000
+# sgemm 38x slower, the network 3.5x, and other rounding than numpy's own BLAS, so other cluster
+# centres than the command line's). `matmul` then makes the calls numpy's matmul makes (gemm, or
+# syrk for a matrix times its own transpose, with numpy's choice of transposes and strides) to
+# numpy's own BLAS, bound by handle. Elsewhere it is np.matmul itself.
+
+_ROW_MAJOR, _NO_TRANS, _TRANS, _UPPER = 101, 111, 112, 121
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _shadowing_library() -> str | None:
+    """The library `cblas_sgemm` resolves to in the process's global scope when that is GSL's
+    CBLAS (which Debian's numpy then calls), else None."""
+    try:
+        scope = ctypes.CDLL(None)
+        address = ctypes.cast(scope.cblas_sgemm, ctypes.c_void_p).value
+        info = _DlInfo()
+        if not scope.dladdr(ctypes.c_void_p(address), ctypes.byref(info)):
+            return None
+    except (AttributeError, OSError, ValueError):  # no such symbol in the global scope, or no dladdr
+        return None
+    path = info.dli_fname.decode(errors="replace") if info.dli_fname else ""
+    return path if "gslcblas" in path else None
+
+
+class RoutedBlas:
+    """cblas_?gemm and cblas_?syrk of one library, called as numpy's matmul calls them."""
+
+    def __init__(self, lib: ctypes.CDLL, path: str):
+        self.path = path
+        p, i, f, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_double
+        self.gemm = {np_type: getattr(lib, name) for np_type, name in (("f", "cblas_sgemm"), ("d", "cblas_dgemm"))}
+        self.syrk = {np_type: getattr(lib, name) for np_type, name in (("f", "cblas_ssyrk"), ("d", "cblas_dsyrk"))}
+        for kind, scalar in (("f", f), ("d", d)):
+            self.gemm[kind].argtypes = [i, i, i, i, i, i, scalar, p, i, p, i, scalar, p, i]
+            self.gemm[kind].restype = None
+            self.syrk[kind].argtypes = [i, i, i, i, i, scalar, p, i, scalar, p, i]
+            self.syrk[kind].restype = None
+
+    def matmul(self, a, b, out=None):
+        import numpy as np
+
+        kind = a.dtype.char
+        if a.dtype != b.dtype or kind not in "fd" or b.ndim != 2 or a.ndim not in (2, 3) or a.shape[-1] != b.shape[0]:
+            return np.matmul(a, b, out=out)
+        if out is None:
+            out = np.empty(a.shape[:-1] + (b.shape[1],), dtype=a.dtype)
+        elif out.dtype != a.dtype or out.shape != a.shape[:-1] + (b.shape[1],):
+            return np.matmul(a, b, out=out)
+        for a2, o2 in ([(a, out)] if a.ndim == 2 else zip(a, out)):
+            self._matmul2d(a2, b, o2, kind)
+        return out
+
+    def _matmul2d(self, a, b, out, kind) -> None:
+        import numpy as np
+
+        (m, n), p, sz = a.shape, b.shape[1], a.itemsize
+        s1m, s1n = a.strides
+        s2n, s2p = b.strides
+        som, sop = out.strides
+        i1 = _blasable(s1m, s1n, n, sz) or _blasable(s1n, s1m, m, sz)
+        i2 = _blasable(s2n, s2p, p, sz) or _blasable(s2p, s2n, n, sz)
+        if min(m, n, p) <= 1 or not (i1 and i2):  # numpy's special cases and non-BLAS loop
+            np.matmul(a, b, out=out)
+        elif _blasable(som, sop, p, sz):
+            self._matrixmatrix(a, s1m, s1n, b, s2n, s2p, out, som, m, n, p, kind)
+        elif _blasable(sop, som, m, sz):  # numpy: matmul(a, b, o) == matmul(b.T, a.T, o.T)
+            self._matrixmatrix(b, s2p, s2n, a, s1n, s1m, out, sop, p, n, m, kind)
+        else:
+            np.matmul(a, b, out=out)
+
+    def _matrixmatrix(self, a, s1m, s1n, b, s2n, s2p, out, som, m, n, p, kind) -> None:
+        sz = a.itemsize
+        ldc = som // sz
+        if _blasable(s1m, s1n, n, sz):
+            trans1, lda = _NO_TRANS, s1m // sz
+        else:
+            trans1, lda = _TRANS, s1n // sz
+        if _blasable(s2n, s2p, p, sz):
+            trans2, ldb = _NO_TRANS, s2n // sz
+        else:
+            trans2, ldb = _TRANS, s2p // sz
+        pa, pb, po = a.ctypes.data, b.ctypes.data, out.ctypes.data
+        if pa == pb and m == p and s1m == s2p and s1n == s2n and trans1 != trans2:
+            import numpy as np
+
+            self.syrk[kind](_ROW_MAJOR, _UPPER, trans1, p, n, 1.0, pa, lda if trans1 == _NO_TRANS else ldb, 0.0,
+                            po, ldc)
+            lower = np.tril_indices(p, -1)
+            out[lower] = out.T[lower]
+        else:
+            self.gemm[kind](_ROW_MAJOR, trans1, trans2, m, p, n, 1.0, pa, lda, pb, ldb, 0.0, po, ldc)
+
+
+def _blasable(stride1: int, stride2: int, d2: int, itemsize: int) -> bool:
+    """numpy's test of a 2-D operand BLAS can take: unit stride along the second axis, and a first
+    stride of at least its length."""
+    return stride2 == itemsize and stride1 % itemsize == 0 and d2 <= stride1 // itemsize <= 2**31 - 2
+
+
+_routed: list = []  # [RoutedBlas or None], decided once
+
+
+def routed_blas() -> RoutedBlas | None:
+    """numpy's own BLAS bound by handle when GSL's CBLAS shadows it in this process, else None."""
+    if not _routed:
+        chosen = None
+        if _shadowing_library() is not None:
+            candidates = [p for p in _loaded_libraries("blas") if "gslcblas" not in p]
+            candidates.sort(key=lambda p: "openblas" not in p)  # numpy's OpenBLAS before a plain libblas
+            for path in candidates:
+                try:
+                    chosen = RoutedBlas(ctypes.CDLL(path), path)
+                    break
+                except (OSError, AttributeError):
+                    continue
+        _routed.append(chosen)
+    return _routed[0]
+
+
+def matmul(a, b, out=None):
+    """np.matmul(a, b, out=out), made with numpy's own BLAS where another library shadows it."""
+    import numpy as np
+
+    routed = routed_blas()
+    return np.matmul(a, b, out=out) if routed is None else routed.matmul(a, b, out)
 
 
 _instance: BlasThreads | None = None

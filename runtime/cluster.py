@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from ._blas import matmul
 from .errors import InputError
 
 # A centre whose total responsibility is below this fraction of one sample's is considered dead.
@@ -81,7 +82,7 @@ def _normalise_rows(c: np.ndarray) -> np.ndarray:
 
 def _chord_sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
     # squared chord distance between unit vectors: 2 - 2 cos, clipped at 0 against rounding
-    return np.maximum(2.0 - 2.0 * (x @ c.T).astype(np.float64), 0.0)
+    return np.maximum(2.0 - 2.0 * matmul(x, c.T).astype(np.float64), 0.0)
 
 
 def softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -95,7 +96,7 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
 def soft_assign(emb: np.ndarray, centres: np.ndarray, temperature: float) -> np.ndarray:
     """(N, D) unit embeddings, (k, D) centres -> (N, k) float32 softmax(cos / temperature)."""
     c = _normalise_rows(np.asarray(centres, dtype=np.float32)).astype(np.float32)
-    logits = emb @ c.T
+    logits = matmul(emb, c.T)
     logits /= np.float32(temperature)
     return softmax_rows(logits)
 
@@ -117,14 +118,14 @@ def fit_centres(emb: np.ndarray, k: int, temperature: float, iters: int, seed: i
     hard, best = None, -np.inf
     for r in range(int(restarts)):
         c = _spherical_lloyd(x, k, np.random.default_rng(seed + r), lloyd_iters)
-        score = float((x @ c.T).max(axis=1).sum(dtype=np.float64))
+        score = float(matmul(x, c.T).max(axis=1).sum(dtype=np.float64))
         if score > best:  # strict: ties keep the earlier start
             hard, best = c, score
     c = hard
     for _ in range(iters):
         p = soft_assign(x, c, temperature)
         mass = p.sum(axis=0)
-        c = _normalise_rows((p.T @ x).astype(np.float32))
+        c = _normalise_rows(matmul(p.T, x).astype(np.float32))
         reseeded = _reseed_collapsed(x, c, mass)
         if reseeded is not c:  # the soft updates merged or emptied a cluster
             return hard.astype(np.float32)
@@ -148,7 +149,7 @@ def balanced_rows(emb: np.ndarray, micro: int, seed: int = 0, lloyd_iters: int =
     rng = np.random.default_rng(seed)
     m = min(int(micro), len(x))
     c = _spherical_lloyd(x, m, rng, lloyd_iters)
-    label = np.argmax(x @ c.T, axis=1)  # as _spherical_lloyd assigns them (N x micro, like its loop)
+    label = np.argmax(matmul(x, c.T), axis=1)  # as _spherical_lloyd assigns them (N x micro, like its loop)
     weight = 1.0 / np.bincount(label, minlength=m)[label]
     pick = rng.choice(len(x), size=len(x), replace=True, p=weight / weight.sum())
     return x[np.sort(pick)]
@@ -160,7 +161,7 @@ def _spherical_lloyd(x: np.ndarray, k: int, rng: np.random.Generator, lloyd_iter
     c = _reseed_collapsed(x, c, np.full(k, np.inf))
     labels = None
     for _ in range(lloyd_iters):
-        new = np.argmax(x @ c.T, axis=1)
+        new = np.argmax(matmul(x, c.T), axis=1)
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new
@@ -173,7 +174,7 @@ def _spherical_lloyd(x: np.ndarray, k: int, rng: np.random.Generator, lloyd_iter
 
 def _separation(c: np.ndarray) -> float:
     """1 - the largest cosine between two different centres."""
-    cos = c.astype(np.float64) @ c.T.astype(np.float64)
+    cos = matmul(c.astype(np.float64), c.T.astype(np.float64))
     np.fill_diagonal(cos, -1.0)
     return 1.0 - float(cos.max()) if len(c) > 1 else 1.0
 
@@ -183,7 +184,7 @@ def _collapsed(x: np.ndarray, soft: np.ndarray, hard: np.ndarray) -> bool:
     sample, or the closest pair of centres less than half as far apart as after the hard phase
     (a centre losing all its mass or duplicating another during the updates counts too).
     (At a temperature above a group's spread, soft k-means pulls its centres together.)"""
-    wins = np.bincount(np.argmax(x @ soft.T, axis=1), minlength=len(soft))
+    wins = np.bincount(np.argmax(matmul(x, soft.T), axis=1), minlength=len(soft))
     return bool((wins == 0).any() or _separation(soft) < 0.5 * _separation(hard))
 
 
@@ -192,7 +193,7 @@ def _reseed_collapsed(x: np.ndarray, c: np.ndarray, mass: np.ndarray) -> np.ndar
     itself, not a copy, when no centre needs it)."""
     k = c.shape[0]
     bad = set(np.flatnonzero(mass < _DEAD_MASS).tolist())
-    cos = c @ c.T
+    cos = matmul(c, c.T)
     for i in range(k):
         if i in bad:
             continue
@@ -203,7 +204,7 @@ def _reseed_collapsed(x: np.ndarray, c: np.ndarray, mass: np.ndarray) -> np.ndar
         return c
     c = c.copy()
     keep = [i for i in range(k) if i not in bad]
-    best = (x @ c[keep].T).max(axis=1) if keep else np.full(x.shape[0], -np.inf, np.float32)
+    best = matmul(x, c[keep].T).max(axis=1) if keep else np.full(x.shape[0], -np.inf, np.float32)
     for i in sorted(bad):
         j = int(np.argmin(best))  # first of the worst-explained samples: deterministic
         c[i] = x[j]
@@ -245,7 +246,7 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
 def _sqdist(x: np.ndarray, c: np.ndarray, x_sq: np.ndarray | None = None) -> np.ndarray:
     """Squared Euclidean distances (N, m); x_sq: the rows' squared norms, when already known."""
     x_sq = (x * x).sum(axis=1) if x_sq is None else x_sq
-    d = x_sq[:, None] - 2.0 * (x @ c.T) + (c * c).sum(axis=1)[None, :]
+    d = x_sq[:, None] - 2.0 * matmul(x, c.T) + (c * c).sum(axis=1)[None, :]
     return np.maximum(d, 0.0)
 
 

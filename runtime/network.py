@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ._blas import blas_threads
+from ._blas import blas_threads, matmul
 from .errors import ArtifactError, InputError
 
 ACTIVATIONS = ("relu", "none")
@@ -260,9 +260,9 @@ def _matmul_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     """out (n, w, N) = a (n, w, K) @ b (K, N): one sgemm when both are contiguous, else one per row
     (rows of a padded buffer's interior are strided)."""
     if a.flags.c_contiguous and out.flags.c_contiguous:
-        np.matmul(a.reshape(-1, a.shape[2]), b, out=out.reshape(-1, out.shape[2]))
+        matmul(a.reshape(-1, a.shape[2]), b, out=out.reshape(-1, out.shape[2]))
     else:
-        np.matmul(a, b, out=out)
+        matmul(a, b, out=out)
 
 
 def _row_taps_band(xin: np.ndarray, cw: ConvWeights, out: np.ndarray, band_bytes: int):

@@ -36,7 +36,7 @@ import os
 
 from .errors import InputError
 
-BACKENDS = {"rasterio": "runtime.io_rasterio", "gdal": "runtime.io_gdal"}
+BACKENDS = {"rasterio": ".io_rasterio", "gdal": ".io_gdal"}  # relative: the QGIS plugin vendors this package
 ENV_VAR = "LANDSEG_RASTER_BACKEND"
 
 
@@ -48,13 +48,13 @@ def backend(name: str | None = None):
         if name not in BACKENDS:
             raise InputError(f"raster backend must be one of {sorted(BACKENDS)}, got {name!r} ({ENV_VAR})")
         try:
-            return importlib.import_module(BACKENDS[name])
+            return importlib.import_module(BACKENDS[name], __package__)
         except ImportError as e:
             raise InputError(f"raster backend {name!r} is not importable here ({e}); "
                              f"{_how_to_get(name)}") from None
     for candidate in ("rasterio", "gdal"):
         try:
-            return importlib.import_module(BACKENDS[candidate])
+            return importlib.import_module(BACKENDS[candidate], __package__)
         except ImportError:
             continue
     raise InputError("reading rasters needs rasterio or GDAL's Python bindings (osgeo.gdal), and neither is "

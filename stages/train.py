@@ -394,9 +394,19 @@ def open_live(results_dir: Path, resume_step: int):
         for tsv in (results_dir / "plots" / "metrics").rglob("*.tsv"):
             lines = tsv.read_text().splitlines()
             header, rows = lines[:1], lines[1:]
-            step_col = header[0].split("\t").index("step") if header else -1
-            kept = [r for r in rows if step_col >= 0 and int(r.split("\t")[step_col]) < resume_step]
+            names = header[0].split("\t") if header else []
+            step_col = names.index("step") if "step" in names else -1
+            # a run killed mid-write (kill -9, power cut) may leave a last row cut short: dropped too
+            kept = [r for r in rows if step_col >= 0 and len(r.split("\t")) == len(names)
+                    and r.split("\t")[step_col].isdigit() and int(r.split("\t")[step_col]) < resume_step]
             tsv.write_text("\n".join(header + kept) + "\n")
+        summary = results_dir / "metrics.json"
+        try:
+            json.loads(summary.read_text())
+        except FileNotFoundError:
+            pass
+        except (ValueError, OSError):  # cut short by a kill while DVCLive wrote it: rewritten at the end
+            summary.unlink()
     live = Live(str(results_dir), resume=resume_step > 0, dvcyaml=None, save_dvc_exp=False,
                 report=None)
     live.step = resume_step

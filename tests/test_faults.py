@@ -519,3 +519,28 @@ def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_checkpoi
         assert _digest(out / "model.pt") == _digest(template / "model" / "teacher" / "model.pt")
     else:
         assert not out.exists()
+
+
+def test_resume_after_a_kill_that_cut_dvclive_files_short(tmp_path):
+    """A kill -9 while DVCLive writes leaves metrics.json empty or a plot row cut short; the resumed
+    run still ends exactly where an uninterrupted one does."""
+    from stages.train import train_teacher
+    from test_train import tiny_params, write_tiny_shards
+
+    data = write_tiny_shards(tmp_path / "shards" / "tiny")
+    params = tiny_params(steps=6)
+
+    def run(root, **kw):
+        return train_teacher(data, root / "teacher", root / "ckpt", root / "results", *params, progress=False, **kw)
+
+    run(tmp_path / "whole")
+    assert run(tmp_path / "cut", stop_after=3) == {"stopped_at": 3}
+    (tmp_path / "cut" / "results" / "metrics.json").write_text("")
+    with open(tmp_path / "cut" / "results" / "plots" / "metrics" / "train" / "total.tsv", "a") as f:
+        f.write("3\t0.9")  # a row cut short
+    run(tmp_path / "cut")
+    whole = torch.load(tmp_path / "whole" / "teacher" / "model.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "teacher" / "model.pt", weights_only=True)
+    assert all(torch.equal(v, cut["state_dict"][k]) for k, v in whole["state_dict"].items())
+    rows = (tmp_path / "cut" / "results" / "plots" / "metrics" / "train" / "total.tsv").read_text().splitlines()
+    assert rows == (tmp_path / "whole" / "results" / "plots" / "metrics" / "train" / "total.tsv").read_text().splitlines()

@@ -144,3 +144,36 @@ print(json.dumps({{"importable": bad, "backend": backend().NAME}}))
     done = subprocess.run([QGIS_PYTHON, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"importable": [], "backend": "gdal"}
+
+
+def test_routed_blas_makes_numpys_own_calls():
+    """`runtime._blas.RoutedBlas` (numpy's BLAS bound by handle, used where QGIS's GSL CBLAS shadows
+    it) gives bit for bit np.matmul's results in Debian's numpy, for the layouts the runtime uses:
+    transposed views, a matrix times its own transpose (syrk), strided 3-D batches, an `out` array."""
+    code = f"""
+import ctypes, json, sys
+import numpy as np
+sys.path.insert(0, {str(REPO)!r})
+from runtime import _blas
+np.dot(np.ones((2, 2)), np.ones((2, 2)))
+path = [p for p in _blas._loaded_libraries("blas") if "gslcblas" not in p][0]
+routed = _blas.RoutedBlas(ctypes.CDLL(path), path)
+rng = np.random.default_rng(0)
+same = {{}}
+for dt in (np.float32, np.float64):
+    x, c, p = (rng.standard_normal(s).astype(dt) for s in ((500, 9), (5, 9), (500, 5)))
+    batch, w = rng.standard_normal((7, 40, 30)).astype(dt), rng.standard_normal((30, 16)).astype(dt)
+    cases = {{"x c.T": (x, c.T), "p.T x": (p.T, x), "c c.T": (c, c.T), "F F": (np.asfortranarray(x), np.asfortranarray(c.T)),
+             "strided batch": (batch[:, ::2], w), "batch": (batch, w), "vector": (x, c[0])}}
+    for name, (a, b) in cases.items():
+        same[f"{{dt.__name__}} {{name}}"] = bool(np.array_equal(np.matmul(a, b), routed.matmul(a, b)))
+    o1, o2 = np.empty((7, 20, 16), dt), np.empty((7, 20, 16), dt)
+    np.matmul(batch[:, ::2], w, out=o1)
+    routed.matmul(batch[:, ::2], w, out=o2)
+    same[f"{{dt.__name__}} out"] = bool(np.array_equal(o1, o2))
+print(json.dumps(same))
+"""
+    done = subprocess.run([QGIS_PYTHON, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    same = json.loads(done.stdout)
+    assert len(same) == 16 and all(same.values()), same
