@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
 
 _OPENBLAS_SYMBOLS = (  # (get, set) pairs: numpy's bundled scipy-openblas first, then plain OpenBLAS
@@ -190,29 +191,55 @@ class RoutedBlas:
             out = np.empty(a.shape[:-1] + (b.shape[1],), dtype=a.dtype)
         elif out.dtype != a.dtype or out.shape != a.shape[:-1] + (b.shape[1],):
             return np.matmul(a, b, out=out)
-        for a2, o2 in ([(a, out)] if a.ndim == 2 else zip(a, out)):
-            self._matmul2d(a2, b, o2, kind)
+        if a.ndim == 2:
+            self._matmul2d(a, b, out, kind)
+        elif a.shape[0]:
+            call = self._gemm_call(a[0], b, out[0], kind)
+            if call is None or call[0] is self.syrk[kind]:  # numpy's special cases, slice by slice
+                for a2, o2 in zip(a, out):
+                    self._matmul2d(a2, b, o2, kind)
+            else:  # one gemm per slice, as numpy's outer loop makes them, planned once
+                gemm, args, (ia, ib, io) = call
+                pa, po, sa, so = a.ctypes.data, out.ctypes.data, a.strides[0], out.strides[0]
+                args[ib] = b.ctypes.data
+                for i in range(a.shape[0]):
+                    args[ia], args[io] = pa + i * sa, po + i * so
+                    gemm(*args)
         return out
 
     def _matmul2d(self, a, b, out, kind) -> None:
         import numpy as np
 
+        call = self._gemm_call(a, b, out, kind)
+        if call is None:
+            np.matmul(a, b, out=out)
+            return
+        gemm, args, (ia, ib, io) = call
+        args[ia], args[ib], args[io] = a.ctypes.data, b.ctypes.data, out.ctypes.data
+        gemm(*args)
+        if gemm is self.syrk[kind]:  # numpy fills the lower triangle from the upper one
+            lower = np.tril_indices(out.shape[0], -1)
+            out[lower] = out.T[lower]
+
+    def _gemm_call(self, a, b, out, kind):
+        """(function, argument list, positions of the a / b / out pointers in it) of the BLAS call
+        numpy's matmul makes for these 2-D operands' shapes and strides; None where numpy makes
+        none (a dimension of 1: its gemv / dot special cases; operands BLAS cannot take: its loop)."""
         (m, n), p, sz = a.shape, b.shape[1], a.itemsize
         s1m, s1n = a.strides
         s2n, s2p = b.strides
         som, sop = out.strides
         i1 = _blasable(s1m, s1n, n, sz) or _blasable(s1n, s1m, m, sz)
         i2 = _blasable(s2n, s2p, p, sz) or _blasable(s2p, s2n, n, sz)
-        if min(m, n, p) <= 1 or not (i1 and i2):  # numpy's special cases and non-BLAS loop
-            np.matmul(a, b, out=out)
-        elif _blasable(som, sop, p, sz):
-            self._matrixmatrix(a, s1m, s1n, b, s2n, s2p, out, som, m, n, p, kind)
-        elif _blasable(sop, som, m, sz):  # numpy: matmul(a, b, o) == matmul(b.T, a.T, o.T)
-            self._matrixmatrix(b, s2p, s2n, a, s1n, s1m, out, sop, p, n, m, kind)
-        else:
-            np.matmul(a, b, out=out)
+        if min(m, n, p) <= 1 or not (i1 and i2):
+            return None
+        if _blasable(som, sop, p, sz):
+            return self._matrixmatrix(a, s1m, s1n, b, s2n, s2p, som, m, n, p, kind, swapped=False)
+        if _blasable(sop, som, m, sz):  # numpy: matmul(a, b, o) == matmul(b.T, a.T, o.T)
+            return self._matrixmatrix(b, s2p, s2n, a, s1n, s1m, sop, p, n, m, kind, swapped=True)
+        return None
 
-    def _matrixmatrix(self, a, s1m, s1n, b, s2n, s2p, out, som, m, n, p, kind) -> None:
+    def _matrixmatrix(self, a, s1m, s1n, b, s2n, s2p, som, m, n, p, kind, swapped: bool):
         sz = a.itemsize
         ldc = som // sz
         if _blasable(s1m, s1n, n, sz):
@@ -223,16 +250,12 @@ class RoutedBlas:
             trans2, ldb = _NO_TRANS, s2n // sz
         else:
             trans2, ldb = _TRANS, s2p // sz
-        pa, pb, po = a.ctypes.data, b.ctypes.data, out.ctypes.data
-        if pa == pb and m == p and s1m == s2p and s1n == s2n and trans1 != trans2:
-            import numpy as np
-
-            self.syrk[kind](_ROW_MAJOR, _UPPER, trans1, p, n, 1.0, pa, lda if trans1 == _NO_TRANS else ldb, 0.0,
-                            po, ldc)
-            lower = np.tril_indices(p, -1)
-            out[lower] = out.T[lower]
-        else:
-            self.gemm[kind](_ROW_MAJOR, trans1, trans2, m, p, n, 1.0, pa, lda, pb, ldb, 0.0, po, ldc)
+        if a.ctypes.data == b.ctypes.data and m == p and s1m == s2p and s1n == s2n and trans1 != trans2:
+            args = [_ROW_MAJOR, _UPPER, trans1, p, n, 1.0, None, lda if trans1 == _NO_TRANS else ldb, 0.0, None, ldc]
+            return self.syrk[kind], args, (6, 6, 9)
+        args = [_ROW_MAJOR, trans1, trans2, m, p, n, 1.0, None, lda, None, ldb, 0.0, None, ldc]
+        a_at, b_at = (9, 7) if swapped else (7, 9)  # numpy hands BLAS (b.T, a.T) when it swaps
+        return self.gemm[kind], args, (a_at, b_at, 12)
 
 
 def _blasable(stride1: int, stride2: int, d2: int, itemsize: int) -> bool:
@@ -248,7 +271,8 @@ def routed_blas() -> RoutedBlas | None:
     """numpy's own BLAS bound by handle when GSL's CBLAS shadows it in this process, else None."""
     if not _routed:
         chosen = None
-        if _shadowing_library() is not None:
+        # LANDSEG_NO_BLAS_ROUTING=1 leaves numpy's calls as they are (benchmarks/qgis_bench.py measures both)
+        if _shadowing_library() is not None and os.environ.get("LANDSEG_NO_BLAS_ROUTING") != "1":
             candidates = [p for p in _loaded_libraries("blas") if "gslcblas" not in p]
             candidates.sort(key=lambda p: "openblas" not in p)  # numpy's OpenBLAS before a plain libblas
             for path in candidates:

@@ -165,11 +165,25 @@ def _spherical_lloyd(x: np.ndarray, k: int, rng: np.random.Generator, lloyd_iter
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new
-        sums = np.zeros_like(c)
-        np.add.at(sums, labels, x)
+        sums = _sums_by_label(x, labels, k)
         mass = np.bincount(labels, minlength=k).astype(np.float64)
         c = _reseed_collapsed(x, np.where(mass[:, None] > 0, _normalise_rows(sums), c), mass)
     return c
+
+
+def _sums_by_label(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(k, D) sums of the rows of x per label, in x's dtype, each added in row order from zero:
+    bit for bit `np.add.at(zeros, labels, x)`, whose element-wise loop numpy before 1.25 runs about
+    6x slower (Debian 12's numpy, QGIS's: it was half of segment_raster's time there). A running
+    sum (np.cumsum, strictly sequential) over each label's rows in a stable sort keeps the order."""
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=k)
+    ends = np.cumsum(counts)
+    rows = x[order]
+    sums = np.zeros((k, x.shape[1]), dtype=x.dtype)
+    for c in np.flatnonzero(counts):
+        sums[c] = np.cumsum(rows[ends[c] - counts[c]:ends[c]], axis=0, dtype=x.dtype)[-1]
+    return sums
 
 
 def _separation(c: np.ndarray) -> float:

@@ -443,3 +443,18 @@ def test_conv_matches_torch_for_strides_dilations_and_tiny_bands(kernel, stride,
                               dilation=dilation))[0].numpy().transpose(1, 2, 0)
     for band_bytes in (64, 1 << 20):  # one output row per band, and the whole layer in one band
         np.testing.assert_allclose(conv2d(x, ConvWeights(layer, w, b), band_bytes=band_bytes), ref, atol=1e-4)
+
+
+def test_sums_by_label_equal_np_add_at_bit_for_bit():
+    from runtime.cluster import _sums_by_label
+
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        n, d, k = int(rng.integers(50, 20000)), int(rng.integers(1, 20)), int(rng.integers(2, 17))
+        x = rng.standard_normal((n, d)).astype(np.float32 if trial % 2 else np.float64)
+        labels = rng.integers(0, k, n)
+        labels[labels == 1] = 0  # an empty label
+        expected = np.zeros((k, d), x.dtype)
+        np.add.at(expected, labels, x)
+        got = _sums_by_label(x, labels, k)
+        assert got.dtype == x.dtype and np.array_equal(got, expected)
