@@ -32,9 +32,19 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 QGIS_PYTHON = "/usr/bin/python3"
 SECONDS = re.compile(r"tile\(s\), ([0-9.]+) s")
+
+
+def scene(size: int, seed: int, regions: int = 12) -> np.ndarray:
+    """uint8 (size, size, 3): colour regions (nearest of seeded points) with texture and noise."""
+    rng = np.random.default_rng(seed)
+    pts = rng.uniform(0, size, (regions, 2))
+    colours = rng.integers(20, 235, (regions, 3))
+    yy, xx = np.mgrid[0:size, 0:size]
+    region = np.argmin([(yy - y) ** 2 + (xx - x) ** 2 for y, x in pts], axis=0)
+    img = colours[region] + 12 * np.sin(xx / 3.0 + region)[..., None] + rng.normal(0, 6, (size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def write_raster(path: Path, size: int) -> Path:
@@ -42,9 +52,7 @@ def write_raster(path: Path, size: int) -> Path:
     import rasterio
     from rasterio.transform import from_origin
 
-    from runtime_fixtures import synthetic_rgb
-
-    block = synthetic_rgb(1024, 1024, seed=7).transpose(2, 0, 1)
+    block = scene(1024, seed=7).transpose(2, 0, 1)
     profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8", "crs": "EPSG:32611",
                "transform": from_origin(500000.0, 4000000.0, 0.6, 0.6), "tiled": True, "blockxsize": 256,
                "blockysize": 256, "compress": "deflate"}

@@ -102,8 +102,15 @@ class Source:
     def read_masks(self, bands, row0: int, col0: int, height: int, width: int) -> np.ndarray:
         what = f"{self.path}: GDAL failed to read the mask of rows {row0}..{row0 + height}, cols {col0}..{col0 + width}"
         with _gdal(what):
+            if self._shared_mask(bands):  # one mask for every band (alpha, dataset mask): read it once
+                mask = _checked(self.ds.GetRasterBand(bands[0]).GetMaskBand().ReadAsArray(col0, row0, width, height),
+                                what)
+                return np.repeat(mask[None], len(bands), axis=0)
             return np.stack([_checked(self.ds.GetRasterBand(b).GetMaskBand().ReadAsArray(col0, row0, width, height),
                                       what) for b in bands])
+
+    def _shared_mask(self, bands) -> bool:
+        return all(self.ds.GetRasterBand(b).GetMaskFlags() & gdal.GMF_PER_DATASET for b in bands)
 
     def read_decimated(self, bands, out_height: int, out_width: int, window=None) -> tuple[np.ndarray, np.ndarray]:
         col0, row0, width, height = window if window is not None else (0, 0, self.width, self.height)
