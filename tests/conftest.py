@@ -97,3 +97,15 @@ def tiny_dataset(tmp_path_factory) -> Path:
     ingest(params.ingest, root / "raw")
     build_shards(root / "raw", root / "shards", params.ingest.dataset, params.shards)
     return root / "shards" / "synthetic"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line counting the tests that ran in real QGIS or in its Python (CI's log shows them run)."""
+    counts = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            name = getattr(report, "nodeid", "")
+            if "test_qgis_plugin.py" in name or "test_raster_backends.py" in name:
+                counts[outcome] = counts.get(outcome, 0) + 1
+    if counts:
+        terminalreporter.write_line("QGIS and QGIS-Python tests: " + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())))
