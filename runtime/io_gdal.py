@@ -95,12 +95,36 @@ class Source:
 
     def read(self, bands, row0: int, col0: int, height: int, width: int) -> np.ndarray:
         what = f"{self.path}: GDAL failed to read window rows {row0}..{row0 + height}, cols {col0}..{col0 + width}"
+        alpha = self._alpha_band(bands)
         with _gdal(what):
-            data = _checked(self.ds.ReadAsArray(col0, row0, width, height, band_list=list(bands)), what)
-        return data if data.ndim == 3 else data[None]
+            data = _checked(self.ds.ReadAsArray(col0, row0, width, height,
+                                                band_list=list(bands) + ([alpha] if alpha else [])), what)
+        data = data if data.ndim == 3 else data[None]
+        if alpha:  # the alpha band comes with the values in one read: a warped view warps once
+            self._alpha = ((tuple(bands), row0, col0, height, width), data[-1])
+            data = data[:-1]
+        return data
+
+    def _alpha_band(self, bands) -> int | None:
+        """The alpha band that masks every one of `bands` (a warped view's added alpha, an RGBA
+        raster's), read along with them; None for other masks."""
+        if not hasattr(self, "_alpha_index"):
+            flags = [self.ds.GetRasterBand(b).GetMaskFlags() for b in range(1, self.count + 1)]
+            last = self.count
+            self._alpha_index = (last if last > 1 and all(f & gdal.GMF_ALPHA and f & gdal.GMF_PER_DATASET
+                                                           for f in flags[:-1])
+                                 and self.ds.GetRasterBand(last).GetColorInterpretation() == gdal.GCI_AlphaBand
+                                 # a wider alpha's mask is rescaled to 0..255: read as a mask then
+                                 and self.ds.GetRasterBand(last).DataType == gdal.GDT_Byte
+                                 else None)
+            self._alpha = None
+        return self._alpha_index if self._alpha_index not in bands else None
 
     def read_masks(self, bands, row0: int, col0: int, height: int, width: int) -> np.ndarray:
         what = f"{self.path}: GDAL failed to read the mask of rows {row0}..{row0 + height}, cols {col0}..{col0 + width}"
+        cached = getattr(self, "_alpha", None)
+        if cached is not None and cached[0] == (tuple(bands), row0, col0, height, width):
+            return np.repeat(cached[1][None], len(bands), axis=0)
         with _gdal(what):
             if self._shared_mask(bands):  # one mask for every band (alpha, dataset mask): read it once
                 mask = _checked(self.ds.GetRasterBand(bands[0]).GetMaskBand().ReadAsArray(col0, row0, width, height),
