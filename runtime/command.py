@@ -26,8 +26,26 @@ class Terminated(BaseException):
     swallows it on its way out."""
 
 
+_pending: list[int] = []  # signals received by `run_command`'s handlers and not yet acted on
+
+
 def _terminate(signum, frame) -> None:
+    _pending.append(signum)
     raise Terminated()
+
+
+def _interrupt(signum, frame) -> None:
+    _pending.append(signum)
+    raise KeyboardInterrupt()
+
+
+def check_signals() -> None:
+    """Raise again for a signal whose exception was swallowed on its way out: the handler runs at
+    whatever line Python is at, and a library's bare `except:` (around an optional import, say) can
+    catch it there. Called at safe points: before an output is renamed into place, between tiles,
+    training steps and rasters. Without `run_command`'s handlers (inside QGIS) it does nothing."""
+    if _pending:
+        raise KeyboardInterrupt() if _pending[-1] == signal.SIGINT else Terminated()
 
 
 def run_command(name: str, body: Callable[[], int], *, errors: tuple = (), interrupted: str) -> int:
@@ -36,7 +54,11 @@ def run_command(name: str, body: Callable[[], int], *, errors: tuple = (), inter
     errors: exception types, besides LandsegError, that are bad input (printed, status 2).
     interrupted: what an interruption leaves, e.g. "nothing written to OUT"."""
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = {}
+    if main_thread:
+        previous = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGTERM, _terminate),
+                                                                          (signal.SIGINT, _interrupt))}
+    _pending.clear()
     try:
         return body()
     except (LandsegError, *errors) as e:
@@ -49,5 +71,6 @@ def run_command(name: str, body: Callable[[], int], *, errors: tuple = (), inter
         print(f"{name}: terminated (SIGTERM); {interrupted}", file=sys.stderr)
         return EXIT_SIGTERM
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        _pending.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)

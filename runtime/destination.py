@@ -32,6 +32,7 @@ import unicodedata
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .command import check_signals
 from .errors import OutputError, OutputExistsError, UnsafePathError
 
 # kinds of temporaries: a file or folder being written, a resampled working grid, the previous
@@ -186,6 +187,7 @@ def remove_stale(dst: Path) -> list[Path]:
 
 
 def _rename(src: Path, dst: Path, what: str) -> None:
+    check_signals()  # a stop asked for on the way is honoured here, before the output is in place
     try:
         os.replace(src, dst)
     except OSError as e:

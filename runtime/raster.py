@@ -45,6 +45,7 @@ from typing import Callable
 
 import numpy as np
 
+from .command import check_signals
 from .destination import atomic_file, discard, temporary
 from .errors import Cancelled, InputError
 from .raster_io import backend
@@ -490,6 +491,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                 with io.LabelWriter(tmp if work is ds else work_tmp, width, height, work.crs, work.transform,
                                     block=BLOCK, nodata=NODATA) as out:
                     for i, (r0, rh, c0, cw) in enumerate(tiles):
+                        check_signals()
                         if cancel is not None and cancel():
                             raise Cancelled(f"cancelled after {i} of {len(tiles)} tiles; {dst} not written")
                         labels = _segment_tile(reader, model, c, smooth, halo, height, width, r0, rh, c0, cw)

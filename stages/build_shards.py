@@ -46,7 +46,7 @@ import numpy as np
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from runtime.command import run_command
+from runtime.command import check_signals, run_command
 from runtime.destination import atomic_folder, check_name, child, inside
 from runtime.errors import UnsafePathError
 from runtime.raster import ground_pixel_size_m
@@ -219,6 +219,7 @@ def build_shards(raw_dir: Path, out_root: Path, dataset: str, params: ShardsPara
         dropped = kept = 0
         T = params.tile_size
         for e in tqdm(entries, desc="build_shards", unit="raster", disable=not progress):
+            check_signals()
             image_path = raw_dir / e["image"]
             label_path = raw_dir / e["label"] if e["label"] else None
             split = (labelled_split(groups[e["item_id"]], params.metrics_train_fraction, params.train_fraction)

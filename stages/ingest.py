@@ -41,7 +41,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from runtime.command import run_command
+from runtime.command import check_signals, run_command
 from runtime.destination import atomic_folder, child
 from runtime.errors import LandsegError
 from runtime.io_rasterio import from_dataset
@@ -146,6 +146,7 @@ def ingest_synthetic(params: IngestParams, root: Path) -> tuple[list[dict], dict
         raise IngestError(f"ingest.synthetic.crs: expected a projected CRS (metres), got {sp.crs!r}")
     entries = []
     for scene in range(sp.num_scenes):
+        check_signals()
         item_id = f"scene-{scene:04d}"
         # Scenes sit side by side with a gap, like separate flight lines of one survey.
         x0 = 500_000.0 + scene * (size * px + 1000.0)
@@ -425,6 +426,7 @@ def ingest_rasters(items: list[Item], params: IngestParams, root: Path, label_ma
     entries, no_crs, max_label = [], [], 0
     rescale = params.rescale_limit_pairs() if params.rescale == "fixed" else params.rescale
     for item in items:
+        check_signals()
         image = child(root / "images", item.item_id, f"{item.source}: item id", ".tif")
         label = child(root / "labels", item.item_id, f"{item.source}: item id", ".tif") if item.label else None
         grid, top = _copy_raster(item, image, label, bands, label_map, no_crs, rescale)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime.command import run_command
+from runtime.command import check_signals, run_command
 from runtime.destination import atomic_file, atomic_folder
 from stages import losses
 from stages.augment import invert_each, make_views
@@ -629,6 +629,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     t_start = time.perf_counter()
     try:
         for step in bar:
+            check_signals()
             views = prefetch.get(step)
             views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
             lr = lr_at(step, train_params.steps, train_params.lr)

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime.command import run_command
+from runtime.command import check_signals, run_command
 from stages import losses
 from stages.augment import apply_each, draw_transforms, normalise01, step_generator, to_rgb01
 from stages.model import Encoder, student_from_params
@@ -223,6 +223,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
     t_start = time.perf_counter()
     try:
         for step in bar:
+            check_signals()
             size, x, guide = prefetch.get(step)
             x, guide = x.to(device), guide.to(device)
             torch.manual_seed(distill.seed * 1_000_003 + step)  # dropout draws: a function of the step

@@ -443,7 +443,7 @@ def test_signals_end_commands_cleanly(case, template, tmp_path):
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == code, err
+    assert proc.returncode == code, f"stdout:\n{out}\nstderr:\n{err}"
     assert "Traceback" not in err, err
     for word in words:
         assert word in err, err
@@ -544,3 +544,25 @@ def test_resume_after_a_kill_that_cut_dvclive_files_short(tmp_path):
     assert all(torch.equal(v, cut["state_dict"][k]) for k, v in whole["state_dict"].items())
     rows = (tmp_path / "cut" / "results" / "plots" / "metrics" / "train" / "total.tsv").read_text().splitlines()
     assert rows == (tmp_path / "whole" / "results" / "plots" / "metrics" / "train" / "total.tsv").read_text().splitlines()
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_whose_exception_a_library_swallowed_still_stops_before_the_output(sig, code, tmp_path, capsys):
+    """The handler raises at whatever line Python is at; a bare `except:` there (an optional import
+    in a library, say) can swallow it. The next safe point raises again: nothing is renamed into place."""
+    from runtime.command import run_command
+    from runtime.destination import atomic_file
+
+    def body() -> int:
+        with atomic_file(tmp_path / "out.bin", overwrite=False) as tmp:
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(0.5)  # the handler runs here...
+            except BaseException:  # noqa: BLE001  ...and a careless library swallows its exception
+                pass
+            tmp.write_bytes(b"finished anyway")
+        return 0
+
+    assert run_command("demo", body, interrupted="nothing written") == code
+    assert "nothing written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
