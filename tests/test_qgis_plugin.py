@@ -49,6 +49,10 @@ def build_plugin(model: Path, out: Path) -> Path:
 
 def qgis_env(profile: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    # QGIS's embedded Python takes its prefix from the first python3 on PATH: a virtual environment's
+    # there (make puts .venv/bin first) gives it another Python's library, and qgis_process crashes
+    env["PATH"] = os.pathsep.join(["/usr/bin", "/bin"] + [d for d in env.get("PATH", "").split(os.pathsep)
+                                                          if d and not (Path(d) / "activate").exists()])
     env.update(QT_QPA_PLATFORM="offscreen", XDG_DATA_HOME=str(profile), XDG_RUNTIME_DIR=str(profile))
     return env
 

@@ -80,7 +80,8 @@ CASES = {
 
 
 def _gdal_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["PATH"] = os.pathsep.join(["/usr/bin", "/bin", env.get("PATH", "")])
     return subprocess.run([QGIS_PYTHON, str(RUNNER), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env=env)
 
