@@ -13,7 +13,7 @@ import numpy as np
 from .cluster import DEFAULT_RESTARTS
 from .command import run_command
 from .destination import atomic_file, check_file
-from .errors import LandsegError, OutputError
+from .errors import InputError, OutputError
 from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE
 
 # A cluster under this share of the valid pixels is reported as near-empty, so that a user sees when
@@ -232,12 +232,8 @@ def run_segment(args) -> int:
     centres = args.centres
     reads = [args.input, *(Path(args.model) / name for name in ("model.npz", "meta.json", "metrics.json"))]
     if centres not in ("fit", "artifact"):
-        path = Path(centres)
-        reads.append(path)
-        try:
-            centres = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise LandsegError(f"{path}: cannot read centres (.npy from --save-centres): {e}") from None
+        reads.append(Path(centres))
+        centres = load_centres(Path(centres))
     if args.save_centres:  # before the work, so that a bad path never costs a run nor leaves OUT behind
         if Path(args.save_centres).resolve() == Path(args.output).resolve():
             raise OutputError(f"{args.save_centres}: --save-centres names OUT; give the centres their own file")
@@ -283,6 +279,18 @@ def cluster_share_lines(cluster_pixels: np.ndarray) -> list[str]:
                      f"raster may hold fewer distinct covers than --k {len(shares)}; a smaller --k may "
                      "give a cleaner map")
     return lines
+
+
+def load_centres(path: Path) -> np.ndarray:
+    """Centres saved by `save_centres` (--save-centres, fit-centres); InputError naming the file
+    when it is missing or not a .npy array."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise InputError(f"{path}: not a .npy file (centres are written by --save-centres or fit-centres)")
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read centres (.npy from --save-centres or fit-centres): {e}") from None
 
 
 def save_centres(path: Path, centres: np.ndarray, overwrite: bool, inputs=()) -> None:

@@ -174,7 +174,7 @@ CASES = [
     Case("segment-artifact-centres-absent", SEG + " --centres artifact", 2, ("no precomputed centres", "it has none"), ("out.tif",)),
     Case("segment-centres-file-missing", SEG + " --centres none.npy", 2, ("none.npy", "cannot read centres"), ("out.tif",)),
     Case("segment-centres-wrong-shape", SEG + " --centres bad_centres.npy", 2, ("centres must have shape",), ("out.tif",)),
-    Case("segment-centres-not-npy", SEG + " --centres garbage.tif", 2, ("cannot read centres",), ("out.tif",)),
+    Case("segment-centres-not-npy", SEG + " --centres garbage.tif", 2, ("garbage.tif: not a .npy file",), ("out.tif",)),
     # -- segment: the destination ----------------------------------------------------------------
     Case("segment-output-exists", SEG, 2, ("out.tif", "exists", "--overwrite"), unchanged=("out.tif",),
          setup=write_text("out.tif", "keep me")),

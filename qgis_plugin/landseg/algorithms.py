@@ -156,10 +156,8 @@ class SegmentRaster(_Algorithm):
             optional=True, createByDefault=False))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        import numpy as np
-
         from .runtime import segment_raster
-        from .runtime.cli import save_centres
+        from .runtime.cli import load_centres, save_centres
 
         src = _raster_path(self.parameterAsRasterLayer(parameters, "INPUT", context), "Input RGB raster")
         model_dir = _model_path(self, parameters, context)
@@ -169,9 +167,9 @@ class SegmentRaster(_Algorithm):
         centres_file = self.parameterAsFile(parameters, "CENTRES", context)
         smoothing = self.parameterAsInt(parameters, "SMOOTHING", context)
         try:
-            centres = np.load(centres_file, allow_pickle=False) if centres_file else "fit"
-        except (OSError, ValueError) as e:
-            raise QgsProcessingException(f"{centres_file}: cannot read centres (.npy): {e}") from None
+            centres = load_centres(Path(centres_file)) if centres_file else "fit"
+        except LandsegError as e:
+            raise QgsProcessingException(str(e)) from None
         try:
             result = segment_raster(
                 src, out, self.parameterAsInt(parameters, "CLUSTERS", context), model,
