@@ -319,6 +319,7 @@ class SegmentToPolygons(_Algorithm):
         fields = QgsFields()
         fields.append(QgsField("cluster", QVariant.Int))
         fields.append(QgsField("area", QVariant.Double))
+        scratch = QgsProcessingUtils.generateTempFilename("polygons.gpkg")
         try:
             with atomic_file(target, overwrite=True, inputs=[src], what="sieved raster") as tmp:
                 sieved = gdal.GetDriverByName("GTiff").CreateCopy(str(tmp), ds, options=["TILED=YES", "COMPRESS=DEFLATE"])
@@ -326,7 +327,8 @@ class SegmentToPolygons(_Algorithm):
                 if threshold > 1:  # patches under the unit merge into their largest neighbour
                     gdal.SieveFilter(band, band.GetMaskBand(), band, threshold, connectivity,
                                      callback=progress(0.0, 50.0))
-                polygons = ogr.GetDriverByName("Memory").CreateDataSource("polygons")
+                # on disk, not in memory: a large raster's polygons can outgrow RAM before the sink copies them
+                polygons = ogr.GetDriverByName("GPKG").CreateDataSource(scratch)
                 out = polygons.CreateLayer("polygons", srs=sieved.GetSpatialRef(), geom_type=ogr.wkbPolygon)
                 out.CreateField(ogr.FieldDefn("cluster", ogr.OFTInteger))
                 if not feedback.isCanceled():
@@ -343,9 +345,11 @@ class SegmentToPolygons(_Algorithm):
                     f.setGeometry(geometry)
                     f.setAttributes([feature.GetField(0), geometry.area()])
                     sink.addFeature(f, QgsFeatureSink.FastInsert)
-                sieved = band = None  # closed before the rename
+                sieved = band = out = polygons = None  # closed before the rename
         except LandsegError as e:
             raise QgsProcessingException(str(e)) from None
+        finally:
+            gdal.Unlink(scratch)
         if not sieved_out:
             target.unlink(missing_ok=True)
         return {"OUTPUT": dest, "SIEVED": sieved_out or None}
