@@ -18,17 +18,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "qgis_plugin" / "landseg"
-MODEL_FILES = ("model.npz", "meta.json", "metrics.json")
 STAMP = (1980, 1, 1, 0, 0, 0)
 
 
 def plugin_files(model: Path) -> dict[str, bytes]:
     """Archive name -> bytes of everything the plugin zip holds."""
+    from runtime.artifact import artifact_files
+
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     files = {f"landseg/{p.name}": p.read_bytes() for p in sorted(PLUGIN.glob("*.py"))}
     files["landseg/metadata.txt"] = (PLUGIN / "metadata.txt").read_text().replace("VERSION", version).encode()
     files.update({f"landseg/runtime/{p.name}": p.read_bytes() for p in sorted((REPO / "runtime").glob("*.py"))})
-    files.update({f"landseg/model/{name}": (model / name).read_bytes() for name in MODEL_FILES})
+    files.update({f"landseg/model/{path.name}": path.read_bytes() for path in artifact_files(model)})
     return files
 
 

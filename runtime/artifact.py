@@ -60,6 +60,12 @@ FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 STRIDE = 4
 MODEL_FILE, META_FILE, METRICS_FILE = "model.npz", "meta.json", "metrics.json"
+ARTIFACT_FILES = (MODEL_FILE, META_FILE, METRICS_FILE)
+
+
+def artifact_files(model_dir) -> list[Path]:
+    """The files of the artifact folder `model_dir` (what a command reads, and so may not write)."""
+    return [Path(model_dir) / name for name in ARTIFACT_FILES]
 CENTRES_KEY = re.compile(r"^centres_k(\d+)$")
 
 # key -> (check, description) for the required meta keys (besides format, version and layers)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifact import artifact_files
 from .cluster import DEFAULT_RESTARTS
 from .command import run_command
 from .destination import atomic_file, check_file
@@ -230,7 +231,7 @@ def run_segment(args) -> int:
 
     model = load_model(args.model, threads=args.threads)
     centres = args.centres
-    reads = [args.input, *(Path(args.model) / name for name in ("model.npz", "meta.json", "metrics.json"))]
+    reads = [args.input, *artifact_files(args.model)]
     if centres not in ("fit", "artifact"):
         reads.append(Path(centres))
         centres = load_centres(Path(centres))
@@ -308,7 +309,7 @@ def run_fit_centres(args) -> int:
     from .raster import fit_shared_centres
 
     out = Path(args.out)
-    reads = [*args.inputs, *(Path(args.model) / name for name in ("model.npz", "meta.json", "metrics.json"))]
+    reads = [*args.inputs, *artifact_files(args.model)]
     check_file(out, overwrite=args.overwrite, inputs=reads, what="centres file")  # before the work
     model = load_model(args.model, threads=args.threads)
     shared = fit_shared_centres(args.inputs, args.k, model, bands=args.bands, seed=args.seed,

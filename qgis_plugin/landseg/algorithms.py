@@ -20,6 +20,7 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeome
 from qgis.PyQt.QtCore import QVariant
 from qgis.PyQt.QtGui import QColor
 
+from .runtime.artifact import artifact_files
 from .runtime.errors import Cancelled, LandsegError
 
 PLUGIN_DIR = Path(__file__).resolve().parent
@@ -45,10 +46,7 @@ def _load_model(path: Path, feedback):
         if note:
             feedback.pushWarning(note)
         _BLAS_NOTED.append(True)
-    try:
-        return load_model(path)
-    except LandsegError as e:
-        raise QgsProcessingException(str(e)) from None
+    return load_model(path)
 
 
 def _raster_path(layer, name: str) -> str:
@@ -118,6 +116,16 @@ class _Algorithm(QgsProcessingAlgorithm):
     def createInstance(self):  # noqa: N802
         return type(self)()
 
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        """Each algorithm's `_process`, with the runtime's errors (which name the file, key or value
+        at fault) reported as the algorithm's failure, in one place."""
+        try:
+            return self._process(parameters, context, feedback)
+        except Cancelled as e:
+            raise QgsProcessingException(f"cancelled: {e}") from None
+        except LandsegError as e:
+            raise QgsProcessingException(str(e)) from None
+
 
 class SegmentRaster(_Algorithm):
     def name(self):
@@ -155,7 +163,7 @@ class SegmentRaster(_Algorithm):
             "OUTPUT_CENTRES", "Save the cluster centres (to reuse on other rasters)", "NumPy array (*.npy)",
             optional=True, createByDefault=False))
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+    def _process(self, parameters, context, feedback):
         from .runtime import segment_raster
         from .runtime.cli import load_centres, save_centres
 
@@ -166,26 +174,17 @@ class SegmentRaster(_Algorithm):
         centres_out = self.parameterAsFileOutput(parameters, "OUTPUT_CENTRES", context)
         centres_file = self.parameterAsFile(parameters, "CENTRES", context)
         smoothing = self.parameterAsInt(parameters, "SMOOTHING", context)
-        try:
-            centres = load_centres(Path(centres_file)) if centres_file else "fit"
-        except LandsegError as e:
-            raise QgsProcessingException(str(e)) from None
-        try:
-            result = segment_raster(
-                src, out, self.parameterAsInt(parameters, "CLUSTERS", context), model,
-                bands=_bands(self, parameters, context), centres=centres,
-                seed=self.parameterAsInt(parameters, "SEED", context),
-                smooth_iters=None if smoothing < 0 else smoothing, pixel_size=_pixel_size(self, parameters, context),
-                rescale=RESCALE_MODES[self.parameterAsEnum(parameters, "RESCALE", context)], overwrite=True,
-                progress=lambda done, total: feedback.setProgress(100.0 * done / total),
-                cancel=feedback.isCanceled)
-            if centres_out:
-                save_centres(Path(centres_out), result.centres, overwrite=True,
-                             inputs=[src, *(model_dir / n for n in ("model.npz", "meta.json", "metrics.json"))])
-        except Cancelled as e:
-            raise QgsProcessingException(f"cancelled: {e}") from None
-        except LandsegError as e:
-            raise QgsProcessingException(str(e)) from None
+        centres = load_centres(Path(centres_file)) if centres_file else "fit"
+        result = segment_raster(
+            src, out, self.parameterAsInt(parameters, "CLUSTERS", context), model,
+            bands=_bands(self, parameters, context), centres=centres,
+            seed=self.parameterAsInt(parameters, "SEED", context),
+            smooth_iters=None if smoothing < 0 else smoothing, pixel_size=_pixel_size(self, parameters, context),
+            rescale=RESCALE_MODES[self.parameterAsEnum(parameters, "RESCALE", context)], overwrite=True,
+            progress=lambda done, total: feedback.setProgress(100.0 * done / total),
+            cancel=feedback.isCanceled)
+        if centres_out:
+            save_centres(Path(centres_out), result.centres, overwrite=True, inputs=[src, *artifact_files(model_dir)])
         feedback.pushInfo(f"{result.k} clusters, {result.tiles} tile(s), {result.seconds:.1f} s; centres "
                           f"{result.centres_source}; {result.resolution}; {result.rescale}")
         total = int(result.cluster_pixels.sum())
@@ -243,7 +242,7 @@ class FitSharedCentres(_Algorithm):
         _add_model_and_reading_parameters(self, None)
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT", "Cluster centres", "NumPy array (*.npy)"))
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+    def _process(self, parameters, context, feedback):
         from .runtime import fit_shared_centres
         from .runtime.cli import save_centres
 
@@ -254,16 +253,12 @@ class FitSharedCentres(_Algorithm):
         model_dir = _model_path(self, parameters, context)
         model = _load_model(model_dir, feedback)
         out = self.parameterAsFileOutput(parameters, "OUTPUT", context)
-        try:
-            shared = fit_shared_centres(paths, self.parameterAsInt(parameters, "CLUSTERS", context), model,
-                                        bands=_bands(self, parameters, context),
-                                        seed=self.parameterAsInt(parameters, "SEED", context),
-                                        pixel_size=_pixel_size(self, parameters, context),
-                                        rescale=RESCALE_MODES[self.parameterAsEnum(parameters, "RESCALE", context)])
-            save_centres(Path(out), shared.centres, overwrite=True,
-                         inputs=[*paths, *(model_dir / n for n in ("model.npz", "meta.json", "metrics.json"))])
-        except LandsegError as e:
-            raise QgsProcessingException(str(e)) from None
+        shared = fit_shared_centres(paths, self.parameterAsInt(parameters, "CLUSTERS", context), model,
+                                    bands=_bands(self, parameters, context),
+                                    seed=self.parameterAsInt(parameters, "SEED", context),
+                                    pixel_size=_pixel_size(self, parameters, context),
+                                    rescale=RESCALE_MODES[self.parameterAsEnum(parameters, "RESCALE", context)])
+        save_centres(Path(out), shared.centres, overwrite=True, inputs=[*paths, *artifact_files(model_dir)])
         for src, cells, note in zip(shared.sources, shared.cells, shared.notes):
             feedback.pushInfo(f"{src}: {cells:,} cells; {note}")
         return {"OUTPUT": out}
@@ -293,7 +288,7 @@ class SegmentToPolygons(_Algorithm):
         self.addParameter(QgsProcessingParameterRasterDestination("SIEVED", "Sieved cluster raster", optional=True,
                                                                   createByDefault=False))
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+    def _process(self, parameters, context, feedback):
         from osgeo import gdal, ogr
 
         from .runtime.destination import atomic_file
@@ -346,8 +341,6 @@ class SegmentToPolygons(_Algorithm):
                     f.setAttributes([feature.GetField(0), geometry.area()])
                     sink.addFeature(f, QgsFeatureSink.FastInsert)
                 sieved = band = out = polygons = None  # closed before the rename
-        except LandsegError as e:
-            raise QgsProcessingException(str(e)) from None
         finally:
             gdal.Unlink(scratch)
         if not sieved_out:
@@ -381,14 +374,11 @@ class ModelInformation(_Algorithm):
         self.addOutput(QgsProcessingOutputString("MODEL_COMMIT", "Commit the model was trained at"))
         self.addOutput(QgsProcessingOutputString("DETAILS", "meta.json and metrics.json (JSON)"))
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+    def _process(self, parameters, context, feedback):
         from .runtime import load_artifact
 
         path = _model_path(self, parameters, context)
-        try:
-            art = load_artifact(path)
-        except LandsegError as e:
-            raise QgsProcessingException(str(e)) from None
+        art = load_artifact(path)
         meta = {k: v for k, v in art.meta.items() if k != "layers"}
         gsd = meta.get("training_pixel_size_m")
         feedback.pushInfo(f"{path}: trained at {'an unknown' if gsd is None else f'{gsd:g} m'} pixel size, "
