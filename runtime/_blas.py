@@ -304,3 +304,63 @@ def blas_threads() -> BlasThreads:
 
         _instance = BlasThreads()
     return _instance
+
+
+# -- sgemm with the arguments numpy's matmul does not expose ----------------------------------------
+#
+# A stride-1 convolution is a sum of k * k products of shifted views of its padded input (see
+# runtime.network): with BLAS's leading-dimension and accumulate (beta) arguments, each is one sgemm
+# straight on the input's memory, adding into the output, with no copies and no separate sums.
+
+_SGEMM_SYMBOLS = (  # (symbol, 64-bit integers): numpy's bundled scipy-openblas (ILP64), then OpenBLAS
+    ("scipy_cblas_sgemm64_", True),
+    ("cblas_sgemm64_", True),
+    ("cblas_sgemm", False),
+)
+
+
+class DirectSgemm:
+    """C (m, n) = A (m, k) @ B (k, n) + beta * C, row-major float32, on raw pointers with leading
+    dimensions in elements, made by numpy's own OpenBLAS (bound by handle, so a shadowing CBLAS in
+    the process does not matter). ctypes releases the GIL for the call."""
+
+    def __init__(self, fn, path: str, symbol: str):
+        self.path, self.symbol = path, symbol
+        self._fn = fn
+
+    def __call__(self, m: int, n: int, k: int, a: int, lda: int, b: int, ldb: int, beta: float,
+                 c: int, ldc: int) -> None:
+        self._fn(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc)
+
+
+_direct: list = []  # [DirectSgemm or None], decided once
+
+
+def direct_sgemm() -> DirectSgemm | None:
+    """numpy's OpenBLAS sgemm for direct calls, or None (another BLAS, or none found): callers then
+    use np.matmul. LANDSEG_NO_DIRECT_SGEMM=1 forces None (tests compare both paths)."""
+    if not _direct:
+        import numpy as np
+
+        np.dot(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32))  # numpy loads its BLAS lazily
+        chosen = None
+        if os.environ.get("LANDSEG_NO_DIRECT_SGEMM") != "1":
+            for path in _loaded_openblas_paths():
+                try:
+                    lib = ctypes.CDLL(path)
+                except OSError:
+                    continue
+                for symbol, wide in _SGEMM_SYMBOLS:
+                    fn = getattr(lib, symbol, None)
+                    if fn is None:
+                        continue
+                    i, n = ctypes.c_int, (ctypes.c_int64 if wide else ctypes.c_int)
+                    p, f = ctypes.c_void_p, ctypes.c_float
+                    fn.argtypes = [i, i, i, n, n, n, f, p, n, p, n, f, p, n]
+                    fn.restype = None
+                    chosen = DirectSgemm(fn, path, symbol)
+                    break
+                if chosen is not None:
+                    break
+        _direct.append(chosen)
+    return _direct[0]

@@ -351,16 +351,68 @@ def upsample4(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(_up4_axis(_up4_axis(x, 2)[:, :, :width], 1)[:, :height])
 
 
+# A 2 x 2 block of cells whose four cells have the same most probable cluster, each ahead of the
+# runner-up by more than this, gives that cluster to every pixel it interpolates (see
+# labels_from_cell_proba). float32 rounding of the interpolation is below 1e-6 on probabilities.
+_SURE_MARGIN = np.float32(1e-5)
+
+
 def labels_from_cell_proba(probs: np.ndarray, height: int, width: int,
                            band_cells: int = _LABEL_BAND_CELLS) -> np.ndarray:
-    """argmax over k of upsample4(probs) as uint8 (height, width), in bands of cell rows so memory
-    stays at a few bands whatever the image size (same values as the full upsample)."""
-    wide = _up4_axis(probs, 2)[:, :, :width]  # (k, h, width)
-    h = probs.shape[1]
-    out = np.empty((height, width), dtype=np.uint8)
-    for c0 in range(0, h, band_cells):
-        c1 = min(h, c0 + band_cells)
-        rows = _up4_axis(wide, 1, c0, c1)
-        y0, y1 = 4 * c0, min(height, 4 * c1)
-        out[y0:y1] = np.argmax(rows[:, : y1 - y0], axis=0)
+    """argmax over k of upsample4(probs) as uint8 (height, width), the same values as the full
+    upsample, in a fraction of its time and memory.
+
+    A pixel's bilinear value mixes the 2 x 2 cells around it (pixels 4i+2 .. 4i+5 mix cell rows i
+    and i+1). Where those four cells agree on the most probable cluster, each by more than
+    `_SURE_MARGIN` over the runner-up, every convex mix of them has that argmax too, so the pixels
+    of such a block take it directly; only the blocks where clusters meet are interpolated, with
+    the same float32 operations as `upsample4` (bands of `band_cells` cell rows)."""
+    k, h, w = probs.shape
+    top = np.argmax(probs, axis=0)
+    ranked = np.sort(probs, axis=0) if k > 1 else None
+    margin = ranked[-1] - ranked[-2] if k > 1 else np.full((h, w), np.inf, np.float32)
+    # blocks (bi, bj) for bi in -1..h-1 over cells clamp(bi), clamp(bi + 1): index bi + 1
+    rows = np.clip(np.arange(-1, h + 1), 0, h - 1)
+    cols = np.clip(np.arange(-1, w + 1), 0, w - 1)
+    sure_cell = margin > _SURE_MARGIN
+    t, su = top[rows][:, cols], sure_cell[rows][:, cols]
+    agree = ((t[:-1, :-1] == t[1:, :-1]) & (t[:-1, :-1] == t[:-1, 1:]) & (t[:-1, :-1] == t[1:, 1:])
+             & su[:-1, :-1] & su[1:, :-1] & su[:-1, 1:] & su[1:, 1:])
+    block_labels = t[:-1, :-1].astype(np.uint8)
+    # pixel y lies in block (y + 2) // 4 (index space of `agree`)
+    by, bx = (np.arange(height) + 2) // 4, (np.arange(width) + 2) // 4
+    out = block_labels[by][:, bx]
+    bi, bj = np.nonzero(~agree)
+    for s in range(0, len(bi), band_cells * max(1, w)):
+        _interpolate_blocks(probs, bi[s:s + band_cells * max(1, w)] - 1, bj[s:s + band_cells * max(1, w)] - 1,
+                            out, height, width)
     return out
+
+
+# Bilinear weights of the 4 pixels of a block along one axis, block offset u = 0..3 (pixels
+# 4b + 2 + u): (which cell is the pixel's own: 0 = cell b, 1 = cell b + 1), its weight, the other's
+_BLOCK_TAPS = tuple((0, _PHASES[2 + u][1], _PHASES[2 + u][2]) if u < 2 else (1, _PHASES[u - 2][1], _PHASES[u - 2][0])
+                    for u in range(4))
+
+
+def _interpolate_blocks(probs: np.ndarray, bi: np.ndarray, bj: np.ndarray, out: np.ndarray,
+                        height: int, width: int) -> None:
+    """Labels of the 4 x 4 pixels of blocks (bi, bj) (cells bi, bi + 1 x bj, bj + 1, clamped),
+    computed as `upsample4` computes them (along the width first, then the height), into out."""
+    k, h, w = probs.shape
+    r = (np.clip(bi, 0, h - 1), np.clip(bi + 1, 0, h - 1))
+    c = (np.clip(bj, 0, w - 1), np.clip(bj + 1, 0, w - 1))
+    wide = [[None] * 4 for _ in range(2)]  # wide[row a][column offset v]: (k, n) values
+    for a in range(2):
+        for v, (own, wc, wo) in enumerate(_BLOCK_TAPS):
+            o = np.multiply(probs[:, r[a], c[own]], np.float32(wc))
+            o += np.float32(wo) * probs[:, r[a], c[1 - own]]
+            wide[a][v] = o
+    for u, (own, wc, wo) in enumerate(_BLOCK_TAPS):
+        y = 4 * bi + 2 + u
+        for v in range(4):
+            vals = np.multiply(wide[own][v], np.float32(wc))
+            vals += np.float32(wo) * wide[1 - own][v]
+            x = 4 * bj + 2 + v
+            ok = (y >= 0) & (y < height) & (x >= 0) & (x < width)
+            out[y[ok], x[ok]] = np.argmax(vals[:, ok], axis=0)

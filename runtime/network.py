@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ._blas import blas_threads, matmul
+from ._blas import blas_threads, direct_sgemm, matmul
 from .errors import ArtifactError, InputError
 
 ACTIVATIONS = ("relu", "none")
@@ -167,6 +167,9 @@ class ConvWeights:
         w = np.asarray(weight, dtype=np.float32)
         self.row_matrices = [np.ascontiguousarray(w[:, :, dy].transpose(2, 1, 0).reshape(-1, self.cout))
                              for dy in range(self.kernel)]
+        # (C_in, C_out) per tap (dy, dx), row-major over the taps: the shifted products' operands
+        self.tap_matrices = [np.ascontiguousarray(w[:, :, dy, dx].T) for dy in range(self.kernel)
+                             for dx in range(self.kernel)]
         self.bias = np.ascontiguousarray(bias, dtype=np.float32)
         self._bias_rows: dict[int, np.ndarray] = {}
 
@@ -236,6 +239,60 @@ def conv2d_into(xin: np.ndarray, cw: ConvWeights, out: np.ndarray, skip: np.ndar
             np.maximum(o, 0.0, out=o)
 
     starts = range(0, ho, rows_per_band)
+    if pool is None:
+        for r0 in starts:
+            run(r0)
+    else:
+        pool.map(run, starts)
+
+
+def conv2d_shifted_into(xbuf: np.ndarray, cw: ConvWeights, ybuf: np.ndarray, sgemm,
+                        skip: np.ndarray | None = None, act: str | None = None,
+                        band_bytes: int = DEFAULT_BAND_BYTES, pool: "BandPool | None" = None) -> None:
+    """A stride-1 conv as k * k shifted products, between zero-bordered buffers of the same layout.
+
+    xbuf (h + 2p, w + 2p, C_in) holds the input inside a zero border of p = `cw.padding` pixels and
+    ybuf (h + 2p, w + 2p, C_out) receives act(conv + bias [+ skip]) inside the same border; `skip`,
+    when given, is a buffer of ybuf's shape and layout. With rows of pitch P = w + 2p, output pixel
+    (r, x) and input pixel (r + dy*d, x + dx*d) are P*(dy*d) + dx*d apart in the flattened buffers:
+    for a band of output rows, tap (dy, dx) is one sgemm of a contiguous run of input pixels by
+    that tap's (C_in, C_out) matrix, accumulated (beta = 1) into the output run, which starts from
+    the bias (plus the skip). A run's 2p pixels per row past the last column land on the output's
+    border and are zeroed again afterwards. Each band depends on its own rows only, so the result
+    is the same bits for any number of threads."""
+    act = cw.act if act is None else act
+    hp, pitch, cin = xbuf.shape
+    p, k, d = cw.padding, cw.kernel, cw.dilation
+    h, w, cout = hp - 2 * p, pitch - 2 * p, cw.cout
+    assert cw.stride == 1 and ybuf.shape == (hp, pitch, cout) and xbuf.flags.c_contiguous and ybuf.flags.c_contiguous
+    base = p * pitch + p  # flat index of output pixel (0, 0)
+    rows_per_band = max(1, min(h, band_bytes // (pitch * max(cin, cout) * 4)))
+    bias = cw.bias_row(rows_per_band * pitch)
+    yflat = ybuf.reshape(-1, cout)
+    sflat = None if skip is None else skip.reshape(-1, cout)
+    xptr, yptr, isz = xbuf.ctypes.data, ybuf.ctypes.data, 4
+    offsets = [dy * d * pitch + dx * d for dy in range(k) for dx in range(k)]
+    taps = [(m.ctypes.data, off) for m, off in zip(cw.tap_matrices, offsets)]
+
+    def run(r0: int) -> None:
+        r1 = min(h, r0 + rows_per_band)
+        q0 = r0 * pitch
+        n = (r1 - r0) * pitch - (2 * p if r1 == h else 0)  # the last row's run stops at its last column
+        o = yflat[base + q0: base + q0 + n]
+        ov = o.reshape(-1)
+        if sflat is None:
+            ov[...] = bias[:n * cout]
+        else:
+            np.add(sflat[base + q0: base + q0 + n].reshape(-1), bias[:n * cout], out=ov)
+        c = yptr + (base + q0) * cout * isz
+        for b, off in taps:
+            sgemm(n, cout, cin, xptr + (q0 + off) * cin * isz, cin, b, cout, 1.0, c, cout)
+        if act == "relu":
+            np.maximum(ov, 0.0, out=ov)
+        ybuf[r0 + p: r1 + p, p + w:] = 0.0  # right border of the band's rows
+        ybuf[r0 + p + 1: r1 + p + 1, :p] = 0.0  # left border of the next rows
+
+    starts = range(0, h, rows_per_band)
     if pool is None:
         for r0 in starts:
             run(r0)
@@ -430,10 +487,26 @@ class Network:
                     collect(layer["layers"])
 
         collect(layers)
-        # each conv writes its output with the zero border that the next conv to run reads it with
-        self._pad_after = {name: self.convs[nxt].padding for name, nxt in zip(order, order[1:])}
         self._last_conv = order[-1]
         self._first_pad = self.convs[order[0]].padding
+        # Stride-1 k x k convs run as shifted sgemms (conv2d_shifted_into) when numpy's OpenBLAS can
+        # be called directly: their input and output then share one layout (a border of the conv's
+        # own padding), which the next conv must be able to read (its padding no larger). Every
+        # other conv writes its output with the zero border that the next conv reads it with.
+        self._sgemm = direct_sgemm()
+        self._shifted: set[str] = set()
+        self._pad_after: dict[str, int] = {}
+        in_pad = self._first_pad
+        for name, nxt in zip(order, order[1:] + [None]):
+            cw = self.convs[name]
+            nxt_pad = self.convs[nxt].padding if nxt is not None else 0
+            if (self._sgemm is not None and nxt is not None and cw.stride == 1 and cw.kernel > 1
+                    and in_pad == cw.padding and nxt_pad <= cw.padding):
+                self._shifted.add(name)
+                self._pad_after[name] = cw.padding
+            else:
+                self._pad_after[name] = nxt_pad
+            in_pad = self._pad_after[name]
         self.arena = BufferArena()
         self._lock = threading.Lock()
 
@@ -538,15 +611,29 @@ class Network:
             return f"1 thread, single-threaded BLAS ({self._blas.description})"
         return f"serial bands, BLAS's own threading ({self._blas.description})"
 
-    def _conv(self, name: str, x: _Activation, fresh_last: bool, skip: np.ndarray | None = None,
+    def _conv(self, name: str, x: _Activation, fresh_last: bool, skip: _Activation | None = None,
               act: str | None = None) -> _Activation:
         cw = self.convs[name]
         ho, wo = cw.output_size(x.h, x.w)
         last = name == self._last_conv and fresh_last  # returned to the caller: a fresh array
-        y = self._activation(ho, wo, cw.cout, self._pad_after.get(name, 0), fresh=last)
-        # every activation was written with the border its next conv reads (Network.__init__)
-        assert x.pad == cw.padding, (name, x.pad, cw.padding)
-        conv2d_into(x.buf, cw, y.inner, skip, act, self.band_bytes, self._pool)
+        y = self._activation(ho, wo, cw.cout, self._pad_after[name], fresh=last)
+        if name in self._shifted:
+            flat_skip = skip is not None and skip.pad == y.pad and skip.buf.shape == y.buf.shape
+            conv2d_shifted_into(x.buf, cw, y.buf, self._sgemm, skip.buf if flat_skip else None,
+                                "none" if skip is not None and not flat_skip else act,
+                                self.band_bytes, self._pool)
+            if skip is not None and not flat_skip:
+                yi = y.inner
+                yi += skip.inner
+                if (cw.act if act is None else act) == "relu":
+                    np.maximum(yi, 0.0, out=yi)
+            return y
+        # every activation was written with a border at least as wide as its next conv reads
+        # (Network.__init__): a wider one (after a shifted conv) is read through a view
+        extra = x.pad - cw.padding
+        assert extra >= 0, (name, x.pad, cw.padding)
+        xin = x.buf[extra:x.buf.shape[0] - extra, extra:x.buf.shape[1] - extra] if extra else x.buf
+        conv2d_into(xin, cw, y.inner, None if skip is None else skip.inner, act, self.band_bytes, self._pool)
         return y
 
     def _run(self, ops, x: _Activation, keep_input: bool, fresh_last: bool) -> _Activation:
@@ -562,7 +649,7 @@ class Network:
                 if last["op"] == "conv" and last["act"] == "none":
                     # fuse the skip add and the residual's activation into the last conv's bands
                     h = self._run(inner[:-1], x, True, fresh_last) if len(inner) > 1 else x
-                    y = self._conv(last["name"], h, fresh_last, skip=x.inner, act=layer["act"])
+                    y = self._conv(last["name"], h, fresh_last, skip=x, act=layer["act"])
                     if h is not x:
                         self._release(h)
                 else:

@@ -445,7 +445,7 @@ def test_conv_matches_torch_for_strides_dilations_and_tiny_bands(kernel, stride,
         np.testing.assert_allclose(conv2d(x, ConvWeights(layer, w, b), band_bytes=band_bytes), ref, atol=1e-4)
 
 
-def test_sums_by_label_equal_np_add_at_bit_for_bit():
+def test_sums_by_label_equal_np_add_at_in_float64_bit_for_bit():
     from runtime.cluster import _sums_by_label
 
     rng = np.random.default_rng(0)
@@ -454,7 +454,79 @@ def test_sums_by_label_equal_np_add_at_bit_for_bit():
         x = rng.standard_normal((n, d)).astype(np.float32 if trial % 2 else np.float64)
         labels = rng.integers(0, k, n)
         labels[labels == 1] = 0  # an empty label
-        expected = np.zeros((k, d), x.dtype)
-        np.add.at(expected, labels, x)
-        got = _sums_by_label(x, labels, k)
-        assert got.dtype == x.dtype and np.array_equal(got, expected)
+        expected = np.zeros((k, d), np.float64)
+        np.add.at(expected, labels, x.astype(np.float64))
+        got = _sums_by_label(np.ascontiguousarray(x.T, dtype=np.float64), labels, k)
+        assert got.dtype == np.float64 and np.array_equal(got, expected)
+
+
+def test_labels_from_cell_proba_equal_the_argmax_of_the_full_upsample():
+    """The block shortcut (agreeing 2 x 2 cells take their cluster directly) and the interpolated
+    blocks give exactly argmax(upsample4(probs)), also with exact ties, one-cell rows or columns
+    and crops that cut a block."""
+    from runtime.model import labels_from_cell_proba
+
+    rng = np.random.default_rng(0)
+    for k, h, w, height, width in ((6, 40, 52, 160, 208), (2, 10, 7, 37, 26), (8, 1, 1, 3, 4),
+                                   (5, 33, 1, 130, 2), (3, 2, 3, 5, 9), (4, 17, 23, 66, 91)):
+        p = rng.random((k, h, w)).astype(np.float32) ** 6
+        p = smooth_probs(p / p.sum(axis=0), 3)
+        p[:, : h // 2, : w // 2] = np.float32(1.0 / k)  # exact ties: argmax keeps the first cluster
+        p[1, h // 2:, :] += np.float32(1e-6)  # near-ties, inside the shortcut's margin
+        expected = np.argmax(upsample4(p, height, width), axis=0)
+        np.testing.assert_array_equal(labels_from_cell_proba(p, height, width, band_cells=3), expected)
+
+
+@pytest.mark.parametrize("kernel,dilation", [(3, 1), (3, 2), (5, 1)])
+def test_shifted_conv_matches_torch_with_skip_and_tiny_bands(kernel, dilation):
+    """conv2d_shifted_into (k * k sgemms on shifted runs of the padded input) against torch, with
+    the skip added inside, one row per band or the whole layer in one; the border stays zero."""
+    from runtime._blas import direct_sgemm
+    from runtime.network import ConvWeights, conv2d_shifted_into
+
+    sgemm = direct_sgemm()
+    if sgemm is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS that can be called directly")
+    rng = np.random.default_rng(kernel + dilation)
+    p = dilation * (kernel // 2)
+    x = rng.standard_normal((13, 11, 5), dtype=np.float32)
+    skip = rng.standard_normal((13, 11, 4), dtype=np.float32)
+    w = rng.standard_normal((4, 5, kernel, kernel), dtype=np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    layer = {"op": "conv", "name": "c", "in": 5, "out": 4, "kernel": kernel, "stride": 1,
+             "dilation": dilation, "padding": p, "act": "relu"}
+    with torch.no_grad():
+        conv = F.conv2d(torch.from_numpy(x.transpose(2, 0, 1))[None], torch.from_numpy(w),
+                        torch.from_numpy(b), padding=p, dilation=dilation)[0].numpy().transpose(1, 2, 0)
+    ref = np.maximum(conv + skip, 0.0)
+    xbuf = np.pad(x, ((p, p), (p, p), (0, 0)))
+    sbuf = np.pad(skip, ((p, p), (p, p), (0, 0)))
+    for band_bytes in (64, 1 << 20):
+        ybuf = np.full((13 + 2 * p, 11 + 2 * p, 4), np.nan, dtype=np.float32)
+        ybuf[:p], ybuf[-p:], ybuf[:, :p], ybuf[:, -p:] = 0.0, 0.0, 0.0, 0.0
+        conv2d_shifted_into(xbuf, ConvWeights(layer, w, b), ybuf, sgemm, sbuf, band_bytes=band_bytes)
+        np.testing.assert_allclose(ybuf[p:-p, p:-p], ref, atol=1e-4)
+        border = np.ones(ybuf.shape[:2], bool)
+        border[p:-p, p:-p] = False
+        assert not ybuf[border].any()
+
+
+def test_network_with_and_without_direct_sgemm_agree(monkeypatch):
+    """The shifted sgemms (numpy's OpenBLAS called directly) and the row taps (np.matmul) give
+    the same embeddings up to rounding, for plain and dilated blocks and a refinement head."""
+    from runtime import network
+
+    rng = np.random.default_rng(4)
+    for arch in (dict(width=16, depth=2, embed_dim=8), dict(width=16, depth=1, embed_dim=8, dilation=2),
+                 dict(width=8, depth=1, embed_dim=6, refine=True)):
+        enc = random_encoder(**arch, seed=5)
+        layers, arrays = enc.export_layers()
+        rgb = rng.integers(0, 256, (61, 45, 3), dtype=np.uint8)
+        fast = Model(layers, arrays, encoder_meta(enc), threads=2)
+        if not fast.network._shifted:
+            pytest.skip("numpy's BLAS is not an OpenBLAS that can be called directly")
+        monkeypatch.setattr(network, "direct_sgemm", lambda: None)
+        plain = Model(layers, arrays, encoder_meta(enc), threads=2)
+        monkeypatch.undo()
+        assert not plain.network._shifted
+        np.testing.assert_allclose(fast.embed(rgb), plain.embed(rgb), rtol=0, atol=1e-5)
