@@ -16,6 +16,7 @@ from .command import run_command
 from .destination import atomic_file, check_file
 from .errors import InputError, OutputError
 from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE
+from .raster import DEFAULT_TILE
 
 # A cluster under this share of the valid pixels is reported as near-empty, so that a user sees when
 # the map holds fewer covers than --k asked for: a raster with fewer covers than k, or centres fitted
@@ -103,7 +104,7 @@ def segment_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                                  "or float: see --rescale)")
     p.add_argument("output", metavar="OUT", help="output GeoTIFF of cluster ids")
     _add_model_options(p)
-    p.add_argument("--tile", type=int, default=1024, metavar="PIXELS",
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, metavar="PIXELS",
                    help="tile side in pixels, a multiple of 4; memory grows with it, results do not "
                         "change (default: %(default)s)")
     p.add_argument("--centres", default="fit", metavar="fit|artifact|FILE.npy",

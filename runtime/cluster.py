@@ -14,7 +14,8 @@ nearest chosen centre), so the same samples and seed always give the same centre
   the sample worst explained by the remaining centres, so k stays k distinct clusters.
 - `balanced_rows(emb, micro, seed)`: the rows resampled so that each of `micro` micro-clusters
   weighs the same (density-balanced fitting: `fit_centres(balanced_rows(emb, 64), k, ...)`).
-- `soft_assign(emb, centres, temperature)`: (N, D) -> (N, k) probabilities.
+- `soft_assign(emb, centres, temperature)`: (N, D) -> (N, k) probabilities (`soft_assign_columns`:
+  the same as (k, N)).
 - `kmeans(x, k, seed, iters)` / `assign(x, centres)`: Euclidean k-means (Lloyd) for the RGB
   baselines; an empty cluster is re-seeded at the point farthest from its centre.
 """
@@ -90,6 +91,33 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
     logits -= logits.max(axis=-1, keepdims=True)
     np.exp(logits, out=logits)
     logits /= logits.sum(axis=-1, keepdims=True)
+    return logits
+
+
+_SOFTMAX_BAND = 1 << 15  # columns per band of soft_assign_columns' softmax
+
+
+def soft_assign_columns(emb: np.ndarray, centres: np.ndarray, temperature: float, map_bands=None) -> np.ndarray:
+    """soft_assign transposed: (N, D) unit embeddings, (k, D) centres -> (k, N) float32
+    probabilities, one row per centre (the (k, h, w) layout smoothing works on; reductions over
+    the k rows run along whole rows instead of k elements at a time). The softmax runs in bands
+    of columns through `map_bands(fn, starts)` when given (a thread pool's map)."""
+    c = _normalise_rows(np.asarray(centres, dtype=np.float32)).astype(np.float32)
+    logits = matmul(c, emb.T)
+
+    def softmax(s0: int) -> None:
+        v = logits[:, s0:s0 + _SOFTMAX_BAND]
+        v /= np.float32(temperature)
+        v -= v.max(axis=0)
+        np.exp(v, out=v)
+        v /= v.sum(axis=0)
+
+    starts = range(0, logits.shape[1], _SOFTMAX_BAND)
+    if map_bands is None:
+        for s0 in starts:
+            softmax(s0)
+    else:
+        map_bands(softmax, starts)
     return logits
 
 

@@ -226,7 +226,8 @@ class LabelWriter:
     def __init__(self, path, width: int, height: int, crs, transform, *, block: int, nodata: int):
         self.path = str(path)
         what = f"{path}: GDAL cannot create the output"
-        options = ["TILED=YES", f"BLOCKXSIZE={block}", f"BLOCKYSIZE={block}", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"]
+        options = ["TILED=YES", f"BLOCKXSIZE={block}", f"BLOCKYSIZE={block}", "COMPRESS=DEFLATE", "ZLEVEL=1",
+                   "PREDICTOR=2", "BIGTIFF=IF_SAFER"]
         with _gdal(what):
             self.ds = _checked(gdal.GetDriverByName("GTiff").Create(self.path, width, height, 1, gdal.GDT_Byte,
                                                                     options=options), what)

@@ -121,7 +121,8 @@ class LabelWriter:
     def __init__(self, path, width: int, height: int, crs, transform, *, block: int, nodata: int):
         profile = {"driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "uint8",
                    "crs": crs, "transform": Affine(*tuple(transform)[:6]), "nodata": nodata, "tiled": True,
-                   "blockxsize": block, "blockysize": block, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+                   "blockxsize": block, "blockysize": block, "compress": "deflate", "zlevel": 1, "predictor": 2,
+                   "BIGTIFF": "IF_SAFER"}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             self.out = rasterio.open(path, "w", **profile)

@@ -187,19 +187,20 @@ class Model:
     def cell_proba(self, cells: np.ndarray, centres: np.ndarray, smooth_iters: int | None = None) -> np.ndarray:
         """(h, w, D) embeddings -> (k, h, w) cell probabilities (smoothed `smooth_iters` times)."""
         h, w, d = cells.shape
-        p = cluster.soft_assign(cells.reshape(-1, d), centres, self.temperature)
-        p = np.ascontiguousarray(p.T).reshape(-1, h, w)
+        p = cluster.soft_assign_columns(cells.reshape(-1, d), centres, self.temperature,
+                                        self.network.map).reshape(-1, h, w)
         smooth = self.smooth_iters_default if smooth_iters is None else smooth_iters
         if isinstance(smooth, bool) or not isinstance(smooth, (int, np.integer)) or smooth < 0:
             raise InputError(f"smooth_iters must be an integer >= 0, got {smooth!r}")
-        return smooth_probs(p, int(smooth))
+        return smooth_probs(p, int(smooth), self.network.map)
 
     def labels_from_cells(self, cells: np.ndarray, centres, height: int, width: int,
                           smooth_iters: int | None = None) -> np.ndarray:
         """uint8 (height, width) labels from `embed_cells` output and (k, D) centres: lets a caller
         embed each image once, fit global centres on all of them, then label each."""
         c = self.check_centres(self.check_k(len(centres)), centres)
-        return labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), height, width)
+        return labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), height, width,
+                                      map_bands=self.network.map)
 
     def _prepare(self, rgb, k, centres, seed, samples, iters, balance=PER_IMAGE_BALANCE):
         k = self.check_k(k)
@@ -248,7 +249,8 @@ class Model:
         pixel_size_m and balance as in `predict_proba`."""
         work, scale = self.working_image(rgb, pixel_size_m)
         cells, c = self._prepare(work, k, centres, seed, samples, iters, balance)
-        labels = labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), work.shape[0], work.shape[1])
+        labels = labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), work.shape[0], work.shape[1],
+                                        map_bands=self.network.map)
         return labels if scale == 1.0 else to_source_grid(labels, scale, rgb.shape[0], rgb.shape[1])
 
 
@@ -281,16 +283,23 @@ def sample_rows(arrays: list, samples: int, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _box3(x: np.ndarray, axis: int) -> np.ndarray:
-    """Sum of each element and its in-bounds neighbours along `axis` (zero outside)."""
-    out = x.copy()
+def _box3(x: np.ndarray, axis: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Sum of each element and its in-bounds neighbours along `axis` (zero outside), as
+    (x[i] + x[i - 1]) + x[i + 1], into `out` (a new array when None)."""
+    out = np.empty_like(x) if out is None else out
     n = x.shape[axis]
-    if n > 1:
-        lo = [slice(None)] * x.ndim
-        hi = [slice(None)] * x.ndim
-        lo[axis], hi[axis] = slice(1, None), slice(None, n - 1)
-        out[tuple(lo)] += x[tuple(hi)]
-        out[tuple(hi)] += x[tuple(lo)]
+    if n == 1:
+        out[...] = x
+        return out
+
+    def at(a, i):
+        idx = [slice(None)] * x.ndim
+        idx[axis] = i
+        return a[tuple(idx)]
+
+    np.add(at(x, slice(1, None)), at(x, slice(None, n - 1)), out=at(out, slice(1, None)))
+    at(out, 0)[...] = at(x, 0)
+    at(out, slice(None, n - 1))[...] += at(x, slice(1, None))
     return out
 
 
@@ -303,17 +312,50 @@ def _valid_counts(n: int) -> np.ndarray:
     return c
 
 
-def smooth_probs(probs: np.ndarray, iters: int) -> np.ndarray:
-    """(k, h, w): `iters` times a 3x3 mean over valid neighbours, renormalised over k."""
+_SMOOTH_BAND_BYTES = 512 << 10  # rows (then columns) smoothed at a time: a band and its buffers stay in cache
+
+
+def _serial_map(fn, items) -> None:
+    for item in items:
+        fn(item)
+
+
+def smooth_probs(probs: np.ndarray, iters: int, map_bands=_serial_map) -> np.ndarray:
+    """(k, h, w): `iters` times a 3x3 mean over valid neighbours (renormalised over k).
+
+    The 3x3 mean is a 1-D mean along the width then the height, and its count of valid neighbours
+    is the product of the two axes' counts, so `iters` passes equal `iters` 1-D passes along the
+    width (each row on its own) then `iters` along the height (each column on its own). Each pass
+    keeps the k probabilities of a cell summing to 1 (the mean of distributions is one), so the
+    renormalisation is made once at the end. Bands of rows, then each cluster's plane, run through
+    `map_bands(fn, starts)` (a thread pool's map: numpy releases the GIL); the result is the same
+    for any banding. Returns a new array; `probs` is left as it is."""
     if iters <= 0:
         return probs
     k, h, w = probs.shape
-    count = _valid_counts(h)[:, None] * _valid_counts(w)[None, :]
-    for _ in range(iters):
-        probs = _box3(_box3(probs, 1), 2)
-        probs /= count
-        probs /= np.maximum(probs.sum(axis=0, keepdims=True), 1e-12)
-    return probs
+    out = np.empty_like(probs)
+
+    def passes(src: np.ndarray, axis: int, count: np.ndarray, dst: np.ndarray) -> None:
+        bufs = (np.empty_like(src), np.empty_like(src))
+        for i in range(iters):
+            nxt = _box3(src, axis, bufs[i % 2])
+            nxt /= count
+            src = nxt
+        dst[...] = src
+
+    rows = max(1, _SMOOTH_BAND_BYTES // (k * w * 4))
+    count_w = _valid_counts(w)
+    map_bands(lambda r0: passes(probs[:, r0:r0 + rows], 2, count_w, out[:, r0:r0 + rows]), range(0, h, rows))
+    count_h = _valid_counts(h)[:, None]
+    # along the height, cluster by cluster: (h, w) planes whose rows stay long inner loops
+    map_bands(lambda c: passes(out[c].copy(), 0, count_h, out[c]), range(k))
+
+    def normalise(r0: int) -> None:
+        band = out[:, r0:r0 + rows]
+        band /= np.maximum(band.sum(axis=0), 1e-12)
+
+    map_bands(normalise, range(0, h, rows))
+    return out
 
 
 # Bilinear weights (fixed scale 4, half-pixel centres) of output phase 0..3 of cell i:
@@ -358,7 +400,7 @@ _SURE_MARGIN = np.float32(1e-5)
 
 
 def labels_from_cell_proba(probs: np.ndarray, height: int, width: int,
-                           band_cells: int = _LABEL_BAND_CELLS) -> np.ndarray:
+                           band_cells: int = _LABEL_BAND_CELLS, map_bands=_serial_map) -> np.ndarray:
     """argmax over k of upsample4(probs) as uint8 (height, width), the same values as the full
     upsample, in a fraction of its time and memory.
 
@@ -366,26 +408,33 @@ def labels_from_cell_proba(probs: np.ndarray, height: int, width: int,
     and i+1). Where those four cells agree on the most probable cluster, each by more than
     `_SURE_MARGIN` over the runner-up, every convex mix of them has that argmax too, so the pixels
     of such a block take it directly; only the blocks where clusters meet are interpolated, with
-    the same float32 operations as `upsample4` (bands of `band_cells` cell rows)."""
+    the same float32 operations as `upsample4`. Bands of `band_cells` block rows run through
+    `map_bands(fn, starts)` (a thread pool's map), each writing its own pixel rows."""
     k, h, w = probs.shape
-    top = np.argmax(probs, axis=0)
-    ranked = np.sort(probs, axis=0) if k > 1 else None
-    margin = ranked[-1] - ranked[-2] if k > 1 else np.full((h, w), np.inf, np.float32)
-    # blocks (bi, bj) for bi in -1..h-1 over cells clamp(bi), clamp(bi + 1): index bi + 1
-    rows = np.clip(np.arange(-1, h + 1), 0, h - 1)
+    out = np.empty((height, width), dtype=np.uint8)
     cols = np.clip(np.arange(-1, w + 1), 0, w - 1)
-    sure_cell = margin > _SURE_MARGIN
-    t, su = top[rows][:, cols], sure_cell[rows][:, cols]
-    agree = ((t[:-1, :-1] == t[1:, :-1]) & (t[:-1, :-1] == t[:-1, 1:]) & (t[:-1, :-1] == t[1:, 1:])
-             & su[:-1, :-1] & su[1:, :-1] & su[:-1, 1:] & su[1:, 1:])
-    block_labels = t[:-1, :-1].astype(np.uint8)
-    # pixel y lies in block (y + 2) // 4 (index space of `agree`)
-    by, bx = (np.arange(height) + 2) // 4, (np.arange(width) + 2) // 4
-    out = block_labels[by][:, bx]
-    bi, bj = np.nonzero(~agree)
-    for s in range(0, len(bi), band_cells * max(1, w)):
-        _interpolate_blocks(probs, bi[s:s + band_cells * max(1, w)] - 1, bj[s:s + band_cells * max(1, w)] - 1,
-                            out, height, width)
+    bx = (np.arange(width) + 2) // 4  # pixel x lies in block column (x + 2) // 4
+
+    def band(b0: int) -> None:
+        # blocks b0..b1-1 (block b covers cell rows clamp(b - 1), clamp(b)) and their pixel rows
+        b1 = min(h + 1, b0 + band_cells)
+        y0, y1 = max(0, 4 * b0 - 2), min(height, 4 * b1 - 2)
+        if y0 >= y1:
+            return
+        rows = np.clip(np.arange(b0 - 1, b1), 0, h - 1)
+        p = probs[:, rows]
+        top = np.argmax(p, axis=0)
+        # a cell is sure when only its top cluster comes within the margin of its top probability
+        sure = (p >= p.max(axis=0) - _SURE_MARGIN).sum(axis=0, dtype=np.int32) == 1
+        t, su = top[:, cols], sure[:, cols]
+        agree = ((t[:-1, :-1] == t[1:, :-1]) & (t[:-1, :-1] == t[:-1, 1:]) & (t[:-1, :-1] == t[1:, 1:])
+                 & su[:-1, :-1] & su[1:, :-1] & su[:-1, 1:] & su[1:, 1:])
+        out[y0:y1] = t[:-1, :-1].astype(np.uint8)[(np.arange(y0, y1) + 2) // 4 - b0][:, bx]
+        bi, bj = np.nonzero(~agree)
+        if len(bi):
+            _interpolate_blocks(probs, bi + b0 - 1, bj - 1, out, height, width)
+
+    map_bands(band, range(0, h + 1, band_cells))
     return out
 
 

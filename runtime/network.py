@@ -577,6 +577,11 @@ class Network:
             finally:
                 self.arena.trim()
 
+    def map(self, fn, items) -> None:
+        """fn(item) for every item on the network's band threads (serially without them), for
+        the band-parallel work around a forward pass (fn must release the GIL to gain)."""
+        self._map(fn, items)
+
     def _map(self, fn, items) -> None:
         if self._pool is None:
             for item in items:

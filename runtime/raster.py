@@ -21,7 +21,8 @@ tile size, and the result is identical to segmenting the raster in one piece:
   sample distance differs by more than RESAMPLE_TOLERANCE from the model's training one is read
   through a GDAL warped VRT at the training GSD, tiled and segmented there as above, and its labels
   are warped back (nearest) onto the raster's own grid, block by block.
-- Output: single-band uint8 GeoTIFF (tiled 256 x 256, DEFLATE, BIGTIFF when needed) in the source
+- Output: single-band uint8 GeoTIFF (tiled 256 x 256, DEFLATE level 1 with the horizontal predictor:
+  0.6x the time of level 6 for 1.3x its size on an 8192^2 label map; BIGTIFF when needed) in the source
   CRS and transform, cluster ids 0..k-1 with a colour table, optional internal overviews (nearest),
   and `landseg_*` tags (k, where the centres came from, the model's provenance, the resolution and
   rescale notes, the pixel count of every cluster).
@@ -55,7 +56,7 @@ from .rescale import PERCENTILES, STATS_SIZE, check_limits, percentile_limits, t
 from .resolution import plan_resolution, positive_metres
 
 NODATA = 255  # output value of pixels that are nodata in the input (cluster ids are 0..k-1 <= 15)
-DEFAULT_TILE = 1024
+DEFAULT_TILE = 2048
 SAMPLE_GRID = 4  # centres are fitted from SAMPLE_GRID x SAMPLE_GRID sample windows
 SAMPLE_CORE = 256  # pixels: side of each sample window's core (cells used for fitting)
 BLOCK = 256  # output GeoTIFF block size
@@ -237,8 +238,14 @@ class _Reader:
         nodata = self._masked(row0, col0, height, width)
         if self.floating:
             nodata |= ~np.isfinite(data).all(axis=0)
-        data = data.transpose(1, 2, 0)
-        rgb = to_uint8(data, self.limits) if self.limits is not None else np.ascontiguousarray(data)
+        if self.limits is not None:
+            rgb = to_uint8(data.transpose(1, 2, 0), self.limits)
+        else:
+            # band-interleaved to pixel-interleaved one band at a time: 8x faster than copying the
+            # transposed view, whose inner loop runs over 3 values
+            rgb = np.empty(data.shape[1:] + (3,), dtype=data.dtype)
+            for c in range(3):
+                rgb[..., c] = data[c]
         if nodata.any():
             rgb[nodata] = self.fill
         return rgb, nodata
@@ -601,7 +608,7 @@ def _segment_tile(reader: _Reader, model: Model, centres: np.ndarray, smooth: in
     p0, q0 = max(a0 - 1, 0), max(b0 - 1, 0)
     p1, q1 = min(a1 + 1, probs.shape[1]), min(b1 + 1, probs.shape[2])
     labels = labels_from_cell_proba(probs[:, p0:p1, q0:q1], min(4 * (p1 - p0), (wr1 - wr0) - 4 * p0),
-                                    min(4 * (q1 - q0), (wc1 - wc0) - 4 * q0))
+                                    min(4 * (q1 - q0), (wc1 - wc0) - 4 * q0), map_bands=model.network.map)
     y0, x0 = (r0 - wr0) - 4 * p0, (c0 - wc0) - 4 * q0
     core = labels[y0:y0 + rh, x0:x0 + cw].copy()
     core[core_nodata] = NODATA
