@@ -1,24 +1,33 @@
-"""Benchmark of the numpy runtime against torch, on the same weights and the same threads.
+"""Benchmark of the numpy runtime against onnxruntime and torch on the same weights and threads,
+and of a whole raster against the network alone.
 
-    python benchmarks/runtime_bench.py                  # student architecture of params.yaml
-    python benchmarks/runtime_bench.py --arch teacher   # the teacher encoder instead
-    python benchmarks/runtime_bench.py --skip-rss       # throughput only
+    python benchmarks/runtime_bench.py                  # everything (`make bench`)
+    python benchmarks/runtime_bench.py --skip-rss       # network throughput only
+    python benchmarks/runtime_bench.py --size 512 --repeats 1 --skip-rss --skip-other-kernel  # a smoke run
 
-Measures, in one process, round-robin (numpy, torch, sgemm, numpy, ...; best of --repeats each) so
-that load from other processes hits all of them alike:
-- embeddings of a size x size (2048) RGB image, from uint8 input (normalisation included) to unit
-  embeddings in (D, h, w) layout: numpy `Model.embed` vs torch `Encoder` forward (eval, no_grad,
-  batch norm unfolded as in training), both on --threads threads;
-- the convolutions' GFLOP/s (2 FLOPs per multiply-add) and a square 2048^3 float32 numpy matmul
-  (numpy's BLAS on all threads) as the sgemm reference: gemm_efficiency = gflops / sgemm_gflops;
-- peak RSS of `segment_raster` on synthetic 2048^2 and 8192^2 GeoTIFFs, each in a fresh
-  subprocess (VmHWM), to show that memory is bounded by the tile size, not the raster size.
+Measures, in one process, for the student and the teacher architectures of params.yaml (random
+weights, random batch-norm statistics so that the numpy side runs folded weights):
+- embeddings of a size x size (2048) uint8 RGB image to unit embeddings in (D, h, w) layout:
+  numpy `Model.embed`, onnxruntime (CPU execution provider, all graph optimisations, the same
+  torch module exported to ONNX with the normalisation inside) and torch, all on --threads
+  threads, timed round-robin (best of --repeats each); the ONNX graph's embeddings are checked
+  against numpy's (max abs <= 1e-4) before timing;
+- in a fresh subprocess per size (2048^2 and 8192^2 synthetic GeoTIFFs): `segment_raster` (read,
+  fit centres, embed, label, smooth, write; its peak RSS, VmHWM) and then the network alone on the
+  same number of pixels (`Model.embed_cells` on 2048^2 arrays, no I/O, no halo), so
+  segment_over_network is the whole raster's throughput over the network's;
+- the OpenBLAS kernel in use, and the network figures again in a subprocess under the other
+  OpenBLAS setting: OPENBLAS_CORETYPE=Haswell when the environment does not force a kernel (then
+  OpenBLAS picks its own, SkylakeX on an AVX-512 CPU), or with OPENBLAS_CORETYPE and
+  OPENBLAS_L2_SIZE removed when it does.
+onnxruntime and onnx are benchmark dependencies only: `pip install -e '.[bench]'`.
 The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -27,13 +36,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SGEMM_SETTLE_S = 0.3  # pause after each round's multi-threaded sgemm (see main)
 sys.path.insert(0, str(REPO))
+ORT_TOLERANCE = 1e-4
 
 
 def build_encoder(arch: str, seed: int = 0):
@@ -98,15 +108,26 @@ def synthetic_raster(path: Path, size: int, block_rows: int = 512) -> Path:
     return path
 
 
-def rss_child(src: str, dst: str, model_dir: str, k: int) -> None:
-    """Run segment_raster once and print its peak RSS (MB) and time as JSON."""
+def segment_child(src: str, dst: str, model_dir: str, k: int, threads: int) -> None:
+    """segment_raster once (peak RSS taken right after it), then the network alone on as many
+    pixels, in this one process; prints JSON."""
     from runtime import load_model, segment_raster
 
+    model = load_model(model_dir, threads=threads)
     t = time.perf_counter()
-    res = segment_raster(src, dst, k, load_model(model_dir), overwrite=True)
+    res = segment_raster(src, dst, k, model, overwrite=True)
     seconds = time.perf_counter() - t
     peak_mb = peak_rss_mb()
-    print(json.dumps({"peak_rss_mb": round(peak_mb, 1), "seconds": round(seconds, 2), "tiles": res.tiles}))
+    size = int(Path(src).stem.split("_")[-1])
+    piece = min(size, 2048)
+    rgb = np.random.default_rng(0).integers(0, 256, (piece, piece, 3), dtype=np.uint8)
+    model.embed_cells(rgb)  # warm-up
+    t = time.perf_counter()
+    for _ in range((size // piece) ** 2):
+        model.embed_cells(rgb)
+    network_seconds = time.perf_counter() - t
+    print(json.dumps({"peak_rss_mb": round(peak_mb, 1), "seconds": round(seconds, 2), "tiles": res.tiles,
+                      "network_seconds": round(network_seconds, 2)}))
 
 
 def peak_rss_mb() -> float:
@@ -122,10 +143,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024.0 if sys.platform != "darwin" else 1024.0 ** 2)
 
 
-def measure_rss(size: int, model_dir: Path, workdir: Path, k: int) -> dict:
+def measure_segment(size: int, model_dir: Path, workdir: Path, k: int, threads: int) -> dict:
     src = synthetic_raster(workdir / f"bench_{size}.tif", size)
-    res = subprocess.run([sys.executable, __file__, "--rss-child", str(src), str(workdir / f"out_{size}.tif"),
-                          str(model_dir), str(k)], capture_output=True, text=True, check=False)
+    res = subprocess.run([sys.executable, __file__, "--segment-child", str(src), str(workdir / f"out_{size}.tif"),
+                          str(model_dir), str(k), str(threads)], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"segment_raster subprocess failed on {size}^2:\n{res.stderr}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -134,99 +155,176 @@ def measure_rss(size: int, model_dir: Path, workdir: Path, k: int) -> dict:
     return out
 
 
+def blas_kernel() -> str:
+    """The kernel OpenBLAS chose (openblas_get_corename), or what numpy's BLAS is when it is not OpenBLAS."""
+    from runtime._blas import _loaded_libraries, _loaded_openblas_paths
+
+    np.dot(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32))
+    for path in _loaded_openblas_paths():
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return "OpenBLAS " + fn().decode()
+    return "not OpenBLAS: " + ", ".join(_loaded_libraries("blas"))
+
+
+def ort_session(enc, path: Path, threads: int, size: int):
+    """onnxruntime session of `enc` exported with the normalisation inside: uint8 (1, H, W, 3) in,
+    unit embeddings (1, D, h, w) out."""
+    try:
+        import onnxruntime as ort
+        import torch
+    except ImportError as e:
+        raise SystemExit(f"{e.name} is needed for this benchmark: pip install -e '.[bench]'") from None
+    from stages.model import normalise_rgb
+
+    class FromUint8(torch.nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, rgb):
+            return self.encoder(normalise_rgb(rgb.permute(0, 3, 1, 2)))
+
+    example = torch.zeros((1, size, size, 3), dtype=torch.uint8)
+    with warnings.catch_warnings():  # the exporter's tracer notes on constants
+        warnings.simplefilter("ignore")
+        torch.onnx.export(FromUint8(enc).eval(), (example,), str(path), input_names=["rgb"],
+                          output_names=["embeddings"],
+                          dynamic_axes={"rgb": {1: "height", 2: "width"}}, opset_version=17, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def network_figures(arch: str, size: int, threads: int, repeats: int, workdir: Path):
+    """numpy, onnxruntime and torch on one architecture's random weights, round-robin, best of
+    repeats: (figures, the artifact directory, the params)."""
+    import torch
+
+    from runtime.artifact import load_artifact
+    from runtime.model import Model
+    from stages.model import normalise_rgb
+
+    enc, params = build_encoder(arch)
+    model_dir = write_artifact_for(enc, params, workdir / f"model_{arch}")
+    art = load_artifact(model_dir)
+    model = Model(art.layers, art.arrays, art.meta, threads=threads)
+    session = ort_session(enc, workdir / f"{arch}.onnx", threads, size)
+    rgb = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    x_torch = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+
+    def run_numpy():
+        return model.embed(rgb)
+
+    def run_ort():
+        return session.run(None, {"rgb": rgb[None]})[0][0]
+
+    def run_torch():
+        with torch.no_grad():
+            return enc(normalise_rgb(x_torch))[0]
+
+    ours = run_numpy()
+    diff_ort = float(np.abs(ours - run_ort()).max())
+    diff_torch = float(np.abs(ours - run_torch().numpy()).max())
+    if diff_ort > ORT_TOLERANCE:
+        raise SystemExit(f"{arch}: onnxruntime's embeddings differ from numpy's by {diff_ort:.2e} "
+                         f"(> {ORT_TOLERANCE}): not the same network, nothing timed")
+    times = {"numpy": [], "ort": [], "torch": []}
+    for _ in range(repeats):  # round-robin, so that load from elsewhere hits all three alike
+        for name, fn in (("numpy", run_numpy), ("ort", run_ort), ("torch", run_torch)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    mpix = size * size / 1e6
+    best = {name: min(t) for name, t in times.items()}
+    return {
+        "numpy_mpix_s": round(mpix / best["numpy"], 2), "ort_mpix_s": round(mpix / best["ort"], 2),
+        "torch_mpix_s": round(mpix / best["torch"], 2),
+        "numpy_over_ort": round(best["ort"] / best["numpy"], 3),
+        "numpy_over_ort_median": round(statistics.median(times["ort"]) / statistics.median(times["numpy"]), 3),
+        "numpy_over_torch": round(best["torch"] / best["numpy"], 3),
+        "max_abs_diff_ort": diff_ort, "max_abs_diff_torch": diff_torch,
+        "numpy_mode": model.network.describe(),
+    }, model_dir, params
+
+
+def other_kernel_env() -> tuple[dict, str]:
+    env = dict(os.environ)
+    if env.get("OPENBLAS_CORETYPE"):
+        env.pop("OPENBLAS_CORETYPE")
+        env.pop("OPENBLAS_L2_SIZE", None)
+        return env, "OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset"
+    env["OPENBLAS_CORETYPE"] = "Haswell"
+    return env, "OPENBLAS_CORETYPE=Haswell"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", choices=("student", "teacher"), default="student")
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None, help="default: all cores")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--band-bytes", type=int, default=None)
-    ap.add_argument("--skip-rss", action="store_true")
-    ap.add_argument("--rss-child", nargs=4, metavar=("SRC", "DST", "MODEL", "K"), help=argparse.SUPPRESS)
+    ap.add_argument("--skip-rss", action="store_true", help="no whole-raster runs")
+    ap.add_argument("--skip-other-kernel", action="store_true", help="no run under the other OpenBLAS setting")
+    ap.add_argument("--network-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--segment-child", nargs=5, metavar=("SRC", "DST", "MODEL", "K", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.rss_child:
-        src, dst, model_dir, k = args.rss_child
-        rss_child(src, dst, model_dir, int(k))
+    if args.segment_child:
+        src, dst, model_dir, k, threads = args.segment_child
+        segment_child(src, dst, model_dir, int(k), int(threads))
         return
 
     import torch
 
-    from runtime.model import Model
-    from runtime.network import DEFAULT_BAND_BYTES, default_threads
-    from stages.model import normalise_rgb
+    from runtime.network import default_threads
 
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     load_start = os.getloadavg()[0]
-    enc, params = build_encoder(args.arch)
+    result = {"size": args.size, "threads": threads, "blas_kernel": blas_kernel(),
+              "openblas_env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}}
     with tempfile.TemporaryDirectory(prefix="runtime_bench_") as tmp:
         tmp = Path(tmp)
-        model_dir = write_artifact_for(enc, params, tmp / "model")
-        art_model = Model(*_layers_arrays_meta(model_dir), threads=threads,
-                          band_bytes=args.band_bytes or DEFAULT_BAND_BYTES)
-        rgb = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
-        x_torch = torch.from_numpy(rgb).permute(2, 0, 1)[None]
-
-        def run_numpy():
-            return art_model.embed(rgb)
-
-        def run_torch():
-            with torch.no_grad():
-                return enc(normalise_rgb(x_torch))
-
-        a = np.random.default_rng(1).standard_normal((2048, 2048), dtype=np.float32)
-
-        def run_sgemm():
-            return a @ a
-
-        diff = float(np.abs(run_numpy() - run_torch()[0].numpy()).max())  # also warms up both
-        run_sgemm()
-        # round-robin, so that load from other processes hits all three alike; best of each
-        t_np, t_torch, t_gemm = [], [], []
-        for _ in range(args.repeats):
-            for fn, acc in ((run_numpy, t_np), (run_torch, t_torch), (run_sgemm, t_gemm)):
-                t = time.perf_counter()
-                fn()
-                acc.append(time.perf_counter() - t)
-            # OpenBLAS's worker threads keep spinning for a while after the multi-threaded sgemm and
-            # would take a core from whatever is timed next (measured: numpy 15 % slower right
-            # after it, unaffected 0.2 s later); let them go to sleep, outside the timing
-            time.sleep(SGEMM_SETTLE_S)
-
-        mpix = args.size * args.size / 1e6
-        flops = art_model.network.flops(args.size, args.size)
-        best_np, best_torch = min(t_np), min(t_torch)
-        result = {
-            "arch": args.arch, "size": args.size, "threads": threads,
-            "numpy_mode": art_model.network.describe(),
-            "numpy_mpix_s": round(mpix / best_np, 2), "torch_mpix_s": round(mpix / best_torch, 2),
-            "ratio": round(best_torch / best_np, 3),
-            "ratio_median": round(statistics.median(t_torch) / statistics.median(t_np), 3),
-            "gflops": round(flops / best_np / 1e9, 1),
-            "sgemm_gflops": round(2 * 2048 ** 3 / min(t_gemm) / 1e9, 1),
-            "max_abs_diff_vs_torch": diff,
-        }
-        result["gemm_efficiency"] = round(result["gflops"] / result["sgemm_gflops"], 3)
-        print(f"embed {args.size}^2 ({args.arch}): numpy {best_np:.3f}s, torch {best_torch:.3f}s, "
-              f"{result['gflops']} GFLOP/s vs sgemm {result['sgemm_gflops']}", flush=True)
+        student, model_dir, params = network_figures("student", args.size, threads, args.repeats, tmp)
+        teacher, _, _ = network_figures("teacher", args.size, threads, args.repeats, tmp)
+        result.update(student)  # the student is what the plugin and the CLI run
+        result["teacher"] = teacher
+        print(f"embed {args.size}^2 on {threads} threads ({result['blas_kernel']}): student numpy "
+              f"{student['numpy_mpix_s']} / onnxruntime {student['ort_mpix_s']} / torch {student['torch_mpix_s']} "
+              f"Mpix/s; teacher {teacher['numpy_mpix_s']} / {teacher['ort_mpix_s']} / {teacher['torch_mpix_s']}",
+              flush=True)
+        if args.network_only:
+            print(json.dumps(result))
+            return
         if not args.skip_rss:
             k = min(6, params.model.max_k)
             for size in (2048, 8192):
-                r = measure_rss(size, model_dir, tmp, k)
+                r = measure_segment(size, model_dir, tmp, k, threads)
                 result[f"peak_rss_mb_{size}"] = r["peak_rss_mb"]
-                result[f"segment_seconds_{size}"] = r["seconds"]
                 result[f"segment_mpix_s_{size}"] = round(size * size / 1e6 / r["seconds"], 2)
-                print(f"segment_raster {size}^2: peak RSS {r['peak_rss_mb']} MB, {r['seconds']} s", flush=True)
+                result[f"network_mpix_s_{size}"] = round(size * size / 1e6 / r["network_seconds"], 2)
+                print(f"segment_raster {size}^2: {r['seconds']} s (network alone {r['network_seconds']} s), "
+                      f"peak RSS {r['peak_rss_mb']} MB", flush=True)
+            result["segment_over_network"] = round(result["segment_mpix_s_8192"] / result["network_mpix_s_8192"], 3)
             result["rss_ratio_8192_vs_2048"] = round(result["peak_rss_mb_8192"] / result["peak_rss_mb_2048"], 3)
+    if not args.skip_other_kernel:
+        env, how = other_kernel_env()
+        res = subprocess.run([sys.executable, __file__, "--network-only", "--size", str(args.size), "--repeats",
+                              str(args.repeats), "--threads", str(threads)], env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"the run with {how} failed:\n{res.stderr[-2000:]}")
+        other = json.loads(res.stdout.strip().splitlines()[-1])
+        result["other_kernel"] = {"setting": how, "blas_kernel": other["blas_kernel"],
+                                  **{k: other[k] for k in ("numpy_mpix_s", "ort_mpix_s", "torch_mpix_s", "numpy_over_ort")},
+                                  "teacher_numpy_over_ort": other["teacher"]["numpy_over_ort"]}
+        print(f"with {how} ({other['blas_kernel']}): numpy {other['numpy_mpix_s']} / onnxruntime "
+              f"{other['ort_mpix_s']} Mpix/s", flush=True)
     result["loadavg_start_end"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps(result))
-
-
-def _layers_arrays_meta(model_dir: Path):
-    from runtime.artifact import load_artifact
-
-    art = load_artifact(model_dir)
-    return art.layers, art.arrays, art.meta
 
 
 if __name__ == "__main__":
