@@ -164,7 +164,18 @@ def process_alive(pid: int) -> bool:
         return False
     except (PermissionError, OverflowError):
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has exited but was not yet reaped by its parent (on Linux: state Z in
+    /proc/<pid>/stat). A killed worker whose parent was killed with it stays one until init reaps
+    it, and signalling it still succeeds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def remove_stale(dst: Path) -> list[Path]:

@@ -566,3 +566,22 @@ def test_a_signal_whose_exception_a_library_swallowed_still_stops_before_the_out
     assert run_command("demo", body, interrupted="nothing written") == code
     assert "nothing written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_an_exited_process_not_yet_reaped_counts_as_dead():
+    """A killed worker stays a zombie until its parent reaps it; its temporaries are stale all the same."""
+    from runtime.destination import process_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while time.time() < deadline:  # exited, not reaped: Popen waits only when asked
+        with open(f"/proc/{child.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.05)
+    try:
+        assert not process_alive(child.pid)
+        assert process_alive(os.getpid())
+    finally:
+        child.wait()
