@@ -374,6 +374,11 @@ class BandPool:
         self.threads = threads
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="landseg-band")
 
+    def single_threaded_blas(self):
+        """A context in which BLAS runs single-threaded when the bands run on threads (nothing
+        otherwise): for work around the forward passes, whose parallelism is the band threads'."""
+        return self._blas.single_threaded() if self.parallel else contextlib.nullcontext()
+
     def map(self, fn, items) -> None:
         # list() re-raises the first exception of any band
         list(self._executor.map(fn, items))
@@ -576,6 +581,11 @@ class Network:
                 return out
             finally:
                 self.arena.trim()
+
+    def single_threaded_blas(self):
+        """A context in which BLAS runs single-threaded when the bands run on threads (nothing
+        otherwise): for work around the forward passes, whose parallelism is the band threads'."""
+        return self._blas.single_threaded() if self.parallel else contextlib.nullcontext()
 
     def map(self, fn, items) -> None:
         """fn(item) for every item on the network's band threads (serially without them), for
