@@ -1,5 +1,6 @@
 """Command line: `python -m runtime segment IN OUT --k 6` (also installed as `landseg-segment`),
-`python -m runtime fit-centres IN [IN ...] --k 6 --out centres.npy` and `python -m runtime info`."""
+`python -m runtime fit-centres IN [IN ...] --k 6 --out centres.npy`, `python -m runtime segment-region
+IN [IN ...] --out-dir DIR --k 6` (on Dask) and `python -m runtime info`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from .artifact import artifact_files
 from .cluster import DEFAULT_RESTARTS
-from .command import run_command
+from .command import EXIT_BAD_INPUT, run_command
 from .destination import atomic_file, check_file
 from .errors import InputError, OutputError
 from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE
@@ -349,6 +350,60 @@ def run_info(argv: list[str]) -> int:
     return 0
 
 
+REGION_DESCRIPTION = """\
+Segment many RGB rasters (the tiles of a mosaic, a county of quarter-quads) with one legend, on a
+Dask cluster: centres are fitted once from sample windows of every raster (sampled on the
+workers), then every raster is a task that writes OUT_DIR/<name>.tif, and OUT_DIR/region.vrt
+mosaics them so that QGIS opens the region as one layer. A rerun skips outputs that are complete
+for the same rasters, model and options (their landseg_region tag); a raster that fails is named
+with its error and the others finish (exit status 2 when any failed). Needs Dask:
+pip install 'dask[distributed]'."""
+
+REGION_EPILOG = """\
+examples:
+  python -m runtime segment-region tiles/*.tif --out-dir region --k 6
+  python -m runtime segment-region tiles/*.tif --out-dir region --k 6 --scheduler tcp://10.0.0.5:8786
+"""
+
+
+def region_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime segment-region", description=REGION_DESCRIPTION,
+                                epilog=REGION_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", metavar="IN", nargs="+", help="input RGB rasters, as for segment")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="folder of the outputs (created if missing)")
+    _add_model_options(p)
+    p.add_argument("--scheduler", default=None, metavar="ADDR",
+                   help="Dask scheduler address (tcp://host:8786); default: a local cluster on this machine")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes of the local cluster (default: one per core)")
+    _add_fitting_options(p, 0)
+    p.add_argument("--pixel-size", type=_pixel_size, default="auto", metavar="auto|native|METRES",
+                   help="as for segment (default: %(default)s)")
+    p.add_argument("--rescale", type=_rescale, default="auto", metavar="auto|none|percentile|LOW,HIGH",
+                   help="as for segment (default: %(default)s)")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, metavar="PIXELS",
+                   help="tile side of each raster's segmentation (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return p
+
+
+def run_segment_region(args) -> int:
+    from .region import segment_region
+
+    say = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    result = segment_region(args.inputs, args.out_dir, args.k, args.model, scheduler=args.scheduler,
+                            workers=args.workers, bands=args.bands, seed=args.seed, samples=args.samples,
+                            iters=args.cluster_iters, restarts=args.restarts, balance=args.balance,
+                            pixel_size=args.pixel_size, rescale=args.rescale, tile=args.tile, progress=say)
+    if not args.quiet:
+        where = result.vrt if result.vrt is not None else f"no mosaic ({result.vrt_note})"
+        print(f"{len(result.written)} written, {len(result.skipped)} already complete, {len(result.failed)} "
+              f"failed, in {result.seconds:.1f} s; {where}", flush=True)
+    for src, message in result.failed.items():
+        print(f"error: {src}: {message}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT if result.failed else 0
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of `landseg-segment IN OUT --k K ...` and `python -m runtime segment|fit-centres|info ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -357,6 +412,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if argv and argv[0] == "fit-centres":
         args = fit_centres_parser().parse_args(argv[1:])
         return run_command("fit-centres", lambda: run_fit_centres(args), interrupted=f"{args.out} not written")
+    if argv and argv[0] == "segment-region":
+        args = region_parser().parse_args(argv[1:])
+        return run_command("segment-region", lambda: run_segment_region(args),
+                           interrupted=f"complete outputs in {args.out_dir} are kept")
     if argv and argv[0] == "segment":
         argv = argv[1:]
     args = segment_parser(prog).parse_args(argv)

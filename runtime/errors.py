@@ -35,6 +35,11 @@ class OutputExistsError(OutputError, FileExistsError):
     """The destination exists and overwriting was not asked for."""
 
 
+class MissingDependencyError(LandsegError, ImportError):
+    """An optional package a feature needs is not installed; the message names it and the command
+    that installs it."""
+
+
 class Cancelled(LandsegError):
     """The caller's cancel check returned True; nothing was written to the destination."""
 

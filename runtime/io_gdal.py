@@ -284,3 +284,14 @@ def finish_labels(path, colormap: dict, description: str, tags: dict, overview_f
 def errors_as_read_errors(what: str):
     """The GDAL backend raises RasterReadError itself; nothing to translate."""
     yield
+
+
+def read_tags(path) -> dict:
+    """The GeoTIFF metadata items (default domain) of a raster; RasterReadError when GDAL cannot open it."""
+    with open_source(path) as src:
+        return dict(src.ds.GetMetadata() or {})
+
+
+def crs_wkt(source: Source) -> str | None:
+    """A source's CRS as WKT, None without one."""
+    return source.crs

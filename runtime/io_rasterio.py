@@ -158,3 +158,14 @@ def errors_as_read_errors(what: str):
         yield
     except RasterioError as e:
         raise RasterReadError(f"GDAL error while {what}: {error_text(e)}") from None
+
+
+def read_tags(path) -> dict:
+    """The GeoTIFF metadata items (default domain) of a raster; RasterReadError when GDAL cannot open it."""
+    with open_source(path) as src:
+        return dict(src.ds.tags())
+
+
+def crs_wkt(source: Source) -> str | None:
+    """A source's CRS as WKT, None without one."""
+    return source.crs.to_wkt() if source.crs is not None else None

@@ -368,33 +368,58 @@ def fit_shared_centres(sources, k: int, model, *, bands=None, seed: int = 0, sam
     restarts = _check_int("restarts", restarts, 1)
     balance = _check_int("balance", balance, 0)
 
+    drawn = [sample_for_sharing(src, model, samples, bands=bands, seed=seed, pixel_size=pixel_size,
+                                raster_pixel_size_m=raster_pixel_size_m, rescale=rescale) for src in sources]
+    return fit_from_samples(drawn, sources, k, model, seed=seed, samples=samples, iters=iters, restarts=restarts,
+                            balance=balance)
+
+
+@dataclass
+class RasterSample:
+    """What `sample_for_sharing` drew from one raster: at most `samples` cells, the raster's valid
+    area in working-grid pixels (pixel count times the valid share of its sample windows) and a note
+    on how it was read."""
+
+    cells: np.ndarray
+    area: float
+    note: str
+
+
+def sample_for_sharing(src, model: Model, samples: int, *, bands=None, seed: int = 0, pixel_size="auto",
+                       raster_pixel_size_m=None, rescale="auto") -> RasterSample:
+    """The part of `fit_shared_centres` done per raster (in any process: `segment_region` runs it
+    on Dask workers): the cells of its seeded sample windows, as `segment_raster` reads the raster."""
     io = backend()
-    pools, areas, notes = [], [], []
-    with io.env(GDAL_CACHE_MB):
-        for src in sources:
-            with io.errors_as_read_errors(f"sampling {src}"), io.open_source(src) as ds, \
-                    contextlib.ExitStack() as stack:
-                _, values, plan, work, reader = _working_grid(ds, src, model, bands, rescale, pixel_size,
-                                                              raster_pixel_size_m, stack)
-                cells, looked = sample_raster_cells(reader, work.height, work.width, model, seed)
-                area = work.height * work.width * cells.shape[0] / looked if looked else 0.0
-            # at most `samples` per raster (what its quota can use), so memory stays bounded by
-            # samples x rasters x D floats: about 2 MB per raster at the defaults
-            pools.append(sample_rows([cells], samples, seed) if cells.shape[0] else cells)
-            areas.append(area)
-            notes.append(f"{plan.note}; {values.note}")
-    if sum(areas) == 0:
+    with io.env(GDAL_CACHE_MB), io.errors_as_read_errors(f"sampling {src}"), io.open_source(src) as ds, \
+            contextlib.ExitStack() as stack:
+        _, values, plan, work, reader = _working_grid(ds, src, model, bands, rescale, pixel_size,
+                                                      raster_pixel_size_m, stack)
+        cells, looked = sample_raster_cells(reader, work.height, work.width, model, seed)
+        area = work.height * work.width * cells.shape[0] / looked if looked else 0.0
+    # at most `samples` per raster (what its quota can use), so memory stays bounded by
+    # samples x rasters x D floats: about 2 MB per raster at the defaults
+    return RasterSample(sample_rows([cells], samples, seed) if cells.shape[0] else cells, area,
+                        f"{plan.note}; {values.note}")
+
+
+def fit_from_samples(drawn: list[RasterSample], sources: list[str], k: int, model: Model, *, seed: int = 0,
+                     samples: int = DEFAULT_SAMPLES, iters: int | None = None, restarts: int = DEFAULT_RESTARTS,
+                     balance: int = 0) -> SharedCentres:
+    """The shared centres from every raster's `sample_for_sharing` (in the order of `sources`):
+    `samples` cells apportioned by valid area, then `Model.fit_centres_from_cells`."""
+    if sum(d.area for d in drawn) == 0:
         raise InputError(f"no valid (non-nodata) pixels in the sample windows of any of the {len(sources)} "
                          f"raster(s)")
-    quota = _apportion(samples, np.asarray(areas, dtype=np.float64))
-    drawn = [sample_rows([p], int(min(q, p.shape[0])), seed) if q else p[:0] for p, q in zip(pools, quota)]
-    total = sum(d.shape[0] for d in drawn)
+    quota = _apportion(samples, np.asarray([d.area for d in drawn], dtype=np.float64))
+    cells = [sample_rows([d.cells], int(min(q, d.cells.shape[0])), seed) if q else d.cells[:0]
+             for d, q in zip(drawn, quota)]
+    total = sum(c.shape[0] for c in cells)
     if total < k:
         raise InputError(f"too few valid (non-nodata) pixels in the sample windows of "
                          f"{', '.join(sources)} to fit {k} clusters")
-    centres = model.fit_centres_from_cells(drawn, k, seed=seed, samples=total, iters=iters, restarts=restarts,
+    centres = model.fit_centres_from_cells(cells, k, seed=seed, samples=total, iters=iters, restarts=restarts,
                                            balance=balance)
-    return SharedCentres(centres, sources, [d.shape[0] for d in drawn], notes)
+    return SharedCentres(centres, sources, [c.shape[0] for c in cells], [d.note for d in drawn])
 
 
 def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
@@ -423,7 +448,7 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                    rescale="auto", overwrite: bool = False,
                    overviews: bool = False,
                    progress: Callable[[int, int], None] | None = None,
-                   cancel: Callable[[], bool] | None = None) -> SegmentResult:
+                   cancel: Callable[[], bool] | None = None, extra_tags: dict | None = None) -> SegmentResult:
     """Segment the RGB raster `src` into k clusters, writing a uint8 GeoTIFF to `dst`.
 
     model: a `Model` or an artifact directory path. tile: core tile side in pixels (multiple of 4).
@@ -448,6 +473,8 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     called after every tile (and, for a resampled raster, after every block written back onto the
     raster's grid: total counts both); cancel() is polled before every tile and between those blocks
     and, when it returns True, the run stops with `Cancelled` and nothing is written to `dst`.
+    extra_tags: more GeoTIFF metadata items (str: str) for the output (`segment_region` marks its
+    outputs so that a rerun recognises the complete ones).
     Returns a `SegmentResult`.
     """
     t_start = time.perf_counter()
@@ -463,8 +490,12 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     smooth = model.smooth_iters_default if smooth_iters is None else _check_int("smooth_iters", smooth_iters, 0)
 
     io = backend()
+    # The band threads are the parallelism of the whole run, so BLAS stays single-threaded from start
+    # to end, not only inside each forward pass: OpenBLAS's own threads, woken by a product between
+    # two passes (fitting, soft assignment), spin on and slow the next pass down.
+    blas = model.network.single_threaded_blas()
     # the destination is checked and claimed (an empty temporary beside it) before any work
-    with atomic_file(dst, overwrite=overwrite, inputs=[src], what="output") as tmp, io.env(GDAL_CACHE_MB):
+    with atomic_file(dst, overwrite=overwrite, inputs=[src], what="output") as tmp, io.env(GDAL_CACHE_MB), blas:
         dst = Path(dst)
         work_tmp = temporary(dst, "working")  # labels on a resampled grid
         try:
@@ -523,7 +554,8 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                 prov = model.meta["provenance"]
                 tags = dict(landseg_k=str(k), landseg_centres=source, landseg_model_commit=prov["git_commit"],
                             landseg_model_params_hash=prov["params_hash"], landseg_resolution=plan.note,
-                            landseg_rescale=values.note, landseg_cluster_pixels=json.dumps(counts[:k].tolist()))
+                            landseg_rescale=values.note, landseg_cluster_pixels=json.dumps(counts[:k].tolist()),
+                            **(extra_tags or {}))
                 io.finish_labels(tmp, cmap, f"cluster id 0..{k - 1} ({NODATA} = nodata)", tags,
                                  _overview_factors(ds.height, ds.width) if overviews else [])
         finally:

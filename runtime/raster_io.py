@@ -23,6 +23,8 @@ module provides:
     wgs84_points(crs, xs, ys) -> (lons, lats) or None
     LabelWriter(path, width, height, crs, transform, block=, nodata=): write(labels, row0, col0), close()
     finish_labels(path, colormap, description, tags, overview_factors)
+    read_tags(path) -> dict           the metadata items of a raster (default domain)
+    crs_wkt(source) -> str | None     a Source's CRS as WKT
     errors_as_read_errors(what): context manager turning the backend's GDAL errors into RasterReadError
 
 `backend()` picks rasterio when it is importable, else GDAL's bindings; LANDSEG_RASTER_BACKEND

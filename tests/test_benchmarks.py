@@ -17,6 +17,7 @@ from conftest import REPO
     ("build_shards_bench.py", ["--sizes", "256", "512", "--tile", "128"]),
     ("train_bench.py", ["--steps", "2", "--repeats", "1"]),
     ("runtime_bench.py", ["--size", "256", "--repeats", "1", "--skip-rss", "--skip-other-kernel"]),
+    ("region_bench.py", ["--rasters", "2", "--size", "256", "--workers", "1", "2"]),
 ])
 def test_benchmark_runs_at_toy_size(script, args):  # from the repository root, as `make bench` does
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,

@@ -73,7 +73,8 @@ def world(tmp_path_factory):
                                    training_pixel_size_m=0.6)
     write_raster(work / "in.tif", synthetic_rgb(300, 350, seed=1))
     write_raster(work / "in2.tif", synthetic_rgb(200, 220, seed=2))
-    write_raster(work / "big.tif", synthetic_rgb(1500, 1500, seed=3))
+    # 2 x 2 tiles of the default 2048 px, so that a cancel at 30 % lands between tiles
+    write_raster(work / "big.tif", synthetic_rgb(2100, 2100, seed=3))
     write_raster(work / "gray.tif", synthetic_rgb(64, 64)[..., :1])
     (work / "corrupt_model").mkdir()
     for name in ("model.npz", "meta.json", "metrics.json"):
