@@ -1,5 +1,6 @@
 # `make repro`: isolated environment + the whole DVC pipeline on the embedded synthetic data.
 # `make test`:  the same environment + the test suite.
+# `make lint`:  ruff over the whole tree (CI runs it before the tests).
 # `make dubai`:  the README's real-imagery run on ../shared/datasets/dubai, as a DVC experiment.
 # `make plugin`: the QGIS plugin zip, dist/landseg-qgis-<version>.zip.
 VENV ?= .venv
@@ -9,7 +10,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 DUBAI ?= ../shared/datasets/dubai
 
-.PHONY: setup repro test bench dubai plugin clean-venv
+.PHONY: setup repro test lint bench dubai plugin clean-venv
 
 setup: $(VENV)/.installed
 
@@ -23,6 +24,10 @@ repro: setup
 
 test: setup
 	python -m pytest -q
+
+# ruff's rules and exceptions are in pyproject.toml
+lint: setup
+	ruff check .
 
 # Real imagery (README, "Real imagery: Dubai"): the Dubai ingest and split settings plus the selected
 # configuration. Results land in the workspace; `dvc exp show` / `dvc metrics show` list them.

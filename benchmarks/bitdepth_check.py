@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from raster_scoring import labelled_items_args, report, segment_and_score  # noqa: E402
+
 from runtime.model import load_model  # noqa: E402
 from stages.metrics import PerTileProtocol  # noqa: E402
 

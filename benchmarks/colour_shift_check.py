@@ -37,8 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features  # noqa: E402
-from stages.evaluate import (LabelledTiles, RuntimeSegmenter, load_model_dir, load_val_tiles,  # noqa: E402
-                             read_summary, score_method)
+from stages.evaluate import LabelledTiles, RuntimeSegmenter, load_model_dir, load_val_tiles, read_summary, score_method  # noqa: E402
 from stages.params import EvaluateParams  # noqa: E402
 
 

@@ -38,8 +38,8 @@ def main(argv=None) -> int:
 
     import rasterio  # noqa: F401  (both must import here)
     from osgeo import gdal  # noqa: F401
-
     from qgis_bench import write_raster
+
     from runtime import load_model, segment_raster
     from runtime.raster_io import ENV_VAR
 

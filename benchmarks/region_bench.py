@@ -30,8 +30,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=6)
     args = ap.parse_args()
 
-    from runtime.region import segment_region
     from runtime_bench import build_encoder, synthetic_raster, write_artifact_for
+
+    from runtime.region import segment_region
 
     result = {"rasters": args.rasters, "size": args.size, "cores": len(os.sched_getaffinity(0))}
     with tempfile.TemporaryDirectory(prefix="region_bench_") as tmp:

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from raster_scoring import report, segment_and_score  # noqa: E402
+
 from runtime.artifact import load_artifact, write_artifact  # noqa: E402
 from runtime.model import load_model  # noqa: E402
 from stages.evaluate import load_val_tiles, read_summary  # noqa: E402

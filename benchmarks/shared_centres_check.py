@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from raster_scoring import labelled_items_args  # noqa: E402
+
 from runtime import fit_shared_centres, segment_raster  # noqa: E402
 from runtime.model import load_model  # noqa: E402
 from stages.metrics import GlobalProtocol, PerTileProtocol  # noqa: E402

@@ -11,13 +11,31 @@ Importing this package needs numpy only; the raster I/O (rasterio, or GDAL's own
 `runtime.raster_io`) is imported when a raster is read.
 """
 
-from .artifact import Artifact, build_meta, load_artifact, write_artifact
-from .errors import (ArtifactError, Cancelled, InputError, LandsegError, OutputError, OutputExistsError,
-                     RasterReadError, UnsafePathError)
-from .model import Model, load_model
-from .raster import fit_shared_centres, segment_raster
-from .rescale import percentile_limits, to_uint8
+import importlib
 
-__all__ = ["Artifact", "ArtifactError", "Cancelled", "InputError", "LandsegError", "Model", "OutputError",
-           "OutputExistsError", "RasterReadError", "UnsafePathError", "build_meta", "fit_shared_centres",
-           "load_artifact", "load_model", "percentile_limits", "segment_raster", "to_uint8", "write_artifact"]
+# What `import runtime` offers, by the module that defines it. Loaded on first use (PEP 562), so that
+# importing one module of the package (runtime.command, runtime.destination: every pipeline stage
+# does) does not import the rest: a stage's imports are what it uses (tests/test_dvc_deps.py).
+EXPORTS = {
+    "Artifact": "artifact", "build_meta": "artifact", "load_artifact": "artifact", "write_artifact": "artifact",
+    "ArtifactError": "errors", "Cancelled": "errors", "InputError": "errors", "LandsegError": "errors",
+    "OutputError": "errors", "OutputExistsError": "errors", "RasterReadError": "errors",
+    "UnsafePathError": "errors",
+    "Model": "model", "load_model": "model",
+    "fit_shared_centres": "raster", "segment_raster": "raster",
+    "percentile_limits": "rescale", "to_uint8": "rescale",
+}
+__all__ = sorted(EXPORTS)
+
+
+def __getattr__(name: str):
+    module = EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(EXPORTS))

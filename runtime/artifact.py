@@ -49,9 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .cue import valid_size
 from .destination import atomic_folder
 from .errors import ArtifactError, OutputExistsError
-from .cue import valid_size
 from .network import LayerSummary, validate_layers
 from .rescale import check_training_rescale
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import LandsegError
 

@@ -29,8 +29,8 @@ import re
 import shutil
 import stat
 import unicodedata
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from .command import check_signals
 from .errors import OutputError, OutputExistsError, UnsafePathError

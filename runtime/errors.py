@@ -1,6 +1,6 @@
-"""Exceptions raised by the runtime. All derive from `LandsegError`, so a caller (the CLI, a QGIS
-plugin) can catch one type and show its message, which always names the file, key or value at fault
-and what was expected."""
+"""Exceptions raised by the runtime. Errors of input derive from `LandsegError`, so a caller (the CLI,
+a QGIS plugin) can catch one type and show its message, which always names the file, key or value at
+fault and what was expected; `Cancelled` (the caller asked to stop) stands apart."""
 
 from __future__ import annotations
 
@@ -40,8 +40,10 @@ class MissingDependencyError(LandsegError, ImportError):
     that installs it."""
 
 
-class Cancelled(LandsegError):
-    """The caller's cancel check returned True; nothing was written to the destination."""
+class Cancelled(Exception):
+    """The caller's cancel check returned True; nothing was written to the destination. Not a
+    `LandsegError`: a cancel is the user's choice, not bad input, so a caller that reports input
+    errors as failures (a QGIS task, a batch script) can tell the two apart."""
 
 
 def error_text(e: BaseException) -> str:

@@ -34,7 +34,7 @@ class Transform(tuple):
     is_identity = property(lambda t: tuple(t) == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
 
     @classmethod
-    def from_gdal(cls, gt) -> "Transform":
+    def from_gdal(cls, gt) -> Transform:
         return cls((float(gt[1]), float(gt[2]), float(gt[0]), float(gt[4]), float(gt[5]), float(gt[3])))
 
     def to_gdal(self) -> tuple:
@@ -148,7 +148,7 @@ class Source:
         return (data if data.ndim == 3 else data[None]), masks
 
     def warped(self, transform, width: int, height: int, resampling: str, *, add_alpha: bool = False,
-               src_nodata=None, nodata=None) -> "Source":
+               src_nodata=None, nodata=None) -> Source:
         """A GDAL warped VRT of this raster on another grid of the same CRS."""
         src, own, target = self.ds, [], Transform(tuple(transform)[:6])
         if self.crs is None and _flipped(self.transform) and _flipped(target):

@@ -70,7 +70,7 @@ class Source:
         return data, masks
 
     def warped(self, transform, width: int, height: int, resampling: str, *, add_alpha: bool = False,
-               src_nodata=None, nodata=None) -> "Source":
+               src_nodata=None, nodata=None) -> Source:
         """A GDAL warped VRT of this raster on another grid of the same CRS."""
         kw = {"add_alpha": True} if add_alpha else {}
         if src_nodata is not None:

@@ -27,10 +27,10 @@ import numpy as np
 
 from . import cluster
 from .artifact import FORMAT_NAME, FORMAT_VERSION, cluster_dim, load_artifact, validate
-from .errors import InputError
 from .cue import append_cue, dark_tophat_cells
+from .errors import InputError
 from .network import DEFAULT_BAND_BYTES, Network
-from .resolution import positive_metres, plan_resolution, resample_image, to_source_grid
+from .resolution import plan_resolution, positive_metres, resample_image, to_source_grid
 
 DEFAULT_SAMPLES = 50_000  # embeddings (cells) drawn to fit centres
 # Micro-clusters of the density-balanced fitting used when centres are fitted on one image or raster

@@ -191,7 +191,7 @@ class ConvWeights:
 
 
 def conv2d(x: np.ndarray, cw: ConvWeights, skip: np.ndarray | None = None, act: str | None = None,
-           band_bytes: int = DEFAULT_BAND_BYTES, pool: "BandPool | None" = None) -> np.ndarray:
+           band_bytes: int = DEFAULT_BAND_BYTES, pool: BandPool | None = None) -> np.ndarray:
     """act(conv(x) + bias [+ skip]) for channels-last x (H, W, C_in) -> (H_out, W_out, C_out).
 
     `skip` (same shape as the output) is added before the activation (a fused residual add);
@@ -206,7 +206,7 @@ def conv2d(x: np.ndarray, cw: ConvWeights, skip: np.ndarray | None = None, act: 
 
 def conv2d_into(xin: np.ndarray, cw: ConvWeights, out: np.ndarray, skip: np.ndarray | None = None,
                 act: str | None = None, band_bytes: int = DEFAULT_BAND_BYTES,
-                pool: "BandPool | None" = None) -> None:
+                pool: BandPool | None = None) -> None:
     """conv2d of an input already zero-padded by `cw.padding`, written into `out` (H_out, W_out, C_out).
 
     `xin`, `out` and `skip` may be views with strided rows (the interior of a larger padded
@@ -238,17 +238,12 @@ def conv2d_into(xin: np.ndarray, cw: ConvWeights, out: np.ndarray, skip: np.ndar
         if act == "relu":
             np.maximum(o, 0.0, out=o)
 
-    starts = range(0, ho, rows_per_band)
-    if pool is None:
-        for r0 in starts:
-            run(r0)
-    else:
-        pool.map(run, starts)
+    _each(run, range(0, ho, rows_per_band), pool)
 
 
 def conv2d_shifted_into(xbuf: np.ndarray, cw: ConvWeights, ybuf: np.ndarray, sgemm,
                         skip: np.ndarray | None = None, act: str | None = None,
-                        band_bytes: int = DEFAULT_BAND_BYTES, pool: "BandPool | None" = None) -> None:
+                        band_bytes: int = DEFAULT_BAND_BYTES, pool: BandPool | None = None) -> None:
     """A stride-1 conv as k * k shifted products, between zero-bordered buffers of the same layout.
 
     xbuf (h + 2p, w + 2p, C_in) holds the input inside a zero border of p = `cw.padding` pixels and
@@ -292,12 +287,16 @@ def conv2d_shifted_into(xbuf: np.ndarray, cw: ConvWeights, ybuf: np.ndarray, sge
         ybuf[r0 + p: r1 + p, p + w:] = 0.0  # right border of the band's rows
         ybuf[r0 + p + 1: r1 + p + 1, :p] = 0.0  # left border of the next rows
 
-    starts = range(0, h, rows_per_band)
+    _each(run, range(0, h, rows_per_band), pool)
+
+
+def _each(fn, items, pool: BandPool | None) -> None:
+    """fn(item) for every item: on the pool's threads, or one after another without a pool."""
     if pool is None:
-        for r0 in starts:
-            run(r0)
+        for item in items:
+            fn(item)
     else:
-        pool.map(run, starts)
+        pool.map(fn, items)
 
 
 def _elementwise_rows(width: int, channels: int) -> int:
@@ -593,11 +592,7 @@ class Network:
         self._map(fn, items)
 
     def _map(self, fn, items) -> None:
-        if self._pool is None:
-            for item in items:
-                fn(item)
-        else:
-            self._pool.map(fn, items)
+        _each(fn, items, self._pool)
 
     def _activation(self, h: int, w: int, c: int, pad: int, fresh: bool = False) -> _Activation:
         """An (h, w, c) activation buffer with a zeroed border of `pad` pixels (interior unset)."""

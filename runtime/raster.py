@@ -40,18 +40,18 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from .cluster import DEFAULT_RESTARTS
 from .command import check_signals
 from .destination import atomic_file, discard, temporary
 from .errors import Cancelled, InputError
-from .raster_io import backend
-from .cluster import DEFAULT_RESTARTS
 from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE, Model, labels_from_cell_proba, load_model, sample_rows
+from .raster_io import backend
 from .rescale import PERCENTILES, STATS_SIZE, check_limits, percentile_limits, to_uint8
 from .resolution import plan_resolution, positive_metres
 

@@ -15,7 +15,7 @@ not depend on zero padding.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy.ndimage import gaussian_filter, uniform_filter

@@ -51,8 +51,15 @@ from runtime.destination import atomic_folder, check_name, child, inside
 from runtime.errors import UnsafePathError
 from runtime.raster import ground_pixel_size_m
 from stages.params import ParamsError, ShardsParams, load_params
-from stages.rasterio_utils import (RasterError, open_raster, read, read_label_aligned, read_valid,
-                                   window_transform, write_geotiff)
+from stages.rasterio_utils import (
+    RasterError,
+    open_raster,
+    read,
+    read_label_aligned,
+    read_valid,
+    window_transform,
+    write_geotiff,
+)
 
 SPLITS = ("train", "metrics_train", "val")
 

@@ -53,20 +53,19 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from runtime import Model, load_model
-from runtime.model import labels_from_cell_proba
 from runtime.artifact import build_meta, clustering_settings
 from runtime.command import run_command
 from runtime.destination import check_folder, child, discard, remove_stale, temporary
+from runtime.model import labels_from_cell_proba
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
 from stages.datasets import DatasetError, TileDataset
-from stages.metrics import (GlobalProtocol, PerTileProtocol, matched_confusion, row_percent_records,
-                            scores_from_matched)
+from stages.metrics import GlobalProtocol, PerTileProtocol, matched_confusion, row_percent_records, scores_from_matched
 from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, output_size
 from stages.params import EvaluateParams, ParamsError, load_params
 from stages.rasterio_utils import RasterError
@@ -474,7 +473,7 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Score model/best (numpy runtime), the teacher and k-means "
                                  "baselines on the val split (DVC stage `evaluate`).")
     ap.add_argument("--params", default="params.yaml")

@@ -17,7 +17,6 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 from runtime.artifact import build_meta, write_artifact
 from runtime.command import run_command
@@ -88,7 +87,7 @@ def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Pat
     return write_artifact(out_dir, layers=layers, arrays=arrays, meta=meta, metrics=metrics, overwrite=True)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Export the trained model to the numpy artifact (DVC stage `export`).")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--teacher", default="model/teacher")

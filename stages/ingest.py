@@ -32,9 +32,9 @@ import json
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import rasterio
@@ -49,8 +49,19 @@ from runtime.raster import has_float_bands, plan_rescale
 from runtime.rescale import to_uint8
 from stages import synthetic
 from stages.params import IngestParams, ParamsError, load_params
-from stages.rasterio_utils import (GDAL_READ_ENV, Grid, RasterError, crs_string, geotiff_profile, has_mask,
-                                   open_raster, read, read_label_aligned, sha256_file, window_transform)
+from stages.rasterio_utils import (
+    GDAL_READ_ENV,
+    Grid,
+    RasterError,
+    crs_string,
+    geotiff_profile,
+    has_mask,
+    open_raster,
+    read,
+    read_label_aligned,
+    sha256_file,
+    window_transform,
+)
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".jpg", ".jpeg", ".png", ".jp2", ".img", ".bmp", ".gif"}
 BLOCK_ROWS = 512  # rows copied per read/write; bounds memory to ~BLOCK_ROWS * width * bands bytes

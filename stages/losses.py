@@ -29,6 +29,7 @@ student (distillation from the frozen teacher)
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 

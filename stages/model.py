@@ -236,7 +236,7 @@ class MonolithicSegmenter(nn.Module):
         self.smooth_iters = smooth_iters
 
     @classmethod
-    def from_params(cls, model) -> "MonolithicSegmenter":
+    def from_params(cls, model) -> MonolithicSegmenter:
         """Build from a `stages.params.ModelParams`."""
         return cls(model.width, model.depth, model.embed_dim, model.max_k, model.temperature,
                    model.cluster_iters, model.smooth_iters, model.refine_head, model.seed, model.dilation)

@@ -37,8 +37,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -138,7 +138,7 @@ class Prefetcher:
         import threading
 
         self._make, self._background = make, background
-        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self.wait_s = 0.0
         if not background:
@@ -200,7 +200,7 @@ class LabelledSet:
 
 
 def load_labelled_split(dataset_root: Path, split: str = "metrics_train",
-                        max_tiles: int = 0) -> Optional[LabelledSet]:
+                        max_tiles: int = 0) -> LabelledSet | None:
     """The split's labelled tiles, or None when the dataset has none (then use a held-out batch).
 
     max_tiles > 0 keeps a fixed subset of that many tiles (`stages.datasets.stable_subset`).
@@ -340,7 +340,7 @@ def check_finite(terms: dict[str, torch.Tensor], step: int, stage: str, checkpoi
                             "or check the training tiles")
 
 
-def load_checkpoint(path: Path, fingerprint: str, total_steps: int) -> Optional[dict]:
+def load_checkpoint(path: Path, fingerprint: str, total_steps: int) -> dict | None:
     """The resumable state at `path` if it was written under the same fingerprint by a run that
     did not finish, else None.
 
@@ -429,7 +429,7 @@ def build_teacher(config: dict) -> MonolithicSegmenter:
                                config["refine_head"], config["seed"], config["dilation"])
 
 
-def load_teacher(path: str | Path, expect: Optional[dict] = None) -> MonolithicSegmenter:
+def load_teacher(path: str | Path, expect: dict | None = None) -> MonolithicSegmenter:
     """The trained teacher from `model/teacher/model.pt` (or its directory), in eval mode.
 
     `expect`: optional architecture (as `teacher_config`) the file must match. Raises TrainingError
@@ -476,9 +476,9 @@ def teacher_info(path: str | Path) -> dict:
 
 
 def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: torch.Generator,
-                   target: Optional[MonolithicSegmenter] = None,
-                   projector: Optional[ProjectionHead] = None,
-                   contrastive_weight: Optional[float] = None) -> dict[str, torch.Tensor]:
+                   target: MonolithicSegmenter | None = None,
+                   projector: ProjectionHead | None = None,
+                   contrastive_weight: float | None = None) -> dict[str, torch.Tensor]:
     """All teacher loss terms for a list of two views; both views share one set of centres.
 
     `generator` draws the cells of the dense contrastive term. `target` (the weight-EMA network)
@@ -535,7 +535,7 @@ class HeldOutBatch:
 
 def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, results_dir: Path,
                   aug, model_params, loss_params, train_params, *,
-                  stop_after: Optional[int] = None, progress: bool = True) -> dict:
+                  stop_after: int | None = None, progress: bool = True) -> dict:
     """Train the teacher; returns the best validation record. See the module docstring.
 
     stop_after: stop (as if killed) once this many steps are done, without writing `out_dir`
@@ -701,7 +701,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
         prefetch.close()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the teacher segmenter (DVC stage `train`).")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--shards", default="data/shards", help="shards root; the dataset is ingest.dataset")

@@ -30,7 +30,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -43,11 +42,31 @@ from stages import losses
 from stages.augment import apply_each, draw_transforms, normalise01, step_generator, to_rgb01
 from stages.model import Encoder, student_from_params
 from stages.params import ParamsError, StudentParams, load_params
-from stages.train import (CHECKPOINT_VERSION, USAGE_THRESHOLD, HeldOutBatch, Prefetcher, TrainingError,
-                          atomic_torch_save, check_finite,
-                          cluster_usage, embed_images, global_scores, load_checkpoint, load_labelled_split,
-                          load_teacher, lr_at, open_live, read_summary, resolve_device, run_fingerprint,
-                          set_threads, teacher_config, teacher_info, training_sources, write_output_dir)
+from stages.train import (
+    CHECKPOINT_VERSION,
+    USAGE_THRESHOLD,
+    HeldOutBatch,
+    Prefetcher,
+    TrainingError,
+    atomic_torch_save,
+    check_finite,
+    cluster_usage,
+    embed_images,
+    global_scores,
+    load_checkpoint,
+    load_labelled_split,
+    load_teacher,
+    lr_at,
+    open_live,
+    read_summary,
+    resolve_device,
+    run_fingerprint,
+    set_threads,
+    teacher_config,
+    teacher_info,
+    training_sources,
+    write_output_dir,
+)
 
 STUDENT_FORMAT = "landseg-student"
 
@@ -141,7 +160,7 @@ def prepare_batch(batch_uint8: np.ndarray, seed: int, step: int) -> tuple[torch.
 
 def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpoint_dir: Path,
                   results_dir: Path, model_params, loss_params, student, data, distill, train_params, *,
-                  stop_after: Optional[int] = None, progress: bool = True) -> dict:
+                  stop_after: int | None = None, progress: bool = True) -> dict:
     """Distil the teacher into the student; returns the best validation record.
 
     `model_params` is the declared teacher architecture (the checkpoint must match it);
@@ -287,7 +306,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
     return blob["val"]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Distil the teacher into the student (DVC stage `train_distill`).")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--shards", default="data/shards", help="shards root; the dataset is ingest.dataset")

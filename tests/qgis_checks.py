@@ -10,8 +10,14 @@ import json
 import sys
 from pathlib import Path
 
-from qgis.core import (QgsApplication, QgsProcessingException, QgsProcessingFeedback, QgsProject,
-                       QgsRasterLayer, QgsVectorLayer)
+from qgis.core import (
+    QgsApplication,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProject,
+    QgsRasterLayer,
+    QgsVectorLayer,
+)
 
 plugins_dir, work, out_json = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 app = QgsApplication([], False)

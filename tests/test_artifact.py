@@ -7,11 +7,10 @@ import zipfile
 
 import numpy as np
 import pytest
-
-from runtime.artifact import (FORMAT_NAME, SUPPORTED_VERSIONS, build_meta, load_artifact,
-                              write_artifact)
-from runtime.errors import ArtifactError, OutputExistsError
 from runtime_fixtures import encoder_meta, random_encoder, write_encoder_artifact
+
+from runtime.artifact import FORMAT_NAME, SUPPORTED_VERSIONS, build_meta, load_artifact, write_artifact
+from runtime.errors import ArtifactError, OutputExistsError
 
 
 @pytest.fixture(scope="module")

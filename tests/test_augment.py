@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.augment import (GeometricTransform, apply_each, draw_transforms, invert_each, make_views,
-                            step_generator)
+from stages.augment import GeometricTransform, apply_each, draw_transforms, invert_each, make_views, step_generator
 from stages.params import AugParams
 
 ALL = [GeometricTransform(r, f) for r in range(4) for f in (False, True)]

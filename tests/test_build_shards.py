@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from conftest import GRID, UTM, blocky_labels, random_rgb, tiny_raw, tree_digest, write_params, write_raster
 from rasterio.windows import Window
 
-from conftest import GRID, UTM, blocky_labels, random_rgb, tiny_raw, tree_digest, write_params, write_raster
 from stages import build_shards as bs
 from stages.build_shards import ShardsError, build_shards, group_key, labelled_split
 from stages.datasets import TileDataset, read_index
@@ -185,9 +185,9 @@ def test_alignment_is_pixel_exact_when_already_aligned(tmp_path):
     label = blocky_labels(64, 64, 5, 1, block=1)  # every pixel independent: any shift would show
     img = write_raster(tmp_path / "img.tif", random_rgb(64, 64))
     lab = write_raster(tmp_path / "lab.tif", label)
-    with open_raster(img) as i, open_raster(lab) as l:
+    with open_raster(img) as i, open_raster(lab) as lab_src:
         for win in (Window(0, 0, 64, 64), Window(16, 8, 32, 32), Window(48, 48, 32, 32)):
-            out = read_label_aligned(l, i, win)
+            out = read_label_aligned(lab_src, i, win)
             r, c = int(win.row_off), int(win.col_off)
             expected = np.zeros((32 if win.width == 32 else 64,) * 2, dtype=np.uint8)
             part = label[r:r + int(win.height), c:c + int(win.width)]
@@ -202,8 +202,8 @@ def test_alignment_of_coarser_shifted_label(tmp_path):
     img = write_raster(tmp_path / "img.tif", random_rgb(64, 64))
     coarse = Affine(1.0, 0.0, GRID.c + 4.0, 0.0, -1.0, GRID.f - 4.0)
     lab = write_raster(tmp_path / "lab.tif", label, transform=coarse)
-    with open_raster(img) as i, open_raster(lab) as l:
-        out = read_label_aligned(l, i, Window(0, 0, 64, 64))
+    with open_raster(img) as i, open_raster(lab) as lab_src:
+        out = read_label_aligned(lab_src, i, Window(0, 0, 64, 64))
     rr, cc = np.mgrid[0:64, 0:64]
     inside = (rr >= 8) & (cc >= 8) & (rr < 8 + 48) & (cc < 8 + 48)
     expected = np.zeros((64, 64), dtype=np.uint8)
@@ -215,7 +215,7 @@ def test_alignment_across_crs_preserves_class_values(tmp_path):
     # The same labels stored in Web Mercator (EPSG:3857), reprojected by GDAL: the aligned label has
     # the image's shape and grid, only values that exist in the source, and mostly agrees with the
     # truth (disagreement only near block edges).
-    from rasterio.warp import calculate_default_transform, reproject, Resampling
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
 
     truth = blocky_labels(96, 96, 4, 3, block=16)
     rgb = random_rgb(96, 96, 3)
@@ -246,13 +246,13 @@ def test_alignment_across_crs_preserves_class_values(tmp_path):
 def test_label_without_crs_and_different_shape_is_an_error(tmp_path):
     img = write_raster(tmp_path / "img.tif", random_rgb(32, 32), crs=None, transform=None)
     lab = write_raster(tmp_path / "lab.tif", blocky_labels(30, 32, 2), crs=None, transform=None)
-    with open_raster(img) as i, open_raster(lab) as l:
+    with open_raster(img) as i, open_raster(lab) as lab_src:
         with pytest.raises(RasterError, match="lab.tif.*no CRS and the shapes differ"):
-            read_label_aligned(l, i, Window(0, 0, 32, 32))
+            read_label_aligned(lab_src, i, Window(0, 0, 32, 32))
         # Same shape without CRS: the pixel grid is the alignment.
     lab2 = write_raster(tmp_path / "lab2.tif", blocky_labels(32, 32, 2), crs=None, transform=None)
-    with open_raster(img) as i, open_raster(lab2) as l:
-        assert np.array_equal(read_label_aligned(l, i, Window(0, 0, 32, 32)), blocky_labels(32, 32, 2))
+    with open_raster(img) as i, open_raster(lab2) as lab_src:
+        assert np.array_equal(read_label_aligned(lab_src, i, Window(0, 0, 32, 32)), blocky_labels(32, 32, 2))
 
 
 # --------------------------------------------------------------------------------------------

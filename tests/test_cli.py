@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning
+from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 from runtime.cli import cluster_share_lines, main
-from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import random_rgb, write_raster
-from stages.datasets import (DatasetError, RandomWindowBatches, TileDataset, TileRecord, read_index, split_sources,
-                             stable_subset)
+
+from stages.datasets import (
+    DatasetError,
+    RandomWindowBatches,
+    TileDataset,
+    TileRecord,
+    read_index,
+    split_sources,
+    stable_subset,
+)
 
 
 def _copy(tiny_dataset: Path, tmp_path: Path) -> Path:

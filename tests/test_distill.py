@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
+from test_train import run as run_teacher
+from test_train import tiny_dataset, tiny_params  # noqa: F401  (session fixture)
 
 from stages.params import DataParams, DistillParams, StudentParams
 from stages.train import embed_images, global_scores, load_labelled_split, load_teacher
 from stages.train_distill import TrainingError, load_student, main, train_student
-from test_train import tiny_dataset, tiny_params, run as run_teacher  # noqa: F401  (session fixture)
 
 
 @pytest.fixture(scope="module")

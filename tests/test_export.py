@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_distill import distil, teacher_dir, tiny_student  # noqa: F401  (module fixture)
+from test_train import tiny_dataset  # noqa: F401  (session fixture)
 
 import runtime
 from stages.datasets import TileDataset
@@ -12,8 +14,6 @@ from stages.export import export_model, main
 from stages.model import normalise_rgb, smooth_probs, upsample_to
 from stages.train import TrainingError, load_teacher, spherical_kmeans
 from stages.train_distill import load_student
-from test_distill import distil, teacher_dir, tiny_student  # noqa: F401  (module fixture)
-from test_train import tiny_dataset  # noqa: F401  (session fixture)
 
 
 @pytest.fixture(scope="module")

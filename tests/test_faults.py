@@ -22,19 +22,19 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import rasterio
 import torch
 import yaml
-from rasterio.transform import from_origin
-
 from conftest import tiny_raw
+from rasterio.transform import from_origin
 from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
+
 from stages.params import ModelParams
 from stages.train import TEACHER_FORMAT, build_teacher, teacher_config
 
@@ -524,8 +524,9 @@ def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_checkpoi
 def test_resume_after_a_kill_that_cut_dvclive_files_short(tmp_path):
     """A kill -9 while DVCLive writes leaves metrics.json empty or a plot row cut short; the resumed
     run still ends exactly where an uninterrupted one does."""
-    from stages.train import train_teacher
     from test_train import tiny_params, write_tiny_shards
+
+    from stages.train import train_teacher
 
     data = write_tiny_shards(tmp_path / "shards" / "tiny")
     params = tiny_params(steps=6)

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from conftest import REPO, blocky_labels, random_rgb, tiny_raw, tree_digest, write_params, write_raster
 
-from conftest import (REPO, blocky_labels, random_rgb, tiny_raw, tree_digest, write_params,
-                      write_raster)
 from stages import ingest as ingest_stage
 from stages.ingest import IngestError, NoCRSWarning, ingest
 from stages.params import ParamsError, parse_params

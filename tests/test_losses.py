@@ -2,15 +2,24 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from stages import losses
 from stages.augment import GeometricTransform, apply_each, invert_each
-from stages.losses import (EmaNormaliser, affinity_distillation, cluster_distillation, consistency,
-                           cosine_distillation, dense_contrastive, edge_aware_tv, self_distillation, geometric_mean, marginal_entropy,
-                           pixel_entropy, sample_positions)
+from stages.losses import (
+    EmaNormaliser,
+    affinity_distillation,
+    cluster_distillation,
+    consistency,
+    cosine_distillation,
+    dense_contrastive,
+    edge_aware_tv,
+    geometric_mean,
+    marginal_entropy,
+    pixel_entropy,
+    sample_positions,
+    self_distillation,
+)
 
 
 def _probs(b=2, k=4, h=6, w=6, seed=0, sharp=3.0):

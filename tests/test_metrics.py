@@ -3,8 +3,16 @@
 import numpy as np
 import pytest
 
-from stages.metrics import (GlobalProtocol, PerTileProtocol, confusion, hungarian_mapping, hungarian_scores,
-                            matched_confusion, row_percent_records, scores_from_matched)
+from stages.metrics import (
+    GlobalProtocol,
+    PerTileProtocol,
+    confusion,
+    hungarian_mapping,
+    hungarian_scores,
+    matched_confusion,
+    row_percent_records,
+    scores_from_matched,
+)
 
 
 def two_class_mask(h=8, w=8, split=6):
@@ -106,7 +114,8 @@ def test_protocols_agree_when_ids_are_consistent():
 
 def test_per_tile_weights_tiles_by_pixels():
     # Tile 1: 60 px, perfect. Tile 2: 4 px of class 1, all wrong cluster on a 2-class tile.
-    t1 = np.ones((6, 10), np.uint8); t1[:, 5:] = 2
+    t1 = np.ones((6, 10), np.uint8)
+    t1[:, 5:] = 2
     p1 = (t1 == 2).astype(np.uint8)
     t2 = np.array([[1, 1, 2, 2]])
     p2 = np.array([[0, 1, 1, 0]])  # any matching gets 2 of 4 right

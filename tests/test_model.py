@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.model import (Encoder, MonolithicSegmenter, output_size, smooth_probs, soft_kmeans,
-                          upsample_to)
+from stages.model import Encoder, MonolithicSegmenter, output_size, smooth_probs, soft_kmeans, upsample_to
 
 
 def run_layers(layers, arrays, x):

@@ -7,8 +7,8 @@ import typing
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from stages import params as P
 from stages.params import Params, ParamsError, load_params, parse_params
 

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from conftest import REPO, tree_digest
 
 

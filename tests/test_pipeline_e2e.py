@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 STAGES = ("ingest", "build_shards", "train", "train_distill", "export", "evaluate")

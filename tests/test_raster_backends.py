@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
+from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 from runtime.cli import main as runtime_main
-from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 REPO = Path(__file__).resolve().parents[1]
 QGIS_PYTHON = os.environ.get("LANDSEG_QGIS_PYTHON", "/usr/bin/python3")

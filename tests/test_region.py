@@ -14,11 +14,11 @@ import time
 import numpy as np
 import pytest
 import rasterio
-
 from conftest import REPO
+from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
+
 from runtime import fit_shared_centres, load_model, segment_raster
 from runtime.region import REGION_TAG, segment_region
-from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 pytest.importorskip("dask.distributed")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-
 from conftest import GRID, blocky_labels, tiny_raw, write_params
+
 from stages import ingest as ingest_stage
 from stages.ingest import ingest
 from stages.params import parse_params

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from runtime_fixtures import encoder_meta, random_encoder, synthetic_rgb, write_encoder_artifact
 
 from runtime import cluster
 from runtime.errors import InputError
 from runtime.model import Model, load_model, smooth_probs, upsample4
 from runtime.network import output_size
-from runtime_fixtures import encoder_meta, random_encoder, synthetic_rgb, write_encoder_artifact
 from stages.model import normalise_rgb
 from stages.model import smooth_probs as torch_smooth_probs
 from stages.model import upsample_to as torch_upsample_to

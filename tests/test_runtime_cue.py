@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
+from runtime_fixtures import encoder_meta, random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 from scipy import ndimage
 
 from runtime import segment_raster
@@ -12,7 +13,6 @@ from runtime.artifact import ArtifactError
 from runtime.cue import dark_tophat_cells, grey_closing
 from runtime.errors import InputError
 from runtime.model import Model, load_model
-from runtime_fixtures import encoder_meta, random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 CUE = {"kind": "dark_tophat", "size": 15, "scale": 2.5}
 

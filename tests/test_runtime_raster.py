@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import rasterio
+from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 from runtime import fit_shared_centres, segment_raster
 from runtime.errors import Cancelled, InputError, OutputExistsError, RasterReadError
 from runtime.model import load_model
 from runtime.raster import NODATA
-from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 K = 4
 
@@ -195,6 +195,11 @@ def test_cancel_and_interruption_leave_no_partial_output(tmp_path, src, model):
         segment_raster(src, out, K, model, tile=32, progress=lambda d, n: calls.append((d, n)),
                        cancel=lambda: len(calls) >= 3)
     assert calls == [(1, 42), (2, 42), (3, 42)]
+    # a cancel is the user's choice, not bad input: callers that report LandsegError as a failure
+    # (a QGIS task, a batch script) can tell them apart
+    from runtime.errors import LandsegError
+
+    assert not issubclass(Cancelled, LandsegError)
 
     def interrupt(done, total):
         if done == 5:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
+from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 from runtime import percentile_limits, segment_raster, to_uint8
 from runtime.cli import main
@@ -12,7 +13,6 @@ from runtime.errors import InputError
 from runtime.model import load_model
 from runtime.raster import NODATA
 from runtime.rescale import check_limits
-from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 K = 4
 

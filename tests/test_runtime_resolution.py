@@ -8,13 +8,13 @@ import pytest
 import rasterio
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
+from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 from runtime import segment_raster
 from runtime.errors import ArtifactError, Cancelled, InputError
 from runtime.model import load_model
 from runtime.raster import NODATA, ground_pixel_size_m
 from runtime.resolution import plan_resolution, resample_image, to_source_grid
-from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
 K = 4
 TRAIN_M = 0.6

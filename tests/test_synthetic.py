@@ -63,7 +63,7 @@ def test_scenes_are_hard_like_real_imagery():
     assert np.median(local_std[lab == TREE]) > 1.3 * np.median(local_std[lab == GRASS])
 
     # Per-scene illumination: the mean colour of one class moves between scenes.
-    grass_means = np.array([r.reshape(3, -1)[:, l.ravel() == GRASS].mean(1) for r, l in scenes])
+    grass_means = np.array([r.reshape(3, -1)[:, lab.ravel() == GRASS].mean(1) for r, lab in scenes])
     assert grass_means.std(0).max() > 5
 
     # Colour alone is a weak cue: k-means on RGB matched one-to-one to the classes stays far from

@@ -11,8 +11,16 @@ from rasterio.transform import from_origin
 
 from stages.params import AugParams, LossParams, ModelParams, TrainParams
 from stages.synthetic import render_scene
-from stages.train import (TrainingError, embed_images, global_scores, load_labelled_split, load_teacher, main,
-                          spherical_kmeans, train_teacher)
+from stages.train import (
+    TrainingError,
+    embed_images,
+    global_scores,
+    load_labelled_split,
+    load_teacher,
+    main,
+    spherical_kmeans,
+    train_teacher,
+)
 
 
 def write_tiny_shards(root: Path, scenes: int = 4, size: int = 128, tile: int = 64) -> Path:
