@@ -2,7 +2,7 @@
 
 Runs the real training step (two augmented views, forward, all losses, backward, AdamW) on windows
 from the shards, twice in one process: data prepared inline before each step (reference) and
-prepared by the background `Prefetcher` (`train.prefetch: true`). Reports input pixels per
+prepared by the background `Prefetcher` (`LANDSEG_PREFETCH=1`). Reports input pixels per
 second (both views counted) and the data-wait share of each; the target is a share under 10 %.
 
     python benchmarks/train_bench.py [--shards data/shards/synthetic] [--steps 20] [--repeats 3] [--threads 0]

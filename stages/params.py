@@ -264,15 +264,10 @@ class TrainParams:
                               "validation embeds and clusters every tile it scores, so a large labelled "
                               "split costs time and memory at every `val_every`.", lo=0, hi=10**9)
     checkpoint_every: int = knob(50, "Steps between resumable checkpoints.", lo=1, hi=10**8)
-    device: str = knob("auto", "Torch device.", choices=("auto", "cpu", "cuda"))
-    threads: int = knob(0, "Torch CPU threads; 0 = all cores.", lo=0, hi=256)
     weight_ema: float = knob(0.0, "Decay of an exponential moving average of the teacher's weights and "
                              "batch-norm statistics (Polyak averaging, torch AveragedModel), updated "
                              "every step; when > 0, validation, model selection and the saved teacher "
                              "use the averaged weights. 0 = off.", lo=0.0, hi=0.9999)
-    prefetch: bool = knob(False, "Prepare the next batch in a background thread (train and "
-                          "train_distill). Pays off with a core to spare or a GPU; on 2 cores with "
-                          "torch on both it cost 25 % throughput (benchmarks/train_bench.py).")
 
 
 @dataclass

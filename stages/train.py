@@ -70,16 +70,71 @@ class TrainingError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device is 'cuda' but torch sees no CUDA device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a training stage runs, which changes its speed and never its results (tested): not DVC
+    params, so changing them reruns nothing. Set by environment variables (`from_env`), which
+    `dvc repro` passes through, or by the stages' --device/--threads/--prefetch flags.
+
+    device: "auto" (CUDA when torch sees it), "cpu" or "cuda" (LANDSEG_DEVICE); threads: torch's CPU
+    threads, 0 = all cores (LANDSEG_THREADS); prefetch: prepare the next batch in a background thread
+    (LANDSEG_PREFETCH=1), which pays off with a core to spare or a GPU; on 2 cores with torch on both
+    it cost 25 % throughput (benchmarks/train_bench.py)."""
+
+    device: str = "auto"
+    threads: int = 0
+    prefetch: bool = False
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise TrainingError(f"device must be auto, cpu or cuda (LANDSEG_DEVICE, --device), got {self.device!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 0 <= self.threads <= 256:
+            raise TrainingError(f"threads must be an integer in 0..256, 0 = all cores (LANDSEG_THREADS, "
+                                f"--threads), got {self.threads!r}")
+
+    @classmethod
+    def from_env(cls, device: str | None = None, threads: int | None = None,
+                 prefetch: bool | None = None) -> Execution:
+        """The settings from LANDSEG_DEVICE, LANDSEG_THREADS and LANDSEG_PREFETCH, each overridden by
+        the argument when it is not None; TrainingError naming the variable when one is malformed."""
+        env = os.environ
+        if threads is None:
+            raw = env.get("LANDSEG_THREADS", "0")
+            try:
+                threads = int(raw)
+            except ValueError:
+                raise TrainingError(f"LANDSEG_THREADS must be an integer (0 = all cores), got {raw!r}") from None
+        if prefetch is None:
+            raw = env.get("LANDSEG_PREFETCH", "0")
+            if raw not in ("0", "1"):
+                raise TrainingError(f"LANDSEG_PREFETCH must be 0 or 1, got {raw!r}")
+            prefetch = raw == "1"
+        return cls(device if device is not None else env.get("LANDSEG_DEVICE", "auto"), threads, prefetch)
+
+    def apply(self) -> torch.device:
+        """Sets torch's thread count; returns the device to train on."""
+        set_threads(self.threads)
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise TrainingError("device is 'cuda' (LANDSEG_DEVICE or --device) but torch sees no CUDA device")
+        name = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        return torch.device(name)
+
+
+DEFAULT_EXECUTION = Execution()
 
 
 def set_threads(threads: int) -> None:
+    """torch's CPU threads; 0 = all cores."""
     torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+
+
+def add_execution_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                    help="torch device (default: $LANDSEG_DEVICE, else auto: CUDA when torch sees it)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads, 0 = all cores (default: $LANDSEG_THREADS, else 0)")
+    ap.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                    help="prepare the next batch in a background thread (default: on when $LANDSEG_PREFETCH=1)")
 
 
 def lr_at(step: int, total: int, base_lr: float) -> float:
@@ -364,13 +419,8 @@ def load_checkpoint(path: Path, fingerprint: str, total_steps: int) -> dict | No
 
 
 def run_fingerprint(*groups, data_hash: str) -> str:
-    """Identity of a run: the params that shape its results (not device, threads, prefetch) and the data."""
-    blobs = []
-    for g in groups:
-        d = dataclasses.asdict(g)
-        for volatile in ("device", "threads", "prefetch"):
-            d.pop(volatile, None)
-        blobs.append(d)
+    """Identity of a run: the params that shape its results and the data."""
+    blobs = [dataclasses.asdict(g) for g in groups]
     blob = json.dumps([blobs, str(data_hash)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -534,7 +584,7 @@ class HeldOutBatch:
 
 
 def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, results_dir: Path,
-                  aug, model_params, loss_params, train_params, *,
+                  aug, model_params, loss_params, train_params, *, execution: Execution = DEFAULT_EXECUTION,
                   stop_after: int | None = None, progress: bool = True) -> dict:
     """Train the teacher; returns the best validation record. See the module docstring.
 
@@ -546,8 +596,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     if train_params.patch_size % 4:
         raise TrainingError(f"train.patch_size must be a multiple of 4 (the network stride), got "
                             f"{train_params.patch_size}")
-    set_threads(train_params.threads)
-    device = resolve_device(train_params.device)
+    device = execution.apply()
     summary = read_summary(dataset_root)
     sources = training_sources(dataset_root)
     labelled = load_labelled_split(dataset_root, max_tiles=train_params.val_max_tiles)
@@ -625,7 +674,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     bar = tqdm(range(start, train_params.steps), initial=start, total=train_params.steps,
                desc="train teacher", disable=not progress, dynamic_ncols=True)
     prefetch = Prefetcher(lambda i: make_views(batches.batch(i)[0], i, aug), start, train_params.steps,
-                          background=train_params.prefetch)
+                          background=execution.prefetch)
     t_start = time.perf_counter()
     try:
         for step in bar:
@@ -709,12 +758,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoints", default="model/checkpoints/teacher")
     ap.add_argument("--results", default="results/train")
     ap.add_argument("--no-progress", action="store_true")
+    add_execution_flags(ap)
     args = ap.parse_args(argv)
 
     def run() -> int:
         p = load_params(args.params)
+        execution = Execution.from_env(args.device, args.threads, args.prefetch)
         train_teacher(Path(args.shards) / p.ingest.dataset, Path(args.out), Path(args.checkpoints),
-                      Path(args.results), p.aug, p.model, p.loss, p.train, progress=not args.no_progress)
+                      Path(args.results), p.aug, p.model, p.loss, p.train, execution=execution,
+                      progress=not args.no_progress)
         return 0
 
     return run_command("train", run, errors=(ParamsError, TrainingError, FileNotFoundError, ValueError),

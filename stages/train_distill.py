@@ -44,10 +44,13 @@ from stages.model import Encoder, student_from_params
 from stages.params import ParamsError, StudentParams, load_params
 from stages.train import (
     CHECKPOINT_VERSION,
+    DEFAULT_EXECUTION,
     USAGE_THRESHOLD,
+    Execution,
     HeldOutBatch,
     Prefetcher,
     TrainingError,
+    add_execution_flags,
     atomic_torch_save,
     check_finite,
     cluster_usage,
@@ -59,9 +62,7 @@ from stages.train import (
     lr_at,
     open_live,
     read_summary,
-    resolve_device,
     run_fingerprint,
-    set_threads,
     teacher_config,
     teacher_info,
     training_sources,
@@ -160,12 +161,13 @@ def prepare_batch(batch_uint8: np.ndarray, seed: int, step: int) -> tuple[torch.
 
 def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpoint_dir: Path,
                   results_dir: Path, model_params, loss_params, student, data, distill, train_params, *,
-                  stop_after: int | None = None, progress: bool = True) -> dict:
+                  execution: Execution = DEFAULT_EXECUTION, stop_after: int | None = None,
+                  progress: bool = True) -> dict:
     """Distil the teacher into the student; returns the best validation record.
 
     `model_params` is the declared teacher architecture (the checkpoint must match it);
-    `loss_params.edge_sigma` sets the TV edge weights; `train_params` gives device, threads,
-    prefetch and `val_max_tiles` (the teacher's selection tiles are the student's too).
+    `loss_params.edge_sigma` sets the TV edge weights; `train_params` gives `val_max_tiles` (the
+    teacher's selection tiles are the student's too); `execution`: device, threads and prefetch.
     """
     from stages.datasets import RandomWindowBatches
 
@@ -174,8 +176,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
         raise TrainingError(f"data.patch_sizes must be multiples of 4 (the network stride), got {bad}")
     if not data.patch_sizes:
         raise TrainingError("data.patch_sizes is empty")
-    set_threads(train_params.threads)
-    device = resolve_device(train_params.device)
+    device = execution.apply()
     teacher = load_teacher(teacher_path, expect=teacher_config(model_params)).to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -238,7 +239,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
         batch, size = batches.batch(i)
         return (size, *prepare_batch(batch, distill.seed, i))
 
-    prefetch = Prefetcher(make, start, distill.steps, background=train_params.prefetch)
+    prefetch = Prefetcher(make, start, distill.steps, background=execution.prefetch)
     t_start = time.perf_counter()
     try:
         for step in bar:
@@ -315,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoints", default="model/checkpoints/student")
     ap.add_argument("--results", default="results/train_distill")
     ap.add_argument("--no-progress", action="store_true")
+    add_execution_flags(ap)
     args = ap.parse_args(argv)
 
     def run() -> int:
         p = load_params(args.params)
+        execution = Execution.from_env(args.device, args.threads, args.prefetch)
         train_student(Path(args.shards) / p.ingest.dataset, Path(args.teacher), Path(args.out),
                       Path(args.checkpoints), Path(args.results), p.model, p.loss, p.student, p.data,
-                      p.distill, p.train, progress=not args.no_progress)
+                      p.distill, p.train, execution=execution, progress=not args.no_progress)
         return 0
 
     return run_command("train_distill", run, errors=(ParamsError, TrainingError, FileNotFoundError, ValueError),

@@ -8,7 +8,7 @@ from test_train import run as run_teacher
 from test_train import tiny_dataset, tiny_params  # noqa: F401  (session fixture)
 
 from stages.params import DataParams, DistillParams, StudentParams
-from stages.train import embed_images, global_scores, load_labelled_split, load_teacher
+from stages.train import Execution, embed_images, global_scores, load_labelled_split, load_teacher
 from stages.train_distill import TrainingError, load_student, main, train_student
 
 
@@ -28,6 +28,7 @@ def tiny_student(steps=6, **distill):
 def distil(tmp, dataset, teacher_dir, params=None, model=None, **kw):
     _, model_params, loss, train = tiny_params()
     student, data, distill = params or tiny_student()
+    kw.setdefault("execution", Execution(device="cpu", threads=1))
     return train_student(dataset, teacher_dir, tmp / "student", tmp / "ckpt", tmp / "results",
                          model or model_params, loss, student, data, distill, train, progress=False, **kw)
 
@@ -51,7 +52,8 @@ def test_val_max_tiles_selects_the_student_on_the_teachers_subset(tmp_path, tiny
     _, model_params, loss, train = tiny_params(val_max_tiles=1)
     student, data, distill = tiny_student()
     record = train_student(tiny_dataset, teacher_dir, tmp_path / "student", tmp_path / "ckpt", tmp_path / "results",
-                           model_params, loss, student, data, distill, train, progress=False)
+                           model_params, loss, student, data, distill, train, progress=False,
+                           execution=Execution(device="cpu", threads=1))
     labelled = load_labelled_split(tiny_dataset, max_tiles=1)
     teacher = load_teacher(teacher_dir)
     embs = embed_images(load_student(tmp_path / "student"), labelled.images, torch.device("cpu"))

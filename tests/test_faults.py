@@ -294,7 +294,7 @@ def template(tmp_path_factory, tiny_dataset):
                 "val": {"metric": "none", "score": 0.0, "step": 0}, "fingerprint": "test"},
                w / "model" / "teacher" / "model.pt")
     raw = tiny_raw(**{"train.steps": 4, "train.batch_size": 2, "train.patch_size": 32, "train.val_every": 2,
-                      "train.checkpoint_every": 2, "train.threads": 1,
+                      "train.checkpoint_every": 2,
                       "model.width": 8, "model.depth": 1, "model.embed_dim": 4})
     (w / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return w

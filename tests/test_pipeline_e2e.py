@@ -30,7 +30,7 @@ TINY = {
     "ingest": {"synthetic": {"num_scenes": 4, "scene_size": 128, "labelled_fraction": 0.75}},
     "shards": {"tile_size": 64},
     "model": {"width": 16, "depth": 1, "embed_dim": 8},
-    "train": {"steps": 4, "batch_size": 2, "patch_size": 48, "val_every": 2, "checkpoint_every": 2, "threads": 1},
+    "train": {"steps": 4, "batch_size": 2, "patch_size": 48, "val_every": 2, "checkpoint_every": 2},
     "student": {"width": 8, "depth": 1, "embed_dim": 8},
     "data": {"patch_sizes": [32, 48]},
     # One validation, at the last step: the exported student is the final one, so the experiment's
@@ -65,7 +65,7 @@ def test_whole_dag_then_experiment(tmp_path):
     repo = tmp_path / "clone"
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0", "OMP_NUM_THREADS": "1",
+           "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0", "OMP_NUM_THREADS": "1", "LANDSEG_THREADS": "1",
            "GIT_AUTHOR_NAME": "e2e", "GIT_AUTHOR_EMAIL": "e2e@example.invalid",
            "GIT_COMMITTER_NAME": "e2e", "GIT_COMMITTER_EMAIL": "e2e@example.invalid"}
     run(["git", "clone", "--quiet", str(REPO), str(repo)], tmp_path, env)

@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+import yaml
+from conftest import REPO
 from rasterio.transform import from_origin
 
 from stages.params import AugParams, LossParams, ModelParams, TrainParams
 from stages.synthetic import render_scene
 from stages.train import (
+    Execution,
     TrainingError,
     embed_images,
     global_scores,
@@ -73,12 +76,13 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 def tiny_params(steps=6, **train):
     model = ModelParams(width=16, depth=1, embed_dim=8, max_k=4)
-    t = dict(steps=steps, batch_size=2, patch_size=32, val_every=3, checkpoint_every=2, threads=1, device="cpu")
+    t = dict(steps=steps, batch_size=2, patch_size=32, val_every=3, checkpoint_every=2)
     t.update(train)
     return AugParams(), model, LossParams(contrastive_samples=32), TrainParams(**t)
 
 
 def run(tmp: Path, dataset: Path, params, **kw):
+    kw.setdefault("execution", Execution(device="cpu", threads=1))
     return train_teacher(dataset, tmp / "teacher", tmp / "ckpt", tmp / "results", *params, progress=False, **kw)
 
 
@@ -136,13 +140,40 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_dataset):
     assert rows == (tmp_path / "full/results/plots/metrics/train/total.tsv").read_text().splitlines()[1:]
 
 
-def test_prefetch_changes_speed_only(tmp_path, tiny_dataset):
-    import dataclasses as dc
+def test_execution_settings_change_speed_only(tmp_path, tiny_dataset):
+    """Prefetching, the device name and the thread count are execution settings, not params. The
+    first two leave the teacher the same bytes; torch's CPU kernels split their sums by thread, so
+    another thread count moves the float rounding only: the same selected step and weights within
+    1e-4 after 4 steps."""
+    params = tiny_params(steps=4)
+    runs = {"inline": Execution(device="cpu", threads=1), "prefetch": Execution(device="cpu", threads=1, prefetch=True),
+            "auto": Execution(device="auto", threads=1), "two-threads": Execution(device="cpu", threads=2)}
+    records = {name: run(tmp_path / name, tiny_dataset, params, execution=e) for name, e in runs.items()}
+    blobs = {name: (tmp_path / name / "teacher" / "model.pt").read_bytes() for name in runs}
+    assert blobs["prefetch"] == blobs["inline"] == blobs["auto"]
+    assert records["two-threads"]["step"] == records["inline"]["step"]
+    one = torch.load(tmp_path / "inline" / "teacher" / "model.pt", weights_only=False)["state_dict"]
+    two = torch.load(tmp_path / "two-threads" / "teacher" / "model.pt", weights_only=False)["state_dict"]
+    for key, value in one.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(two[key], value, atol=1e-4, rtol=0)
 
-    aug, model, loss, train = tiny_params(steps=4)
-    for on in (True, False):
-        run(tmp_path / str(on), tiny_dataset, (aug, model, loss, dc.replace(train, prefetch=on)))
-    assert (tmp_path / "True/teacher/model.pt").read_bytes() == (tmp_path / "False/teacher/model.pt").read_bytes()
+
+def test_execution_settings_come_from_the_environment_and_are_checked(monkeypatch):
+    monkeypatch.setenv("LANDSEG_THREADS", "3")
+    monkeypatch.setenv("LANDSEG_PREFETCH", "1")
+    monkeypatch.setenv("LANDSEG_DEVICE", "cpu")
+    assert Execution.from_env() == Execution(device="cpu", threads=3, prefetch=True)
+    assert Execution.from_env(threads=1, prefetch=False) == Execution(device="cpu", threads=1)  # flags win
+    for var, value, words in (("LANDSEG_THREADS", "two", "LANDSEG_THREADS must be an integer"),
+                              ("LANDSEG_PREFETCH", "yes", "LANDSEG_PREFETCH must be 0 or 1"),
+                              ("LANDSEG_DEVICE", "tpu", "device must be auto, cpu or cuda")):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(TrainingError, match=words):
+            Execution.from_env()
+        monkeypatch.delenv(var)
+    for key in ("device", "threads", "prefetch"):  # not DVC params: changing them reruns nothing
+        assert key not in yaml.safe_load((REPO / "params.yaml").read_text())["train"]
 
 
 def test_weight_ema_is_validated_saved_and_resumed(tmp_path, tiny_dataset):
