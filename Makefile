@@ -1,7 +1,7 @@
 # `make repro`: isolated environment + the whole DVC pipeline on the embedded synthetic data.
 # `make test`:  the same environment + the test suite.
 # `make lint`:  ruff over the whole tree (CI runs it before the tests).
-# `make dubai`:  the README's real-imagery run on ../shared/datasets/dubai, as a DVC experiment.
+# `make dubai`:  the real-imagery run of docs/evaluation.md on ../shared/datasets/dubai, as a DVC experiment.
 # `make plugin`: the QGIS plugin zip, dist/landseg-qgis-<version>.zip.
 VENV ?= .venv
 PYTHON ?= python3
@@ -29,7 +29,7 @@ test: setup
 lint: setup
 	ruff check .
 
-# Real imagery (README, "Real imagery: Dubai"): the Dubai ingest and split settings plus the selected
+# Real imagery (docs/evaluation.md, "Real imagery: Dubai"): the Dubai ingest and split settings plus the selected
 # configuration. Results land in the workspace; `dvc exp show` / `dvc metrics show` list them.
 dubai: setup
 	@test -d $(DUBAI)/images -a -d $(DUBAI)/labels || \
