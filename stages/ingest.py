@@ -40,6 +40,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.windows import Window
+from tqdm import tqdm
 
 from runtime.command import check_signals, run_command
 from runtime.destination import atomic_folder, child
@@ -156,7 +157,7 @@ def ingest_synthetic(params: IngestParams, root: Path) -> tuple[list[dict], dict
     if crs.is_geographic:
         raise IngestError(f"ingest.synthetic.crs: expected a projected CRS (metres), got {sp.crs!r}")
     entries = []
-    for scene in range(sp.num_scenes):
+    for scene in tqdm(range(sp.num_scenes), desc="ingest", unit="scene", file=sys.stderr, disable=None, leave=False):
         check_signals()
         item_id = f"scene-{scene:04d}"
         # Scenes sit side by side with a gap, like separate flight lines of one survey.
@@ -436,7 +437,7 @@ def ingest_rasters(items: list[Item], params: IngestParams, root: Path, label_ma
     CRS, else null (build_shards measures rasters with a CRS from it)."""
     entries, no_crs, max_label = [], [], 0
     rescale = params.rescale_limit_pairs() if params.rescale == "fixed" else params.rescale
-    for item in items:
+    for item in tqdm(items, desc="ingest", unit="raster", file=sys.stderr, disable=None, leave=False):
         check_signals()
         image = child(root / "images", item.item_id, f"{item.source}: item id", ".tif")
         label = child(root / "labels", item.item_id, f"{item.source}: item id", ".tif") if item.label else None
