@@ -22,7 +22,7 @@ EXPORTS = {
     "OutputError": "errors", "OutputExistsError": "errors", "RasterReadError": "errors",
     "UnsafePathError": "errors",
     "Model": "model", "load_model": "model",
-    "fit_shared_centres": "raster", "segment_raster": "raster",
+    "fit_shared_centres": "sampling", "segment_raster": "raster",
     "percentile_limits": "rescale", "to_uint8": "rescale",
 }
 __all__ = sorted(EXPORTS)

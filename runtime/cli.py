@@ -308,7 +308,7 @@ def save_centres(path: Path, centres: np.ndarray, overwrite: bool, inputs=()) ->
 
 def run_fit_centres(args) -> int:
     from .model import load_model
-    from .raster import fit_shared_centres
+    from .sampling import fit_shared_centres
 
     out = Path(args.out)
     reads = [*args.inputs, *artifact_files(args.model)]

@@ -40,8 +40,9 @@ from .destination import atomic_file, check_folder, child
 from .errors import InputError, LandsegError, MissingDependencyError, error_text
 from .model import DEFAULT_SAMPLES, load_model
 from .network import default_threads
-from .raster import DEFAULT_TILE, NODATA, PALETTE, fit_from_samples, sample_for_sharing, segment_raster
+from .raster import DEFAULT_TILE, NODATA, PALETTE, segment_raster
 from .raster_io import backend
+from .sampling import fit_from_samples, sample_for_sharing
 
 REGION_TAG = "landseg_region"
 VRT_NAME = "region.vrt"

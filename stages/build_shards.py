@@ -49,7 +49,7 @@ from tqdm import tqdm
 from runtime.command import check_signals, run_command
 from runtime.destination import atomic_folder, check_name, child, inside
 from runtime.errors import UnsafePathError
-from runtime.raster import ground_pixel_size_m
+from runtime.source import ground_pixel_size_m
 from stages.params import ParamsError, ShardsParams, load_params
 from stages.rasterio_utils import (
     RasterError,

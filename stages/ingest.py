@@ -46,8 +46,8 @@ from runtime.command import check_signals, run_command
 from runtime.destination import atomic_folder, child
 from runtime.errors import LandsegError
 from runtime.io_rasterio import from_dataset
-from runtime.raster import has_float_bands, plan_rescale
 from runtime.rescale import to_uint8
+from runtime.source import has_float_bands, plan_rescale
 from stages import synthetic
 from stages.params import IngestParams, ParamsError, load_params
 from stages.rasterio_utils import (
@@ -198,7 +198,7 @@ def _copy_raster(item: Item, dst_image: Path, dst_label: Path | None, bands: lis
                  label_map: dict[int, int], no_crs: list[str], rescale: str | list) -> tuple[dict, int]:
     """Copy the selected bands (and label) of `item` into GeoTIFFs; return (grid, max label).
 
-    Data that is not 8-bit is mapped to 0..255 by `rescale` (`runtime.raster.plan_rescale`, the
+    Data that is not 8-bit is mapped to 0..255 by `rescale` (`runtime.source.plan_rescale`, the
     run-time code; grid["rescale"] holds the (low, high) per band, None when 8-bit is kept as it
     is); NaN / inf of float data become nodata."""
     with open_raster(item.image, what="image") as src:

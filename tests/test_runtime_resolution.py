@@ -13,8 +13,9 @@ from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifa
 from runtime import segment_raster
 from runtime.errors import ArtifactError, Cancelled, InputError
 from runtime.model import load_model
-from runtime.raster import NODATA, ground_pixel_size_m
+from runtime.raster import NODATA
 from runtime.resolution import plan_resolution, resample_image, to_source_grid
+from runtime.source import ground_pixel_size_m
 
 K = 4
 TRAIN_M = 0.6
