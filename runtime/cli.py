@@ -383,6 +383,9 @@ def region_parser() -> argparse.ArgumentParser:
                    help="as for segment (default: %(default)s)")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, metavar="PIXELS",
                    help="tile side of each raster's segmentation (default: %(default)s)")
+    p.add_argument("--block", type=int, default=8192, metavar="PIXELS",
+                   help="a raster larger than this on a side is segmented as one task per block of this side, "
+                        "written as <name>_r<row>_c<col>.tif (a multiple of 4; default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -394,7 +397,8 @@ def run_segment_region(args) -> int:
     result = segment_region(args.inputs, args.out_dir, args.k, args.model, scheduler=args.scheduler,
                             workers=args.workers, bands=args.bands, seed=args.seed, samples=args.samples,
                             iters=args.cluster_iters, restarts=args.restarts, balance=args.balance,
-                            pixel_size=args.pixel_size, rescale=args.rescale, tile=args.tile, progress=say)
+                            pixel_size=args.pixel_size, rescale=args.rescale, tile=args.tile, block=args.block,
+                            progress=say)
     if not args.quiet:
         where = result.vrt if result.vrt is not None else f"no mosaic ({result.vrt_note})"
         print(f"{len(result.written)} written, {len(result.skipped)} already complete, {len(result.failed)} "

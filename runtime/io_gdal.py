@@ -295,3 +295,9 @@ def read_tags(path) -> dict:
 def crs_wkt(source: Source) -> str | None:
     """A source's CRS as WKT, None without one."""
     return source.crs
+
+
+def window_transform(transform: Transform, row0: int, col0: int) -> Transform:
+    """The transform of the window whose top-left pixel is (row0, col0) of `transform`'s grid."""
+    a, b, c, d, e, f = transform
+    return Transform((a, b, c + a * col0 + b * row0, d, e, f + d * col0 + e * row0))

@@ -169,3 +169,8 @@ def read_tags(path) -> dict:
 def crs_wkt(source: Source) -> str | None:
     """A source's CRS as WKT, None without one."""
     return source.crs.to_wkt() if source.crs is not None else None
+
+
+def window_transform(transform, row0: int, col0: int):
+    """The transform of the window whose top-left pixel is (row0, col0) of `transform`'s grid."""
+    return Affine(*tuple(transform)[:6]) * Affine.translation(col0, row0)

@@ -115,7 +115,8 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                    rescale="auto", overwrite: bool = False,
                    overviews: bool = False,
                    progress: Callable[[int, int], None] | None = None,
-                   cancel: Callable[[], bool] | None = None, extra_tags: dict | None = None) -> SegmentResult:
+                   cancel: Callable[[], bool] | None = None, extra_tags: dict | None = None,
+                   window: tuple[int, int, int, int] | None = None) -> SegmentResult:
     """Segment the RGB raster `src` into k clusters, writing a uint8 GeoTIFF to `dst`.
 
     model: a `Model` or an artifact directory path. tile: core tile side in pixels (multiple of 4).
@@ -142,6 +143,11 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
     and, when it returns True, the run stops with `Cancelled` and nothing is written to `dst`.
     extra_tags: more GeoTIFF metadata items (str: str) for the output (`segment_region` marks its
     outputs so that a rerun recognises the complete ones).
+    window: (row0, col0, height, width) in pixels of the raster's grid, row0 and col0 multiples of
+    the model's stride: only that part is segmented and written (with its own transform), with the
+    same halo as every tile, so windows that tile the raster give exactly its labels (how
+    `segment_region` spreads one large raster over workers). Needs given centres (an array or
+    "artifact": one legend for every window) and the raster on its own grid (no resampling).
     Returns a `SegmentResult`.
     """
     t_start = time.perf_counter()
@@ -187,20 +193,23 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                     source = "given"
 
                 halo = model.halo(smooth)
-                tiles = [(r, h, c0, w) for r, h in _grid(height, tile) for c0, w in _grid(width, tile)]
+                row0, col0, out_h, out_w = _check_window(window, height, width, model.stride, src, work is ds,
+                                                         centres)
+                tiles = [(row0 + r, h, col0 + c0, w) for r, h in _grid(out_h, tile) for c0, w in _grid(out_w, tile)]
                 # a resampled run then writes its labels back onto the raster's grid, block by block
                 back = ([] if work is ds else
                         [(r, h, c0, w) for r, h in _grid(ds.height, tile) for c0, w in _grid(ds.width, tile)])
                 total = len(tiles) + len(back)
                 counts = np.zeros(256, np.int64)  # pixels written per output value, on the raster's grid
-                with io.LabelWriter(tmp if work is ds else work_tmp, width, height, work.crs, work.transform,
+                out_transform = io.window_transform(work.transform, row0, col0) if window else work.transform
+                with io.LabelWriter(tmp if work is ds else work_tmp, out_w, out_h, work.crs, out_transform,
                                     block=BLOCK, nodata=NODATA) as out:
                     for i, (r0, rh, c0, cw) in enumerate(tiles):
                         check_signals()
                         if cancel is not None and cancel():
                             raise Cancelled(f"cancelled after {i} of {len(tiles)} tiles; {dst} not written")
                         labels = _segment_tile(reader, model, c, smooth, halo, height, width, r0, rh, c0, cw)
-                        out.write(labels, r0, c0)
+                        out.write(labels, r0 - row0, c0 - col0)
                         if work is ds:
                             counts += np.bincount(labels.ravel(), minlength=256)
                         if progress is not None:
@@ -223,8 +232,10 @@ def segment_raster(src, dst, k: int, model, *, tile: int = DEFAULT_TILE, bands=N
                             landseg_model_params_hash=prov["params_hash"], landseg_resolution=plan.note,
                             landseg_rescale=values.note, landseg_cluster_pixels=json.dumps(counts[:k].tolist()),
                             **(extra_tags or {}))
+                if window:
+                    tags["landseg_window"] = json.dumps([row0, col0, out_h, out_w])
                 io.finish_labels(tmp, cmap, f"cluster id 0..{k - 1} ({NODATA} = nodata)", tags,
-                                 _overview_factors(ds.height, ds.width) if overviews else [])
+                                 _overview_factors(out_h, out_w) if overviews else [])
         finally:
             discard(work_tmp)
     return SegmentResult(dst, k, c, source, len(tiles), time.perf_counter() - t_start,
@@ -249,6 +260,27 @@ def _labels_to_source_grid(io, work_path: Path, source: SourceReader, dst: Path,
             out.write(labels, r0, c0)
             counts += np.bincount(labels.ravel(), minlength=256)
             after_block(j)
+
+
+def _check_window(window, height: int, width: int, stride: int, src, native: bool, centres):
+    """(row0, col0, height, width) of the part of the raster to segment: all of it without a window."""
+    if window is None:
+        return 0, 0, height, width
+    if not native:
+        raise InputError(f"{src}: a window needs the raster on its own grid, but it is resampled to the model's "
+                         "pixel size: pass pixel_size='native' or segment it whole")
+    if centres is None or (isinstance(centres, str) and centres == "fit"):
+        raise InputError("a window needs given centres (an array or 'artifact'): centres fitted on one window "
+                         "would give every window another legend")
+    try:
+        row0, col0, h, w = (int(v) for v in window)
+    except (TypeError, ValueError):
+        raise InputError(f"window must be (row0, col0, height, width) in pixels, got {window!r}") from None
+    if row0 % stride or col0 % stride:
+        raise InputError(f"window origin must be a multiple of the model's stride ({stride} px), got ({row0}, {col0})")
+    if row0 < 0 or col0 < 0 or h < 1 or w < 1 or row0 + h > height or col0 + w > width:
+        raise InputError(f"window {window!r} is not inside the {height} x {width} raster {src}")
+    return row0, col0, h, w
 
 
 def _segment_tile(reader: SourceReader, model: Model, centres: np.ndarray, smooth: int, halo: int,

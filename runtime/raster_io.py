@@ -25,6 +25,7 @@ module provides:
     finish_labels(path, colormap, description, tags, overview_factors)
     read_tags(path) -> dict           the metadata items of a raster (default domain)
     crs_wkt(source) -> str | None     a Source's CRS as WKT
+    window_transform(transform, row0, col0)  the transform of a window starting at that pixel
     errors_as_read_errors(what): context manager turning the backend's GDAL errors into RasterReadError
 
 `backend()` picks rasterio when it is importable, else GDAL's bindings; LANDSEG_RASTER_BACKEND

@@ -42,10 +42,11 @@ from .model import DEFAULT_SAMPLES, load_model
 from .network import default_threads
 from .raster import DEFAULT_TILE, NODATA, PALETTE, segment_raster
 from .raster_io import backend
-from .sampling import fit_from_samples, sample_for_sharing
+from .sampling import RasterSample, fit_from_samples, sample_for_sharing
 
 REGION_TAG = "landseg_region"
 VRT_NAME = "region.vrt"
+DEFAULT_BLOCK = 8192  # pixels: a larger raster is split into blocks of this side, one task each
 
 
 @dataclass
@@ -54,7 +55,7 @@ class RegionResult:
     output written, skipped (already complete) or the error that stopped it."""
 
     centres: np.ndarray
-    outputs: dict[str, Path]
+    outputs: dict[str, list[Path]]  # per source: its output, or one per block of a large raster
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
@@ -88,11 +89,21 @@ def _sample_task(src: str, model_dir: str, threads: int | None, samples: int, op
 
 
 def _segment_task(src: str, dst: str, model_dir: str, threads: int | None, k: int, centres: np.ndarray,
-                  digest: str, options: dict) -> str:
+                  digest: str, options: dict, window) -> str:
     segment_raster(src, dst, k, _worker_model(model_dir, threads), centres=centres, bands=options["bands"],
                    pixel_size=options["pixel_size"], rescale=options["rescale"], tile=options["tile"],
-                   overwrite=True, extra_tags={REGION_TAG: digest})
+                   overwrite=True, extra_tags={REGION_TAG: digest}, window=window)
     return dst
+
+
+def raster_parts(src: str, out: Path, sample: RasterSample, block: int) -> list[tuple[Path, tuple | None]]:
+    """The outputs of one raster: (out, None) for the whole raster, or, for a raster on its own grid
+    larger than `block` x `block` pixels, one window per block, written to <stem>_r<row>_c<col>.tif
+    (windows tile the raster, so their labels are the whole raster's: `segment_raster`'s window)."""
+    if not sample.native or (sample.height <= block and sample.width <= block):
+        return [(out, None)]
+    return [(out.with_name(f"{out.stem}_r{r}_c{c}.tif"), (r, c, min(block, sample.height - r), min(block, sample.width - c)))
+            for r in range(0, sample.height, block) for c in range(0, sample.width, block)]
 
 
 def _failure(e: BaseException) -> str:
@@ -112,7 +123,7 @@ def output_names(sources: list[str], out_dir: Path) -> dict[str, Path]:
     return outputs
 
 
-def region_digest(src: str, k: int, centres: np.ndarray, model_dir: str, options: dict) -> str:
+def region_digest(src: str, k: int, centres: np.ndarray, model_dir: str, options: dict, window=None) -> str:
     """What makes an output complete for this run: the source file as it is now, the centres, k,
     the model and the reading options (the tile size changes no result and is left out)."""
     st = os.stat(src)
@@ -120,7 +131,8 @@ def region_digest(src: str, k: int, centres: np.ndarray, model_dir: str, options
     model = hashlib.sha256(meta_file.read_bytes()).hexdigest() if meta_file.exists() else str(model_dir)
     payload = {"source": os.path.abspath(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "k": k,
                "centres": hashlib.sha256(np.ascontiguousarray(centres, np.float32).tobytes()).hexdigest(),
-               "model": model, **{key: options[key] for key in ("bands", "pixel_size", "rescale")}}
+               "model": model, "window": list(window) if window else None,
+               **{key: options[key] for key in ("bands", "pixel_size", "rescale")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -136,13 +148,15 @@ def _complete(dst: Path, digest: str, io) -> bool:
 def segment_region(sources, out_dir, k: int, model_dir, *, scheduler: str | None = None,
                    workers: int | None = None, bands=None, seed: int = 0, samples: int = DEFAULT_SAMPLES,
                    iters: int | None = None, restarts: int | None = None, balance: int = 0,
-                   pixel_size="auto", rescale="auto", tile: int = DEFAULT_TILE,
+                   pixel_size="auto", rescale="auto", tile: int = DEFAULT_TILE, block: int = DEFAULT_BLOCK,
                    progress=None) -> RegionResult:
     """Segment `sources` (raster paths) into `out_dir` with one set of k centres (module docstring).
 
     model_dir: an artifact directory every worker can read. scheduler: a Dask scheduler address, or
     None for a LocalCluster of `workers` processes on this machine. bands, pixel_size, rescale and
-    tile: as `segment_raster`; seed, samples, iters, restarts, balance: as `fit_shared_centres`
+    tile: as `segment_raster`; block: a raster on its own grid larger than block x block pixels is
+    segmented as one task per block (a multiple of the model's stride; memory per worker is then
+    that of one block); seed, samples, iters, restarts, balance: as `fit_shared_centres`
     (plain k-means by default). progress(message) is called with one line per finished step.
     Returns a `RegionResult`; a raster that failed is in `failed`, the others are complete.
     """
@@ -158,6 +172,8 @@ def segment_region(sources, out_dir, k: int, model_dir, *, scheduler: str | None
     model_dir = str(model_dir)
     model = load_model(model_dir)  # checked here, before any task; the client fits the centres with it
     k = model.check_k(k)
+    if isinstance(block, bool) or not isinstance(block, int) or block < model.stride or block % model.stride:
+        raise InputError(f"block must be a positive multiple of {model.stride} pixels, got {block!r}")
     options = {"bands": list(bands) if bands is not None else None, "pixel_size": pixel_size,
                "rescale": rescale, "tile": tile, "seed": seed}
     say = progress or (lambda message: None)
@@ -172,7 +188,7 @@ def segment_region(sources, out_dir, k: int, model_dir, *, scheduler: str | None
         threads = max(1, default_threads() // workers)
     else:
         threads = None
-    result = RegionResult(np.zeros((0, 0), np.float32), outputs)
+    result = RegionResult(np.zeros((0, 0), np.float32), {src: [dst] for src, dst in outputs.items()})
     try:
         with distributed.Client(cluster if cluster is not None else scheduler) as client:
             futures = client.map(_sample_task, sources, model_dir=model_dir, threads=threads, samples=samples,
@@ -195,28 +211,37 @@ def segment_region(sources, out_dir, k: int, model_dir, *, scheduler: str | None
             say(f"centres fitted on {sum(shared.cells)} cells of {len(usable)} raster(s)")
 
             io = backend()
-            todo = []
-            for src in usable:
-                digest = region_digest(src, k, shared.centres, model_dir, options)
-                if _complete(outputs[src], digest, io):
+            todo: dict[str, list] = {}
+            for src, sample in zip(usable, sampled):
+                parts = raster_parts(src, outputs[src], sample, block)
+                result.outputs[src] = [dst for dst, _ in parts]
+                for dst, window in parts:
+                    digest = region_digest(src, k, shared.centres, model_dir, options, window)
+                    if not _complete(dst, digest, io):
+                        todo.setdefault(src, []).append((dst, window, digest))
+                if src not in todo:
                     result.skipped.append(src)
                     say(f"{src}: complete, skipped")
-                else:
-                    todo.append((src, digest))
-            futures = [client.submit(_segment_task, src, str(outputs[src]), model_dir, threads, k, shared.centres,
-                                     digest, options, pure=False) for src, digest in todo]
-            for (src, _), future in zip(todo, futures):
-                try:
-                    future.result()
-                    result.written.append(src)
-                    say(f"{src}: written to {outputs[src]}")
-                except Exception as e:  # noqa: BLE001 (a bad raster or a lost worker: reported, the others go on)
-                    result.failed[src] = _failure(e)
+            futures = {src: [client.submit(_segment_task, src, str(dst), model_dir, threads, k, shared.centres,
+                                           digest, options, window, pure=False) for dst, window, digest in parts]
+                       for src, parts in todo.items()}
+            for src, parts in futures.items():
+                errors = []
+                for future in parts:
+                    try:
+                        future.result()
+                    except Exception as e:  # noqa: BLE001 (a bad raster or a lost worker: reported, the others go on)
+                        errors.append(_failure(e))
+                if errors:
+                    result.failed[src] = errors[0]
                     say(f"{src}: failed: {result.failed[src]}")
+                else:
+                    result.written.append(src)
+                    say(f"{src}: written to {', '.join(str(p) for p in result.outputs[src])}")
     finally:
         if cluster is not None:
             cluster.close()
-    done = [outputs[s] for s in sources if s in result.written or s in result.skipped]
+    done = [p for s in sources if s in result.written or s in result.skipped for p in result.outputs[s]]
     result.vrt, result.vrt_note = write_region_vrt(done, out_dir / VRT_NAME, k)
     result.seconds = time.perf_counter() - t_start
     return result

@@ -144,6 +144,9 @@ class RasterSample:
     cells: np.ndarray
     area: float
     note: str
+    height: int = 0  # of the grid the network runs on, pixels
+    width: int = 0
+    native: bool = True  # that grid is the raster's own (not resampled)
 
 
 def sample_for_sharing(src, model: Model, samples: int, *, bands=None, seed: int = 0, pixel_size="auto",
@@ -157,10 +160,11 @@ def sample_for_sharing(src, model: Model, samples: int, *, bands=None, seed: int
                                                       raster_pixel_size_m, stack)
         cells, looked = sample_raster_cells(reader, work.height, work.width, model, seed)
         area = work.height * work.width * cells.shape[0] / looked if looked else 0.0
+        native = work is ds
     # at most `samples` per raster (what its quota can use), so memory stays bounded by
     # samples x rasters x D floats: about 2 MB per raster at the defaults
     return RasterSample(sample_rows([cells], samples, seed) if cells.shape[0] else cells, area,
-                        f"{plan.note}; {values.note}")
+                        f"{plan.note}; {values.note}", work.height, work.width, native)
 
 
 def fit_from_samples(drawn: list[RasterSample], sources: list[str], k: int, model: Model, *, seed: int = 0,

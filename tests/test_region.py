@@ -65,26 +65,26 @@ def test_region_equals_segment_raster_with_the_shared_centres(region, tmp_path):
     for src in sources:
         expected = tmp_path / "one.tif"
         segment_raster(src, expected, 4, m, centres=result.centres, overwrite=True)
-        got = result.outputs[src]
+        (got,) = result.outputs[src]
         np.testing.assert_array_equal(_labels(got), _labels(expected))
         with rasterio.open(got) as ds:
             assert ds.tags()[REGION_TAG] and ds.crs == rasterio.open(src).crs
-    assert (_labels(result.outputs[sources[2]])[:40, :50] == 255).all()  # nodata stays nodata
+    assert (_labels(result.outputs[sources[2]][0])[:40, :50] == 255).all()  # nodata stays nodata
     # the VRT shows the mosaic: every tile at its place, one colour table
     with rasterio.open(result.vrt) as vrt:
         assert (vrt.width, vrt.height) == (320, 256)
         mosaic = vrt.read(1)
-        np.testing.assert_array_equal(mosaic[160:, 192:], _labels(result.outputs[sources[3]]))
-        np.testing.assert_array_equal(mosaic[:160, :192], _labels(result.outputs[sources[0]]))
+        np.testing.assert_array_equal(mosaic[160:, 192:], _labels(result.outputs[sources[3]][0]))
+        np.testing.assert_array_equal(mosaic[:160, :192], _labels(result.outputs[sources[0]][0]))
         assert vrt.colormap(1)[0][:3] == (31, 119, 180)
 
     # a rerun skips what is complete, and redoes an output whose tag is not this run's
-    stamps = {s: os.stat(result.outputs[s]).st_mtime_ns for s in sources}
-    with rasterio.open(result.outputs[sources[1]], "r+") as ds:
+    stamps = {s: os.stat(result.outputs[s][0]).st_mtime_ns for s in sources}
+    with rasterio.open(result.outputs[sources[1]][0], "r+") as ds:
         ds.update_tags(**{REGION_TAG: "another run"})
     again = segment_region(sources, out, 4, model, workers=2, samples=4000)
     assert again.written == [sources[1]] and sorted(again.skipped) == sorted(sources[:1] + sources[2:])
-    assert all(os.stat(again.outputs[s]).st_mtime_ns == stamps[s] for s in again.skipped)
+    assert all(os.stat(again.outputs[s][0]).st_mtime_ns == stamps[s] for s in again.skipped)
     # other centres (another k) make every output incomplete
     assert sorted(segment_region(sources, out, 3, model, workers=2, samples=4000).written) == sorted(sources)
 
@@ -129,3 +129,34 @@ def test_duplicate_names_and_missing_dask_are_clear_errors(region, tmp_path, mon
                            str(tmp_path / "out2"), "--k", "4", "--model", str(model)], cwd=REPO,
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "pip install 'dask[distributed]'" in proc.stderr, proc.stderr
+
+
+def test_a_raster_larger_than_a_block_is_one_task_per_block_without_seams(region, tmp_path):
+    """Blocks of one raster (windows with the tiles' halo) join into exactly its labels: the VRT
+    over the block outputs equals segment_raster on the whole raster with the same centres."""
+    root, model, sources, _ = region
+    result = segment_region([sources[0]], tmp_path / "out", 4, model, workers=2, samples=4000, block=64, tile=32)
+    parts = result.outputs[sources[0]]
+    assert len(parts) == 3 * 3 and all(p.is_file() for p in parts)  # 160 x 192 px in 64 px blocks
+    assert parts[0].name == "tile_0_r0_c0.tif" and parts[-1].name == "tile_0_r128_c128.tif"
+    whole = tmp_path / "whole.tif"
+    segment_raster(sources[0], whole, 4, load_model(model), centres=result.centres)
+    with rasterio.open(result.vrt) as vrt, rasterio.open(whole) as ref:
+        assert (vrt.width, vrt.height) == (ref.width, ref.height) and vrt.transform == ref.transform
+        np.testing.assert_array_equal(vrt.read(1), ref.read(1))
+    assert segment_region([sources[0]], tmp_path / "out", 4, model, workers=2, samples=4000, block=64,
+                          tile=32).skipped == [sources[0]]
+
+
+def test_window_needs_given_centres_an_aligned_origin_and_the_raster_inside(region, tmp_path):
+    from runtime.errors import InputError
+
+    _, model, sources, _ = region
+    m = load_model(model)
+    c = fit_shared_centres([sources[0]], 4, m, samples=4000).centres
+    for kw, words in ((dict(window=(0, 0, 64, 64)), "a window needs given centres"),
+                      (dict(centres=c, window=(2, 0, 64, 64)), "multiple of the model's stride"),
+                      (dict(centres=c, window=(128, 0, 64, 64)), "is not inside the 160 x 192 raster")):
+        with pytest.raises(InputError, match=words):
+            segment_raster(sources[0], tmp_path / "w.tif", 4, m, **kw)
+        assert not (tmp_path / "w.tif").exists()
