@@ -23,7 +23,7 @@ from .raster import DEFAULT_TILE
 # the map holds fewer covers than --k asked for: a raster with fewer covers than k, or centres fitted
 # elsewhere (--centres). On Dubai's 256 px evaluation tiles, plain k-means centres fitted over many
 # tiles spent one of five centres on the outermost cells of every tile (their receptive field half
-# zero padding), which smoothing then all but erased (docs/experiments.md, eleventh session); a
+# zero padding), which smoothing then all but erased (docs/experiments.md, "Across datasets", 2026-11-27); a
 # small raster can do the same.
 NEAR_EMPTY_SHARE = 0.01
 

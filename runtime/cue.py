@@ -5,7 +5,7 @@ is large on dark structures narrower than `size` pixels (the gaps between bright
 roads) and 0 on flat areas and on dark areas wider than the square. It is averaged over each
 stride-4 cell, multiplied by a scale stored in the artifact, appended to the cell's unit
 embedding as one more channel, and the result renormalised, so the runtime's spherical
-clustering works on it unchanged (docs/experiments.md, the eighth session's top-hat rows).
+clustering works on it unchanged (docs/experiments.md, the top-hat rows of 2026-11-26).
 
 Conventions: lightness is the mean of R, G and B over 255; borders are handled by mirroring
 (`d c b a | a b c d`, scipy.ndimage's default 'reflect'), so a tile cut at the raster's edge and
