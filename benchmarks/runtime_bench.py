@@ -157,11 +157,10 @@ def measure_segment(size: int, model_dir: Path, workdir: Path, k: int, threads: 
 
 def blas_kernel() -> str:
     """The kernel OpenBLAS chose (openblas_get_corename), or what numpy's BLAS is when it is not OpenBLAS."""
-    from runtime._blas import _loaded_libraries, _loaded_openblas_paths
+    from runtime._blas import _loaded_libraries, loaded_openblas
 
     np.dot(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32))
-    for path in _loaded_openblas_paths():
-        lib = ctypes.CDLL(path)
+    for _, lib in loaded_openblas():
         for name in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
             fn = getattr(lib, name, None)
             if fn is not None:

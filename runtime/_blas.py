@@ -49,11 +49,7 @@ class BlasThreads:
                 return
         except Exception:  # not installed or cannot inspect: try the direct route below
             pass
-        for path in _loaded_openblas_paths():
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
+        for _, lib in loaded_openblas():
             for get_name, set_name in _OPENBLAS_SYMBOLS:
                 if hasattr(lib, get_name) and hasattr(lib, set_name):
                     self._get, self._set = getattr(lib, get_name), getattr(lib, set_name)
@@ -103,8 +99,15 @@ def _loaded_libraries(word: str) -> list[str]:
     return sorted({line.split()[-1] for line in lines if word in line.lower() and "/" in line})
 
 
-def _loaded_openblas_paths() -> list[str]:
-    return _loaded_libraries("openblas")
+def loaded_openblas() -> list[tuple[str, ctypes.CDLL]]:
+    """(path, library bound by handle) of every OpenBLAS loaded in this process that ctypes can open."""
+    found = []
+    for path in _loaded_libraries("openblas"):
+        try:
+            found.append((path, ctypes.CDLL(path)))
+        except OSError:
+            continue
+    return found
 
 
 # Optimised BLAS libraries numpy may use; anything else named *blas* is taken for the reference one
@@ -345,11 +348,7 @@ def direct_sgemm() -> DirectSgemm | None:
         np.dot(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32))  # numpy loads its BLAS lazily
         chosen = None
         if os.environ.get("LANDSEG_NO_DIRECT_SGEMM") != "1":
-            for path in _loaded_openblas_paths():
-                try:
-                    lib = ctypes.CDLL(path)
-                except OSError:
-                    continue
+            for path, lib in loaded_openblas():
                 for symbol, wide in _SGEMM_SYMBOLS:
                     fn = getattr(lib, symbol, None)
                     if fn is None:

@@ -102,12 +102,10 @@ def soft_assign_columns(emb: np.ndarray, centres: np.ndarray, temperature: float
     probabilities, one row per centre (the (k, h, w) layout smoothing works on; reductions over
     the k rows run along whole rows instead of k elements at a time). The softmax runs in bands
     of columns through `map_bands(fn, starts)` when given (a thread pool's map)."""
-    c = _normalise_rows(np.asarray(centres, dtype=np.float32)).astype(np.float32)
-    logits = matmul(c, emb.T)
+    logits = _cosine_logits(emb, centres, temperature, columns=True)
 
     def softmax(s0: int) -> None:
         v = logits[:, s0:s0 + _SOFTMAX_BAND]
-        v /= np.float32(temperature)
         v -= v.max(axis=0)
         np.exp(v, out=v)
         v /= v.sum(axis=0)
@@ -123,10 +121,15 @@ def soft_assign_columns(emb: np.ndarray, centres: np.ndarray, temperature: float
 
 def soft_assign(emb: np.ndarray, centres: np.ndarray, temperature: float) -> np.ndarray:
     """(N, D) unit embeddings, (k, D) centres -> (N, k) float32 softmax(cos / temperature)."""
+    return softmax_rows(_cosine_logits(emb, centres, temperature, columns=False))
+
+
+def _cosine_logits(emb: np.ndarray, centres: np.ndarray, temperature: float, columns: bool) -> np.ndarray:
+    """cos(embedding, centre) / temperature: (k, N) with `columns`, else (N, k)."""
     c = _normalise_rows(np.asarray(centres, dtype=np.float32)).astype(np.float32)
-    logits = matmul(emb, c.T)
+    logits = matmul(c, emb.T) if columns else matmul(emb, c.T)
     logits /= np.float32(temperature)
-    return softmax_rows(logits)
+    return logits
 
 
 def fit_centres(emb: np.ndarray, k: int, temperature: float, iters: int, seed: int = 0,

@@ -38,7 +38,7 @@ DEFAULT_SAMPLES = 50_000  # embeddings (cells) drawn to fit centres
 # model tried by 0.06-0.09 (docs/experiments.md, "Balanced centres"); centres for many images at
 # once (`fit_centres`) stay plain by default, since one clustering over a region did not gain.
 PER_IMAGE_BALANCE = 64
-_LABEL_BAND_CELLS = 64  # cell rows upsampled at a time when only labels are needed
+_LABEL_BAND_CELLS = 64  # block rows (cell rows) labelled at a time, one band per task on the band threads
 
 
 class Model:

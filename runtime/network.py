@@ -365,18 +365,14 @@ def _scratch(size: int) -> np.ndarray:
 class BandPool:
     """A thread pool running a conv's row bands in parallel with single-threaded BLAS calls.
 
-    numpy releases the GIL in copies and sgemm, so `threads` bands run truly in parallel. The pool
-    is only used inside `Network.__call__`, which limits BLAS to one thread for its duration.
+    numpy releases the GIL in copies and sgemm, so `threads` bands run truly in parallel. Its users
+    (a forward pass, and the band work around it through `Network.map`) run with BLAS limited to one
+    thread (`Network.single_threaded_blas`).
     """
 
     def __init__(self, threads: int):
         self.threads = threads
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="landseg-band")
-
-    def single_threaded_blas(self):
-        """A context in which BLAS runs single-threaded when the bands run on threads (nothing
-        otherwise): for work around the forward passes, whose parallelism is the band threads'."""
-        return self._blas.single_threaded() if self.parallel else contextlib.nullcontext()
 
     def map(self, fn, items) -> None:
         # list() re-raises the first exception of any band
@@ -561,13 +557,13 @@ class Network:
                     r1 = min(h, r0 + rows)
                     fill(x.inner[r0:r1], r0, r1)
 
-                self._map(band, range(0, h, rows))
+                self.map(band, range(0, h, rows))
                 # the last conv writes a fresh array that is returned, unless it gets transposed
                 y = self._run(self.layers[:-1], x, keep_input=False,  # the last op is l2norm
                               fresh_last=not channels_first)
                 rows = _elementwise_rows(y.w, y.buf.shape[2])
                 if not channels_first:
-                    self._map(lambda r0: l2_normalise(y.inner[r0:r0 + rows]), range(0, y.h, rows))
+                    self.map(lambda r0: l2_normalise(y.inner[r0:r0 + rows]), range(0, y.h, rows))
                     return y.buf
                 out = np.empty((y.buf.shape[2], y.h, y.w), dtype=np.float32)
 
@@ -575,7 +571,7 @@ class Network:
                     band = l2_normalise(y.inner[r0:r0 + rows])
                     out[:, r0:r0 + rows] = band.transpose(2, 0, 1)
 
-                self._map(normalise_transpose, range(0, y.h, rows))
+                self.map(normalise_transpose, range(0, y.h, rows))
                 self._release(y)
                 return out
             finally:
@@ -589,9 +585,6 @@ class Network:
     def map(self, fn, items) -> None:
         """fn(item) for every item on the network's band threads (serially without them), for
         the band-parallel work around a forward pass (fn must release the GIL to gain)."""
-        self._map(fn, items)
-
-    def _map(self, fn, items) -> None:
         _each(fn, items, self._pool)
 
     def _activation(self, h: int, w: int, c: int, pad: int, fresh: bool = False) -> _Activation:
