@@ -139,6 +139,10 @@ class View:
     guide: torch.Tensor
     transforms: list[GeometricTransform]
 
+    def rows(self, rows: slice) -> View:
+        """The samples `rows` of this view (a rank's slice of the global batch)."""
+        return View(self.input[rows], self.guide[rows], self.transforms[rows])
+
 
 def make_views(batch_uint8: np.ndarray, step: int, aug, num_views: int = 2) -> list[View]:
     """`num_views` independently augmented views of a batch, reproducible from (aug.seed, step).

@@ -33,6 +33,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from stages.distributed import ONE_PROCESS, Ranks
+
 EPS = 1e-8
 
 
@@ -57,10 +59,12 @@ def pixel_entropy(p: torch.Tensor) -> torch.Tensor:
     return h.mean() / math.log(p.shape[1])
 
 
-def marginal_entropy(p: torch.Tensor) -> torch.Tensor:
-    """1 - H(mean assignment over the batch) / log k, in [0, 1]: zero = clusters used equally."""
+def marginal_entropy(p: torch.Tensor, ranks: Ranks = ONE_PROCESS) -> torch.Tensor:
+    """1 - H(mean assignment over the batch) / log k, in [0, 1]: zero = clusters used equally.
+
+    With several ranks the mean is over the global batch (every rank's equal slice)."""
     _check_probs(p)
-    marginal = p.mean(dim=(0, 2, 3))
+    marginal = ranks.mean(p.mean(dim=(0, 2, 3)))
     h = -(marginal * marginal.clamp_min(EPS).log()).sum()
     return 1.0 - h / math.log(p.shape[1])
 
@@ -182,7 +186,8 @@ class EmaNormaliser:
         self.last = {str(k): float(v) for k, v in state["last"].items()}
 
 
-def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
+def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, temperature: float,
+                      ranks: Ranks = ONE_PROCESS) -> torch.Tensor:
     """Symmetric InfoNCE between aligned cells of two views, divided by log(#candidates).
 
     e_a, e_b: unit embeddings (B, D, h, w) already mapped to the same ground grid; idx (B, N) flat
@@ -190,15 +195,24 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
     cells of view b (and vice versa). Near 0 for views that are perfectly matched and
     discriminative, about 1 for chance; the assignment losses alone are satisfied by colour-only
     clusters, this term makes the embedding tell apart cells that look alike in colour.
+
+    With several ranks the candidates are the sampled cells of the global batch: each rank scores
+    its own cells against every rank's, and the mean over ranks is the one-process value.
     """
     a = gather_positions(e_a, idx).reshape(-1, e_a.shape[1])
     b = gather_positions(e_b, idx).reshape(-1, e_b.shape[1])
-    if len(a) < 2:
+    if len(a) * ranks.world_size < 2:
         raise ValueError("the dense contrastive term needs at least two sampled cells per batch")
-    logits = a @ b.T / temperature
-    target = torch.arange(len(a), device=a.device)
-    ce = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    return ce / math.log(len(a))
+    if not ranks.distributed:
+        logits = a @ b.T / temperature
+        target = torch.arange(len(a), device=a.device)
+        ce = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        return ce / math.log(len(a))
+    a_all, b_all = ranks.gather(torch.cat([a, b], dim=1)).split(a.shape[1], dim=1)
+    target = torch.arange(ranks.rank * len(a), (ranks.rank + 1) * len(a), device=a.device)
+    ce = 0.5 * (F.cross_entropy(a @ b_all.T / temperature, target)
+                + F.cross_entropy(b @ a_all.T / temperature, target))
+    return ranks.mean(ce) / math.log(len(a_all))
 
 
 def self_distillation(p_a: torch.Tensor, p_b: torch.Tensor, t_a: torch.Tensor, t_b: torch.Tensor,

@@ -20,6 +20,7 @@ Conventions shared with the runtime (and tested for numeric parity there):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -169,17 +170,21 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[np.ndarr
 # --------------------------------------------------------------------------------------------
 
 
-def soft_kmeans(emb: torch.Tensor, centres: torch.Tensor, temperature: float, iters: int
+def soft_kmeans(emb: torch.Tensor, centres: torch.Tensor, temperature: float, iters: int,
+                total: Callable[[torch.Tensor], torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spherical soft k-means on unit embeddings.
 
     emb: (N, D) unit rows; centres: (k, D) initial centres. Each iteration replaces the centres by
-    the normalised probability-weighted mean. Returns (probs (N, k), centres (k, D)).
+    the normalised probability-weighted mean. `total` sums the weighted rows over the processes
+    of a distributed run (`stages.distributed.Ranks.sum`), so the centres are the global batch's.
+    Returns (probs (N, k), centres (k, D)).
     """
     c = F.normalize(centres, dim=1)
     for _ in range(iters):
         p = torch.softmax(emb @ c.T / temperature, dim=1)
-        c = F.normalize(p.T @ emb, dim=1, eps=1e-12)
+        sums = p.T @ emb
+        c = F.normalize(sums if total is None else total(sums), dim=1, eps=1e-12)
     return torch.softmax(emb @ c.T / temperature, dim=1), c
 
 
@@ -192,19 +197,20 @@ class SoftKMeansHead(nn.Module):
         self.prototypes = nn.Parameter(F.normalize(torch.randn(max_k, embed_dim, generator=g), dim=1))
         self.temperature, self.iters = temperature, iters
 
-    def forward(self, emb: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, emb: torch.Tensor, k: int | None = None,
+                total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """emb (B, D, h, w) unit -> probs (B, k, h, w) and the centres used (k, D).
 
         In training mode the (normalised) prototypes are the centres. Refining them on the batch
         while training has a collapsed fixed point: at a temperature above the spread of the
         embeddings soft k-means pulls every centre to the batch mean, all assignments turn
         uniform and the consistency loss is trivially zero. In eval mode the prototypes seed
-        `iters` soft k-means iterations on the given embeddings.
+        `iters` soft k-means iterations on the given embeddings (`total`: see `soft_kmeans`).
         """
         b, d, h, w = emb.shape
         flat = emb.permute(0, 2, 3, 1).reshape(-1, d)
         protos = self.prototypes if k is None else self.prototypes[:k]
-        probs, centres = soft_kmeans(flat, protos, self.temperature, 0 if self.training else self.iters)
+        probs, centres = soft_kmeans(flat, protos, self.temperature, 0 if self.training else self.iters, total)
         return probs.view(b, h, w, -1).permute(0, 3, 1, 2), centres
 
 

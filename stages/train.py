@@ -49,6 +49,18 @@ from runtime.command import check_signals, run_command
 from runtime.destination import atomic_file, atomic_folder
 from stages import losses
 from stages.augment import invert_each, make_views
+from stages.distributed import (
+    ONE_PROCESS,
+    NoLive,
+    Ranks,
+    close_ranks,
+    init_ranks,
+    local_threads,
+    relaunch_under_torchrun,
+    sync_batchnorm,
+    usage_over_ranks,
+    wrap_ddp,
+)
 from stages.metrics import confusion, hungarian_scores
 from stages.model import MonolithicSegmenter, ProjectionHead, normalise_rgb, smooth_probs, upsample_to
 from stages.params import ModelParams, ParamsError, load_params
@@ -74,16 +86,19 @@ class TrainingError(RuntimeError):
 class Execution:
     """How a training stage runs, which changes its speed and never its results (tested): not DVC
     params, so changing them reruns nothing. Set by environment variables (`from_env`), which
-    `dvc repro` passes through, or by the stages' --device/--threads/--prefetch flags.
+    `dvc repro` passes through, or by the stages' --device/--threads/--prefetch/--nproc flags.
 
     device: "auto" (CUDA when torch sees it), "cpu" or "cuda" (LANDSEG_DEVICE); threads: torch's CPU
-    threads, 0 = all cores (LANDSEG_THREADS); prefetch: prepare the next batch in a background thread
-    (LANDSEG_PREFETCH=1), which pays off with a core to spare or a GPU; on 2 cores with torch on both
-    it cost 25 % throughput (benchmarks/train_bench.py)."""
+    threads, 0 = the cores shared by this machine's training processes (LANDSEG_THREADS); prefetch:
+    prepare the next batch in a background thread (LANDSEG_PREFETCH=1), which pays off with a core
+    to spare or a GPU; on 2 cores with torch on both it cost 25 % throughput
+    (benchmarks/train_bench.py); processes: train data-parallel on this many local processes, the
+    stage relaunching itself under torchrun (LANDSEG_NPROC, see stages.distributed)."""
 
     device: str = "auto"
     threads: int = 0
     prefetch: bool = False
+    processes: int = 1
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
@@ -91,33 +106,46 @@ class Execution:
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 0 <= self.threads <= 256:
             raise TrainingError(f"threads must be an integer in 0..256, 0 = all cores (LANDSEG_THREADS, "
                                 f"--threads), got {self.threads!r}")
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or not 1 <= self.processes <= 256:
+            raise TrainingError(f"processes must be an integer in 1..256 (LANDSEG_NPROC, --nproc), "
+                                f"got {self.processes!r}")
 
     @classmethod
     def from_env(cls, device: str | None = None, threads: int | None = None,
-                 prefetch: bool | None = None) -> Execution:
-        """The settings from LANDSEG_DEVICE, LANDSEG_THREADS and LANDSEG_PREFETCH, each overridden by
-        the argument when it is not None; TrainingError naming the variable when one is malformed."""
+                 prefetch: bool | None = None, processes: int | None = None) -> Execution:
+        """The settings from LANDSEG_DEVICE, LANDSEG_THREADS, LANDSEG_PREFETCH and LANDSEG_NPROC,
+        each overridden by the argument when it is not None; TrainingError naming the variable when
+        one is malformed."""
         env = os.environ
-        if threads is None:
-            raw = env.get("LANDSEG_THREADS", "0")
+
+        def integer(name: str, value: int | None, default: str, meaning: str) -> int:
+            if value is not None:
+                return value
+            raw = env.get(name, default)
             try:
-                threads = int(raw)
+                return int(raw)
             except ValueError:
-                raise TrainingError(f"LANDSEG_THREADS must be an integer (0 = all cores), got {raw!r}") from None
+                raise TrainingError(f"{name} must be an integer ({meaning}), got {raw!r}") from None
+
+        threads = integer("LANDSEG_THREADS", threads, "0", "0 = all cores")
+        processes = integer("LANDSEG_NPROC", processes, "1", "training processes on this machine")
         if prefetch is None:
             raw = env.get("LANDSEG_PREFETCH", "0")
             if raw not in ("0", "1"):
                 raise TrainingError(f"LANDSEG_PREFETCH must be 0 or 1, got {raw!r}")
             prefetch = raw == "1"
-        return cls(device if device is not None else env.get("LANDSEG_DEVICE", "auto"), threads, prefetch)
+        return cls(device if device is not None else env.get("LANDSEG_DEVICE", "auto"), threads, prefetch,
+                   processes)
 
-    def apply(self) -> torch.device:
-        """Sets torch's thread count; returns the device to train on."""
-        set_threads(self.threads)
+    def apply(self) -> tuple[torch.device, Ranks]:
+        """Sets torch's thread count and joins the distributed job when torchrun started one;
+        returns the device to train on and this process's ranks."""
         if self.device == "cuda" and not torch.cuda.is_available():
             raise TrainingError("device is 'cuda' (LANDSEG_DEVICE or --device) but torch sees no CUDA device")
         name = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        return torch.device(name)
+        device, ranks = init_ranks(torch.device(name))
+        torch.set_num_threads(local_threads(self.threads, ranks))
+        return device, ranks
 
 
 DEFAULT_EXECUTION = Execution()
@@ -132,9 +160,13 @@ def add_execution_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                     help="torch device (default: $LANDSEG_DEVICE, else auto: CUDA when torch sees it)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads, 0 = all cores (default: $LANDSEG_THREADS, else 0)")
+                    help="torch CPU threads, 0 = the cores shared by this machine's training processes "
+                         "(default: $LANDSEG_THREADS, else 0)")
     ap.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
                     help="prepare the next batch in a background thread (default: on when $LANDSEG_PREFETCH=1)")
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="data-parallel processes on this machine, started through torchrun; the model "
+                         "does not depend on it (default: $LANDSEG_NPROC, else 1)")
 
 
 def lr_at(step: int, total: int, base_lr: float) -> float:
@@ -528,13 +560,15 @@ def teacher_info(path: str | Path) -> dict:
 def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: torch.Generator,
                    target: MonolithicSegmenter | None = None,
                    projector: ProjectionHead | None = None,
-                   contrastive_weight: float | None = None) -> dict[str, torch.Tensor]:
+                   contrastive_weight: float | None = None,
+                   ranks: Ranks = ONE_PROCESS) -> dict[str, torch.Tensor]:
     """All teacher loss terms for a list of two views; both views share one set of centres.
 
     `generator` draws the cells of the dense contrastive term. `target` (the weight-EMA network)
     adds the self-distillation term. `projector` (loss.contrastive_projector > 0) maps the
     embeddings before the contrastive term only. `contrastive_weight` replaces `loss.contrastive`
-    in the total (the scheduled weight, `contrastive_weight_at`).
+    in the total (the scheduled weight, `contrastive_weight_at`). With several `ranks` the views
+    are this rank's slice of the global batch and every term is the global batch's value.
     """
     b = views[0].input.shape[0]
     out = model(torch.cat([v.input for v in views]))  # one forward: the views share batch statistics
@@ -546,10 +580,12 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     if projector is not None:
         emb_v = [projector(e) for e in emb_v]
     emb_aligned = [invert_each(e, v.transforms) for e, v in zip(emb_v, views)]
-    idx = losses.sample_positions(b, side * side, loss_params.contrastive_samples, generator)
+    global_b = b * ranks.world_size  # the cells are drawn for the global batch, whatever the ranks
+    idx = losses.sample_positions(global_b, side * side, loss_params.contrastive_samples,
+                                  generator)[ranks.slice(global_b)]
     terms = {
         "contrastive": losses.dense_contrastive(emb_aligned[0], emb_aligned[1], idx,
-                                                loss_params.contrastive_temperature),
+                                                loss_params.contrastive_temperature, ranks),
         "consistency": losses.consistency(aligned[0], aligned[1]),
     }
     if target is not None:
@@ -563,8 +599,10 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
                                                          sharpen=SELF_DISTILL_SHARPEN)
     # over the whole two-view batch
     terms["entropy"] = losses.pixel_entropy(probs)
-    terms["marginal_entropy"] = losses.marginal_entropy(probs)
+    terms["marginal_entropy"] = losses.marginal_entropy(probs, ranks)
     terms["smoothness"] = losses.edge_aware_tv(probs, torch.cat([v.guide for v in views]), loss_params.edge_sigma)
+    # the means over this rank's samples become the global batch's (the other two already are)
+    terms.update(ranks.mean_each({k: v for k, v in terms.items() if k not in ("contrastive", "marginal_entropy")}))
     weights = {name: getattr(loss_params, name) for name in terms}
     if contrastive_weight is not None:
         weights["contrastive"] = contrastive_weight
@@ -586,34 +624,52 @@ class HeldOutBatch:
 def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, results_dir: Path,
                   aug, model_params, loss_params, train_params, *, execution: Execution = DEFAULT_EXECUTION,
                   stop_after: int | None = None, progress: bool = True) -> dict:
-    """Train the teacher; returns the best validation record. See the module docstring.
+    """Train the teacher; returns the best validation record (on rank 0; {} on the other ranks of
+    a distributed run, stages.distributed). See the module docstring.
 
     stop_after: stop (as if killed) once this many steps are done, without writing `out_dir`
     (used by the resume test).
     """
-    from stages.datasets import RandomWindowBatches
-
     if train_params.patch_size % 4:
         raise TrainingError(f"train.patch_size must be a multiple of 4 (the network stride), got "
                             f"{train_params.patch_size}")
-    device = execution.apply()
+    device, ranks = execution.apply()
+    try:
+        return _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, model_params,
+                              loss_params, train_params, execution, device, ranks, stop_after,
+                              progress and ranks.is_main)
+    finally:
+        close_ranks(ranks)
+
+
+def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, model_params, loss_params,
+                   train_params, execution, device, ranks, stop_after, progress) -> dict:
+    from stages.datasets import RandomWindowBatches
+
+    rows = ranks.slice(train_params.batch_size, "train.batch_size")
     summary = read_summary(dataset_root)
     sources = training_sources(dataset_root)
-    labelled = load_labelled_split(dataset_root, max_tiles=train_params.val_max_tiles)
+    # rank 0 alone validates; every rank needs to know which selection it is (it decides the sources)
+    labelled = load_labelled_split(dataset_root, max_tiles=train_params.val_max_tiles) if ranks.is_main else None
+    has_labels = ranks.broadcast(labelled is not None)
     heldout = None
-    if labelled is None:
+    if not has_labels:
         if len(sources) < 2:
             raise TrainingError(f"{dataset_root}: no labelled metrics_train tiles and fewer than 2 train "
                                 "tiles: nothing to hold out for model selection")
         n_held = max(1, len(sources) // 10)
-        heldout = HeldOutBatch(sources[-n_held:], train_params.patch_size, train_params.batch_size,
-                               train_params.seed + 1)
+        if ranks.is_main:
+            heldout = HeldOutBatch(sources[-n_held:], train_params.patch_size, train_params.batch_size,
+                                   train_params.seed + 1)
         sources = sources[:-n_held]
     batches = RandomWindowBatches(sources, [train_params.patch_size], train_params.batch_size,
                                   train_params.seed, "cycle", True)
 
     config = teacher_config(model_params)
-    model = build_teacher(config).to(device)
+    model = build_teacher(config)
+    if ranks.distributed:
+        model = sync_batchnorm(model)
+    model = model.to(device)
     projector = None
     trained = list(model.parameters())
     if loss_params.contrastive_projector > 0:
@@ -635,7 +691,8 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     fingerprint = run_fingerprint(aug, model_params, loss_params, train_params,
                                   data_hash=summary.get("params_hash", ""))
     ckpt_path = checkpoint_dir / "last.pt"
-    state = load_checkpoint(ckpt_path, fingerprint, train_params.steps)
+    # read on rank 0 and broadcast: the ranks need not share a disk
+    state = ranks.broadcast(load_checkpoint(ckpt_path, fingerprint, train_params.steps) if ranks.is_main else None)
     start, best = 0, {"score": -math.inf, "step": -1, "metric": None, "state_dict": None}
     if state is not None:
         model.load_state_dict(state["model"])
@@ -645,7 +702,10 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
         if projector is not None:
             projector.load_state_dict(state["projector"])
         start, best = int(state["step"]), state["best"]
-        tqdm.write(f"resuming teacher training from {ckpt_path} at step {start}")
+        if ranks.is_main:
+            tqdm.write(f"resuming teacher training from {ckpt_path} at step {start}")
+    trained_model = wrap_ddp(model, ranks, device)
+    trained_projector = None if projector is None else wrap_ddp(projector, ranks, device)
 
     def validate() -> dict:
         evaluated.eval()
@@ -669,12 +729,13 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
         record["usage"] = usage
         return record
 
-    live = open_live(results_dir, start)
+    live = open_live(results_dir, start) if ranks.is_main else NoLive()
     model.train()
     bar = tqdm(range(start, train_params.steps), initial=start, total=train_params.steps,
                desc="train teacher", disable=not progress, dynamic_ncols=True)
-    prefetch = Prefetcher(lambda i: make_views(batches.batch(i)[0], i, aug), start, train_params.steps,
-                          background=execution.prefetch)
+    # every rank draws the global batch and its augmentations, and keeps its rows
+    prefetch = Prefetcher(lambda i: [v.rows(rows) for v in make_views(batches.batch(i)[0], i, aug)],
+                          start, train_params.steps, background=execution.prefetch)
     t_start = time.perf_counter()
     try:
         for step in bar:
@@ -684,10 +745,11 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
             lr = lr_at(step, train_params.steps, train_params.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            terms = teacher_losses(model, views, loss_params,
+            terms = teacher_losses(trained_model, views, loss_params,
                                    torch.Generator().manual_seed(train_params.seed * 1_000_003 + step), target,
-                                   projector, contrastive_weight_at(step, loss_params.contrastive,
-                                                                    loss_params.contrastive_decay_steps))
+                                   trained_projector, contrastive_weight_at(step, loss_params.contrastive,
+                                                                            loss_params.contrastive_decay_steps),
+                                   ranks)
             check_finite(terms, step + 1, "train", ckpt_path)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
@@ -695,14 +757,14 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
             if averaged is not None:
                 averaged.update_parameters(model)
 
-            usage = cluster_usage(terms["_probs"].detach())
+            usage = usage_over_ranks(cluster_usage(terms["_probs"].detach()), ranks)
             for name, value in terms.items():
                 if not name.startswith("_"):
                     live.log_metric(f"train/{name}", float(value.detach()))
             live.log_metric("train/lr", lr)
             live.log_metric("train/clusters_ge_2pct", int((usage >= USAGE_THRESHOLD).sum()))
             done = step + 1
-            if done % train_params.val_every == 0 or done == train_params.steps:
+            if ranks.is_main and (done % train_params.val_every == 0 or done == train_params.steps):
                 record = validate()
                 live.log_metric(f"val/{record['metric'].split('/', 1)[1]}", record["score"])
                 live.log_metric("val/clusters_ge_2pct", record["clusters_ge_2pct"])
@@ -713,7 +775,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
                             "state_dict": {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}}
                 bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", val=f"{record['score']:.3f}")
             live.next_step()
-            if done % train_params.checkpoint_every == 0 or done == train_params.steps:
+            if ranks.is_main and (done % train_params.checkpoint_every == 0 or done == train_params.steps):
                 atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
                                    "model": model.state_dict(), "optimizer": opt.state_dict(), "best": best,
                                    "averaged": None if averaged is None else averaged.state_dict(),
@@ -724,6 +786,8 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
                 return {"stopped_at": done}
 
         elapsed = time.perf_counter() - t_start
+        if not ranks.is_main:
+            return {}
         if best["state_dict"] is None:
             raise TrainingError("no validation ran, so there is no best checkpoint (check train.val_every)")
         live.summary["best/score"] = best["score"]
@@ -744,7 +808,8 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
         write_output_dir(out_dir, {"model.pt": lambda p: torch.save(blob, p)})
         ran = train_params.steps - start
         tqdm.write(f"teacher: best {best['metric']} = {best['score']:.4f} at step {best['step']}; "
-                   f"{ran} steps in {elapsed:.1f}s, data wait {100 * prefetch.wait_s / max(elapsed, 1e-9):.1f}%")
+                   f"{ran} steps in {elapsed:.1f}s on {ranks.world_size} process(es), data wait "
+                   f"{100 * prefetch.wait_s / max(elapsed, 1e-9):.1f}%")
         return blob["val"]
     finally:
         prefetch.close()
@@ -762,8 +827,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def run() -> int:
+        execution = Execution.from_env(args.device, args.threads, args.prefetch, args.nproc)
+        code = relaunch_under_torchrun("stages.train", sys.argv[1:] if argv is None else argv, execution.processes)
+        if code is not None:
+            return code
         p = load_params(args.params)
-        execution = Execution.from_env(args.device, args.threads, args.prefetch)
         train_teacher(Path(args.shards) / p.ingest.dataset, Path(args.out), Path(args.checkpoints),
                       Path(args.results), p.aug, p.model, p.loss, p.train, execution=execution,
                       progress=not args.no_progress)

@@ -40,6 +40,16 @@ from tqdm import tqdm
 from runtime.command import check_signals, run_command
 from stages import losses
 from stages.augment import apply_each, draw_transforms, normalise01, step_generator, to_rgb01
+from stages.distributed import (
+    ONE_PROCESS,
+    NoLive,
+    Ranks,
+    close_ranks,
+    relaunch_under_torchrun,
+    sync_batchnorm,
+    usage_over_ranks,
+    wrap_ddp,
+)
 from stages.model import Encoder, student_from_params
 from stages.params import ParamsError, StudentParams, load_params
 from stages.train import (
@@ -93,22 +103,27 @@ class Distiller(nn.Module):
 
 
 def distill_losses(distiller: Distiller, teacher, x: torch.Tensor, guide: torch.Tensor, distill,
-                   edge_sigma: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Weighted distillation terms for one batch at one patch size; 'raw' is their weighted sum."""
+                   edge_sigma: float, generator: torch.Generator, ranks: Ranks = ONE_PROCESS
+                   ) -> dict[str, torch.Tensor]:
+    """Weighted distillation terms for one batch at one patch size; 'raw' is their weighted sum.
+
+    With several `ranks`, `x` and `guide` are this rank's slice of the global batch; the teacher's
+    centres and every term are the global batch's."""
     with torch.no_grad():
         t_emb = teacher.encoder(x)
-        t_probs, t_centres = teacher.head(t_emb)
+        t_probs, t_centres = teacher.head(t_emb, total=ranks.sum if ranks.distributed else None)
     s_emb, s_proj = distiller(x)
     s_logits = torch.einsum("bdhw,kd->bkhw", s_proj, t_centres) / teacher.head.temperature
     s_probs = torch.softmax(s_logits, dim=1)
     b, _, h, w = t_emb.shape
-    idx = losses.sample_positions(b, h * w, distill.affinity_samples, generator)
-    terms = {
+    global_b = b * ranks.world_size  # the cells are drawn for the global batch, whatever the ranks
+    idx = losses.sample_positions(global_b, h * w, distill.affinity_samples, generator)[ranks.slice(global_b)]
+    terms = ranks.mean_each({  # means over this rank's samples -> the global batch's
         "feature": losses.cosine_distillation(s_proj, t_emb),
         "affinity": losses.affinity_distillation(s_emb, t_emb, idx),
         "cluster": losses.cluster_distillation(s_probs, t_probs),
         "tv": losses.edge_aware_tv(s_probs, guide, edge_sigma),
-    }
+    })
     weights = {"feature": distill.feature_weight, "affinity": distill.affinity_weight,
                "cluster": distill.cluster_weight, "tv": distill.tv_weight}
     terms["raw"] = sum(weights[name] * value for name, value in terms.items())
@@ -167,50 +182,72 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
 
     `model_params` is the declared teacher architecture (the checkpoint must match it);
     `loss_params.edge_sigma` sets the TV edge weights; `train_params` gives `val_max_tiles` (the
-    teacher's selection tiles are the student's too); `execution`: device, threads and prefetch.
+    teacher's selection tiles are the student's too); `execution`: device, threads, prefetch and
+    processes. Returns {} on the ranks other than 0 of a distributed run (stages.distributed).
     """
-    from stages.datasets import RandomWindowBatches
-
     bad = [s for s in data.patch_sizes if s % 4]
     if bad:
         raise TrainingError(f"data.patch_sizes must be multiples of 4 (the network stride), got {bad}")
     if not data.patch_sizes:
         raise TrainingError("data.patch_sizes is empty")
-    device = execution.apply()
+    device, ranks = execution.apply()
+    try:
+        return _train_student(dataset_root, teacher_path, out_dir, checkpoint_dir, results_dir, model_params,
+                              loss_params, student, data, distill, train_params, execution, device, ranks,
+                              stop_after, progress and ranks.is_main)
+    finally:
+        close_ranks(ranks)
+
+
+def _train_student(dataset_root, teacher_path, out_dir, checkpoint_dir, results_dir, model_params, loss_params,
+                   student, data, distill, train_params, execution, device, ranks, stop_after, progress) -> dict:
+    from stages.datasets import RandomWindowBatches
+
+    rows = ranks.slice(distill.batch_size, "distill.batch_size")
     teacher = load_teacher(teacher_path, expect=teacher_config(model_params)).to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
     t_info = teacher_info(teacher_path)
     summary = read_summary(dataset_root)
     sources = training_sources(dataset_root)
-    labelled = load_labelled_split(dataset_root, max_tiles=train_params.val_max_tiles)
+    # rank 0 alone validates; every rank needs to know which selection it is (it decides the sources)
+    labelled = load_labelled_split(dataset_root, max_tiles=train_params.val_max_tiles) if ranks.is_main else None
+    has_labels = ranks.broadcast(labelled is not None)
     heldout = None
-    if labelled is None:
+    if not has_labels:
         if len(sources) < 2:
             raise TrainingError(f"{dataset_root}: no labelled metrics_train tiles and fewer than 2 train "
                                 "tiles: nothing to hold out for model selection")
         n_held = max(1, len(sources) // 10)
-        heldout = HeldOutBatch(sources[-n_held:], min(data.patch_sizes), distill.batch_size, distill.seed + 1)
+        if ranks.is_main:
+            heldout = HeldOutBatch(sources[-n_held:], min(data.patch_sizes), distill.batch_size,
+                                   distill.seed + 1)
         sources = sources[:-n_held]
     batches = RandomWindowBatches(sources, data.patch_sizes, distill.batch_size, distill.seed,
                                   data.patch_size_sampling, True)
 
     torch.manual_seed(distill.seed)
-    distiller = Distiller(student_from_params(student), teacher.encoder.embed_dim).to(device)
+    distiller = Distiller(student_from_params(student), teacher.encoder.embed_dim)
+    if ranks.distributed:
+        distiller = sync_batchnorm(distiller)
+    distiller = distiller.to(device)
     opt = torch.optim.AdamW(distiller.parameters(), lr=distill.lr, weight_decay=distill.weight_decay)
     normaliser = losses.EmaNormaliser(distill.ema_decay, distill.ema_eps)
     fingerprint = run_fingerprint(student, data, distill, data_hash=(
         f"{summary.get('params_hash', '')}:{t_info['fingerprint']}:{loss_params.edge_sigma}:"
         f"{train_params.val_max_tiles}"))
     ckpt_path = checkpoint_dir / "last.pt"
-    state = load_checkpoint(ckpt_path, fingerprint, distill.steps)
+    # read on rank 0 and broadcast: the ranks need not share a disk
+    state = ranks.broadcast(load_checkpoint(ckpt_path, fingerprint, distill.steps) if ranks.is_main else None)
     start, best = 0, {"score": -math.inf, "step": -1, "metric": None, "state_dict": None}
     if state is not None:
         distiller.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         normaliser.load_state_dict(state["normaliser"])
         start, best = int(state["step"]), state["best"]
-        tqdm.write(f"resuming distillation from {ckpt_path} at step {start}")
+        if ranks.is_main:
+            tqdm.write(f"resuming distillation from {ckpt_path} at step {start}")
+    trained = wrap_ddp(distiller, ranks, device)
 
     def validate() -> dict:
         distiller.eval()
@@ -231,13 +268,14 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
         distiller.train()
         return record
 
-    live = open_live(results_dir, start)
+    live = open_live(results_dir, start) if ranks.is_main else NoLive()
     distiller.train()
     bar = tqdm(range(start, distill.steps), initial=start, total=distill.steps, desc="distil student",
                disable=not progress, dynamic_ncols=True)
-    def make(i: int):
+    def make(i: int):  # every rank draws the global batch and its transforms, and keeps its rows
         batch, size = batches.batch(i)
-        return (size, *prepare_batch(batch, distill.seed, i))
+        x, guide = prepare_batch(batch, distill.seed, i)
+        return size, x[rows], guide[rows]
 
     prefetch = Prefetcher(make, start, distill.steps, background=execution.prefetch)
     t_start = time.perf_counter()
@@ -246,12 +284,14 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
             check_signals()
             size, x, guide = prefetch.get(step)
             x, guide = x.to(device), guide.to(device)
-            torch.manual_seed(distill.seed * 1_000_003 + step)  # dropout draws: a function of the step
+            # dropout draws: a function of the step (and of the rank: with student.dropout > 0 a
+            # distributed run draws other masks than one process)
+            torch.manual_seed(distill.seed * 1_000_003 + step + 7919 * ranks.rank)
             lr = lr_at(step, distill.steps, distill.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             gen = torch.Generator().manual_seed(distill.seed * 1_000_003 + step)
-            terms = distill_losses(distiller, teacher, x, guide, distill, loss_params.edge_sigma, gen)
+            terms = distill_losses(trained, teacher, x, guide, distill, loss_params.edge_sigma, gen, ranks)
             check_finite(terms, step + 1, "train_distill", ckpt_path)
             key = str(size)
             normalised = normaliser.normalise(key, terms["raw"])
@@ -266,10 +306,10 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
             live.log_metric(f"distill/normalised_p{size}", float(normalised.detach()))
             live.log_metric("distill/merged_geomean", float(merged.detach()))
             live.log_metric("distill/lr", lr)
-            usage = cluster_usage(terms["_probs"].detach())
+            usage = usage_over_ranks(cluster_usage(terms["_probs"].detach()), ranks)
             live.log_metric("distill/clusters_ge_2pct", int((usage >= USAGE_THRESHOLD).sum()))
             done = step + 1
-            if done % distill.val_every == 0 or done == distill.steps:
+            if ranks.is_main and (done % distill.val_every == 0 or done == distill.steps):
                 record = validate()
                 live.log_metric(f"val/{record['metric'].split('/', 1)[1]}", record["score"])
                 live.log_metric("val/min_cluster_share", record["min_cluster_share"])
@@ -279,7 +319,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
                                            for k, v in distiller.student.state_dict().items()}}
                 bar.set_postfix(merged=f"{float(merged.detach()):.3f}", val=f"{record['score']:.3f}")
             live.next_step()
-            if done % distill.checkpoint_every == 0 or done == distill.steps:
+            if ranks.is_main and (done % distill.checkpoint_every == 0 or done == distill.steps):
                 atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
                                    "model": distiller.state_dict(), "optimizer": opt.state_dict(),
                                    "normaliser": normaliser.state_dict(), "best": best}, ckpt_path)
@@ -290,6 +330,8 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
         prefetch.close()
 
     elapsed = time.perf_counter() - t_start
+    if not ranks.is_main:
+        return {}
     if best["state_dict"] is None:
         raise TrainingError("no validation ran, so there is no best checkpoint (check distill.val_every)")
     live.summary["best/score"] = best["score"]
@@ -302,7 +344,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
             "fingerprint": fingerprint}
     write_output_dir(out_dir, {"model.pt": lambda p: torch.save(blob, p)})
     tqdm.write(f"student: best {best['metric']} = {best['score']:.4f} at step {best['step']}; "
-               f"{distill.steps - start} steps in {elapsed:.1f}s, data wait "
+               f"{distill.steps - start} steps in {elapsed:.1f}s on {ranks.world_size} process(es), data wait "
                f"{100 * prefetch.wait_s / max(elapsed, 1e-9):.1f}%")
     return blob["val"]
 
@@ -320,8 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def run() -> int:
+        execution = Execution.from_env(args.device, args.threads, args.prefetch, args.nproc)
+        code = relaunch_under_torchrun("stages.train_distill", sys.argv[1:] if argv is None else argv,
+                                       execution.processes)
+        if code is not None:
+            return code
         p = load_params(args.params)
-        execution = Execution.from_env(args.device, args.threads, args.prefetch)
         train_student(Path(args.shards) / p.ingest.dataset, Path(args.teacher), Path(args.out),
                       Path(args.checkpoints), Path(args.results), p.model, p.loss, p.student, p.data,
                       p.distill, p.train, execution=execution, progress=not args.no_progress)
