@@ -34,7 +34,7 @@ lint: setup
 dubai: setup
 	@test -d $(DUBAI)/images -a -d $(DUBAI)/labels || \
 		{ echo "error: $(DUBAI)/images and $(DUBAI)/labels not found (make dubai DUBAI=/path/to/dubai)" >&2; exit 2; }
-	dvc exp run -n dubai-e8s8 -S ingest.provider=local -S ingest.dataset=dubai \
+	dvc exp run -n dubai -S ingest.provider=local -S ingest.dataset=dubai \
 		-S ingest.local.path=$(DUBAI)/images -S ingest.local.labels=$(DUBAI)/labels \
 		-S "shards.group_regex='t(\d+)_'" -S shards.train_fraction=0.4 \
 		-S +ingest.class_names.1=building -S +ingest.class_names.2=land -S +ingest.class_names.3=road \
@@ -52,6 +52,7 @@ bench: setup
 	python benchmarks/runtime_bench.py
 	python benchmarks/region_bench.py
 	python benchmarks/train_bench.py
+	python benchmarks/train_dist_bench.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -51,6 +51,7 @@ from stages import losses
 from stages.augment import invert_each, make_views
 from stages.distributed import (
     ONE_PROCESS,
+    DistributedError,
     NoLive,
     Ranks,
     close_ranks,
@@ -837,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
                       progress=not args.no_progress)
         return 0
 
-    return run_command("train", run, errors=(ParamsError, TrainingError, FileNotFoundError, ValueError),
+    return run_command("train", run, errors=(ParamsError, TrainingError, DistributedError, FileNotFoundError, ValueError),
                        interrupted=f"{args.out} not written; the last checkpoint in {args.checkpoints} is kept: "
                        "rerun to resume")
 

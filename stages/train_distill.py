@@ -42,6 +42,7 @@ from stages import losses
 from stages.augment import apply_each, draw_transforms, normalise01, step_generator, to_rgb01
 from stages.distributed import (
     ONE_PROCESS,
+    DistributedError,
     NoLive,
     Ranks,
     close_ranks,
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                       p.distill, p.train, execution=execution, progress=not args.no_progress)
         return 0
 
-    return run_command("train_distill", run, errors=(ParamsError, TrainingError, FileNotFoundError, ValueError),
+    return run_command("train_distill", run, errors=(ParamsError, TrainingError, DistributedError, FileNotFoundError, ValueError),
                        interrupted=f"{args.out} not written; the last checkpoint in {args.checkpoints} is kept: "
                        "rerun to resume")
 

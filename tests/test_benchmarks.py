@@ -15,6 +15,7 @@ from conftest import REPO
 @pytest.mark.parametrize("script, args", [
     ("build_shards_bench.py", ["--sizes", "256", "512", "--tile", "128"]),
     ("train_bench.py", ["--steps", "2", "--repeats", "1"]),
+    ("train_dist_bench.py", ["--steps", "2", "--repeats", "1"]),
     ("runtime_bench.py", ["--size", "256", "--repeats", "1", "--skip-rss", "--skip-other-kernel"]),
     ("region_bench.py", ["--rasters", "2", "--size", "256", "--workers", "1", "2"]),
 ])
