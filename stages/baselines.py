@@ -6,8 +6,8 @@ k-means++ seeded init), under the same two protocols as the model (see `stages/m
 - `kmeans_features`: hand-crafted colour + texture features: CIE Lab colour (D65, sRGB input)
   blurred by a Gaussian of sigma 5 px, plus the local standard deviation of Lab lightness L over a
   9 x 9 px window. Features are left in their natural units (L 0..100, a/b about -128..127, std in
-  L units), unscaled. On the Dubai set (k = 5, global protocol) this scores about 0.41 mIoU, the
-  reference figure quoted in issue 6; z-scoring the features scored lower there (about 0.32).
+  L units), unscaled. On the Dubai set (k = 5, global protocol, 256 px tiles) this scores about
+  0.41 mIoU; z-scoring the features scored lower there (about 0.32).
 
 All windows are in pixels; borders reflect (scipy.ndimage's default), so a tile's features do
 not depend on zero padding.
