@@ -57,10 +57,10 @@ def build_encoder(arch: str, seed: int = 0):
     params = load_params(REPO / "params.yaml")
     if arch == "student":
         s = params.student
-        enc = Encoder(s.width, s.depth, s.embed_dim, s.norm, 0.0, dilation=s.dilation)
+        enc = Encoder(s.width, s.depth, s.embed_dim, s.norm, 0.0)
     else:
         m = params.model
-        enc = Encoder(m.width, m.depth, m.embed_dim, "batch", 0.0, m.refine_head, m.dilation)
+        enc = Encoder(m.width, m.depth, m.embed_dim, "batch", 0.0, m.refine_head)
     torch.manual_seed(seed)
     with torch.no_grad():
         for mod in enc.modules():

@@ -13,8 +13,6 @@ teacher (stride-4 assignment maps p of shape (B, k, h, w), rows summing to one)
   exp(-|image difference| / sigma) so that label changes are cheap across image edges;
 - `dense_contrastive`: InfoNCE on embeddings, a cell of one view must pick the same ground cell
   of the other view among the batch's sampled cells;
-- `self_distillation`: each view's assignments predict the other view's under a slowly moving
-  copy of the network (off by default).
 
 student (distillation from the frozen teacher)
 - `cosine_distillation`: 1 - cos between (projected) student and teacher embeddings;
@@ -213,22 +211,3 @@ def dense_contrastive(e_a: torch.Tensor, e_b: torch.Tensor, idx: torch.Tensor, t
     ce = 0.5 * (F.cross_entropy(a @ b_all.T / temperature, target)
                 + F.cross_entropy(b @ a_all.T / temperature, target))
     return ranks.mean(ce) / math.log(len(a_all))
-
-
-def self_distillation(p_a: torch.Tensor, p_b: torch.Tensor, t_a: torch.Tensor, t_b: torch.Tensor,
-                      sharpen: float = 2.0) -> torch.Tensor:
-    """Each view's assignments predict the *other* view's assignments under a slowly moving target
-    network (DINO-style self-distillation), cross-entropy / log k.
-
-    p_a, p_b: the online network's aligned maps (B, k, h, w); t_a, t_b: the target network's for
-    the same views (no gradient), sharpened as t ** sharpen renormalised so that the online
-    network is pulled towards more confident assignments than the target's.
-    """
-    _check_probs(p_a, "p_a")
-    if not (p_a.shape == p_b.shape == t_a.shape == t_b.shape):
-        raise ValueError(f"assignment shapes differ: {tuple(p_a.shape)}, {tuple(p_b.shape)}, "
-                         f"{tuple(t_a.shape)}, {tuple(t_b.shape)}")
-    q_a, q_b = (t.detach().clamp_min(EPS) ** sharpen for t in (t_a, t_b))
-    q_a, q_b = q_a / q_a.sum(dim=1, keepdim=True), q_b / q_b.sum(dim=1, keepdim=True)
-    ce = -(q_b * p_a.clamp_min(EPS).log()).sum(dim=1).mean() - (q_a * p_b.clamp_min(EPS).log()).sum(dim=1).mean()
-    return 0.5 * ce / math.log(p_a.shape[1])

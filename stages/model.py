@@ -7,7 +7,7 @@ batch norm folded into the convolution weights, so the artifact needs no torch t
 
 Conventions shared with the runtime (and tested for numeric parity there):
 - input: float32 (B, 3, H, W), normalised as (rgb / input_scale - input_mean) / input_std;
-- every conv pads with zeros by dilation * (kernel // 2), so a stride-2 conv maps H to ceil(H / 2)
+- every conv pads with zeros by kernel // 2, so a stride-2 conv maps H to ceil(H / 2)
   and the encoder maps H x W to ceil(H / 4) x ceil(W / 4) (cell (i, j) covers input pixels
   4i..4i+3, 4j..4j+3);
 - `upsample_to` resizes stride-4 maps to full resolution with a *fixed* scale factor of 4
@@ -45,12 +45,11 @@ def normalise_rgb(rgb_uint8: torch.Tensor) -> torch.Tensor:
 class ConvNormAct(nn.Module):
     """Conv2d with 'same'-style zero padding, optional batch norm, optional ReLU."""
 
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1,
-                 norm: str = "batch", act: str = "relu"):
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, norm: str = "batch",
+                 act: str = "relu"):
         super().__init__()
         assert norm in ("batch", "none") and act in ("relu", "none")
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding=dilation * (kernel // 2),
-                              dilation=dilation, bias=(norm == "none"))
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=(norm == "none"))
         self.norm = nn.BatchNorm2d(cout) if norm == "batch" else nn.Identity()
         self.act = act
 
@@ -62,11 +61,11 @@ class ConvNormAct(nn.Module):
 class ResidualBlock(nn.Module):
     """relu(x + conv_bn(drop(conv_bn_relu(x))))."""
 
-    def __init__(self, width: int, norm: str = "batch", dropout: float = 0.0, dilation: int = 1):
+    def __init__(self, width: int, norm: str = "batch", dropout: float = 0.0):
         super().__init__()
-        self.conv1 = ConvNormAct(width, width, 3, 1, dilation, norm, "relu")
+        self.conv1 = ConvNormAct(width, width, 3, 1, norm, "relu")
         self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = ConvNormAct(width, width, 3, 1, dilation, norm, "none")
+        self.conv2 = ConvNormAct(width, width, 3, 1, norm, "none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x + self.conv2(self.drop(self.conv1(x))))
@@ -76,22 +75,18 @@ class Encoder(nn.Module):
     """Normalised RGB (B, 3, H, W) -> unit-length embeddings (B, D, ceil(H/4), ceil(W/4)).
 
     stem: two stride-2 3x3 convs (3 -> width/2 -> width); `depth` residual blocks at stride 4
-    whose 3x3 convs have dilation `dilation` (each block widens the receptive field by
-    16 * dilation input pixels at the same cost); optional refinement (a residual block on the
-    embeddings); 1x1 head to `embed_dim`; L2 norm.
+    (each widens the receptive field by 16 input pixels); optional refinement (a residual block on
+    the embeddings); 1x1 head to `embed_dim`; L2 norm.
     """
 
     def __init__(self, width: int, depth: int, embed_dim: int, norm: str = "batch",
-                 dropout: float = 0.0, refine: bool = False, dilation: int = 1):
+                 dropout: float = 0.0, refine: bool = False):
         super().__init__()
-        if dilation < 1:
-            raise ValueError(f"dilation must be >= 1, got {dilation}")
         self.width, self.depth, self.embed_dim, self.norm = width, depth, embed_dim, norm
-        self.dilation = dilation
         half = max(width // 2, 8)
-        self.stem = nn.Sequential(ConvNormAct(3, half, 3, 2, 1, norm, "relu"),
-                                  ConvNormAct(half, width, 3, 2, 1, norm, "relu"))
-        self.blocks = nn.Sequential(*[ResidualBlock(width, norm, dropout, dilation) for _ in range(depth)])
+        self.stem = nn.Sequential(ConvNormAct(3, half, 3, 2, norm, "relu"),
+                                  ConvNormAct(half, width, 3, 2, norm, "relu"))
+        self.blocks = nn.Sequential(*[ResidualBlock(width, norm, dropout) for _ in range(depth)])
         self.head = nn.Conv2d(width, embed_dim, 1)
         # Learned refinement: a residual block over the embedding, before normalisation.
         self.refine = ResidualBlock(embed_dim, norm, 0.0) if refine else None
@@ -233,11 +228,10 @@ class MonolithicSegmenter(nn.Module):
     """Teacher: encoder + soft k-means head. forward -> dict of embeddings and stride-4 probs."""
 
     def __init__(self, width: int, depth: int, embed_dim: int, max_k: int, temperature: float,
-                 cluster_iters: int, smooth_iters: int = 0, refine_head: bool = False, seed: int = 0,
-                 dilation: int = 1):
+                 cluster_iters: int, smooth_iters: int = 0, refine_head: bool = False, seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
-        self.encoder = Encoder(width, depth, embed_dim, "batch", 0.0, refine_head, dilation)
+        self.encoder = Encoder(width, depth, embed_dim, "batch", 0.0, refine_head)
         self.head = SoftKMeansHead(embed_dim, max_k, temperature, cluster_iters, seed)
         self.smooth_iters = smooth_iters
 
@@ -245,7 +239,7 @@ class MonolithicSegmenter(nn.Module):
     def from_params(cls, model) -> MonolithicSegmenter:
         """Build from a `stages.params.ModelParams`."""
         return cls(model.width, model.depth, model.embed_dim, model.max_k, model.temperature,
-                   model.cluster_iters, model.smooth_iters, model.refine_head, model.seed, model.dilation)
+                   model.cluster_iters, model.smooth_iters, model.refine_head, model.seed)
 
     def forward(self, x: torch.Tensor, k: int | None = None) -> dict[str, torch.Tensor]:
         emb = self.encoder(x)
@@ -259,24 +253,9 @@ class MonolithicSegmenter(nn.Module):
         return upsample_to(probs, x.shape[2], x.shape[3]).argmax(dim=1)
 
 
-class ProjectionHead(nn.Module):
-    """Training-only head of the teacher's contrastive term: unit embeddings (B, D, h, w) ->
-    unit projections (B, width, h, w) by 1x1 conv, ReLU, 1x1 conv. Pointwise, so it commutes with
-    the flips, rotations and crops that align two views. Never exported."""
-
-    def __init__(self, embed_dim: int, width: int, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Conv2d(embed_dim, width, 1), nn.ReLU(inplace=True), nn.Conv2d(width, width, 1))
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(emb), dim=1, eps=1e-12)
-
-
 def student_from_params(student) -> Encoder:
     """Build the student from a `stages.params.StudentParams`."""
-    return Encoder(student.width, student.depth, student.embed_dim, student.norm, student.dropout,
-                   dilation=student.dilation)
+    return Encoder(student.width, student.depth, student.embed_dim, student.norm, student.dropout)
 
 
 def count_parameters(m: nn.Module) -> int:

@@ -213,8 +213,6 @@ class AugParams:
 class ModelParams:
     width: int = knob(32, "Teacher encoder channel width.", lo=8, hi=1024)
     depth: int = knob(2, "Teacher residual blocks at stride 4.", lo=0, hi=64)
-    dilation: int = knob(1, "Dilation of the teacher's residual-block convs (receptive field grows by "
-                         "16 * dilation px per block at the same cost).", lo=1, hi=16)
     embed_dim: int = knob(32, "Teacher embedding dimension.", lo=2, hi=1024)
     max_k: int = knob(8, "Number of soft k-means prototypes (largest k the runtime accepts).", lo=2, hi=16)
     temperature: float = knob(0.1, "Soft k-means temperature on cosine similarity.", lo=1e-4, hi=10.0)
@@ -235,16 +233,9 @@ class LossParams:
                               lo=0.0, hi=100.0)
     contrastive_temperature: float = knob(0.2, "Temperature of the dense contrastive term.", lo=1e-3, hi=10.0)
     contrastive_samples: int = knob(32, "Cells sampled per image for the dense contrastive term.", lo=2, hi=65536)
-    self_distill: float = knob(0.0, "Weight of self-distillation: each view's assignments predict the "
-                               "other view's sharpened assignments under the weight-EMA network "
-                               "(needs train.weight_ema > 0, the target's decay).", lo=0.0, hi=100.0)
-    contrastive_projector: int = knob(
-        0, "Width of a training-only projection head (1x1 conv, ReLU, 1x1 conv, unit length) that the dense "
-        "contrastive term sees instead of the embedding (SimCLR's head: the invariances the term asks for "
-        "are absorbed by the head, not forced on the clustered embedding); 0 = no head.", lo=0, hi=4096)
     contrastive_decay_steps: int = knob(
         0, "Teacher steps over which the contrastive weight falls to 0 on a half-cosine and stays there, so "
-        "the other terms (self-distillation where on) hold the features it built instead of letting it "
+        "the other terms hold the features it built instead of letting it "
         "keep pulling cells apart; 0 = constant weight. Held-out validation scores the full weight.",
         lo=0, hi=10_000_000)
 
@@ -264,18 +255,12 @@ class TrainParams:
                               "validation embeds and clusters every tile it scores, so a large labelled "
                               "split costs time and memory at every `val_every`.", lo=0, hi=10**9)
     checkpoint_every: int = knob(50, "Steps between resumable checkpoints.", lo=1, hi=10**8)
-    weight_ema: float = knob(0.0, "Decay of an exponential moving average of the teacher's weights and "
-                             "batch-norm statistics (Polyak averaging, torch AveragedModel), updated "
-                             "every step; when > 0, validation, model selection and the saved teacher "
-                             "use the averaged weights. 0 = off.", lo=0.0, hi=0.9999)
 
 
 @dataclass
 class StudentParams:
     width: int = knob(32, "Student encoder channel width.", lo=8, hi=1024)
     depth: int = knob(2, "Student residual blocks.", lo=0, hi=64)
-    dilation: int = knob(1, "Dilation of the student's residual-block convs (receptive field grows by "
-                         "16 * dilation px per block at the same cost).", lo=1, hi=16)
     embed_dim: int = knob(24, "Student embedding dimension.", lo=2, hi=1024)
     norm: str = knob("batch", "Normalisation layer (batch norm is folded into convs at export).",
                      choices=("batch", "none"))

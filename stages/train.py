@@ -63,15 +63,12 @@ from stages.distributed import (
     wrap_ddp,
 )
 from stages.metrics import confusion, hungarian_scores
-from stages.model import MonolithicSegmenter, ProjectionHead, normalise_rgb, smooth_probs, upsample_to
+from stages.model import MonolithicSegmenter, normalise_rgb, smooth_probs, upsample_to
 from stages.params import ModelParams, ParamsError, load_params
 
 TEACHER_FORMAT = "landseg-teacher"
 CHECKPOINT_VERSION = 1
 USAGE_THRESHOLD = 0.02  # a cluster "holds" pixels when it has at least 2 % of them
-# Self-distillation targets are the target network's assignments squared and renormalised
-# (temperature halved), so the online network is pulled towards sharper assignments.
-SELF_DISTILL_SHARPEN = 2.0
 
 
 class TrainingError(RuntimeError):
@@ -509,7 +506,7 @@ def teacher_config(model_params: ModelParams) -> dict:
 def build_teacher(config: dict) -> MonolithicSegmenter:
     return MonolithicSegmenter(config["width"], config["depth"], config["embed_dim"], config["max_k"],
                                config["temperature"], config["cluster_iters"], config["smooth_iters"],
-                               config["refine_head"], config["seed"], config["dilation"])
+                               config["refine_head"], config["seed"])
 
 
 def load_teacher(path: str | Path, expect: dict | None = None) -> MonolithicSegmenter:
@@ -559,17 +556,14 @@ def teacher_info(path: str | Path) -> dict:
 
 
 def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: torch.Generator,
-                   target: MonolithicSegmenter | None = None,
-                   projector: ProjectionHead | None = None,
                    contrastive_weight: float | None = None,
                    ranks: Ranks = ONE_PROCESS) -> dict[str, torch.Tensor]:
     """All teacher loss terms for a list of two views; both views share one set of centres.
 
-    `generator` draws the cells of the dense contrastive term. `target` (the weight-EMA network)
-    adds the self-distillation term. `projector` (loss.contrastive_projector > 0) maps the
-    embeddings before the contrastive term only. `contrastive_weight` replaces `loss.contrastive`
-    in the total (the scheduled weight, `contrastive_weight_at`). With several `ranks` the views
-    are this rank's slice of the global batch and every term is the global batch's value.
+    `generator` draws the cells of the dense contrastive term. `contrastive_weight` replaces
+    `loss.contrastive` in the total (the scheduled weight, `contrastive_weight_at`). With several
+    `ranks` the views are this rank's slice of the global batch and every term is the global
+    batch's value.
     """
     b = views[0].input.shape[0]
     out = model(torch.cat([v.input for v in views]))  # one forward: the views share batch statistics
@@ -578,8 +572,6 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     side = probs.shape[-1]
     # back to the source grid, so that both views are compared at the same ground cells
     aligned = [invert_each(p, v.transforms) for p, v in zip(probs_v, views)]
-    if projector is not None:
-        emb_v = [projector(e) for e in emb_v]
     emb_aligned = [invert_each(e, v.transforms) for e, v in zip(emb_v, views)]
     global_b = b * ranks.world_size  # the cells are drawn for the global batch, whatever the ranks
     idx = losses.sample_positions(global_b, side * side, loss_params.contrastive_samples,
@@ -589,15 +581,6 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
                                                 loss_params.contrastive_temperature, ranks),
         "consistency": losses.consistency(aligned[0], aligned[1]),
     }
-    if target is not None:
-        was_training = target.training
-        target.eval()
-        with torch.no_grad():
-            t_v = [target(v.input)["probs"] for v in views]
-        target.train(was_training)
-        t_aligned = [invert_each(t, v.transforms) for t, v in zip(t_v, views)]
-        terms["self_distill"] = losses.self_distillation(aligned[0], aligned[1], *t_aligned,
-                                                         sharpen=SELF_DISTILL_SHARPEN)
     # over the whole two-view batch
     terms["entropy"] = losses.pixel_entropy(probs)
     terms["marginal_entropy"] = losses.marginal_entropy(probs, ranks)
@@ -671,24 +654,7 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
     if ranks.distributed:
         model = sync_batchnorm(model)
     model = model.to(device)
-    projector = None
-    trained = list(model.parameters())
-    if loss_params.contrastive_projector > 0:
-        projector = ProjectionHead(model_params.embed_dim, loss_params.contrastive_projector,
-                                   model_params.seed + 1).to(device)
-        trained += list(projector.parameters())
-    opt = torch.optim.AdamW(trained, lr=train_params.lr, weight_decay=train_params.weight_decay)
-    averaged = None  # the weight EMA: what is validated, selected and saved when train.weight_ema > 0
-    if train_params.weight_ema > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_params.weight_ema),
-                                 use_buffers=True)
-    evaluated = model if averaged is None else averaged.module
-    if loss_params.self_distill > 0 and averaged is None:
-        raise TrainingError("loss.self_distill > 0 needs a target network: set train.weight_ema > 0 "
-                            "(its decay)")
-    target = averaged.module if loss_params.self_distill > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=train_params.lr, weight_decay=train_params.weight_decay)
     fingerprint = run_fingerprint(aug, model_params, loss_params, train_params,
                                   data_hash=summary.get("params_hash", ""))
     ckpt_path = checkpoint_dir / "last.pt"
@@ -698,34 +664,28 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        if averaged is not None:
-            averaged.load_state_dict(state["averaged"])
-        if projector is not None:
-            projector.load_state_dict(state["projector"])
         start, best = int(state["step"]), state["best"]
         if ranks.is_main:
             tqdm.write(f"resuming teacher training from {ckpt_path} at step {start}")
     trained_model = wrap_ddp(model, ranks, device)
-    trained_projector = None if projector is None else wrap_ddp(projector, ranks, device)
 
     def validate() -> dict:
-        evaluated.eval()
+        model.eval()
         with torch.no_grad():
             if labelled is not None:
-                embs = embed_images(evaluated.encoder, labelled.images, device)
-                scores = global_scores(embs, labelled, evaluated.head.temperature, evaluated.smooth_iters,
+                embs = embed_images(model.encoder, labelled.images, device)
+                scores = global_scores(embs, labelled, model.head.temperature, model.smooth_iters,
                                        seed=train_params.seed)
-                probs, _ = evaluated.head(torch.cat([e.reshape(e.shape[0], -1) for e in embs], 1).T[:, :, None, None].to(device))
+                probs, _ = model.head(torch.cat([e.reshape(e.shape[0], -1) for e in embs], 1).T[:, :, None, None].to(device))
                 usage = cluster_usage(probs[:, :, 0, 0])
                 record = {"metric": f"{labelled.split}/miou", "score": scores["miou"], **scores}
             else:
                 views = make_views(heldout.batch, 0, aug)
                 views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
-                terms = teacher_losses(evaluated, views, loss_params, torch.Generator().manual_seed(0),
-                                       projector=projector)
+                terms = teacher_losses(model, views, loss_params, torch.Generator().manual_seed(0))
                 usage = cluster_usage(terms["_probs"])
                 record = {"metric": "heldout/neg_loss", "score": -float(terms["total"])}
-        evaluated.train()
+        model.train()
         record["clusters_ge_2pct"] = int((usage >= USAGE_THRESHOLD).sum())
         record["usage"] = usage
         return record
@@ -747,16 +707,13 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
             for group in opt.param_groups:
                 group["lr"] = lr
             terms = teacher_losses(trained_model, views, loss_params,
-                                   torch.Generator().manual_seed(train_params.seed * 1_000_003 + step), target,
-                                   trained_projector, contrastive_weight_at(step, loss_params.contrastive,
-                                                                            loss_params.contrastive_decay_steps),
-                                   ranks)
+                                   torch.Generator().manual_seed(train_params.seed * 1_000_003 + step),
+                                   contrastive_weight_at(step, loss_params.contrastive,
+                                                         loss_params.contrastive_decay_steps), ranks)
             check_finite(terms, step + 1, "train", ckpt_path)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             opt.step()
-            if averaged is not None:
-                averaged.update_parameters(model)
 
             usage = usage_over_ranks(cluster_usage(terms["_probs"].detach()), ranks)
             for name, value in terms.items():
@@ -773,14 +730,12 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
                 if record["score"] > best["score"]:
                     best = {"score": float(record["score"]), "step": done, "metric": record["metric"],
                             "clusters_ge_2pct": record["clusters_ge_2pct"],
-                            "state_dict": {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}}
+                            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
                 bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}", val=f"{record['score']:.3f}")
             live.next_step()
             if ranks.is_main and (done % train_params.checkpoint_every == 0 or done == train_params.steps):
                 atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
-                                   "model": model.state_dict(), "optimizer": opt.state_dict(), "best": best,
-                                   "averaged": None if averaged is None else averaged.state_dict(),
-                                   "projector": None if projector is None else projector.state_dict()},
+                                   "model": model.state_dict(), "optimizer": opt.state_dict(), "best": best},
                                   ckpt_path)
             if stop_after is not None and done >= stop_after:
                 live.end()

@@ -150,7 +150,7 @@ def load_student(path: str | Path) -> Encoder:
     if missing:
         raise TrainingError(f"{path}: student checkpoint lacks architecture keys {missing} (written by an "
                             "older version; rerun the train_distill stage)")
-    model = Encoder(c["width"], c["depth"], c["embed_dim"], c["norm"], c["dropout"], dilation=c["dilation"])
+    model = Encoder(c["width"], c["depth"], c["embed_dim"], c["norm"], c["dropout"])
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:

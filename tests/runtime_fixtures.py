@@ -16,10 +16,10 @@ from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, Encoder
 
 
 def random_encoder(width: int = 16, depth: int = 1, embed_dim: int = 8, seed: int = 0,
-                   refine: bool = False, dilation: int = 1) -> Encoder:
+                   refine: bool = False) -> Encoder:
     """An eval-mode Encoder with random weights and random batch-norm running statistics."""
     torch.manual_seed(seed)
-    enc = Encoder(width, depth, embed_dim, "batch", 0.0, refine, dilation)
+    enc = Encoder(width, depth, embed_dim, "batch", 0.0, refine)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in enc.modules():

@@ -99,7 +99,7 @@ def write_model(dst: Path, max_k: int = 4) -> Path:
 
 def write_teacher(dst: Path) -> Path:
     """A teacher checkpoint as the train stage writes it (format, config, state_dict, val, fingerprint)."""
-    config = {"width": 8, "depth": 1, "dilation": 1, "embed_dim": 6, "max_k": 4, "temperature": 0.1, "cluster_iters": 2,
+    config = {"width": 8, "depth": 1, "embed_dim": 6, "max_k": 4, "temperature": 0.1, "cluster_iters": 2,
               "smooth_iters": 1, "refine_head": False, "seed": 0}
     model = build_teacher(config).eval()
     dst.mkdir(parents=True)

@@ -18,7 +18,6 @@ from stages.losses import (
     marginal_entropy,
     pixel_entropy,
     sample_positions,
-    self_distillation,
 )
 
 
@@ -134,18 +133,3 @@ def test_dense_contrastive_scale():
         dense_contrastive(per_image[:1], per_image[:1], idx[:1, :1], 0.05)
 
 
-def test_self_distillation_rewards_agreeing_with_the_sharpened_target():
-    t = _probs(seed=1, sharp=1.0)
-    sharpened = t ** 2 / (t ** 2).sum(dim=1, keepdim=True)    # the optimum: the target at half temperature
-    over = torch.softmax(6.0 * t.clamp_min(1e-8).log(), dim=1)
-    other = _probs(seed=2, sharp=1.0)
-    best = self_distillation(sharpened, sharpened, t, t).item()
-    for worse in (t, over, other):                             # the target itself, too sharp, unrelated
-        assert best < self_distillation(worse, worse, t, t).item()
-    # the target carries no gradient; the online maps do
-    p = t.clone().requires_grad_(True)
-    tt = t.clone().requires_grad_(True)
-    self_distillation(p, p, tt, tt).backward()
-    assert tt.grad is None and p.grad is not None
-    with pytest.raises(ValueError, match="shapes differ"):
-        self_distillation(t, t, t[:, :2], t)

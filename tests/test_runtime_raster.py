@@ -65,11 +65,11 @@ def test_tiled_equals_untiled_exactly(tmp_path, src, model):
     np.testing.assert_array_equal(_read(tmp_path / "bw.tif")[0], _read(tmp_path / "bt.tif")[0])
 
 
-def test_tiled_equals_untiled_with_a_dilated_encoder(tmp_path, src):
-    # a dilated encoder has a larger receptive field: the halo must grow with it
-    enc = random_encoder(width=16, depth=2, embed_dim=8, seed=9, dilation=3)
+def test_tiled_equals_untiled_with_a_deep_encoder(tmp_path, src):
+    # a deeper encoder has a larger receptive field: the halo must grow with it
+    enc = random_encoder(width=16, depth=6, embed_dim=8, seed=9)
     model = load_model(write_encoder_artifact(tmp_path / "m", enc))
-    assert model.meta["receptive_field"] == enc.receptive_field == 7 + 2 * 16 * 3  # 16 * dilation px per block
+    assert model.meta["receptive_field"] == enc.receptive_field == 7 + 6 * 16  # 16 px per block
     whole = segment_raster(src, tmp_path / "whole.tif", K, model, tile=1024)
     tiled = segment_raster(src, tmp_path / "tiled.tif", K, model, tile=32)
     np.testing.assert_array_equal(_read(tmp_path / "whole.tif")[0], _read(tmp_path / "tiled.tif")[0])

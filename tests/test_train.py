@@ -176,64 +176,6 @@ def test_execution_settings_come_from_the_environment_and_are_checked(monkeypatc
         assert key not in yaml.safe_load((REPO / "params.yaml").read_text())["train"]
 
 
-def test_weight_ema_is_validated_saved_and_resumed(tmp_path, tiny_dataset):
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    from stages.train import build_teacher, teacher_config
-
-    params = tiny_params(steps=6, val_every=6, weight_ema=0.5)  # one validation: the last step is best
-    run(tmp_path / "plain", tiny_dataset, tiny_params(steps=6, val_every=6))
-    run(tmp_path / "ema", tiny_dataset, params)
-    raw_plain = torch.load(tmp_path / "plain/ckpt/last.pt", weights_only=True)["model"]
-    last = torch.load(tmp_path / "ema/ckpt/last.pt", weights_only=True)
-    saved = torch.load(tmp_path / "ema/teacher/model.pt", weights_only=True)["state_dict"]
-    # the raw weights train exactly as without the average ...
-    assert all(torch.equal(v, raw_plain[k]) for k, v in last["model"].items())
-    # ... and the average, not the raw weights, is what is validated and saved
-    model = build_teacher(teacher_config(params[1]))
-    model.load_state_dict(last["model"])
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
-    averaged.load_state_dict(last["averaged"])
-    assert all(torch.equal(v, saved[k]) for k, v in averaged.module.state_dict().items())
-    assert any(not torch.equal(v, last["model"][k]) for k, v in saved.items() if v.is_floating_point())
-    # killed and resumed, the average continues as if uninterrupted
-    assert run(tmp_path / "cut", tiny_dataset, params, stop_after=3) == {"stopped_at": 3}
-    run(tmp_path / "cut", tiny_dataset, params)
-    assert (tmp_path / "cut/teacher/model.pt").read_bytes() == (tmp_path / "ema/teacher/model.pt").read_bytes()
-
-
-def test_self_distillation_needs_and_uses_the_weight_ema(tmp_path, tiny_dataset):
-    import dataclasses as dc
-
-    aug, model, loss, train = tiny_params(steps=4, val_every=4)
-    with pytest.raises(TrainingError, match="train.weight_ema"):
-        run(tmp_path / "no_ema", tiny_dataset, (aug, model, dc.replace(loss, self_distill=1.0), train))
-    run(tmp_path / "ema", tiny_dataset, (aug, model, loss, dc.replace(train, weight_ema=0.9)))
-    run(tmp_path / "sd", tiny_dataset, (aug, model, dc.replace(loss, self_distill=1.0),
-                                        dc.replace(train, weight_ema=0.9)))
-    rows = (tmp_path / "sd/results/plots/metrics/train/self_distill.tsv").read_text().splitlines()[1:]
-    assert len(rows) == 4 and all(float(r.split("\t")[1]) > 0 for r in rows)
-    a = torch.load(tmp_path / "ema/teacher/model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "sd/teacher/model.pt", weights_only=True)["state_dict"]
-    assert any(not torch.equal(v, b[k]) for k, v in a.items() if v.is_floating_point())
-
-
-def test_contrastive_projector_changes_training_and_stays_out_of_the_teacher(tmp_path, tiny_dataset):
-    """The projection head trains with the teacher (other weights), is resumable (in the
-    checkpoint) and never reaches the saved teacher (its keys equal the default run's)."""
-    import dataclasses as dc
-
-    aug, model, loss, train = tiny_params(steps=3, val_every=3)
-    run(tmp_path / "default", tiny_dataset, (aug, model, loss, train))
-    run(tmp_path / "proj", tiny_dataset, (aug, model, dc.replace(loss, contrastive_projector=16), train))
-    a = torch.load(tmp_path / "default/teacher/model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "proj/teacher/model.pt", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys()
-    assert any(not torch.equal(v, b[k]) for k, v in a.items() if v.is_floating_point())
-    ckpt = torch.load(tmp_path / "proj/ckpt/last.pt", weights_only=False)
-    assert ckpt["projector"]["net.2.weight"].shape == (16, 16, 1, 1)
-
-
 def test_finished_checkpoint_is_not_resumed(tmp_path, tiny_dataset, capsys):
     """DVC reruns a finished stage when its code changes, deleting its logs first: the run must
     train again and log every step, not 'resume' at the last step with nothing to log."""
@@ -279,9 +221,9 @@ def test_teacher_errors(tmp_path, tiny_dataset):
     with pytest.raises(TrainingError, match="does not match"):
         load_teacher(tmp_path / "teacher", expect={"width": 999})
     blob = torch.load(tmp_path / "teacher" / "model.pt", weights_only=True)
-    del blob["config"]["dilation"]  # as written before the knob existed
+    del blob["config"]["refine_head"]  # as written before the knob existed
     torch.save(blob, tmp_path / "old.pt")
-    with pytest.raises(TrainingError, match=r"lacks architecture keys \['dilation'\]"):
+    with pytest.raises(TrainingError, match=r"lacks architecture keys \['refine_head'\]"):
         load_teacher(tmp_path / "old.pt")
     aug, model, loss, train = tiny_params()
     with pytest.raises(TrainingError, match="multiple of 4"):
