@@ -43,17 +43,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
 from stages.params import parse_params  # noqa: E402
-from stages.train import (  # noqa: E402
-    build_teacher,
-    embed_images,
-    global_scores,
-    load_labelled_split,
-    sample_embeddings,
-    spherical_kmeans,
-    teacher_config,
-    train_teacher,
-)
+from stages.train import train_teacher  # noqa: E402
+from stages.training import embed_images, global_scores, load_labelled_split, sample_embeddings, spherical_kmeans  # noqa: E402
 
 CANDIDATES = ("compact", "nb_cos", "coherence", "agree", "usage_entropy", "agree_x_ent")
 

@@ -25,9 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.augment import make_views  # noqa: E402
+from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
 from stages.datasets import RandomWindowBatches, split_sources  # noqa: E402
 from stages.params import load_params  # noqa: E402
-from stages.train import Prefetcher, build_teacher, set_threads, teacher_config, teacher_losses  # noqa: E402
+from stages.train import teacher_losses  # noqa: E402
+from stages.training import Prefetcher, set_threads  # noqa: E402
 
 
 def run(batches, p, steps: int, prefetch: bool) -> dict:

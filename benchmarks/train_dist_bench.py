@@ -30,10 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stages.augment import make_views  # noqa: E402
+from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
 from stages.datasets import RandomWindowBatches, split_sources  # noqa: E402
 from stages.distributed import close_ranks, sync_batchnorm, wrap_ddp  # noqa: E402
 from stages.params import load_params  # noqa: E402
-from stages.train import Execution, build_teacher, teacher_config, teacher_losses  # noqa: E402
+from stages.train import teacher_losses  # noqa: E402
+from stages.training import Execution  # noqa: E402
 
 
 def worker(params: str, shards: str, steps: int) -> None:

@@ -64,12 +64,12 @@ from runtime.command import run_command
 from runtime.destination import check_folder, child, discard, remove_stale, temporary
 from runtime.model import labels_from_cell_proba
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
+from stages.checkpoints import TrainingError, load_teacher, teacher_info
 from stages.datasets import DatasetError, TileDataset
 from stages.metrics import GlobalProtocol, PerTileProtocol, matched_confusion, row_percent_records, scores_from_matched
 from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, output_size
 from stages.params import EvaluateParams, ParamsError, load_params
 from stages.rasterio_utils import RasterError
-from stages.train import TrainingError, load_teacher, teacher_info
 
 METHODS = ("model", "teacher", "kmeans_rgb", "kmeans_features")
 BASELINES = METHODS[1:]

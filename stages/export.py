@@ -20,10 +20,9 @@ from pathlib import Path
 
 from runtime.artifact import build_meta, write_artifact
 from runtime.command import run_command
+from stages.checkpoints import TrainingError, load_student, load_teacher, student_info, teacher_info
 from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, Encoder
 from stages.params import ParamsError, load_params
-from stages.train import TrainingError, load_teacher, teacher_info
-from stages.train_distill import load_student, student_info
 
 
 def git_commit() -> str:

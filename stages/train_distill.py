@@ -16,7 +16,7 @@ the student see the same pixels), and computes, at that patch size (stages.losse
 Patch sizes produce losses of different magnitudes, so each patch size's weighted loss is divided
 by its own EMA (`distill.ema_decay`, `distill.ema_eps`) and the normalised losses are merged by a
 geometric mean (stages.losses.EmaNormaliser). Raw and normalised per-size losses and the merged
-value are logged with DVCLive. Model selection, checkpoints and resume work as in `stages.train`.
+value are logged with DVCLive. Model selection, checkpoints and resume: `stages.training.fit`, as for the teacher.
 Only the student encoder is written to model/student/model.pt (the projection is a training aid).
 
     python -m stages.train_distill [--params params.yaml] [--teacher model/teacher] ...
@@ -25,10 +25,7 @@ Only the student encoder is written to model/student/model.pt (the projection is
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +34,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime.command import check_signals, run_command
+from runtime.command import run_command
 from stages import losses
 from stages.augment import apply_each, draw_transforms, normalise01, step_generator, to_rgb01
+from stages.checkpoints import (
+    STUDENT_FORMAT,
+    TrainingError,
+    load_teacher,
+    read_summary,
+    run_fingerprint,
+    student_config,
+    teacher_config,
+    teacher_info,
+    write_output_dir,
+)
 from stages.distributed import (
     ONE_PROCESS,
     DistributedError,
-    NoLive,
     Ranks,
     close_ranks,
     relaunch_under_torchrun,
@@ -52,40 +59,20 @@ from stages.distributed import (
     wrap_ddp,
 )
 from stages.model import Encoder, student_from_params
-from stages.params import ParamsError, StudentParams, load_params
-from stages.train import (
-    CHECKPOINT_VERSION,
+from stages.params import ParamsError, load_params
+from stages.training import (
     DEFAULT_EXECUTION,
     USAGE_THRESHOLD,
     Execution,
     HeldOutBatch,
-    Prefetcher,
-    TrainingError,
     add_execution_flags,
-    atomic_torch_save,
-    check_finite,
     cluster_usage,
     embed_images,
+    fit,
     global_scores,
-    load_checkpoint,
     load_labelled_split,
-    load_teacher,
-    lr_at,
-    open_live,
-    read_summary,
-    run_fingerprint,
-    teacher_config,
-    teacher_info,
     training_sources,
-    write_output_dir,
 )
-
-STUDENT_FORMAT = "landseg-student"
-
-
-def student_config(student: StudentParams) -> dict:
-    """The architecture stored with a student checkpoint: every `student` knob."""
-    return dataclasses.asdict(student)
 
 
 class Distiller(nn.Module):
@@ -132,40 +119,8 @@ def distill_losses(distiller: Distiller, teacher, x: torch.Tensor, guide: torch.
     return terms
 
 
-def load_student(path: str | Path) -> Encoder:
-    """The distilled student from `model/student/model.pt` (or its directory), in eval mode."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.exists():
-        raise TrainingError(f"{path}: student checkpoint not found (run the train_distill stage first)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TrainingError(f"{path}: cannot read student checkpoint ({e})") from None
-    if not isinstance(blob, dict) or blob.get("format") != STUDENT_FORMAT:
-        raise TrainingError(f"{path}: not a student checkpoint (expected format {STUDENT_FORMAT!r})")
-    c = blob.get("config") or {}
-    missing = sorted({f.name for f in dataclasses.fields(StudentParams)} - set(c))
-    if missing:
-        raise TrainingError(f"{path}: student checkpoint lacks architecture keys {missing} (written by an "
-                            "older version; rerun the train_distill stage)")
-    model = Encoder(c["width"], c["depth"], c["embed_dim"], c["norm"], c["dropout"])
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as e:
-        raise TrainingError(f"{path}: weights do not match the student architecture {c}: {e}") from None
-    return model.eval()
 
 
-def student_info(path: str | Path) -> dict:
-    """Config, validation record and teacher settings stored with a student checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    load_student(path)  # validates
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in blob.items() if k != "state_dict"}
 
 
 def prepare_batch(batch_uint8: np.ndarray, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,17 +192,6 @@ def _train_student(dataset_root, teacher_path, out_dir, checkpoint_dir, results_
     fingerprint = run_fingerprint(student, data, distill, data_hash=(
         f"{summary.get('params_hash', '')}:{t_info['fingerprint']}:{loss_params.edge_sigma}:"
         f"{train_params.val_max_tiles}"))
-    ckpt_path = checkpoint_dir / "last.pt"
-    # read on rank 0 and broadcast: the ranks need not share a disk
-    state = ranks.broadcast(load_checkpoint(ckpt_path, fingerprint, distill.steps) if ranks.is_main else None)
-    start, best = 0, {"score": -math.inf, "step": -1, "metric": None, "state_dict": None}
-    if state is not None:
-        distiller.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        normaliser.load_state_dict(state["normaliser"])
-        start, best = int(state["step"]), state["best"]
-        if ranks.is_main:
-            tqdm.write(f"resuming distillation from {ckpt_path} at step {start}")
     trained = wrap_ddp(distiller, ranks, device)
 
     def validate() -> dict:
@@ -257,96 +201,62 @@ def _train_student(dataset_root, teacher_path, out_dir, checkpoint_dir, results_
                 embs = embed_images(distiller.student, labelled.images, device)
                 scores = global_scores(embs, labelled, teacher.head.temperature, teacher.smooth_iters,
                                        seed=distill.seed)
-                record = {"metric": f"{labelled.split}/miou", "score": scores["miou"],
-                          "min_cluster_share": scores["min_cluster_share"]}
+                metric, score, share = f"{labelled.split}/miou", scores["miou"], scores["min_cluster_share"]
             else:
                 x, guide = prepare_batch(heldout.batch, distill.seed + 1, 0)
                 terms = distill_losses(distiller, teacher, x.to(device), guide.to(device), distill,
                                        loss_params.edge_sigma, torch.Generator().manual_seed(distill.seed))
-                usage = cluster_usage(terms["_probs"])
-                record = {"metric": "heldout/neg_loss", "score": -float(terms["raw"]),
-                          "min_cluster_share": float(usage.min())}
+                metric, score = "heldout/neg_loss", -float(terms["raw"])
+                share = float(cluster_usage(terms["_probs"]).min())
         distiller.train()
-        return record
+        return {"metric": metric, "score": score,
+                "logs": {f"val/{metric.split('/', 1)[1]}": score, "val/min_cluster_share": share}}
 
-    live = open_live(results_dir, start) if ranks.is_main else NoLive()
-    distiller.train()
-    bar = tqdm(range(start, distill.steps), initial=start, total=distill.steps, desc="distil student",
-               disable=not progress, dynamic_ncols=True)
-    def make(i: int):  # every rank draws the global batch and its transforms, and keeps its rows
+    def make_batch(i: int):  # every rank draws the global batch and its transforms, and keeps its rows
         batch, size = batches.batch(i)
         x, guide = prepare_batch(batch, distill.seed, i)
         return size, x[rows], guide[rows]
 
-    prefetch = Prefetcher(make, start, distill.steps, background=execution.prefetch)
-    t_start = time.perf_counter()
-    try:
-        for step in bar:
-            check_signals()
-            size, x, guide = prefetch.get(step)
-            x, guide = x.to(device), guide.to(device)
-            # dropout draws: a function of the step (and of the rank: with student.dropout > 0 a
-            # distributed run draws other masks than one process)
-            torch.manual_seed(distill.seed * 1_000_003 + step + 7919 * ranks.rank)
-            lr = lr_at(step, distill.steps, distill.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            gen = torch.Generator().manual_seed(distill.seed * 1_000_003 + step)
-            terms = distill_losses(trained, teacher, x, guide, distill, loss_params.edge_sigma, gen, ranks)
-            check_finite(terms, step + 1, "train_distill", ckpt_path)
-            key = str(size)
-            normalised = normaliser.normalise(key, terms["raw"])
-            merged = normaliser.merged(key, normalised)
-            opt.zero_grad(set_to_none=True)
-            merged.backward()
-            opt.step()
+    def train_step(step: int, batch, lr: float):
+        size, x, guide = batch
+        x, guide = x.to(device), guide.to(device)
+        # dropout draws: a function of the step (and of the rank: with student.dropout > 0 a
+        # distributed run draws other masks than one process)
+        torch.manual_seed(distill.seed * 1_000_003 + step + 7919 * ranks.rank)
+        gen = torch.Generator().manual_seed(distill.seed * 1_000_003 + step)
+        terms = distill_losses(trained, teacher, x, guide, distill, loss_params.edge_sigma, gen, ranks)
+        key = str(size)
+        normalised = normaliser.normalise(key, terms["raw"])
+        merged = normaliser.merged(key, normalised)
+        metrics = {f"distill/{name}": float(terms[name].detach()) for name in ("feature", "affinity", "cluster", "tv")}
+        metrics[f"distill/raw_p{size}"] = float(terms["raw"].detach())
+        metrics[f"distill/normalised_p{size}"] = float(normalised.detach())
+        metrics["distill/merged_geomean"] = float(merged.detach())
+        metrics["distill/lr"] = lr
+        usage = usage_over_ranks(cluster_usage(terms["_probs"].detach()), ranks)
+        metrics["distill/clusters_ge_2pct"] = int((usage >= USAGE_THRESHOLD).sum())
+        return merged, terms, metrics, {"merged": f"{metrics['distill/merged_geomean']:.3f}"}
 
-            for name in ("feature", "affinity", "cluster", "tv"):
-                live.log_metric(f"distill/{name}", float(terms[name].detach()))
-            live.log_metric(f"distill/raw_p{size}", float(terms["raw"].detach()))
-            live.log_metric(f"distill/normalised_p{size}", float(normalised.detach()))
-            live.log_metric("distill/merged_geomean", float(merged.detach()))
-            live.log_metric("distill/lr", lr)
-            usage = usage_over_ranks(cluster_usage(terms["_probs"].detach()), ranks)
-            live.log_metric("distill/clusters_ge_2pct", int((usage >= USAGE_THRESHOLD).sum()))
-            done = step + 1
-            if ranks.is_main and (done % distill.val_every == 0 or done == distill.steps):
-                record = validate()
-                live.log_metric(f"val/{record['metric'].split('/', 1)[1]}", record["score"])
-                live.log_metric("val/min_cluster_share", record["min_cluster_share"])
-                if record["score"] > best["score"]:
-                    best = {"score": float(record["score"]), "step": done, "metric": record["metric"],
-                            "state_dict": {k: v.detach().cpu().clone()
-                                           for k, v in distiller.student.state_dict().items()}}
-                bar.set_postfix(merged=f"{float(merged.detach()):.3f}", val=f"{record['score']:.3f}")
-            live.next_step()
-            if ranks.is_main and (done % distill.checkpoint_every == 0 or done == distill.steps):
-                atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
-                                   "model": distiller.state_dict(), "optimizer": opt.state_dict(),
-                                   "normaliser": normaliser.state_dict(), "best": best}, ckpt_path)
-            if stop_after is not None and done >= stop_after:
-                live.end()
-                return {"stopped_at": done}
-    finally:
-        prefetch.close()
-
-    elapsed = time.perf_counter() - t_start
+    fitted = fit(stage="train_distill", what="distillation", steps=distill.steps, base_lr=distill.lr,
+                 val_every=distill.val_every, checkpoint_every=distill.checkpoint_every,
+                 model=distiller, opt=opt, extra_state={"normaliser": normaliser}, fingerprint=fingerprint,
+                 checkpoint_path=checkpoint_dir / "last.pt", results_dir=results_dir, make_batch=make_batch,
+                 train_step=train_step, validate=validate,
+                 kept_weights=lambda: {k: v.detach().cpu().clone() for k, v in distiller.student.state_dict().items()},
+                 ranks=ranks, prefetch=execution.prefetch, progress=progress, stop_after=stop_after)
+    if fitted.stopped_at is not None:
+        return {"stopped_at": fitted.stopped_at}
     if not ranks.is_main:
         return {}
-    if best["state_dict"] is None:
-        raise TrainingError("no validation ran, so there is no best checkpoint (check distill.val_every)")
-    live.summary["best/score"] = best["score"]
-    live.summary["best/step"] = best["step"]
-    live.make_summary()
-    live.end()
+    best = fitted.best
     blob = {"format": STUDENT_FORMAT, "config": student_config(student), "state_dict": best["state_dict"],
             "val": {"metric": best["metric"], "score": best["score"], "step": best["step"]},
             "teacher": {"config": t_info["config"], "val": t_info["val"], "fingerprint": t_info["fingerprint"]},
             "fingerprint": fingerprint}
     write_output_dir(out_dir, {"model.pt": lambda p: torch.save(blob, p)})
     tqdm.write(f"student: best {best['metric']} = {best['score']:.4f} at step {best['step']}; "
-               f"{distill.steps - start} steps in {elapsed:.1f}s on {ranks.world_size} process(es), data wait "
-               f"{100 * prefetch.wait_s / max(elapsed, 1e-9):.1f}%")
+               f"{distill.steps - fitted.start} steps in {fitted.elapsed:.1f}s on {ranks.world_size} process(es), "
+               f"data wait {100 * fitted.wait_s / max(fitted.elapsed, 1e-9):.1f}%")
     return blob["val"]
 
 

@@ -15,12 +15,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.augment import make_views  # noqa: E402
+from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
 from stages.datasets import RandomWindowBatches, split_sources  # noqa: E402
 from stages.distributed import close_ranks, sync_batchnorm, wrap_ddp  # noqa: E402
 from stages.model import student_from_params  # noqa: E402
 from stages.params import load_params  # noqa: E402
-from stages.train import Execution, build_teacher, teacher_config, teacher_losses  # noqa: E402
+from stages.train import teacher_losses  # noqa: E402
 from stages.train_distill import Distiller, distill_losses, prepare_batch  # noqa: E402
+from stages.training import Execution  # noqa: E402
 
 
 def main(params_path: str, shards: str, out: str) -> None:

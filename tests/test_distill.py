@@ -7,9 +7,10 @@ import torch
 from test_train import run as run_teacher
 from test_train import tiny_dataset, tiny_params  # noqa: F401  (session fixture)
 
+from stages.checkpoints import TrainingError, load_student, load_teacher
 from stages.params import DataParams, DistillParams, StudentParams
-from stages.train import Execution, embed_images, global_scores, load_labelled_split, load_teacher
-from stages.train_distill import TrainingError, load_student, main, train_student
+from stages.train_distill import main, train_student
+from stages.training import Execution, embed_images, global_scores, load_labelled_split
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ from affine import Affine
 from runtime.artifact import build_meta, write_artifact
 from stages import evaluate as ev
 from stages.baselines import KMeansBaseline, handcrafted_features, lab_from_rgb, rgb_features
+from stages.checkpoints import TEACHER_FORMAT, build_teacher
 from stages.datasets import read_index, stable_subset
 from stages.metrics import GlobalProtocol, PerTileProtocol
 from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, Encoder
 from stages.params import EvaluateParams
 from stages.rasterio_utils import write_geotiff
-from stages.train import TEACHER_FORMAT, build_teacher
 
 TILE = 32
 CLASS_RGB = {1: (30, 60, 200), 2: (40, 170, 40), 3: (200, 190, 150)}  # water, tree, soil

@@ -9,11 +9,11 @@ from test_distill import distil, teacher_dir, tiny_student  # noqa: F401  (modul
 from test_train import tiny_dataset  # noqa: F401  (session fixture)
 
 import runtime
+from stages.checkpoints import TrainingError, load_student, load_teacher
 from stages.datasets import TileDataset
 from stages.export import export_model, main
 from stages.model import normalise_rgb, smooth_probs, upsample_to
-from stages.train import TrainingError, load_teacher, spherical_kmeans
-from stages.train_distill import load_student
+from stages.training import spherical_kmeans
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ from conftest import tiny_raw
 from rasterio.transform import from_origin
 from runtime_fixtures import random_encoder, synthetic_rgb, write_encoder_artifact, write_raster
 
+from stages.checkpoints import TEACHER_FORMAT, build_teacher, teacher_config
 from stages.params import ModelParams
-from stages.train import TEACHER_FORMAT, build_teacher, teacher_config
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = Path("deep", "er", "world")  # the world's place in each case's folder: '..' steps land in it

@@ -11,19 +11,11 @@ import yaml
 from conftest import REPO
 from rasterio.transform import from_origin
 
+from stages.checkpoints import TrainingError, load_teacher
 from stages.params import AugParams, LossParams, ModelParams, TrainParams
 from stages.synthetic import render_scene
-from stages.train import (
-    Execution,
-    TrainingError,
-    embed_images,
-    global_scores,
-    load_labelled_split,
-    load_teacher,
-    main,
-    spherical_kmeans,
-    train_teacher,
-)
+from stages.train import main, train_teacher
+from stages.training import Execution, embed_images, global_scores, load_labelled_split, spherical_kmeans
 
 
 def write_tiny_shards(root: Path, scenes: int = 4, size: int = 128, tile: int = 64) -> Path:
