@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages.augment import make_views  # noqa: E402
 from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
 from stages.datasets import RandomWindowBatches, split_sources  # noqa: E402
+from stages.distributed import ONE_PROCESS, local_threads  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.train import teacher_losses  # noqa: E402
-from stages.training import Prefetcher, set_threads  # noqa: E402
+from stages.training import Prefetcher  # noqa: E402
 
 
 def run(batches, p, steps: int, prefetch: bool) -> dict:
@@ -74,12 +75,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     p = load_params(args.params)
-    set_threads(args.threads)
+    torch.set_num_threads(local_threads(args.threads, ONE_PROCESS))
     root = Path(args.shards)
     tmp = None
     if not (root / "summary.json").exists():
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from test_train import write_tiny_shards
+        from conftest import write_tiny_shards
 
         tmp = tempfile.TemporaryDirectory()
         root = write_tiny_shards(Path(tmp.name) / "bench", scenes=4, size=512, tile=256)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from stages.augment import make_views  # noqa: E402
 from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
 from stages.datasets import RandomWindowBatches, split_sources  # noqa: E402
-from stages.distributed import close_ranks, sync_batchnorm, wrap_ddp  # noqa: E402
+from stages.distributed import close_ranks, wrap_ddp  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.train import teacher_losses  # noqa: E402
 from stages.training import Execution  # noqa: E402
@@ -46,7 +46,7 @@ def worker(params: str, shards: str, steps: int) -> None:
                                   p.train.batch_size, p.train.seed)
     rows = ranks.slice(p.train.batch_size, "train.batch_size")
     raw = build_teacher(teacher_config(p.model))
-    model = wrap_ddp(sync_batchnorm(raw) if ranks.distributed else raw, ranks, device).train()
+    model = wrap_ddp(raw, ranks, device).train()
     opt = torch.optim.AdamW(raw.parameters(), lr=p.train.lr, weight_decay=p.train.weight_decay)
 
     def step(i: int) -> None:
@@ -95,7 +95,7 @@ def main() -> int:
     root, tmp = Path(args.shards), None
     if not (root / "summary.json").exists():
         sys.path.insert(0, str(ROOT / "tests"))
-        from test_train import write_tiny_shards
+        from conftest import write_tiny_shards
 
         tmp = tempfile.TemporaryDirectory()
         root = write_tiny_shards(Path(tmp.name) / "bench", scenes=4, size=512, tile=256)

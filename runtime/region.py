@@ -123,16 +123,21 @@ def output_names(sources: list[str], out_dir: Path) -> dict[str, Path]:
     return outputs
 
 
-def region_digest(src: str, k: int, centres: np.ndarray, model_dir: str, options: dict, window=None) -> str:
-    """What makes an output complete for this run: the source file as it is now, the centres, k,
-    the model and the reading options (the tile size changes no result and is left out)."""
-    st = os.stat(src)
+def run_identity(k: int, centres: np.ndarray, model_dir: str, options: dict) -> dict:
+    """What every output of a run shares: k, the centres, the model and the reading options (the
+    tile size changes no result and is left out)."""
     meta_file = Path(model_dir) / "meta.json"
     model = hashlib.sha256(meta_file.read_bytes()).hexdigest() if meta_file.exists() else str(model_dir)
-    payload = {"source": os.path.abspath(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "k": k,
-               "centres": hashlib.sha256(np.ascontiguousarray(centres, np.float32).tobytes()).hexdigest(),
-               "model": model, "window": list(window) if window else None,
-               **{key: options[key] for key in ("bands", "pixel_size", "rescale")}}
+    return {"k": k, "centres": hashlib.sha256(np.ascontiguousarray(centres, np.float32).tobytes()).hexdigest(),
+            "model": model, **{key: options[key] for key in ("bands", "pixel_size", "rescale")}}
+
+
+def region_digest(src: str, identity: dict, window=None) -> str:
+    """What makes an output complete for this run: the source file as it is now, its window and
+    the run's `run_identity`."""
+    st = os.stat(src)
+    payload = {"source": os.path.abspath(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+               "window": list(window) if window else None, **identity}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -211,12 +216,13 @@ def segment_region(sources, out_dir, k: int, model_dir, *, scheduler: str | None
             say(f"centres fitted on {sum(shared.cells)} cells of {len(usable)} raster(s)")
 
             io = backend()
+            identity = run_identity(k, shared.centres, model_dir, options)
             todo: dict[str, list] = {}
             for src, sample in zip(usable, sampled):
                 parts = raster_parts(src, outputs[src], sample, block)
                 result.outputs[src] = [dst for dst, _ in parts]
                 for dst, window in parts:
-                    digest = region_digest(src, k, shared.centres, model_dir, options, window)
+                    digest = region_digest(src, identity, window)
                     if not _complete(dst, digest, io):
                         todo.setdefault(src, []).append((dst, window, digest))
                 if src not in todo:

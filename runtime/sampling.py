@@ -22,8 +22,6 @@ from .raster_io import backend
 from .source import GDAL_CACHE_MB, SourceReader, check_int, working_grid
 
 SAMPLE_GRID = 4  # centres are fitted from SAMPLE_GRID x SAMPLE_GRID sample windows
-
-
 SAMPLE_CORE = 256  # pixels: side of each sample window's core (cells used for fitting)
 
 

@@ -105,50 +105,65 @@ def build_teacher(config: dict) -> MonolithicSegmenter:
                                config["refine_head"], config["seed"])
 
 
-def load_teacher(path: str | Path, expect: dict | None = None) -> MonolithicSegmenter:
-    """The trained teacher from `model/teacher/model.pt` (or its directory), in eval mode.
-
-    `expect`: optional architecture (as `teacher_config`) the file must match. Raises TrainingError
-    when the file is missing, not a teacher checkpoint, or does not match.
-    """
+def _read_model_file(path: str | Path, fmt: str, what: str, stage: str, fields) -> tuple[Path, dict]:
+    """(path, contents) of a `model.pt` (or its directory) of format `fmt`, its config holding every
+    field of the `fields` dataclass; TrainingError naming the file otherwise."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
     if not path.exists():
-        raise TrainingError(f"{path}: teacher checkpoint not found (run the train stage first)")
+        raise TrainingError(f"{path}: {what} checkpoint not found (run the {stage} stage first)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TrainingError(f"{path}: cannot read teacher checkpoint ({e})") from None
-    if not isinstance(blob, dict) or blob.get("format") != TEACHER_FORMAT:
-        raise TrainingError(f"{path}: not a teacher checkpoint (format {blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r}, "
-                            f"expected {TEACHER_FORMAT!r})")
-    config = blob.get("config")
-    missing = sorted({f.name for f in dataclasses.fields(ModelParams)} - set(config or {}))
+        raise TrainingError(f"{path}: cannot read {what} checkpoint ({e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise TrainingError(f"{path}: not a {what} checkpoint (format {found!r}, expected {fmt!r})")
+    missing = sorted({f.name for f in dataclasses.fields(fields)} - set(blob.get("config") or {}))
     if missing:
-        raise TrainingError(f"{path}: teacher checkpoint lacks architecture keys {missing} (written by an "
-                            "older version; rerun the train stage)")
+        raise TrainingError(f"{path}: {what} checkpoint lacks architecture keys {missing} (written by an "
+                            f"older version; rerun the {stage} stage)")
+    return path, blob
+
+
+def _with_weights(model: torch.nn.Module, blob: dict, path: Path, what: str):
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise TrainingError(f"{path}: weights do not match the {what} architecture {blob['config']}: {e}") from None
+    return model.eval()
+
+
+def _info(blob: dict) -> dict:
+    return {k: v for k, v in blob.items() if k != "state_dict"}
+
+
+def read_teacher(path: str | Path, expect: dict | None = None) -> tuple[MonolithicSegmenter, dict]:
+    """The trained teacher from `model/teacher/model.pt` (or its directory), in eval mode, and
+    what is stored with it: config, validation record, provenance (no weights), from one read.
+
+    `expect`: optional architecture (as `teacher_config`) the file must match. Raises TrainingError
+    when the file is missing, not a teacher checkpoint, or does not match.
+    """
+    path, blob = _read_model_file(path, TEACHER_FORMAT, "teacher", "train", ModelParams)
+    config = blob["config"]
     if expect is not None:
         diff = {k: (config.get(k), v) for k, v in expect.items() if config.get(k) != v}
         if diff:
             raise TrainingError(f"{path}: teacher architecture does not match the declared one "
                                 f"(key: (file, declared)): {diff}")
-    model = build_teacher(config)
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as e:
-        raise TrainingError(f"{path}: weights do not match the teacher architecture {config}: {e}") from None
-    return model.eval()
+    return _with_weights(build_teacher(config), blob, path, "teacher"), _info(blob)
+
+
+def load_teacher(path: str | Path, expect: dict | None = None) -> MonolithicSegmenter:
+    """The teacher of `read_teacher`."""
+    return read_teacher(path, expect)[0]
 
 
 def teacher_info(path: str | Path) -> dict:
     """Config, validation record and provenance stored with a teacher checkpoint (no weights)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    load_teacher(path)  # validates
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in blob.items() if k != "state_dict"}
+    return read_teacher(path)[1]
 
 
 STUDENT_FORMAT = "landseg-student"
@@ -159,37 +174,20 @@ def student_config(student: StudentParams) -> dict:
     return dataclasses.asdict(student)
 
 
-def load_student(path: str | Path) -> Encoder:
-    """The distilled student from `model/student/model.pt` (or its directory), in eval mode."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.exists():
-        raise TrainingError(f"{path}: student checkpoint not found (run the train_distill stage first)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TrainingError(f"{path}: cannot read student checkpoint ({e})") from None
-    if not isinstance(blob, dict) or blob.get("format") != STUDENT_FORMAT:
-        raise TrainingError(f"{path}: not a student checkpoint (expected format {STUDENT_FORMAT!r})")
-    c = blob.get("config") or {}
-    missing = sorted({f.name for f in dataclasses.fields(StudentParams)} - set(c))
-    if missing:
-        raise TrainingError(f"{path}: student checkpoint lacks architecture keys {missing} (written by an "
-                            "older version; rerun the train_distill stage)")
+def read_student(path: str | Path) -> tuple[Encoder, dict]:
+    """The distilled student from `model/student/model.pt` (or its directory), in eval mode, and
+    its config, validation record and teacher settings, from one read."""
+    path, blob = _read_model_file(path, STUDENT_FORMAT, "student", "train_distill", StudentParams)
+    c = blob["config"]
     model = Encoder(c["width"], c["depth"], c["embed_dim"], c["norm"], c["dropout"])
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as e:
-        raise TrainingError(f"{path}: weights do not match the student architecture {c}: {e}") from None
-    return model.eval()
+    return _with_weights(model, blob, path, "student"), _info(blob)
+
+
+def load_student(path: str | Path) -> Encoder:
+    """The student of `read_student`."""
+    return read_student(path)[0]
 
 
 def student_info(path: str | Path) -> dict:
     """Config, validation record and teacher settings stored with a student checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    load_student(path)  # validates
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in blob.items() if k != "state_dict"}
+    return read_student(path)[1]

@@ -58,6 +58,13 @@ class _SumAcrossRanks(torch.autograd.Function):
         return grad
 
 
+def _gather(rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    n = rows.shape[0]
+    padded = rows.new_zeros((world_size * n, *rows.shape[1:]))
+    padded = padded.index_copy(0, torch.arange(rank * n, (rank + 1) * n, device=rows.device), rows)
+    return _SumAcrossRanks.apply(padded)
+
+
 class Ranks:
     """This process's place in the job: rank, world size, local rank (0 of 1 when not distributed).
 
@@ -102,12 +109,7 @@ class Ranks:
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Every rank's (n, ...) rows stacked in rank order, (world_size * n, ...), differentiable
         (a zero-padded sum: gloo has no reduce-scatter for all_gather's gradient)."""
-        if not self.distributed:
-            return rows
-        n = rows.shape[0]
-        padded = rows.new_zeros((self.world_size * n, *rows.shape[1:]))
-        padded = padded.index_copy(0, torch.arange(self.rank * n, (self.rank + 1) * n, device=rows.device), rows)
-        return _SumAcrossRanks.apply(padded)
+        return _gather(rows, self.rank, self.world_size) if self.distributed else rows
 
     def broadcast(self, obj):
         """Rank 0's picklable `obj` on every rank."""
@@ -168,8 +170,9 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
 
     One all-reduce per forward (and one per backward) of every rank's per-channel mean and variance;
     running statistics are updated as BatchNorm2d does (unbiased variance, `momentum`). In eval
-    mode, or with one process, it is BatchNorm2d. Same parameters and buffers, so checkpoints and
-    the runtime's batch-norm folding do not change.
+    mode, or with one process, it is BatchNorm2d. Same parameters and buffers (`wrap_ddp` swaps the
+    class of a network's BatchNorm2d modules in place), so the optimiser, checkpoints and the
+    runtime's batch-norm folding do not change.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,9 +185,7 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
         # stable where E[x^2] - E[x]^2 is not
         local_mean = x.mean(dim=(0, 2, 3))
         local_var = (x - local_mean.view(1, -1, 1, 1)).pow(2).mean(dim=(0, 2, 3))
-        parts = x.new_zeros((world, 2, x.shape[1]))
-        parts = parts.index_copy(0, torch.tensor([rank], device=x.device), torch.stack([local_mean, local_var])[None])
-        parts = _SumAcrossRanks.apply(parts)
+        parts = _gather(torch.stack([local_mean, local_var])[None], rank, world)
         mean = parts[:, 0].mean(dim=0)
         var = (parts[:, 1] + (parts[:, 0] - mean).pow(2)).mean(dim=0)
         count = x.shape[0] * x.shape[2] * x.shape[3] * world
@@ -197,25 +198,14 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
         return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
-def sync_batchnorm(module: nn.Module) -> nn.Module:
-    """`module` with every BatchNorm2d replaced by a SyncedBatchNorm2d holding the same state."""
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            synced = SyncedBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                       child.track_running_stats, device=child.running_mean.device)
-            synced.load_state_dict(child.state_dict())
-            synced.train(child.training)
-            setattr(module, name, synced)
-        else:
-            sync_batchnorm(child)
-    return module
-
-
 def wrap_ddp(module: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
-    """DistributedDataParallel over `module` (itself with one process). Buffers are not broadcast
-    each step: the batch-norm statistics are already global."""
+    """DistributedDataParallel over `module`, its batch norms made SyncedBatchNorm2d (itself with one
+    process). Buffers are not broadcast each step: the batch-norm statistics are already global."""
     if not ranks.distributed:
         return module
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = SyncedBatchNorm2d
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel
@@ -251,27 +241,6 @@ def local_threads(threads: int, ranks: Ranks) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, ranks.local_world_size))
 
 
-class NoLive:
-    """What ranks other than 0 log to: nothing (DVCLive writes once, on rank 0)."""
-
-    summary: dict
-
-    def __init__(self):
-        self.summary = {}
-
-    def log_metric(self, *args, **kwargs) -> None:
-        pass
-
-    def next_step(self) -> None:
-        pass
-
-    def make_summary(self) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
-
-
 def usage_over_ranks(usage, ranks: Ranks):
     """Cluster shares (numpy, k) of equal slices averaged over ranks."""
     if not ranks.distributed:
@@ -281,6 +250,5 @@ def usage_over_ranks(usage, ranks: Ranks):
     return (t / ranks.world_size).numpy()
 
 
-__all__ = ["DistributedError", "NoLive", "ONE_PROCESS", "Ranks", "SyncedBatchNorm2d", "close_ranks",
-           "init_ranks", "local_threads", "relaunch_under_torchrun", "sync_batchnorm", "under_torchrun",
-           "usage_over_ranks", "wrap_ddp"]
+__all__ = ["DistributedError", "ONE_PROCESS", "Ranks", "SyncedBatchNorm2d", "close_ranks", "init_ranks",
+           "local_threads", "relaunch_under_torchrun", "under_torchrun", "usage_over_ranks", "wrap_ddp"]

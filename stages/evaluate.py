@@ -64,7 +64,7 @@ from runtime.command import run_command
 from runtime.destination import check_folder, child, discard, remove_stale, temporary
 from runtime.model import labels_from_cell_proba
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
-from stages.checkpoints import TrainingError, load_teacher, teacher_info
+from stages.checkpoints import TrainingError, read_teacher
 from stages.datasets import DatasetError, TileDataset
 from stages.metrics import GlobalProtocol, PerTileProtocol, matched_confusion, row_percent_records, scores_from_matched
 from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, output_size
@@ -246,8 +246,8 @@ def load_model_dir(model_dir: Path) -> Model:
 def teacher_model(teacher_path: Path, cue: dict | None = None, fit_temperature: float | None = None) -> Model:
     """The teacher's encoder as an in-memory runtime Model (same settings export would write,
     `cue` and `fit_temperature` included: model/best's, so that both are clustered the same way)."""
-    teacher = load_teacher(teacher_path)
-    cfg = teacher_info(teacher_path)["config"]
+    teacher, info = read_teacher(teacher_path)
+    cfg = info["config"]
     encoder = teacher.encoder
     layers, arrays = encoder.export_layers()
     meta = build_meta(embed_dim=encoder.embed_dim, max_k=cfg["max_k"], temperature=cfg["temperature"],

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from runtime.artifact import build_meta, write_artifact
 from runtime.command import run_command
-from stages.checkpoints import TrainingError, load_student, load_teacher, student_info, teacher_info
-from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, Encoder
+from stages.checkpoints import TrainingError, read_student, read_teacher
+from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD
 from stages.params import ParamsError, load_params
 
 
@@ -58,16 +58,15 @@ def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Pat
     texture cue appended before clustering (`ExportParams.cue`, runtime.cue), or None;
     `fit_temperature`: the soft k-means temperature when the runtime fits centres (None = the
     head's training temperature)."""
-    t_info = teacher_info(teacher_dir)
+    teacher, t_info = read_teacher(teacher_dir)
     cfg = t_info["config"]
     if source == "student":
-        encoder: Encoder = load_student(student_dir)
-        info = student_info(student_dir)
+        encoder, info = read_student(student_dir)
         if info["teacher"]["fingerprint"] != t_info["fingerprint"]:
             raise TrainingError(f"{student_dir}: the student was distilled from another teacher than "
                                 f"{teacher_dir} (rerun train_distill)")
     elif source == "teacher":
-        encoder, info = load_teacher(teacher_dir).encoder, t_info
+        encoder, info = teacher.encoder, t_info
     else:
         raise TrainingError(f"export.source must be 'student' or 'teacher', got {source!r}")
     layers, arrays = encoder.export_layers()

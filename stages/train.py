@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from runtime.command import run_command
 from stages import losses
 from stages.augment import invert_each, make_views
 from stages.checkpoints import (
@@ -51,43 +50,24 @@ from stages.checkpoints import (
 )
 from stages.distributed import (
     ONE_PROCESS,
-    DistributedError,
     Ranks,
-    close_ranks,
-    relaunch_under_torchrun,
-    sync_batchnorm,
     usage_over_ranks,
     wrap_ddp,
 )
 from stages.model import MonolithicSegmenter
-from stages.params import ParamsError, load_params
 from stages.training import (
     DEFAULT_EXECUTION,
     USAGE_THRESHOLD,
     Execution,
-    HeldOutBatch,
-    add_execution_flags,
+    add_stage_arguments,
     cluster_usage,
     embed_images,
     fit,
     global_scores,
-    load_labelled_split,
-    training_sources,
+    joined,
+    run_stage,
+    selection_sets,
 )
-
-# --------------------------------------------------------------------------------------------
-# Run set-up shared by the training stages
-# --------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
 
 
 def contrastive_weight_at(step: int, weight: float, decay_steps: int) -> float:
@@ -97,66 +77,6 @@ def contrastive_weight_at(step: int, weight: float, decay_steps: int) -> float:
         return weight
     t = min(step / decay_steps, 1.0)
     return weight * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------------------------
-# Validation: Hungarian-matched mIoU under the global protocol
-# --------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints and outputs
-# --------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------------------------
-# DVCLive
-# --------------------------------------------------------------------------------------------
-
-
-
-
-# --------------------------------------------------------------------------------------------
-# Teacher
-# --------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
 
 
 def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: torch.Generator,
@@ -199,8 +119,6 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     return terms
 
 
-
-
 def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, results_dir: Path,
                   aug, model_params, loss_params, train_params, *, execution: Execution = DEFAULT_EXECUTION,
                   stop_after: int | None = None, progress: bool = True) -> dict:
@@ -213,13 +131,10 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
     if train_params.patch_size % 4:
         raise TrainingError(f"train.patch_size must be a multiple of 4 (the network stride), got "
                             f"{train_params.patch_size}")
-    device, ranks = execution.apply()
-    try:
+    with joined(execution) as (device, ranks):
         return _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, model_params,
                               loss_params, train_params, execution, device, ranks, stop_after,
                               progress and ranks.is_main)
-    finally:
-        close_ranks(ranks)
 
 
 def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, model_params, loss_params,
@@ -228,28 +143,13 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
 
     rows = ranks.slice(train_params.batch_size, "train.batch_size")
     summary = read_summary(dataset_root)
-    sources = training_sources(dataset_root)
-    # rank 0 alone validates; every rank needs to know which selection it is (it decides the sources)
-    labelled = load_labelled_split(dataset_root, max_tiles=train_params.val_max_tiles) if ranks.is_main else None
-    has_labels = ranks.broadcast(labelled is not None)
-    heldout = None
-    if not has_labels:
-        if len(sources) < 2:
-            raise TrainingError(f"{dataset_root}: no labelled metrics_train tiles and fewer than 2 train "
-                                "tiles: nothing to hold out for model selection")
-        n_held = max(1, len(sources) // 10)
-        if ranks.is_main:
-            heldout = HeldOutBatch(sources[-n_held:], train_params.patch_size, train_params.batch_size,
-                                   train_params.seed + 1)
-        sources = sources[:-n_held]
+    sources, labelled, heldout = selection_sets(dataset_root, train_params.val_max_tiles, train_params.patch_size,
+                                                train_params.batch_size, train_params.seed + 1, ranks)
     batches = RandomWindowBatches(sources, [train_params.patch_size], train_params.batch_size,
                                   train_params.seed, "cycle", True)
 
     config = teacher_config(model_params)
-    model = build_teacher(config)
-    if ranks.distributed:
-        model = sync_batchnorm(model)
-    model = model.to(device)
+    model = build_teacher(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=train_params.lr, weight_decay=train_params.weight_decay)
     fingerprint = run_fingerprint(aug, model_params, loss_params, train_params,
                                   data_hash=summary.get("params_hash", ""))
@@ -321,29 +221,16 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the teacher segmenter (DVC stage `train`).")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--shards", default="data/shards", help="shards root; the dataset is ingest.dataset")
-    ap.add_argument("--out", default="model/teacher")
-    ap.add_argument("--checkpoints", default="model/checkpoints/teacher")
-    ap.add_argument("--results", default="results/train")
-    ap.add_argument("--no-progress", action="store_true")
-    add_execution_flags(ap)
+    add_stage_arguments(ap, "model/teacher", "model/checkpoints/teacher", "results/train")
     args = ap.parse_args(argv)
 
-    def run() -> int:
-        execution = Execution.from_env(args.device, args.threads, args.prefetch, args.nproc)
-        code = relaunch_under_torchrun("stages.train", sys.argv[1:] if argv is None else argv, execution.processes)
-        if code is not None:
-            return code
-        p = load_params(args.params)
+    def train(p, execution) -> None:
         train_teacher(Path(args.shards) / p.ingest.dataset, Path(args.out), Path(args.checkpoints),
                       Path(args.results), p.aug, p.model, p.loss, p.train, execution=execution,
                       progress=not args.no_progress)
-        return 0
 
-    return run_command("train", run, errors=(ParamsError, TrainingError, DistributedError, FileNotFoundError, ValueError),
-                       interrupted=f"{args.out} not written; the last checkpoint in {args.checkpoints} is kept: "
-                       "rerun to resume")
+    return run_stage("train", "stages.train", args, argv, train)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,44 +34,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime.command import run_command
 from stages import losses
 from stages.augment import apply_each, draw_transforms, normalise01, step_generator, to_rgb01
 from stages.checkpoints import (
     STUDENT_FORMAT,
     TrainingError,
-    load_teacher,
     read_summary,
+    read_teacher,
     run_fingerprint,
     student_config,
     teacher_config,
-    teacher_info,
     write_output_dir,
 )
 from stages.distributed import (
     ONE_PROCESS,
-    DistributedError,
     Ranks,
-    close_ranks,
-    relaunch_under_torchrun,
-    sync_batchnorm,
     usage_over_ranks,
     wrap_ddp,
 )
 from stages.model import Encoder, student_from_params
-from stages.params import ParamsError, load_params
 from stages.training import (
     DEFAULT_EXECUTION,
     USAGE_THRESHOLD,
     Execution,
-    HeldOutBatch,
-    add_execution_flags,
+    add_stage_arguments,
     cluster_usage,
     embed_images,
     fit,
     global_scores,
-    load_labelled_split,
-    training_sources,
+    joined,
+    run_stage,
+    selection_sets,
 )
 
 
@@ -119,10 +112,6 @@ def distill_losses(distiller: Distiller, teacher, x: torch.Tensor, guide: torch.
     return terms
 
 
-
-
-
-
 def prepare_batch(batch_uint8: np.ndarray, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One random dihedral transform per window (shared by teacher and student) -> (input, guide)."""
     transforms = draw_transforms(step_generator(seed, step, stream=1), len(batch_uint8), True, True)
@@ -146,13 +135,10 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
         raise TrainingError(f"data.patch_sizes must be multiples of 4 (the network stride), got {bad}")
     if not data.patch_sizes:
         raise TrainingError("data.patch_sizes is empty")
-    device, ranks = execution.apply()
-    try:
+    with joined(execution) as (device, ranks):
         return _train_student(dataset_root, teacher_path, out_dir, checkpoint_dir, results_dir, model_params,
                               loss_params, student, data, distill, train_params, execution, device, ranks,
                               stop_after, progress and ranks.is_main)
-    finally:
-        close_ranks(ranks)
 
 
 def _train_student(dataset_root, teacher_path, out_dir, checkpoint_dir, results_dir, model_params, loss_params,
@@ -160,33 +146,18 @@ def _train_student(dataset_root, teacher_path, out_dir, checkpoint_dir, results_
     from stages.datasets import RandomWindowBatches
 
     rows = ranks.slice(distill.batch_size, "distill.batch_size")
-    teacher = load_teacher(teacher_path, expect=teacher_config(model_params)).to(device)
+    teacher, t_info = read_teacher(teacher_path, expect=teacher_config(model_params))
+    teacher = teacher.to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    t_info = teacher_info(teacher_path)
     summary = read_summary(dataset_root)
-    sources = training_sources(dataset_root)
-    # rank 0 alone validates; every rank needs to know which selection it is (it decides the sources)
-    labelled = load_labelled_split(dataset_root, max_tiles=train_params.val_max_tiles) if ranks.is_main else None
-    has_labels = ranks.broadcast(labelled is not None)
-    heldout = None
-    if not has_labels:
-        if len(sources) < 2:
-            raise TrainingError(f"{dataset_root}: no labelled metrics_train tiles and fewer than 2 train "
-                                "tiles: nothing to hold out for model selection")
-        n_held = max(1, len(sources) // 10)
-        if ranks.is_main:
-            heldout = HeldOutBatch(sources[-n_held:], min(data.patch_sizes), distill.batch_size,
-                                   distill.seed + 1)
-        sources = sources[:-n_held]
+    sources, labelled, heldout = selection_sets(dataset_root, train_params.val_max_tiles, min(data.patch_sizes),
+                                                distill.batch_size, distill.seed + 1, ranks)
     batches = RandomWindowBatches(sources, data.patch_sizes, distill.batch_size, distill.seed,
                                   data.patch_size_sampling, True)
 
     torch.manual_seed(distill.seed)
-    distiller = Distiller(student_from_params(student), teacher.encoder.embed_dim)
-    if ranks.distributed:
-        distiller = sync_batchnorm(distiller)
-    distiller = distiller.to(device)
+    distiller = Distiller(student_from_params(student), teacher.encoder.embed_dim).to(device)
     opt = torch.optim.AdamW(distiller.parameters(), lr=distill.lr, weight_decay=distill.weight_decay)
     normaliser = losses.EmaNormaliser(distill.ema_decay, distill.ema_eps)
     fingerprint = run_fingerprint(student, data, distill, data_hash=(
@@ -262,31 +233,17 @@ def _train_student(dataset_root, teacher_path, out_dir, checkpoint_dir, results_
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Distil the teacher into the student (DVC stage `train_distill`).")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--shards", default="data/shards", help="shards root; the dataset is ingest.dataset")
+    add_stage_arguments(ap, "model/student", "model/checkpoints/student", "results/train_distill")
     ap.add_argument("--teacher", default="model/teacher")
-    ap.add_argument("--out", default="model/student")
-    ap.add_argument("--checkpoints", default="model/checkpoints/student")
-    ap.add_argument("--results", default="results/train_distill")
-    ap.add_argument("--no-progress", action="store_true")
-    add_execution_flags(ap)
     args = ap.parse_args(argv)
 
-    def run() -> int:
-        execution = Execution.from_env(args.device, args.threads, args.prefetch, args.nproc)
-        code = relaunch_under_torchrun("stages.train_distill", sys.argv[1:] if argv is None else argv,
-                                       execution.processes)
-        if code is not None:
-            return code
-        p = load_params(args.params)
+    def train(p, execution) -> None:
         train_student(Path(args.shards) / p.ingest.dataset, Path(args.teacher), Path(args.out),
                       Path(args.checkpoints), Path(args.results), p.model, p.loss, p.student, p.data,
                       p.distill, p.train, execution=execution, progress=not args.no_progress)
-        return 0
 
-    return run_command("train_distill", run, errors=(ParamsError, TrainingError, DistributedError, FileNotFoundError, ValueError),
-                       interrupted=f"{args.out} not written; the last checkpoint in {args.checkpoints} is kept: "
-                       "rerun to resume")
+    return run_stage("train_distill", "stages.train_distill", args, argv, train)
+
 
 if __name__ == "__main__":
     sys.exit(main())

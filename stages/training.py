@@ -7,10 +7,12 @@ teacher (`stages.train`) and the student (`stages.train_distill`) run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime.command import check_signals
+from runtime.command import check_signals, run_command
 from stages.checkpoints import CHECKPOINT_VERSION, TrainingError, atomic_torch_save, load_checkpoint, read_summary
-from stages.distributed import NoLive, Ranks, init_ranks, local_threads
+from stages.distributed import DistributedError, Ranks, close_ranks, init_ranks, local_threads, relaunch_under_torchrun
 from stages.metrics import confusion, hungarian_scores
 from stages.model import normalise_rgb, smooth_probs, upsample_to
+from stages.params import Params, ParamsError, load_params
 
 USAGE_THRESHOLD = 0.02  # a cluster "holds" pixels when it has at least 2 % of them
 
@@ -98,9 +101,43 @@ class Execution:
 DEFAULT_EXECUTION = Execution()
 
 
-def set_threads(threads: int) -> None:
-    """torch's CPU threads; 0 = all cores."""
-    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+@contextlib.contextmanager
+def joined(execution: Execution):
+    """`execution.apply()` as a context: (device, ranks), leaving the distributed job at the end."""
+    device, ranks = execution.apply()
+    try:
+        yield device, ranks
+    finally:
+        close_ranks(ranks)
+
+
+def add_stage_arguments(ap: argparse.ArgumentParser, out: str, checkpoints: str, results: str) -> None:
+    """The paths and flags both training stages take (their defaults are dvc.yaml's paths)."""
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--shards", default="data/shards", help="shards root; the dataset is ingest.dataset")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--checkpoints", default=checkpoints)
+    ap.add_argument("--results", default=results)
+    ap.add_argument("--no-progress", action="store_true")
+    add_execution_flags(ap)
+
+
+def run_stage(stage: str, module: str, args: argparse.Namespace, argv: list[str] | None,
+              train: Callable[[Params, Execution], object]) -> int:
+    """A training stage's main: its execution settings, a relaunch under torchrun when they ask for
+    processes, then `train(params, execution)`; input errors are one `error:` line and status 2."""
+
+    def run() -> int:
+        execution = Execution.from_env(args.device, args.threads, args.prefetch, args.nproc)
+        code = relaunch_under_torchrun(module, sys.argv[1:] if argv is None else argv, execution.processes)
+        if code is not None:
+            return code
+        train(load_params(args.params), execution)
+        return 0
+
+    return run_command(stage, run, errors=(ParamsError, TrainingError, DistributedError, FileNotFoundError, ValueError),
+                       interrupted=f"{args.out} not written; the last checkpoint in {args.checkpoints} is kept: "
+                       "rerun to resume")
 
 
 def add_execution_flags(ap: argparse.ArgumentParser) -> None:
@@ -132,6 +169,26 @@ def training_sources(dataset_root: Path) -> list[Path]:
     if not sources:
         raise TrainingError(f"{dataset_root}: the 'train' split has no tiles to train on")
     return sources
+
+
+def selection_sets(dataset_root: Path, max_tiles: int, patch_size: int, batch_size: int, seed: int,
+                   ranks: Ranks) -> tuple[list[Path], LabelledSet | None, HeldOutBatch | None]:
+    """(training sources, labelled selection tiles, held-out batch) of a training stage.
+
+    Model selection scores the labelled `metrics_train` tiles (loaded on rank 0, which alone
+    validates); without any, a fixed batch of `patch_size` windows from the last tenth of the
+    train tiles (seed `seed`), which then leave the training sources on every rank.
+    """
+    sources = training_sources(dataset_root)
+    labelled = load_labelled_split(dataset_root, max_tiles=max_tiles) if ranks.is_main else None
+    if ranks.broadcast(labelled is not None):
+        return sources, labelled, None
+    if len(sources) < 2:
+        raise TrainingError(f"{dataset_root}: no labelled metrics_train tiles and fewer than 2 train "
+                            "tiles: nothing to hold out for model selection")
+    n_held = max(1, len(sources) // 10)
+    heldout = HeldOutBatch(sources[-n_held:], patch_size, batch_size, seed) if ranks.is_main else None
+    return sources[:-n_held], None, heldout
 
 
 class Prefetcher:
@@ -404,7 +461,7 @@ def fit(*, stage: str, what: str, steps: int, base_lr: float, val_every: int, ch
         start, best = int(state["step"]), state["best"]
         if ranks.is_main:
             tqdm.write(f"resuming {what} from {checkpoint_path} at step {start}")
-    live = open_live(results_dir, start) if ranks.is_main else NoLive()
+    live = open_live(results_dir, start) if ranks.is_main else None  # DVCLive writes once, on rank 0
     model.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=what, disable=not progress,
                dynamic_ncols=True)
@@ -422,7 +479,7 @@ def fit(*, stage: str, what: str, steps: int, base_lr: float, val_every: int, ch
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            for name, value in metrics.items():
+            for name, value in metrics.items() if live else ():
                 live.log_metric(name, value)
             done = step + 1
             if ranks.is_main and (done % val_every == 0 or done == steps):
@@ -433,14 +490,16 @@ def fit(*, stage: str, what: str, steps: int, base_lr: float, val_every: int, ch
                     best = {"score": float(record["score"]), "step": done, "metric": record["metric"],
                             **record.get("keep", {}), "state_dict": kept_weights()}
                 bar.set_postfix(**postfix, val=f"{record['score']:.3f}")
-            live.next_step()
+            if live:
+                live.next_step()
             if ranks.is_main and (done % checkpoint_every == 0 or done == steps):
                 atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": done,
                                    "model": model.state_dict(), "optimizer": opt.state_dict(), "best": best,
                                    **{name: holder.state_dict() for name, holder in extra_state.items()}},
                                   checkpoint_path)
             if stop_after is not None and done >= stop_after:
-                live.end()
+                if live:
+                    live.end()
                 return Fitted(best, start, time.perf_counter() - t_start, prefetcher.wait_s, done)
         elapsed = time.perf_counter() - t_start
         if ranks.is_main:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages.augment import make_views  # noqa: E402
 from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
 from stages.datasets import RandomWindowBatches, split_sources  # noqa: E402
-from stages.distributed import close_ranks, sync_batchnorm, wrap_ddp  # noqa: E402
+from stages.distributed import close_ranks, wrap_ddp  # noqa: E402
 from stages.model import student_from_params  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.train import teacher_losses  # noqa: E402
@@ -35,7 +35,7 @@ def main(params_path: str, shards: str, out: str) -> None:
     batches = RandomWindowBatches(sources, [p.train.patch_size], p.train.batch_size, p.train.seed)
     views = [v.rows(ranks.slice(p.train.batch_size)) for v in make_views(batches.batch(0)[0], 0, p.aug)]
     raw = build_teacher(teacher_config(p.model))
-    model = wrap_ddp(sync_batchnorm(raw) if ranks.distributed else raw, ranks, device).train()
+    model = wrap_ddp(raw, ranks, device).train()
     terms = teacher_losses(model, views, p.loss, torch.Generator().manual_seed(0), ranks=ranks)
     terms["total"].backward()
     result["teacher_terms"] = {k: float(v.detach()) for k, v in terms.items() if not k.startswith("_")}
@@ -50,7 +50,7 @@ def main(params_path: str, shards: str, out: str) -> None:
     rows = ranks.slice(p.distill.batch_size)
     torch.manual_seed(p.distill.seed)
     raw = Distiller(student_from_params(p.student), teacher.encoder.embed_dim)
-    distiller = wrap_ddp(sync_batchnorm(raw) if ranks.distributed else raw, ranks, device).train()
+    distiller = wrap_ddp(raw, ranks, device).train()
     terms = distill_losses(distiller, teacher, x[rows], guide[rows], p.distill, p.loss.edge_sigma,
                            torch.Generator().manual_seed(0), ranks)
     terms["raw"].backward()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_raw, write_params
+from conftest import free_port, tiny_raw, write_params
 
 from stages.params import parse_params
 
@@ -65,12 +64,6 @@ def run(cmd: list[str], **extra) -> subprocess.CompletedProcess:
 
 def curve(path: Path) -> list[float]:
     return [float(line.split("\t")[1]) for line in path.read_text().splitlines()[1:]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> list[int]:

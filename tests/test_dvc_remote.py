@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, free_port
 from test_pipeline_e2e import TINY, merge, run
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -35,12 +35,6 @@ def _env(home: Path) -> dict:
             "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0", "OMP_NUM_THREADS": "1", "LANDSEG_THREADS": "1",
             "GIT_AUTHOR_NAME": "team", "GIT_AUTHOR_EMAIL": "team@example.invalid",
             "GIT_COMMITTER_NAME": "team", "GIT_COMMITTER_EMAIL": "team@example.invalid"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +52,7 @@ def sshd(tmp_path_factory):
     (root / "authorized_keys").write_text((root / "user_key.pub").read_text())
     os.chmod(root / "authorized_keys", 0o600)
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
-    port = _free_port()
+    port = free_port()
     config = root / "sshd_config"
     config.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\n"
                       f"AuthorizedKeysFile {root / 'authorized_keys'}\nPasswordAuthentication no\n"

@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_distill import distil, teacher_dir, tiny_student  # noqa: F401  (module fixture)
-from test_train import tiny_dataset  # noqa: F401  (session fixture)
+from conftest import distil, tiny_student
 
 import runtime
 from stages.checkpoints import TrainingError, load_student, load_teacher
@@ -17,9 +16,9 @@ from stages.training import spherical_kmeans
 
 
 @pytest.fixture(scope="module")
-def student_dir(tmp_path_factory, tiny_dataset, teacher_dir):  # noqa: F811
+def student_dir(tmp_path_factory, tiny_shards, teacher_dir):
     tmp = tmp_path_factory.mktemp("student")
-    distil(tmp, tiny_dataset, teacher_dir, params=tiny_student(steps=4, val_every=4))
+    distil(tmp, tiny_shards, teacher_dir, params=tiny_student(steps=4, val_every=4))
     return tmp / "student"
 
 
@@ -33,7 +32,7 @@ def torch_labels(encoder, rgb, centres, temperature, smooth_iters):
 
 
 @pytest.mark.parametrize("source", ["student", "teacher"])
-def test_runtime_matches_torch(tmp_path, tiny_dataset, teacher_dir, student_dir, source):  # noqa: F811
+def test_runtime_matches_torch(tmp_path, tiny_shards, teacher_dir, student_dir, source):
     out = export_model(source, teacher_dir, student_dir, tmp_path / "best")
     model = runtime.load_model(out)
     teacher = load_teacher(teacher_dir)
@@ -44,7 +43,7 @@ def test_runtime_matches_torch(tmp_path, tiny_dataset, teacher_dir, student_dir,
     assert meta["input_rescale"] == {"mode": "none", "limits": None}  # ingest's record, via shards and teacher
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"val_score", "val_step", "val_metric"} <= set(metrics)
-    images = [TileDataset(tiny_dataset, "val")[i]["image"] for i in range(2)]
+    images = [TileDataset(tiny_shards, "val")[i]["image"] for i in range(2)]
     # sizes not divisible by the stride, image borders included
     crops = [images[0], np.ascontiguousarray(images[1][3:, 5:62])]
     matched, total = 0, 0
@@ -61,7 +60,7 @@ def test_runtime_matches_torch(tmp_path, tiny_dataset, teacher_dir, student_dir,
     assert matched / total >= 0.999
 
 
-def test_export_refuses_student_of_another_teacher(tmp_path, tiny_dataset, teacher_dir, student_dir):  # noqa: F811
+def test_export_refuses_student_of_another_teacher(tmp_path, tiny_shards, teacher_dir, student_dir):
     blob = torch.load(student_dir / "model.pt", weights_only=True)
     blob["teacher"]["fingerprint"] = "another"
     (tmp_path / "student").mkdir()
@@ -71,7 +70,7 @@ def test_export_refuses_student_of_another_teacher(tmp_path, tiny_dataset, teach
     assert not (tmp_path / "best").exists()
 
 
-def test_main_missing_student(tmp_path, teacher_dir, capsys):  # noqa: F811
+def test_main_missing_student(tmp_path, teacher_dir, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("export: {source: student}\n")
     code = main(["--params", str(params), "--teacher", str(teacher_dir), "--student", str(tmp_path / "none"),
@@ -80,7 +79,7 @@ def test_main_missing_student(tmp_path, teacher_dir, capsys):  # noqa: F811
     assert not (tmp_path / "best").exists()
 
 
-def test_export_records_the_cue_and_evaluate_gives_it_to_the_teacher(tmp_path, teacher_dir, student_dir):  # noqa: F811
+def test_export_records_the_cue_and_evaluate_gives_it_to_the_teacher(tmp_path, teacher_dir, student_dir):
     from stages.evaluate import teacher_model
     from stages.params import ExportParams
 
@@ -97,7 +96,7 @@ def test_export_records_the_cue_and_evaluate_gives_it_to_the_teacher(tmp_path, t
     assert model.embed_cells(rgb).shape == (10, 9, model.embed_dim + 1)
 
 
-def test_export_records_fit_temperature_and_evaluate_gives_it_to_the_teacher(tmp_path, teacher_dir, student_dir):  # noqa: F811
+def test_export_records_fit_temperature_and_evaluate_gives_it_to_the_teacher(tmp_path, teacher_dir, student_dir):
     from stages.evaluate import teacher_model
     from stages.params import ExportParams
 

@@ -521,18 +521,15 @@ def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_checkpoi
         assert not out.exists()
 
 
-def test_resume_after_a_kill_that_cut_dvclive_files_short(tmp_path):
+def test_resume_after_a_kill_that_cut_dvclive_files_short(tmp_path, tiny_shards):
     """A kill -9 while DVCLive writes leaves metrics.json empty or a plot row cut short; the resumed
     run still ends exactly where an uninterrupted one does."""
-    from test_train import tiny_params, write_tiny_shards
+    from conftest import tiny_training_params, train_tiny_teacher
 
-    from stages.train import train_teacher
-
-    data = write_tiny_shards(tmp_path / "shards" / "tiny")
-    params = tiny_params(steps=6)
+    params = tiny_training_params(steps=6)
 
     def run(root, **kw):
-        return train_teacher(data, root / "teacher", root / "ckpt", root / "results", *params, progress=False, **kw)
+        return train_tiny_teacher(root, tiny_shards, params, **kw)
 
     run(tmp_path / "whole")
     assert run(tmp_path / "cut", stop_after=3) == {"stopped_at": 3}

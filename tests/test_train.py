@@ -1,85 +1,20 @@
 """Teacher training end to end on tiny shards: outputs, logs, no collapse, resume == uninterrupted."""
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
-import rasterio
 import torch
 import yaml
-from conftest import REPO
-from rasterio.transform import from_origin
+from conftest import REPO, tiny_training_params, train_tiny_teacher
 
 from stages.checkpoints import TrainingError, load_teacher
-from stages.params import AugParams, LossParams, ModelParams, TrainParams
-from stages.synthetic import render_scene
-from stages.train import main, train_teacher
+from stages.params import TrainParams
+from stages.train import main
 from stages.training import Execution, embed_images, global_scores, load_labelled_split, spherical_kmeans
 
 
-def write_tiny_shards(root: Path, scenes: int = 4, size: int = 128, tile: int = 64) -> Path:
-    """Contract-format shards of small synthetic scenes: even scenes unlabelled (train), scene 1
-    labelled metrics_train, other odd scenes val. Returns the dataset root."""
-    counts = {"train": 0, "metrics_train": 0, "val": 0}
-    index = {s: [] for s in counts}
-    for sc in range(scenes):
-        rgb = np.zeros((3, size, size), np.uint8)
-        lab = np.zeros((size, size), np.uint8)
-        for r0, block, lblock in render_scene(0, sc, size, 4.0):
-            rgb[:, r0:r0 + block.shape[1]] = block
-            lab[r0:r0 + lblock.shape[0]] = lblock
-        split = "train" if sc % 2 == 0 else ("metrics_train" if sc == 1 else "val")
-        shard = root / split / "shard-00000"
-        shard.mkdir(parents=True, exist_ok=True)
-        for r in range(0, size, tile):
-            for c in range(0, size, tile):
-                item = f"s{sc}_{r}_{c}"
-                profile = dict(driver="GTiff", width=tile, height=tile, dtype="uint8", crs="EPSG:32611",
-                               transform=from_origin(500000 + c * 0.6, 4000000 - r * 0.6, 0.6, 0.6))
-                with rasterio.open(shard / f"{item}.tif", "w", count=3, **profile) as dst:
-                    dst.write(rgb[:, r:r + tile, c:c + tile])
-                target, hist = None, None
-                if split != "train":
-                    with rasterio.open(shard / f"{item}.label.tif", "w", count=1, **profile) as dst:
-                        dst.write(lab[None, r:r + tile, c:c + tile])
-                    target = f"{item}.label.tif"
-                    vals, n = np.unique(lab[r:r + tile, c:c + tile], return_counts=True)
-                    hist = {str(int(v)): int(k) for v, k in zip(vals, n)}
-                index[split].append({"item_id": item, "split": split, "input": f"{item}.tif", "target": target,
-                                     "source_item": f"s{sc}", "group": f"s{sc}", "window": [c, r, tile, tile],
-                                     "class_hist": hist})
-                counts[split] += 1
-    for split, rows in index.items():
-        shard = root / split / "shard-00000"
-        shard.mkdir(parents=True, exist_ok=True)
-        (shard / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "summary.json").write_text(json.dumps({
-        "dataset": "tiny", "num_classes": 6, "class_names": None, "counts": counts, "class_hist": {},
-        "pixel_size_m": {"train": 0.6, "metrics_train": 0.6, "val": 0.6}, "params_hash": "tiny",
-        "input_rescale": {"mode": "none", "limits": None}}))
-    return root
-
-
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory) -> Path:
-    return write_tiny_shards(tmp_path_factory.mktemp("shards") / "tiny")
-
-
-def tiny_params(steps=6, **train):
-    model = ModelParams(width=16, depth=1, embed_dim=8, max_k=4)
-    t = dict(steps=steps, batch_size=2, patch_size=32, val_every=3, checkpoint_every=2)
-    t.update(train)
-    return AugParams(), model, LossParams(contrastive_samples=32), TrainParams(**t)
-
-
-def run(tmp: Path, dataset: Path, params, **kw):
-    kw.setdefault("execution", Execution(device="cpu", threads=1))
-    return train_teacher(dataset, tmp / "teacher", tmp / "ckpt", tmp / "results", *params, progress=False, **kw)
-
-
-def test_train_writes_teacher_logs_and_selects_best(tmp_path, tiny_dataset):
-    record = run(tmp_path, tiny_dataset, tiny_params())
+def test_train_writes_teacher_logs_and_selects_best(tmp_path, tiny_shards):
+    record = train_tiny_teacher(tmp_path, tiny_shards, tiny_training_params())
     teacher = load_teacher(tmp_path / "teacher")
     assert not teacher.training and teacher.head.prototypes.shape == (4, 8)
     assert record["metric"] == "metrics_train/miou" and record["step"] in (3, 6)
@@ -92,27 +27,27 @@ def test_train_writes_teacher_logs_and_selects_best(tmp_path, tiny_dataset):
     assert (tmp_path / "ckpt" / "last.pt").exists()
 
 
-def test_val_max_tiles_selects_on_the_fixed_subset(tmp_path, tiny_dataset, capsys):
+def test_val_max_tiles_selects_on_the_fixed_subset(tmp_path, tiny_shards, capsys):
     """train.val_max_tiles: selection scores only the stable subset (the kept teacher's score is
     recomputed on those tiles alone), and the log says so."""
-    labelled = load_labelled_split(tiny_dataset, max_tiles=1)
-    full = load_labelled_split(tiny_dataset)
+    labelled = load_labelled_split(tiny_shards, max_tiles=1)
+    full = load_labelled_split(tiny_shards)
     assert len(labelled.images) == 1 and labelled.split_tiles == len(full.images) == 4
     assert "model selection on 1 of the 4 metrics_train tiles" in capsys.readouterr().out
-    record = run(tmp_path, tiny_dataset, tiny_params(val_max_tiles=1))
+    record = train_tiny_teacher(tmp_path, tiny_shards, tiny_training_params(val_max_tiles=1))
     teacher = load_teacher(tmp_path / "teacher")
     embs = embed_images(teacher.encoder, labelled.images, torch.device("cpu"))
     again = global_scores(embs, labelled, teacher.head.temperature, teacher.smooth_iters, seed=0)
     assert record["score"] == pytest.approx(again["miou"], abs=1e-6)
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_dataset):
-    params = tiny_params(steps=6)
-    run(tmp_path / "full", tiny_dataset, params)
+def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_shards):
+    params = tiny_training_params(steps=6)
+    train_tiny_teacher(tmp_path / "full", tiny_shards, params)
     # "kill" after step 3: the last checkpoint is at step 2, step 3's work is lost
-    assert run(tmp_path / "cut", tiny_dataset, params, stop_after=3) == {"stopped_at": 3}
+    assert train_tiny_teacher(tmp_path / "cut", tiny_shards, params, stop_after=3) == {"stopped_at": 3}
     assert not (tmp_path / "cut" / "teacher").exists()
-    run(tmp_path / "cut", tiny_dataset, params)
+    train_tiny_teacher(tmp_path / "cut", tiny_shards, params)
     full = torch.load(tmp_path / "full/teacher/model.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut/teacher/model.pt", weights_only=True)
     assert full["val"] == cut["val"]
@@ -123,7 +58,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_dataset):
     assert all(torch.equal(v, last_cut[k]) for k, v in last_full.items())
     # a second identical run writes byte-identical files (DVC hashes them; temporary names must
     # not leak into them)
-    run(tmp_path / "again", tiny_dataset, params)
+    train_tiny_teacher(tmp_path / "again", tiny_shards, params)
     for name in ("ckpt/last.pt", "teacher/model.pt"):
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
     # the resumed run's curves hold every step exactly once
@@ -132,15 +67,15 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_dataset):
     assert rows == (tmp_path / "full/results/plots/metrics/train/total.tsv").read_text().splitlines()[1:]
 
 
-def test_execution_settings_change_speed_only(tmp_path, tiny_dataset):
+def test_execution_settings_change_speed_only(tmp_path, tiny_shards):
     """Prefetching, the device name and the thread count are execution settings, not params. The
     first two leave the teacher the same bytes; torch's CPU kernels split their sums by thread, so
     another thread count moves the float rounding only: the same selected step and weights within
     1e-4 after 4 steps."""
-    params = tiny_params(steps=4)
+    params = tiny_training_params(steps=4)
     runs = {"inline": Execution(device="cpu", threads=1), "prefetch": Execution(device="cpu", threads=1, prefetch=True),
             "auto": Execution(device="auto", threads=1), "two-threads": Execution(device="cpu", threads=2)}
-    records = {name: run(tmp_path / name, tiny_dataset, params, execution=e) for name, e in runs.items()}
+    records = {name: train_tiny_teacher(tmp_path / name, tiny_shards, params, execution=e) for name, e in runs.items()}
     blobs = {name: (tmp_path / name / "teacher" / "model.pt").read_bytes() for name in runs}
     assert blobs["prefetch"] == blobs["inline"] == blobs["auto"]
     assert records["two-threads"]["step"] == records["inline"]["step"]
@@ -168,48 +103,48 @@ def test_execution_settings_come_from_the_environment_and_are_checked(monkeypatc
         assert key not in yaml.safe_load((REPO / "params.yaml").read_text())["train"]
 
 
-def test_finished_checkpoint_is_not_resumed(tmp_path, tiny_dataset, capsys):
+def test_finished_checkpoint_is_not_resumed(tmp_path, tiny_shards, capsys):
     """DVC reruns a finished stage when its code changes, deleting its logs first: the run must
     train again and log every step, not 'resume' at the last step with nothing to log."""
     import shutil
 
-    params = tiny_params(steps=4)
-    run(tmp_path, tiny_dataset, params)
+    params = tiny_training_params(steps=4)
+    train_tiny_teacher(tmp_path, tiny_shards, params)
     first = (tmp_path / "teacher/model.pt").read_bytes()
     shutil.rmtree(tmp_path / "results")
     shutil.rmtree(tmp_path / "teacher")
-    run(tmp_path, tiny_dataset, params)
+    train_tiny_teacher(tmp_path, tiny_shards, params)
     assert "holds a finished run" in capsys.readouterr().out  # tqdm.write prints to stdout
     rows = (tmp_path / "results/plots/metrics/train/total.tsv").read_text().splitlines()[1:]
     assert [int(r.split("\t")[0]) for r in rows] == list(range(4))
     assert (tmp_path / "teacher/model.pt").read_bytes() == first
 
 
-def test_checkpoint_of_other_params_is_not_resumed(tmp_path, tiny_dataset, capsys):
-    run(tmp_path, tiny_dataset, tiny_params(steps=2))
-    aug, model, loss, train = tiny_params(steps=2)
-    run(tmp_path, tiny_dataset, (aug, model, loss, TrainParams(**{**train.__dict__, "lr": 0.001})))
+def test_checkpoint_of_other_params_is_not_resumed(tmp_path, tiny_shards, capsys):
+    train_tiny_teacher(tmp_path, tiny_shards, tiny_training_params(steps=2))
+    aug, model, loss, train = tiny_training_params(steps=2)
+    train_tiny_teacher(tmp_path, tiny_shards, (aug, model, loss, TrainParams(**{**train.__dict__, "lr": 0.001})))
     out = capsys.readouterr()
     assert "starting over" in out.out + out.err
 
 
-def test_no_cluster_collapse(tmp_path, tiny_dataset):
+def test_no_cluster_collapse(tmp_path, tiny_shards):
     """After a short training at least half of the max_k clusters hold >= 2 % of validation pixels."""
-    aug, model, loss, train = tiny_params(steps=12, val_every=12, checkpoint_every=12)
-    run(tmp_path, tiny_dataset, (aug, model, loss, train))
+    aug, model, loss, train = tiny_training_params(steps=12, val_every=12, checkpoint_every=12)
+    train_tiny_teacher(tmp_path, tiny_shards, (aug, model, loss, train))
     metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
     assert metrics["val"]["clusters_ge_2pct"] >= model.max_k // 2
     assert metrics["train"]["clusters_ge_2pct"] >= model.max_k // 2
 
 
-def test_teacher_errors(tmp_path, tiny_dataset):
+def test_teacher_errors(tmp_path, tiny_shards):
     with pytest.raises(TrainingError, match="not found"):
         load_teacher(tmp_path / "missing")
     bad = tmp_path / "bad.pt"
     torch.save({"format": "something-else"}, bad)
     with pytest.raises(TrainingError, match="not a teacher checkpoint"):
         load_teacher(bad)
-    run(tmp_path, tiny_dataset, tiny_params(steps=1, val_every=1))
+    train_tiny_teacher(tmp_path, tiny_shards, tiny_training_params(steps=1, val_every=1))
     with pytest.raises(TrainingError, match="does not match"):
         load_teacher(tmp_path / "teacher", expect={"width": 999})
     blob = torch.load(tmp_path / "teacher" / "model.pt", weights_only=True)
@@ -217,9 +152,9 @@ def test_teacher_errors(tmp_path, tiny_dataset):
     torch.save(blob, tmp_path / "old.pt")
     with pytest.raises(TrainingError, match=r"lacks architecture keys \['refine_head'\]"):
         load_teacher(tmp_path / "old.pt")
-    aug, model, loss, train = tiny_params()
+    aug, model, loss, train = tiny_training_params()
     with pytest.raises(TrainingError, match="multiple of 4"):
-        run(tmp_path / "x", tiny_dataset, (aug, model, loss, TrainParams(patch_size=30)))
+        train_tiny_teacher(tmp_path / "x", tiny_shards, (aug, model, loss, TrainParams(patch_size=30)))
 
 
 def test_main_reports_missing_shards(tmp_path, capsys):
@@ -251,15 +186,15 @@ def test_contrastive_weight_schedule():
     assert all(a > b for a, b in zip(decaying, decaying[1:]))
 
 
-def test_contrastive_decay_drops_the_term_from_the_total(tmp_path, tiny_dataset):
+def test_contrastive_decay_drops_the_term_from_the_total(tmp_path, tiny_shards):
     """With loss.contrastive_decay_steps = 2 the logged total holds the contrastive term at full
     weight at step 0 and not at all from step 2 on (the other terms at their weights)."""
     import csv
     import dataclasses as dc
 
-    aug, model, loss, train = tiny_params(steps=3, val_every=3)
+    aug, model, loss, train = tiny_training_params(steps=3, val_every=3)
     loss = dc.replace(loss, contrastive_decay_steps=2)
-    run(tmp_path, tiny_dataset, (aug, model, loss, train))
+    train_tiny_teacher(tmp_path, tiny_shards, (aug, model, loss, train))
     logs = {}
     for f in (tmp_path / "results/plots/metrics/train").glob("*.tsv"):
         rows = list(csv.DictReader(f.open(), delimiter="\t"))
