@@ -3,14 +3,9 @@ sensors, dates, haze)?
 
 Every tile of `--split` is given the colour shift of its source image: one seeded draw per source
 image, so the tiles of one image agree and the images disagree, as in a mosaic of several flights.
-A shift of strength s applies, per image and on RGB in [0, 1]:
-
-    per-channel gains     exp(u), u ~ U(-0.1 s, 0.1 s)      (white balance)
-    a gamma curve         x ** exp(u), u ~ U(-0.15 s, 0.15 s)
-    haze                  x (1 - h) + 0.8 h, h ~ U(0, 0.1 s)  (a bright, low-contrast veil)
-
-Strength 1 is about the range of the teacher's photometric jitter (`aug.channel_gain` 0.1,
-`aug.gamma` 0.15; haze is not among the training augmentations), strength 2 twice that. The
+The shift of strength s is evaluate's `colour_shift_for` (gains, gamma curve and haze). Strength 1
+is about the range of the teacher's photometric augmentation (haze is not among the training
+augmentations; evaluate's label-free jitter_agreement uses strength 1), strength 2 twice that. The
 model (`model/best` through the numpy runtime) and both k-means baselines are then scored by
 evaluate's own `score_method` under both protocols, one strength after another on the same tiles.
 The global protocol (one set of centres for all images) is the one a shift can hurt; per tile, a
@@ -25,37 +20,26 @@ model / kmeans_features.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features  # noqa: E402
-from stages.evaluate import LabelledTiles, RuntimeSegmenter, load_model_dir, load_val_tiles, read_summary, score_method  # noqa: E402
+from stages.evaluate import (  # noqa: E402
+    RuntimeSegmenter,
+    ScoredImages,
+    apply_colour_shift,
+    colour_shift_for,
+    load_model_dir,
+    load_val_tiles,
+    read_summary,
+    score_method,
+)
 from stages.params import EvaluateParams  # noqa: E402
-
-
-def shift_for(source: str, strength: float, seed: int) -> tuple[np.ndarray, float, float]:
-    """(per-channel gains, gamma, haze) of one source image, a pure function of its name."""
-    digest = hashlib.sha256(f"{seed}/{source}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-    gains = np.exp(rng.uniform(-0.1 * strength, 0.1 * strength, 3))
-    gamma = float(np.exp(rng.uniform(-0.15 * strength, 0.15 * strength)))
-    haze = float(rng.uniform(0.0, 0.1 * strength))
-    return gains, gamma, haze
-
-
-def apply_shift(rgb: np.ndarray, gains: np.ndarray, gamma: float, haze: float) -> np.ndarray:
-    x = (rgb.astype(np.float64) / 255.0) * gains
-    x = np.clip(x, 0.0, 1.0) ** gamma
-    x = x * (1.0 - haze) + 0.8 * haze
-    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
 def main() -> int:
@@ -84,13 +68,13 @@ def main() -> int:
     result: dict = {"split": args.split, "tiles": len(images), "sources": len(set(sources))}
     print(f"{'strength':>8} {'method':<16} {'global mIoU':>11} {'tile mIoU':>10}")
     for s in args.strengths:
-        shifted = LabelledTiles(item_ids, [apply_shift(rgb, *shift_for(src, s, args.seed))
-                                           for rgb, src in zip(images, sources)],
-                                labels, groups, split_tiles=len(images))
+        shifted = ScoredImages(item_ids, [apply_colour_shift(rgb, *colour_shift_for(src, s, args.seed))
+                                          for rgb, src in zip(images, sources)],
+                               labels, groups, split_tiles=len(images), sources=sources)
         for name, method in methods.items():
-            glob, per_tile, _, _ = score_method(method, shifted, num_classes, num_classes, p.seed,
-                                                p.samples_per_tile, p.global_samples, name, 0)
-            g, t = glob.result()["miou"], per_tile.result()["miou"]
+            run = score_method(method, shifted, num_classes, num_classes, p.seed, p.samples_per_tile,
+                               p.global_samples, name)
+            g, t = run.glob.result()["miou"], run.per_image.result()["miou"]
             result[f"{name}@{s:g}"] = round(g, 4)
             print(f"{s:>8g} {name:<16} {g:>11.4f} {t:>10.4f}", flush=True)
         result[f"model_over_kmeans_features@{s:g}"] = round(result[f"model@{s:g}"]

@@ -46,6 +46,7 @@ metrics.json is removed so nothing stale looks current):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -66,7 +67,16 @@ from runtime.model import labels_from_cell_proba
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
 from stages.checkpoints import TrainingError, read_teacher
 from stages.datasets import DatasetError, TileDataset
-from stages.metrics import GlobalProtocol, PerTileProtocol, matched_confusion, row_percent_records, scores_from_matched
+from stages.metrics import (
+    GlobalProtocol,
+    PerTileProtocol,
+    cooccurrence,
+    matched_agreement,
+    matched_confusion,
+    row_percent_records,
+    scores_from_matched,
+    share_figures,
+)
 from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, output_size
 from stages.params import EvaluateParams, ParamsError, load_params
 from stages.rasterio_utils import RasterError
@@ -82,6 +92,11 @@ PALETTE = np.array([
 ], dtype=np.uint8)
 UNMATCHED_COLOUR = np.array([255, 0, 255], dtype=np.uint8)
 OVERLAY_GAP_PX = 4
+# Clusters of a set without labels when evaluate.k is 0: the covers a GIS user first separates on
+# aerial RGB (water, trees, grass or field, bare soil, roads and paved, buildings).
+UNLABELLED_K = 6
+# Extra seeds of the global centres behind the label-free seed_agreement.
+STABILITY_SEEDS = 2
 
 
 class EvaluateError(ValueError):
@@ -141,7 +156,10 @@ def sample_rows(feats: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
 
 
 @dataclass
-class LabelledTiles:
+class ScoredImages:
+    """The images one evaluation scores (tiles of a split, or whole rasters), with their labels
+    (`labels` empty for a set without labels)."""
+
     item_ids: list[str]
     images: list[np.ndarray]   # uint8 (H, W, 3)
     labels: list[np.ndarray]   # uint8 (H, W), 0 = ignored, 1..num_classes
@@ -159,8 +177,11 @@ def read_summary(dataset_root: Path) -> dict:
     except json.JSONDecodeError as e:
         raise EvaluateError(f"{path}: not valid JSON: {e}") from None
     n = summary.get("num_classes") if isinstance(summary, dict) else None
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise EvaluateError(f"{path}: expected an integer num_classes >= 1, got {n!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise EvaluateError(f"{path}: expected an integer num_classes >= 0, got {n!r}")
+    counts = summary.get("counts")
+    if not isinstance(counts, dict) or not all(isinstance(v, int) for v in counts.values()):
+        raise EvaluateError(f"{path}: expected 'counts', the tile count of every split, got {counts!r}")
     return summary
 
 
@@ -171,14 +192,14 @@ def class_names(summary: dict) -> list[str]:
 
 
 def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val",
-                   max_tiles: int = 0) -> LabelledTiles:
+                   max_tiles: int = 0) -> ScoredImages:
     """Every tile of `split` with its label, or the fixed subset of `max_tiles` of them
     (`stable_subset`; 0 = all); errors on unlabelled tiles or labels > num_classes."""
     try:  # the split's tiles, every one labelled (checked on the whole split), image and label shapes
         ds = TileDataset(dataset_root, split, require_labels=True, max_tiles=max_tiles)
     except DatasetError as e:
         raise EvaluateError(f"{e} (evaluate refuses an empty split and one with no label on some tile)") from None
-    tiles = LabelledTiles([], [], [], [], split_tiles=ds.split_tiles)
+    tiles = ScoredImages([], [], [], [], split_tiles=ds.split_tiles)
     for i, r in enumerate(ds.records):
         item = ds[i]
         label = item["label"]
@@ -195,9 +216,23 @@ def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val",
     return tiles
 
 
-def load_val_rasters(raw_dir: Path, tiles: LabelledTiles, num_classes: int, fill: np.ndarray) -> LabelledTiles:
+def load_unlabelled_tiles(dataset_root: Path, split: str, max_tiles: int = 0) -> ScoredImages:
+    """Every tile of `split` (or the fixed subset of `max_tiles`), labels left out (`labels` empty)."""
+    ds = TileDataset(dataset_root, split, max_tiles=max_tiles)
+    if not ds.records:
+        raise EvaluateError(f"{dataset_root / split}: split {split!r} has no tiles; nothing to segment")
+    tiles = ScoredImages([], [], [], [], split_tiles=ds.split_tiles)
+    for i, r in enumerate(ds.records):
+        tiles.item_ids.append(r.item_id)
+        tiles.images.append(ds[i]["image"])
+        tiles.groups.append(r.group)
+        tiles.sources.append(r.source_item)
+    return tiles
+
+
+def load_val_rasters(raw_dir: Path, tiles: ScoredImages, num_classes: int, fill: np.ndarray) -> ScoredImages:
     """The whole source rasters of `tiles` (data/raw, by the tiles' source item ids, in id order),
-    each with its label on the image's grid, as `LabelledTiles` (one entry per raster; `groups` are
+    each with its label on the image's grid, as `ScoredImages` (one entry per raster; `groups` are
     the tiles' groups). Pixels that are nodata in the image are ignored in the label and set to
     `fill`, the colour segment_raster feeds the network there."""
     from rasterio.windows import Window
@@ -211,7 +246,7 @@ def load_val_rasters(raw_dir: Path, tiles: LabelledTiles, num_classes: int, fill
         raise EvaluateError(f"{e} (evaluate.rasters scores the val split's whole rasters)") from None
     by_id = {e["item_id"]: e for e in entries}
     group_of = dict(zip(tiles.sources, tiles.groups))
-    rasters = LabelledTiles([], [], [], [])
+    rasters = ScoredImages([], [], [], [])
     for item in sorted(group_of):
         entry = by_id.get(item)
         if entry is None or not entry["label"]:
@@ -260,45 +295,116 @@ def teacher_model(teacher_path: Path, cue: dict | None = None, fit_temperature: 
     return Model(layers, arrays, meta)
 
 
-def score_method(method: Segmenter, tiles: LabelledTiles, k: int, num_classes: int, seed: int,
-                 samples_per_tile: int, global_samples: int, name: str, keep: int
-                 ) -> tuple[GlobalProtocol, PerTileProtocol, list[np.ndarray], dict]:
-    """Both protocols for one method, in two passes over the tiles (memory bounded by one tile
-    plus the global sample).
+@dataclass
+class MethodRun:
+    """One method scored on a set of images (`score_method`).
+
+    `preds`: every image's global-protocol cluster ids, uint8 (H, W), in image order.
+    `glob`, `per_image`, `groups`: the labelled protocols' accumulators and scores per group (None
+    without labels). `seed_cooc`: for each extra seed of the global centres, the (k, k)
+    co-occurrence of its labels with `preds`; `jitter_same` / `jitter_total`: pixels whose cluster
+    id survives the colour shift of their source image with the same centres (label-free figures;
+    empty and 0 when not asked for).
+    """
+
+    preds: list[np.ndarray]
+    glob: GlobalProtocol | None = None
+    per_image: PerTileProtocol | None = None
+    groups: dict | None = None
+    seed_cooc: list[np.ndarray] = field(default_factory=list)
+    jitter_same: int = 0
+    jitter_total: int = 0
+
+
+def score_method(method: Segmenter, tiles: ScoredImages, k: int, num_classes: int, seed: int,
+                 samples_per_tile: int, global_samples: int, name: str, label_free: bool = False) -> MethodRun:
+    """One method on `tiles`, in two passes over the images (memory: one image's features plus
+    the global sample, and every image's global labels).
 
     Pass 1 samples ceil(global_samples x its share of the total area) rows of every tile (or raster)
-    and fits the global centres.
-    Pass 2 labels every tile with them (global protocol) and with centres fitted on
-    `samples_per_tile` rows of that tile alone (per-tile protocol). Returns the accumulators, the
-    first `keep` global predictions and both protocols' scores per group (`per_group_scores`).
+    and fits the global centres (and, with `label_free`, `STABILITY_SEEDS` more from the same rows
+    under the next seeds).
+    Pass 2 labels every image with them (global protocol) and, where the images are labelled
+    (`num_classes` > 0), with centres fitted on `samples_per_tile` rows of that image alone
+    (per-tile protocol). With `label_free` it also labels each image under the other seeds' centres
+    and, with the global centres, the image after its source's colour shift (`colour_shift_for` at
+    strength 1: a flight of other exposure and white balance).
     """
-    glob, per_tile = GlobalProtocol(k, num_classes), PerTileProtocol(k, num_classes)
-    group_glob = {g: GlobalProtocol(k, num_classes) for g in sorted(set(tiles.groups))}
-    group_tile = {g: PerTileProtocol(k, num_classes) for g in group_glob}
+    labelled = num_classes > 0
+    run = MethodRun(preds=[])
+    if labelled:
+        run.glob, run.per_image = GlobalProtocol(k, num_classes), PerTileProtocol(k, num_classes)
+        group_glob = {g: GlobalProtocol(k, num_classes) for g in sorted(set(tiles.groups))}
+        group_tile = {g: PerTileProtocol(k, num_classes) for g in group_glob}
     rng = np.random.default_rng(seed)
     progress = dict(unit="tile", file=sys.stderr, disable=None, leave=False)
     areas = [rgb.shape[0] * rgb.shape[1] for rgb in tiles.images]
     total = sum(areas)
     # a share of global_samples in proportion to each image's area: the same number from every
     # tile (all one size), more from a larger raster
-    pooled = [sample_rows(method.features(rgb), max(k, -(-global_samples * area // total)), rng)
-              for rgb, area in tqdm(list(zip(tiles.images, areas)), desc=f"{name}: sample", **progress)]
-    centres = method.fit(np.concatenate(pooled), k, seed=seed)
+    pooled = np.concatenate([
+        sample_rows(method.features(rgb), max(k, -(-global_samples * area // total)), rng)
+        for rgb, area in tqdm(list(zip(tiles.images, areas)), desc=f"{name}: sample", **progress)])
+    centres = method.fit(pooled, k, seed=seed)
+    other_centres = [method.fit(pooled, k, seed=seed + j) for j in range(1, STABILITY_SEEDS + 1)] if label_free else []
+    run.seed_cooc = [np.zeros((k, k), np.int64) for _ in other_centres]
     del pooled
-    kept = []
-    for i, (rgb, label) in enumerate(tqdm(list(zip(tiles.images, tiles.labels)), desc=f"{name}: label",
-                                          **progress)):
+    for i, rgb in enumerate(tqdm(tiles.images, desc=f"{name}: label", **progress)):
+        shape = rgb.shape[:2]
         feats = method.features(rgb)
-        pred = method.labels(feats, label.shape, centres)
-        glob.add(pred, label)
-        group_glob[tiles.groups[i]].add(pred, label)
-        if i < keep:
-            kept.append(pred)
-        own = method.fit_tile(sample_rows(feats, samples_per_tile, rng), k, seed=seed)
-        own_pred = method.labels(feats, label.shape, own)
-        per_tile.add(own_pred, label)
-        group_tile[tiles.groups[i]].add(own_pred, label)
-    return glob, per_tile, kept, per_group_scores(glob, group_glob, group_tile)
+        pred = method.labels(feats, shape, centres)
+        run.preds.append(pred)
+        for cooc, other in zip(run.seed_cooc, other_centres):
+            cooc += cooccurrence(pred, method.labels(feats, shape, other), k)
+        if label_free:
+            shifted = apply_colour_shift(rgb, *colour_shift_for(tiles.sources[i], 1.0, seed))
+            run.jitter_same += int((method.labels(method.features(shifted), shape, centres) == pred).sum())
+            run.jitter_total += pred.size
+        if labelled:
+            label = tiles.labels[i]
+            run.glob.add(pred, label)
+            group_glob[tiles.groups[i]].add(pred, label)
+            own = method.fit_tile(sample_rows(feats, samples_per_tile, rng), k, seed=seed)
+            own_pred = method.labels(feats, shape, own)
+            run.per_image.add(own_pred, label)
+            group_tile[tiles.groups[i]].add(own_pred, label)
+    if labelled:
+        run.groups = per_group_scores(run.glob, group_glob, group_tile)
+    return run
+
+
+def label_free_figures(run: MethodRun, k: int) -> dict:
+    """What a method's maps show without labels: cluster shares (`share_figures`), the mean
+    matched agreement of its labels under the other seeds' centres, and the share of pixels whose
+    cluster survives a colour shift of the image (same centres)."""
+    counts = sum(np.bincount(p.ravel(), minlength=k) for p in run.preds)
+    shares = share_figures(counts)
+    return {"clusters_used": round(shares["clusters_used"], 6), "largest_share": round(shares["largest_share"], 6),
+            "seed_agreement": _json_number(float(np.mean([matched_agreement(c) for c in run.seed_cooc]))),
+            "jitter_agreement": _json_number(run.jitter_same / run.jitter_total)}
+
+
+def colour_shift_for(source: str, strength: float, seed: int) -> tuple[np.ndarray, float, float]:
+    """(per-channel gains, gamma, haze) of one source image, a pure function of its name and seed.
+
+    At strength s, on RGB in [0, 1]: gains exp(u), u ~ U(-0.1 s, 0.1 s) (white balance); a gamma
+    curve x ** exp(u), u ~ U(-0.15 s, 0.15 s); haze x (1 - h) + 0.8 h, h ~ U(0, 0.1 s) (a bright,
+    low-contrast veil). Strength 1 is about the range of the teacher's photometric augmentation.
+    """
+    digest = hashlib.sha256(f"{seed}/{source}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    gains = np.exp(rng.uniform(-0.1 * strength, 0.1 * strength, 3))
+    gamma = float(np.exp(rng.uniform(-0.15 * strength, 0.15 * strength)))
+    haze = float(rng.uniform(0.0, 0.1 * strength))
+    return gains, gamma, haze
+
+
+def apply_colour_shift(rgb: np.ndarray, gains: np.ndarray, gamma: float, haze: float) -> np.ndarray:
+    """uint8 (H, W, 3) after the gains, gamma and haze of `colour_shift_for`."""
+    x = (rgb.astype(np.float64) / 255.0) * gains
+    x = np.clip(x, 0.0, 1.0) ** gamma
+    x = x * (1.0 - haze) + 0.8 * haze
+    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
 def per_group_scores(glob: GlobalProtocol, group_glob: dict[str, GlobalProtocol],
@@ -326,6 +432,13 @@ def overlay(rgb: np.ndarray, label: np.ndarray, pred: np.ndarray, mapping: np.nd
     return np.concatenate([rgb, gap, truth, gap, cluster_colours[pred]], axis=1)
 
 
+def cluster_overlay(rgb: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """(H, 2W + gap, 3) uint8: image | clusters, cluster c drawn in PALETTE[1 + c]."""
+    colours = PALETTE[1 + np.arange(int(pred.max()) + 1) % (len(PALETTE) - 1)]
+    gap = np.full((rgb.shape[0], OVERLAY_GAP_PX, 3), 255, np.uint8)
+    return np.concatenate([rgb, gap, colours[pred]], axis=1)
+
+
 def write_png(path: Path, rgb: np.ndarray) -> None:
     """(H, W, 3) uint8 -> PNG through GDAL's PNG driver (no georeferencing, no sidecar)."""
     import rasterio
@@ -340,23 +453,42 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 
 def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: Path,
              params: EvaluateParams, dataset: str = "", raw_dir: Path | None = None) -> dict:
-    """Score model/best, the teacher and both baselines on `val`; write metrics and plots to out_dir.
-    With `params.rasters`, also on the val tiles' whole source rasters in `raw_dir` (data/raw)."""
+    """Score model/best, the teacher and both baselines; write metrics and plots to out_dir.
+
+    A labelled set is scored on `val` against its labels (with `params.rasters`, also on the val
+    tiles' whole source rasters in `raw_dir`, data/raw), and every method's label-free figures are
+    reported beside. A set without labels (no `val` tiles: build_shards sends unlabelled rasters to
+    `train`) gets the label-free figures alone, on the `train` tiles: the imagery the user segments.
+    """
     dataset_root, out_dir = Path(dataset_root), Path(out_dir)
     check_folder(out_dir, "evaluate output folder")  # before the work
     _remove_outputs(out_dir)  # nothing from an earlier run may look current if this one fails
     summary = read_summary(dataset_root)
-    num_classes, names = summary["num_classes"], class_names(summary)
+    labelled = summary["counts"].get("val", 0) > 0
+    num_classes = summary["num_classes"] if labelled else 0
+    if labelled and num_classes < 1:
+        raise EvaluateError(f"{dataset_root / 'summary.json'}: val has tiles but num_classes is {num_classes}; "
+                            "expected the number of label classes (>= 1)")
+    if not labelled and summary["counts"].get("train", 0) == 0:
+        raise EvaluateError(f"{dataset_root / 'summary.json'}: the val and train splits have no tiles; "
+                            "nothing to segment (rerun build_shards)")
+    names = class_names(summary) if labelled else []
     model = load_model_dir(Path(model_dir))
     teacher = teacher_model(Path(teacher_path), **clustering_settings(model.meta))
-    k = params.k or num_classes
+    k = params.k or (num_classes if labelled else UNLABELLED_K)
+    k_from = "evaluate.k" if params.k else ("num_classes of summary.json" if labelled
+                                           else f"{UNLABELLED_K} for a set without labels (evaluate.k = 0)")
     max_k = min(model.meta["max_k"], teacher.meta["max_k"])
     if not 2 <= k <= max_k:
-        raise EvaluateError(f"k = {k} ({'evaluate.k' if params.k else 'num_classes of summary.json'}) must lie "
-                            f"in [2, {max_k}] (max_k of {model_dir} and the teacher)")
-    tiles = load_val_tiles(dataset_root, num_classes, max_tiles=params.max_tiles)
+        raise EvaluateError(f"k = {k} ({k_from}) must lie in [2, {max_k}] (max_k of {model_dir} and the teacher)")
+    split = "val" if labelled else "train"
+    if labelled:
+        tiles = load_val_tiles(dataset_root, num_classes, max_tiles=params.max_tiles)
+    else:
+        tiles = load_unlabelled_tiles(dataset_root, split, max_tiles=params.max_tiles)
+        print(f"{dataset_root}: no labelled val tiles; label-free figures on the {split} tiles, k = {k} ({k_from})")
     if len(tiles.images) < tiles.split_tiles:
-        print(f"scoring {len(tiles.images)} of the {tiles.split_tiles} val tiles (evaluate.max_tiles)")
+        print(f"scoring {len(tiles.images)} of the {tiles.split_tiles} {split} tiles (evaluate.max_tiles)")
 
     methods: dict[str, Segmenter] = {
         "model": RuntimeSegmenter(model, params.kmeans_restarts, params.tile_balance),
@@ -364,28 +496,43 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
         "kmeans_rgb": KMeansBaseline(rgb_features, params.kmeans_iters, params.kmeans_restarts),
         "kmeans_features": KMeansBaseline(handcrafted_features, params.kmeans_iters, params.kmeans_restarts),
     }
-    metrics: dict = {"dataset": dataset or summary.get("dataset", ""), "k": k, "num_classes": num_classes,
-                     "tiles": len(tiles.images), "split_tiles": tiles.split_tiles,
-                     "labelled_pixels": int(sum((lab > 0).sum() for lab in tiles.labels))}
+    metrics: dict = {"dataset": dataset or summary.get("dataset", ""), "labelled": labelled, "split": split,
+                     "k": k, "num_classes": num_classes, "tiles": len(tiles.images),
+                     "split_tiles": tiles.split_tiles}
+    if labelled:
+        metrics["labelled_pixels"] = int(sum((lab > 0).sum() for lab in tiles.labels))
     per_class: dict = {}
     per_group: dict = {}
-    results, model_glob, model_preds = {}, None, []
+    shares: dict = {}
+    runs: dict[str, MethodRun] = {}
+    results: dict = {}
+    agreement: dict = {}
     for name, method in methods.items():
-        keep = params.num_overlays if name == "model" else 0
-        glob, per_tile, kept, groups = score_method(method, tiles, k, num_classes, params.seed,
-                                                    params.samples_per_tile, params.global_samples, name, keep)
-        per_group[name] = {g: {"tiles": r["tiles"],
-                               **{proto: {"miou": _json_number(r[proto]["miou"]),
-                                          "pixel_accuracy": _json_number(r[proto]["pixel_accuracy"])}
-                                  for proto in ("global", "per_tile")}} for g, r in groups.items()}
-        results[name] = {"global": glob.result(), "per_tile": per_tile.result()}
-        metrics[name] = {proto: {"miou": _json_number(s["miou"]), "pixel_accuracy": _json_number(s["pixel_accuracy"])}
-                         for proto, s in results[name].items()}
-        per_class[name] = {proto: dict(zip(names, map(_json_number, s["per_class_iou"])))
-                           for proto, s in results[name].items()}
-        if name == "model":
-            model_glob, model_preds = glob, kept
-    if params.rasters:
+        run = runs[name] = score_method(method, tiles, k, num_classes, params.seed, params.samples_per_tile,
+                                        params.global_samples, name, label_free=True)
+        metrics[name] = {}
+        if labelled:
+            results[name] = {"global": run.glob.result(), "per_tile": run.per_image.result()}
+            metrics[name] = {proto: _scores(s) for proto, s in results[name].items()}
+            per_class[name] = {proto: dict(zip(names, map(_json_number, s["per_class_iou"])))
+                               for proto, s in results[name].items()}
+        metrics[name]["label_free"] = label_free_figures(run, k)
+        per_group[name] = {}
+        shares[name] = {"all": share_figures(sum(np.bincount(p.ravel(), minlength=k) for p in run.preds))["shares"]}
+        for g in sorted(set(tiles.groups)):
+            mine = [p for p, pg in zip(run.preds, tiles.groups) if pg == g]
+            shares[name][g] = share_figures(sum(np.bincount(p.ravel(), minlength=k) for p in mine))["shares"]
+            per_group[name][g] = {"tiles": len(mine)}
+            if labelled:
+                r = run.groups[g]
+                per_group[name][g].update({proto: _scores(r[proto]) for proto in ("global", "per_tile")})
+        shares[name] = {g: [round(v, 6) for v in sh] for g, sh in shares[name].items()}
+        if name != "model":  # the model ran first: its labels against this method's, then these are dropped
+            agreement[name] = _json_number(matched_agreement(
+                sum(cooccurrence(a, b, k) for a, b in zip(runs["model"].preds, run.preds))))
+            run.preds = []
+    metrics["agreement_with_model"] = agreement
+    if labelled and params.rasters:
         if raw_dir is None:
             raise EvaluateError("evaluate.rasters needs the ingested rasters (data/raw); set it false to score "
                                 "tiles only")
@@ -393,20 +540,18 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
         metrics["rasters"] = len(rasters.images)
         metrics["raster_labelled_pixels"] = int(sum((lab > 0).sum() for lab in rasters.labels))
         for name, method in methods.items():
-            glob, per_raster, _, _ = score_method(method, rasters, k, num_classes, params.seed,
-                                                  params.samples_per_tile, params.global_samples,
-                                                  f"{name} (rasters)", 0)
-            results[name]["rasters_global"], results[name]["per_raster"] = glob.result(), per_raster.result()
-            metrics[name]["rasters"] = {
-                proto: {"miou": _json_number(s["miou"]), "pixel_accuracy": _json_number(s["pixel_accuracy"])}
-                for proto, s in (("global", results[name]["rasters_global"]),
-                                 ("per_raster", results[name]["per_raster"]))}
+            run = score_method(method, rasters, k, num_classes, params.seed, params.samples_per_tile,
+                               params.global_samples, f"{name} (rasters)")
+            results[name]["rasters_global"], results[name]["per_raster"] = run.glob.result(), run.per_image.result()
+            metrics[name]["rasters"] = {proto: _scores(results[name][key]) for proto, key in
+                                        (("global", "rasters_global"), ("per_raster", "per_raster"))}
             for proto in ("rasters_global", "per_raster"):
                 per_class[name][proto] = dict(zip(names, map(_json_number, results[name][proto]["per_class_iou"])))
-    metrics["ratio_miou"] = {
-        proto: {b: (round(results["model"][proto]["miou"] / results[b][proto]["miou"], 6)
-                    if results[b][proto]["miou"] > 0 else None) for b in BASELINES}
-        for proto in results["model"]}
+    if labelled:
+        metrics["ratio_miou"] = {
+            proto: {b: (round(results["model"][proto]["miou"] / results[b][proto]["miou"], 6)
+                        if results[b][proto]["miou"] > 0 else None) for b in BASELINES}
+            for proto in results["model"]}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out_dir)
@@ -414,19 +559,26 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
     discard(tmp)
     try:
         (tmp / "plots" / "overlays").mkdir(parents=True)
-        (tmp / "plots" / "confusion.json").write_text(
-            json.dumps(row_percent_records(model_glob.matched, names), indent=None) + "\n")
-        mapping = model_glob.mapping()
-        for item_id, rgb, label, pred in zip(tiles.item_ids, tiles.images, tiles.labels, model_preds):
-            write_png(child(tmp / "plots" / "overlays", item_id, "val tile id", ".png"),
-                      overlay(rgb, label, pred, mapping))
+        # Without labels there is no confusion: the plot's file holds no records.
+        records = row_percent_records(runs["model"].glob.matched, names) if labelled else []
+        (tmp / "plots" / "confusion.json").write_text(json.dumps(records, indent=None) + "\n")
+        mapping = runs["model"].glob.mapping() if labelled else None
+        for i in range(min(params.num_overlays, len(tiles.images))):
+            panels = overlay(tiles.images[i], tiles.labels[i], runs["model"].preds[i], mapping) if labelled \
+                else cluster_overlay(tiles.images[i], runs["model"].preds[i])
+            write_png(child(tmp / "plots" / "overlays", tiles.item_ids[i], f"{split} tile id", ".png"), panels)
         (tmp / "per_class_iou.json").write_text(json.dumps(per_class, indent=2) + "\n")
         (tmp / "per_group.json").write_text(json.dumps(per_group, indent=2) + "\n")
+        (tmp / "cluster_shares.json").write_text(json.dumps(shares, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         _install_outputs(tmp, out_dir)
     finally:
         discard(tmp)
     return metrics
+
+
+def _scores(s: dict) -> dict:
+    return {"miou": _json_number(s["miou"]), "pixel_accuracy": _json_number(s["pixel_accuracy"])}
 
 
 def _remove_outputs(out_dir: Path) -> None:
@@ -436,6 +588,7 @@ def _remove_outputs(out_dir: Path) -> None:
     (out_dir / "metrics.json").unlink(missing_ok=True)
     (out_dir / "per_class_iou.json").unlink(missing_ok=True)
     (out_dir / "per_group.json").unlink(missing_ok=True)
+    (out_dir / "cluster_shares.json").unlink(missing_ok=True)
     shutil.rmtree(out_dir / "plots", ignore_errors=True)
 
 
@@ -446,11 +599,12 @@ def _install_outputs(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp / "plots", out_dir / "plots")
     os.replace(tmp / "per_class_iou.json", out_dir / "per_class_iou.json")
     os.replace(tmp / "per_group.json", out_dir / "per_group.json")
+    os.replace(tmp / "cluster_shares.json", out_dir / "cluster_shares.json")
     os.replace(tmp / "metrics.json", out_dir / "metrics.json")
 
 
 def print_table(metrics: dict, per_group: dict | None = None) -> None:
-    rows = [("tiles", "global", "per_tile", "tile")]
+    rows = [("tiles", "global", "per_tile", "tile")] if metrics["labelled"] else []
     if "rasters" in metrics:
         rows.append((f"whole rasters ({metrics['rasters']})", "global", "per_raster", "raster"))
     for title, glob, own, unit in rows:
@@ -461,12 +615,20 @@ def print_table(metrics: dict, per_group: dict | None = None) -> None:
             g, t = scores[glob], scores[own]
             print(f"{name:<16} {_fmt(g['miou']):>11} {_fmt(g['pixel_accuracy']):>10} {_fmt(t['miou']):>11} "
                   f"{_fmt(t['pixel_accuracy']):>10}")
-    if per_group and len(per_group["model"]) > 1:
+    if metrics["labelled"] and per_group and len(per_group["model"]) > 1:
         print("global mIoU per group (the split's one matching):")
         print(f"{'group':<16} {'tiles':>5} " + " ".join(f"{name:>15}" for name in METHODS))
         for g, r in per_group["model"].items():
             cells = " ".join(f"{_fmt(per_group[name][g]['global']['miou']):>15}" for name in METHODS)
             print(f"{g:<16} {r['tiles']:>5} {cells}")
+    print(f"label-free, {metrics['tiles']} {metrics['split']} tiles, k = {metrics['k']}:")
+    print(f"{'method':<16} {'clusters used':>13} {'largest share':>13} {'seed agreement':>14} "
+          f"{'colour-shift agreement':>22} {'agreement with model':>20}")
+    for name in METHODS:
+        f = metrics[name]["label_free"]
+        with_model = metrics["agreement_with_model"].get(name) if name != "model" else 1.0
+        print(f"{name:<16} {f['clusters_used']:>13.2f} {_fmt(f['largest_share']):>13} {_fmt(f['seed_agreement']):>14} "
+              f"{_fmt(f['jitter_agreement']):>22} {_fmt(with_model):>20}")
 
 
 def _fmt(v: float | None) -> str:

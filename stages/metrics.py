@@ -146,6 +146,34 @@ class GlobalProtocol:
         return scores_from_matched(self.matched)
 
 
+def cooccurrence(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """(k, k) pixel counts of cluster i in labelling `a` on cluster j in labelling `b` (same shape)."""
+    if a.shape != b.shape:
+        raise ValueError(f"labellings differ in shape: {a.shape} != {b.shape}")
+    return np.bincount(a.ravel().astype(np.int64) * k + b.ravel(), minlength=k * k).reshape(k, k)
+
+
+def matched_agreement(cooc: np.ndarray) -> float:
+    """Share of pixels on which two labellings agree once their cluster ids are matched one-to-one
+    (Hungarian, maximising agreed pixels): 1 = the same partition under other names."""
+    cooc = np.asarray(cooc, dtype=np.float64)
+    total = cooc.sum()
+    if total == 0:
+        return float("nan")
+    rows, cols = linear_sum_assignment(cooc, maximize=True)
+    return float(cooc[rows, cols].sum() / total)
+
+
+def share_figures(counts: np.ndarray) -> dict:
+    """Pixel shares of clusters 0..k-1, the largest share and the effective number of clusters
+    (exp of the shares' entropy: k when all are equal, 1 when one cluster takes everything)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    shares = counts / counts.sum() if counts.sum() > 0 else np.zeros_like(counts)
+    nz = shares[shares > 0]
+    return {"shares": [float(v) for v in shares], "largest_share": float(shares.max(initial=0.0)),
+            "clusters_used": float(np.exp(-(nz * np.log(nz)).sum())) if nz.size else 0.0}
+
+
 def row_percent_records(matched: np.ndarray, class_names: list[str], unmatched_name: str = "unmatched"
                         ) -> list[dict]:
     """A matched confusion as records for DVC's `confusion` plot template (which counts records).

@@ -19,7 +19,7 @@ from stages import evaluate as ev
 from stages.baselines import KMeansBaseline, handcrafted_features, lab_from_rgb, rgb_features
 from stages.checkpoints import TEACHER_FORMAT, build_teacher
 from stages.datasets import read_index, stable_subset
-from stages.metrics import GlobalProtocol, PerTileProtocol
+from stages.metrics import GlobalProtocol, PerTileProtocol, cooccurrence, matched_agreement, share_figures
 from stages.model import INPUT_MEAN, INPUT_SCALE, INPUT_STD, Encoder
 from stages.params import EvaluateParams
 from stages.rasterio_utils import write_geotiff
@@ -43,10 +43,10 @@ def make_tile(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_dataset(root: Path, n_tiles: int = 4, labels: bool = True, label_fn=None,
-                  source_fn=lambda i: f"scene-{i:04d}") -> Path:
-    """A one-shard `val` split in the shard contract (see stages/datasets.py); tile i is cut from
-    the raster `source_fn(i)` (by default a raster of its own)."""
-    shard = root / "val" / "shard-00000"
+                  source_fn=lambda i: f"scene-{i:04d}", split: str = "val") -> Path:
+    """A one-shard split (`val` by default) in the shard contract (see stages/datasets.py); tile i
+    is cut from the raster `source_fn(i)` (by default a raster of its own)."""
+    shard = root / split / "shard-00000"
     shard.mkdir(parents=True)
     lines = []
     for i in range(n_tiles):
@@ -58,14 +58,15 @@ def write_dataset(root: Path, n_tiles: int = 4, labels: bool = True, label_fn=No
         write_geotiff(shard / f"{item}.tif", rgb.transpose(2, 0, 1), crs="EPSG:32611", transform=transform)
         if labels:
             write_geotiff(shard / f"{item}.label.tif", label, crs="EPSG:32611", transform=transform)
-        lines.append(json.dumps({"item_id": item, "split": "val", "input": f"{item}.tif",
+        lines.append(json.dumps({"item_id": item, "split": split, "input": f"{item}.tif",
                                  "target": f"{item}.label.tif" if labels else None,
                                  "source_item": source_fn(i), "group": f"area-{i % 2}",
                                  "window": [0, 0, TILE, TILE],
                                  "class_hist": None}))
     (shard / "index.jsonl").write_text("\n".join(lines) + "\n")
     (root / "summary.json").write_text(json.dumps({
-        "dataset": "handmade", "num_classes": 3, "class_names": NAMES, "counts": {"val": n_tiles},
+        "dataset": "handmade", "num_classes": 3 if split == "val" else 0, "class_names": NAMES if split == "val" else {},
+        "counts": {"val": 0, "train": 0, "metrics_train": 0, split: n_tiles},
         "class_hist": {}, "params_hash": "test"}))
     return root
 
@@ -97,9 +98,9 @@ def write_model(dst: Path, max_k: int = 4) -> Path:
     return write_artifact(dst, layers=layers, arrays=arrays, meta=meta, metrics={})
 
 
-def write_teacher(dst: Path) -> Path:
+def write_teacher(dst: Path, max_k: int = 4) -> Path:
     """A teacher checkpoint as the train stage writes it (format, config, state_dict, val, fingerprint)."""
-    config = {"width": 8, "depth": 1, "embed_dim": 6, "max_k": 4, "temperature": 0.1, "cluster_iters": 2,
+    config = {"width": 8, "depth": 1, "embed_dim": 6, "max_k": max_k, "temperature": 0.1, "cluster_iters": 2,
               "smooth_iters": 1, "refine_head": False, "seed": 0}
     model = build_teacher(config).eval()
     dst.mkdir(parents=True)
@@ -241,6 +242,73 @@ def test_metrics_cover_every_method_and_protocol(result):
     # the per-tile protocol sums matched confusions over tiles, so its areas bracket the split's score
     tile_scores = [r["per_tile"]["pixel_accuracy"] for r in per_group["model"].values()]
     assert min(tile_scores) - 1e-6 <= metrics["model"]["per_tile"]["pixel_accuracy"] <= max(tile_scores) + 1e-6
+
+
+def test_label_free_figures_beside_the_labelled_scores(result):
+    metrics, out = result
+    assert (metrics["labelled"], metrics["split"]) == (True, "val")
+    for method in ev.METHODS:
+        f = metrics[method]["label_free"]
+        assert 1.0 <= f["clusters_used"] <= 3.0 and 1 / 3 <= f["largest_share"] <= 1.0
+        assert 0.0 < f["seed_agreement"] <= 1.0 and 0.0 <= f["jitter_agreement"] <= 1.0
+    # Three flat colours: every seed finds the same three clusters in RGB.
+    assert metrics["kmeans_rgb"]["label_free"]["seed_agreement"] == 1.0
+    shares = json.loads((out / "cluster_shares.json").read_text())
+    assert set(shares) == set(ev.METHODS)
+    for method in ev.METHODS:
+        assert set(shares[method]) == {"all", "area-0", "area-1"}
+        assert sum(shares[method]["all"]) == pytest.approx(1.0, abs=1e-5) and len(shares[method]["all"]) == 3
+    assert set(metrics["agreement_with_model"]) == set(ev.BASELINES)
+    assert all(0.0 < v <= 1.0 for v in metrics["agreement_with_model"].values())
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # reading the PNG back
+def test_a_set_without_labels_gets_label_free_figures_on_train(inputs, tmp_path, capsys):
+    shards = write_dataset(tmp_path / "shards", n_tiles=3, labels=False, split="train")
+    model = write_model(tmp_path / "best", max_k=8)
+    teacher = write_teacher(tmp_path / "teacher", max_k=8)
+    out = tmp_path / "results" / "evaluate"
+    assert run_main(inputs, out, shards=shards, model=model, teacher=teacher, evaluate_yaml="  rasters: true\n") == 0
+    printed = capsys.readouterr().out
+    assert "no labelled val tiles" in printed and "label-free, 3 train tiles, k = 6" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["labelled"], metrics["split"], metrics["k"], metrics["tiles"]) == (False, "train", ev.UNLABELLED_K, 3)
+    assert "rasters" not in metrics and "ratio_miou" not in metrics  # whole rasters are scored against labels
+    for method in ev.METHODS:
+        assert set(metrics[method]) == {"label_free"}
+    assert json.loads((out / "plots" / "confusion.json").read_text()) == []
+    assert json.loads((out / "per_class_iou.json").read_text()) == {}
+    assert json.loads((out / "per_group.json").read_text())["model"] == {"area-0": {"tiles": 2}, "area-1": {"tiles": 1}}
+    pngs = sorted((out / "plots" / "overlays").glob("*.png"))
+    assert len(pngs) == 3  # evaluate.num_overlays (4) of the 3 tiles: image | clusters
+    with rasterio.open(pngs[0]) as src:
+        assert (src.height, src.width) == (TILE, 2 * TILE + ev.OVERLAY_GAP_PX)
+        np.testing.assert_array_equal(src.read().transpose(1, 2, 0)[:, :TILE], make_tile(0)[0])
+
+
+def test_matched_agreement_ignores_cluster_names():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 4, (20, 20))
+    renamed = np.array([2, 0, 3, 1])[a]
+    assert matched_agreement(cooccurrence(a, renamed, 4)) == 1.0
+    half = renamed.copy()
+    half[:10] = (half[:10] + 1) % 4  # half the image relabelled: about half agrees after matching
+    assert 0.45 < matched_agreement(cooccurrence(a, half, 4)) < 0.75
+
+
+def test_share_figures_count_the_clusters_in_use():
+    assert share_figures(np.array([5, 5, 5, 5]))["clusters_used"] == pytest.approx(4.0)
+    one = share_figures(np.array([0, 9, 0]))
+    assert (one["clusters_used"], one["largest_share"], one["shares"]) == (1.0, 1.0, [0.0, 1.0, 0.0])
+
+
+def test_colour_shift_is_a_function_of_source_and_seed():
+    rgb = make_tile(0)[0]
+    shift = ev.colour_shift_for("scene-0000", 1.0, 0)
+    np.testing.assert_array_equal(ev.apply_colour_shift(rgb, *shift),
+                                  ev.apply_colour_shift(rgb, *ev.colour_shift_for("scene-0000", 1.0, 0)))
+    assert not np.array_equal(shift[0], ev.colour_shift_for("scene-0001", 1.0, 0)[0])
+    np.testing.assert_array_equal(ev.apply_colour_shift(rgb, *ev.colour_shift_for("scene-0000", 0.0, 0)), rgb)
 
 
 def test_flat_colour_tiles_are_perfect_for_rgb_kmeans(result):
@@ -473,4 +541,4 @@ def test_k_above_max_k_exits_2(inputs, tmp_path, capsys):
 def test_empty_val_split_exits_2(inputs, tmp_path, capsys):
     shards = write_dataset(tmp_path / "shards", n_tiles=0)
     assert run_main(inputs, tmp_path / "out", shards=shards) == 2
-    assert "no tiles" in capsys.readouterr().err
+    assert "no tiles" in capsys.readouterr().err  # nor any train tiles to segment without labels

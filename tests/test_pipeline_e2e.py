@@ -7,6 +7,9 @@
    the exported weights; `dvc metrics diff` reports the changed distillation losses.
 3. `dvc exp run -S distill.lr=0.03`: `dvc metrics diff` reports the model's evaluate metrics
    against the commit, and no change for the baselines.
+
+And `dvc repro` on a folder of the user's own rasters without labels (local provider) completes,
+with the label-free figures in `dvc metrics show`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
 import yaml
+from affine import Affine
 from conftest import REPO
 
 STAGES = ("ingest", "build_shards", "train", "train_distill", "export", "evaluate")
@@ -50,6 +56,20 @@ def merge(base: dict, over: dict) -> dict:
     return base
 
 
+def clone_with(tmp_path: Path, over: dict) -> tuple[Path, dict, str]:
+    """A git clone of HEAD with params.yaml merged with `over`; its environment and dvc binary."""
+    repo = tmp_path / "clone"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0", "OMP_NUM_THREADS": "1", "LANDSEG_THREADS": "1",
+           "GIT_AUTHOR_NAME": "e2e", "GIT_AUTHOR_EMAIL": "e2e@example.invalid",
+           "GIT_COMMITTER_NAME": "e2e", "GIT_COMMITTER_EMAIL": "e2e@example.invalid"}
+    run(["git", "clone", "--quiet", str(REPO), str(repo)], tmp_path, env)
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), over)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo, env, str(bin_dir / "dvc")
+
+
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
@@ -62,16 +82,7 @@ def stages_run(output: str) -> set[str]:
 
 @pytest.mark.slow
 def test_whole_dag_then_experiment(tmp_path):
-    repo = tmp_path / "clone"
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0", "OMP_NUM_THREADS": "1", "LANDSEG_THREADS": "1",
-           "GIT_AUTHOR_NAME": "e2e", "GIT_AUTHOR_EMAIL": "e2e@example.invalid",
-           "GIT_COMMITTER_NAME": "e2e", "GIT_COMMITTER_EMAIL": "e2e@example.invalid"}
-    run(["git", "clone", "--quiet", str(REPO), str(repo)], tmp_path, env)
-    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc = str(bin_dir / "dvc")
+    repo, env, dvc = clone_with(tmp_path, TINY)
 
     # 1. The whole DAG.
     out = run([dvc, "repro"], repo, env)
@@ -122,3 +133,36 @@ def test_whole_dag_then_experiment(tmp_path):
     assert not any(key.startswith(("kmeans_", "teacher.")) for key in changed), changed  # not model-dependent
     table = run([dvc, "metrics", "diff"], repo, env)
     assert "model.global.miou" in table, table
+
+
+@pytest.mark.slow
+def test_repro_on_rasters_without_labels(tmp_path):
+    """A user's own imagery, no labels: three small orthophotos (GeoTIFF, UTM) in a folder."""
+    over = merge(json.loads(json.dumps(TINY)), {"ingest": {"provider": "local", "dataset": "ortho",
+                                                          "local": {"path": "imagery"}}})
+    repo, env, dvc = clone_with(tmp_path, over)
+    (repo / "imagery").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):  # fields, trees and a road, each raster its own arrangement
+        rgb = np.empty((3, 128, 128), np.uint8)
+        rgb[:] = np.array([150, 140, 90], np.uint8)[:, None, None]
+        rgb[:, : 40 + 20 * i] = np.array([40, 90, 40], np.uint8)[:, None, None]
+        rgb[:, :, 60 + 10 * i: 70 + 10 * i] = 120
+        rgb = np.clip(rgb + rng.integers(-8, 9, rgb.shape), 0, 255).astype(np.uint8)
+        with rasterio.open(repo / "imagery" / f"ortho_{i}.tif", "w", driver="GTiff", width=128, height=128,
+                           count=3, dtype="uint8", crs="EPSG:32611",
+                           transform=Affine(0.6, 0, 500000 + 100 * i, 0, -0.6, 4000000)) as dst:
+            dst.write(rgb)
+
+    out = run([dvc, "repro"], repo, env)
+    assert stages_run(out) == set(STAGES), out
+    assert "no labelled val tiles" in out, out
+    shown = json.loads(run([dvc, "metrics", "show", "--json"], repo, env))
+    metrics = shown[""]["data"]["results/evaluate/metrics.json"]["data"]
+    assert (metrics["labelled"], metrics["split"], metrics["k"]) == (False, "train", 6)
+    for method in ("model", "teacher", "kmeans_rgb", "kmeans_features"):
+        f = metrics[method]["label_free"]
+        assert 1.0 <= f["clusters_used"] <= 6.0 and 0.0 < f["seed_agreement"] <= 1.0, (method, f)
+    table = run([dvc, "metrics", "show"], repo, env)
+    assert "model.label_free.seed_agreement" in table and "agreement_with_model.kmeans_rgb" in table, table
+    assert len(list((repo / "results/evaluate/plots/overlays").glob("*.png"))) == 1
