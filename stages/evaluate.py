@@ -1,4 +1,5 @@
-"""Stage `evaluate`: score model/best through the numpy runtime, beside the baselines, on `val`.
+"""Stage `evaluate`: score model/best through the numpy runtime, beside the baselines, on `val`
+(or, for a set without labels, its label-free figures on `train`).
 
 What users run is what is scored: the exported artifact is loaded with `runtime.load_model` and
 segments every labelled tile of the `val` split (or a fixed subset of `evaluate.max_tiles` of them,
@@ -24,6 +25,11 @@ segmented in one piece (the model through `Model.embed_cells` on the whole array
 sampled from all rasters in proportion to their areas, one matching) and `per_raster` (each
 raster's own centres and matching, as `segment_raster` fits them by default).
 
+Label-free figures, for every method on the scored tiles (`label_free_figures`; all a set without
+labels gets, on its `train` tiles with k = `evaluate.k` or `UNLABELLED_K`): the clusters' pixel
+shares, their agreement across seeds of the global centres and under a colour shift of the image,
+and each method's agreement with the model (docs/evaluation.md, "Imagery without labels").
+
 Outputs (written to a temporary directory, then moved into `--out`; on any error the previous
 metrics.json is removed so nothing stale looks current):
 - `metrics.json` (the headline for `dvc metrics show/diff`): per method and protocol mIoU and
@@ -36,8 +42,10 @@ metrics.json is removed so nothing stale looks current):
   it shows how well the clusters shared by all areas fit each one (generalisation across places);
 - `plots/confusion.json`: the model's global-protocol matched confusion for `dvc plots`
   (`confusion` template), 100 records per true class, one per percent of its pixels;
+- `cluster_shares.json`: per method, the pixel share of every cluster, for all tiles and per group;
 - `plots/overlays/<item_id>.png`: image | truth | model prediction (global protocol), each
-  predicted cluster drawn in the colour of the class it is matched to, unmatched clusters magenta.
+  predicted cluster drawn in the colour of the class it is matched to, unmatched clusters magenta
+  (image | clusters without labels, where `plots/confusion.json` holds no records).
 
     python -m stages.evaluate [--params params.yaml] [--shards data/shards] [--raw data/raw]
                               [--model model/best] [--teacher model/teacher] [--out results/evaluate]

@@ -321,10 +321,12 @@ class ExportParams:
 @dataclass
 class EvaluateParams:
     k: int = knob(0, "Clusters predicted by the model and every baseline; 0 = the number of label "
-                  "classes (summary.json num_classes). Must be >= 2 and <= the artifact's max_k.", lo=0, hi=16)
+                  "classes (summary.json num_classes) of a labelled set, 6 for a set without labels "
+                  "(water, trees, grass or field, bare soil, roads, buildings: the covers one first "
+                  "separates). Must be >= 2 and <= the artifact's max_k.", lo=0, hi=16)
     seed: int = knob(0, "Seed of centre fitting (model, teacher, baselines) and of pixel sampling.", lo=0, hi=2**31 - 1)
-    num_overlays: int = knob(4, "Overlay images (image | truth | prediction) written as plots; the first "
-                             "tiles of the val split in index order.", lo=0, hi=64)
+    num_overlays: int = knob(4, "Overlay images written as plots (image | truth | prediction; image | clusters "
+                             "for a set without labels); the first scored tiles in index order.", lo=0, hi=64)
     samples_per_tile: int = knob(4096, "Per-tile protocol: pixels (baselines) or stride-4 embeddings (model, "
                                  "teacher) of a tile sampled (seeded) to fit that tile's centres.", lo=16, hi=10**7)
     global_samples: int = knob(100000, "Global protocol: pixels or embeddings sampled (seeded, from every tile or "
