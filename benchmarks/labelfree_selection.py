@@ -12,6 +12,9 @@ global mIoU) and with label-free candidates computed on the same images' embeddi
     agree         share of adjacent cells with the same k-means label
     usage_entropy entropy of the k-means cluster shares / log k
     agree_x_ent   agree * usage_entropy
+    shift_agree   share of cells whose k-means label stays when the image gets evaluate's colour
+                  shift (`colour_shift_for`, strength 1), labelled with the same centres
+    shift_x_ent   shift_agree * usage_entropy
 
 and prints one JSON line per stop, then each candidate's Spearman correlation with the mIoU and
 the mIoU at the step it would pick.
@@ -44,11 +47,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
+from stages.evaluate import apply_colour_shift, colour_shift_for  # noqa: E402
 from stages.params import parse_params  # noqa: E402
 from stages.train import train_teacher  # noqa: E402
 from stages.training import embed_images, global_scores, load_labelled_split, sample_embeddings, spherical_kmeans  # noqa: E402
 
-CANDIDATES = ("compact", "nb_cos", "coherence", "agree", "usage_entropy", "agree_x_ent")
+CANDIDATES = ("compact", "nb_cos", "coherence", "agree", "usage_entropy", "agree_x_ent", "shift_agree", "shift_x_ent")
 
 
 def label_free_root(shards: Path, dst: Path) -> Path:
@@ -63,25 +67,28 @@ def label_free_root(shards: Path, dst: Path) -> Path:
 
 
 @torch.no_grad()
-def label_free_scores(embs: list[torch.Tensor], k: int, seed: int = 0) -> dict:
+def label_free_scores(embs: list[torch.Tensor], shifted: list[torch.Tensor], k: int, seed: int = 0) -> dict:
     x = sample_embeddings(embs, 256, seed)
     centres = spherical_kmeans(x, k, seed, restarts=4)
     compact = float((x @ centres.T).max(dim=1).values.mean())
     nb_cos = float(torch.cat([(e[:, :, 1:] * e[:, :, :-1]).sum(0).reshape(-1) for e in embs]).mean())
     shuffled = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]
     rand_cos = float((x * shuffled).sum(1).mean())
-    same = total = 0
+    same = total = kept = cells = 0
     counts = torch.zeros(k)
-    for e in embs:
+    for e, e_shifted in zip(embs, shifted):
         lab = torch.einsum("dhw,kd->khw", e, centres).argmax(0)
         same += int((lab[:, 1:] == lab[:, :-1]).sum())
         total += lab[:, 1:].numel()
         counts += torch.bincount(lab.reshape(-1), minlength=k)
+        kept += int((torch.einsum("dhw,kd->khw", e_shifted, centres).argmax(0) == lab).sum())
+        cells += lab.numel()
     p = counts / counts.sum()
     usage_entropy = float(-(p * p.clamp_min(1e-12).log()).sum() / np.log(k))
     agree = same / total
     return {"compact": compact, "nb_cos": nb_cos, "coherence": nb_cos - rand_cos, "agree": agree,
-            "usage_entropy": usage_entropy, "agree_x_ent": agree * usage_entropy}
+            "usage_entropy": usage_entropy, "agree_x_ent": agree * usage_entropy,
+            "shift_agree": kept / cells, "shift_x_ent": kept / cells * usage_entropy}
 
 
 def main() -> int:
@@ -104,6 +111,8 @@ def main() -> int:
     labelled = load_labelled_split(args.shards)
     if labelled is None:
         raise SystemExit(f"{args.shards}: no labelled metrics_train tiles to compare against")
+    shifted_images = [apply_colour_shift(rgb, *colour_shift_for(str(i), 1.0, p.train.seed))
+                      for i, rgb in enumerate(labelled.images)]
     rows = []
     tmp = Path(tempfile.mkdtemp())
     candidates = CANDIDATES + (("heldout_neg_loss",) if args.label_free else ())
@@ -118,10 +127,11 @@ def main() -> int:
             model.eval()
             with torch.no_grad():
                 embs = embed_images(model.encoder, labelled.images, torch.device("cpu"))
+                shifted = embed_images(model.encoder, shifted_images, torch.device("cpu"))
                 miou = global_scores(embs, labelled, model.head.temperature, model.smooth_iters,
                                      seed=p.train.seed)["miou"]
             row = {"step": step, "miou": round(miou, 4),
-                   **{k: round(v, 4) for k, v in label_free_scores(embs, labelled.num_classes).items()}}
+                   **{k: round(v, 4) for k, v in label_free_scores(embs, shifted, labelled.num_classes).items()}}
             if args.label_free:  # the stage's own score at this stop, from its DVCLive log
                 log = (tmp / "results/plots/metrics/val/neg_loss.tsv").read_text().splitlines()
                 row["heldout_neg_loss"] = round(float(log[-1].split("\t")[1]), 4)

@@ -234,10 +234,11 @@ class LossParams:
     contrastive_temperature: float = knob(0.2, "Temperature of the dense contrastive term.", lo=1e-3, hi=10.0)
     contrastive_samples: int = knob(32, "Cells sampled per image for the dense contrastive term.", lo=2, hi=65536)
     contrastive_decay_steps: int = knob(
-        0, "Teacher steps over which the contrastive weight falls to 0 on a half-cosine and stays there, so "
+        -1, "Teacher steps over which the contrastive weight falls to 0 on a half-cosine and stays there, so "
         "the other terms hold the features it built instead of letting it "
-        "keep pulling cells apart; 0 = constant weight. Held-out validation scores the full weight.",
-        lo=0, hi=10_000_000)
+        "keep pulling cells apart; 0 = constant weight; -1 = 0 when labelled metrics_train tiles select "
+        "the step and 300 when the held-out loss does (it cannot see the features drift). Held-out "
+        "validation scores the full weight.", lo=-1, hi=10_000_000)
 
 
 @dataclass

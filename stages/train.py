@@ -69,6 +69,19 @@ from stages.training import (
     selection_sets,
 )
 
+# loss.contrastive_decay_steps = -1 (automatic): the decay a run selected by held-out loss gets.
+# That loss keeps falling while the features drift, so without labels to see the drift the
+# contrastive term is faded out instead (docs/experiments.md, "Stopping the drift").
+AUTO_DECAY_WITHOUT_LABELS = 300
+
+
+def resolved_decay_steps(decay_steps: int, labelled_selection: bool) -> int:
+    """`loss.contrastive_decay_steps`, with -1 resolved: 0 (constant weight) when labelled tiles
+    select the step, `AUTO_DECAY_WITHOUT_LABELS` when the held-out loss does."""
+    if decay_steps >= 0:
+        return decay_steps
+    return 0 if labelled_selection else AUTO_DECAY_WITHOUT_LABELS
+
 
 def contrastive_weight_at(step: int, weight: float, decay_steps: int) -> float:
     """`loss.contrastive` at a 0-based step: constant when `decay_steps` is 0, else a half-cosine from
@@ -147,6 +160,10 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
                                                 train_params.batch_size, train_params.seed + 1, ranks)
     batches = RandomWindowBatches(sources, [train_params.patch_size], train_params.batch_size,
                                   train_params.seed, "cycle", True)
+    decay_steps = resolved_decay_steps(loss_params.contrastive_decay_steps, heldout is None)
+    if decay_steps != loss_params.contrastive_decay_steps and decay_steps and progress:
+        print(f"no labelled metrics_train tiles: the contrastive weight fades out over {decay_steps} steps "
+              "(loss.contrastive_decay_steps = -1); set it to 0 to keep it constant")
 
     config = teacher_config(model_params)
     model = build_teacher(config).to(device)
@@ -181,7 +198,7 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
         views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
         terms = teacher_losses(trained_model, views, loss_params,
                                torch.Generator().manual_seed(train_params.seed * 1_000_003 + step),
-                               contrastive_weight_at(step, loss_params.contrastive, loss_params.contrastive_decay_steps),
+                               contrastive_weight_at(step, loss_params.contrastive, decay_steps),
                                ranks)
         usage = usage_over_ranks(cluster_usage(terms["_probs"].detach()), ranks)
         metrics = {f"train/{name}": float(value.detach()) for name, value in terms.items() if not name.startswith("_")}

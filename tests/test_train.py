@@ -1,6 +1,7 @@
 """Teacher training end to end on tiny shards: outputs, logs, no collapse, resume == uninterrupted."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,6 +185,47 @@ def test_contrastive_weight_schedule():
     assert [contrastive_weight_at(s, 2.0, 10) for s in (10, 11, 500)] == [0.0, 0.0, 0.0]
     decaying = [contrastive_weight_at(s, 1.0, 10) for s in range(11)]
     assert all(a > b for a, b in zip(decaying, decaying[1:]))
+
+
+def logged_terms(results: Path) -> dict[str, list[float]]:
+    import csv
+
+    logs = {}
+    for f in (results / "plots/metrics/train").glob("*.tsv"):
+        rows = list(csv.DictReader(f.open(), delimiter="\t"))
+        logs[f.stem] = [float(r[f.stem]) for r in rows]
+    return logs
+
+
+def test_resolved_decay_steps():
+    from stages.train import AUTO_DECAY_WITHOUT_LABELS, resolved_decay_steps
+
+    assert [resolved_decay_steps(-1, True), resolved_decay_steps(-1, False)] == [0, AUTO_DECAY_WITHOUT_LABELS]
+    assert [resolved_decay_steps(n, labelled) for n in (0, 7) for labelled in (True, False)] == [0, 0, 7, 7]
+
+
+def test_without_labelled_tiles_the_contrastive_term_fades_by_default(tmp_path, tiny_shards, monkeypatch, capsys):
+    """loss.contrastive_decay_steps = -1: a run selected by held-out loss fades the contrastive
+    term out (over AUTO_DECAY_WITHOUT_LABELS steps, 2 here), a run with labelled tiles keeps it."""
+    import shutil
+
+    import stages.train as train_module
+
+    monkeypatch.setattr(train_module, "AUTO_DECAY_WITHOUT_LABELS", 2)
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(tiny_shards / "train", unlabelled / "train")
+    summary = json.loads((tiny_shards / "summary.json").read_text())
+    summary["counts"] = {"train": summary["counts"]["train"], "metrics_train": 0, "val": 0}
+    (unlabelled / "summary.json").write_text(json.dumps(summary))
+    aug, model, loss, train = tiny_training_params(steps=3, val_every=3)
+    assert loss.contrastive_decay_steps == -1  # the default
+    others = ("consistency", "entropy", "marginal_entropy", "smoothness")
+    for name, root, weight_at_2 in (("unlabelled", unlabelled, 0.0), ("labelled", tiny_shards, loss.contrastive)):
+        best = train_tiny_teacher(tmp_path / name, root, (aug, model, loss, train))
+        logs = logged_terms(tmp_path / name / "results")
+        total = weight_at_2 * logs["contrastive"][2] + sum(getattr(loss, t) * logs[t][2] for t in others)
+        assert abs(logs["total"][2] - total) < 1e-4, name
+        assert best["metric"] == ("heldout/neg_loss" if name == "unlabelled" else "metrics_train/miou")
 
 
 def test_contrastive_decay_drops_the_term_from_the_total(tmp_path, tiny_shards):
