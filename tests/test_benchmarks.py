@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from conftest import REPO
 
@@ -41,18 +40,6 @@ def test_colour_shift_check_runs_on_a_labelled_split(tiny_dataset, tmp_path):
     for s in ("0", "2"):
         assert {f"model@{s}", f"kmeans_rgb@{s}", f"kmeans_features@{s}"} <= set(result)
         assert 0.0 <= result[f"model@{s}"] <= 1.0
-
-
-def test_colour_shift_is_one_draw_per_source_image_and_none_at_strength_0():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from colour_shift_check import apply_shift, shift_for
-
-    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    assert np.array_equal(apply_shift(rgb, *shift_for("a", 0.0, 0)), rgb)
-    gains_a, gamma_a, haze_a = shift_for("a", 2.0, 0)
-    assert np.array_equal(shift_for("a", 2.0, 0)[0], gains_a)      # a pure function of the name
-    assert not np.array_equal(shift_for("b", 2.0, 0)[0], gains_a)  # another image, another shift
-    assert not np.array_equal(apply_shift(rgb, gains_a, gamma_a, haze_a), rgb)
 
 
 def test_shared_centres_check_runs_on_ingested_rasters(tiny_dataset, tmp_path):

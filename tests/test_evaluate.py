@@ -307,7 +307,8 @@ def test_colour_shift_is_a_function_of_source_and_seed():
     shift = ev.colour_shift_for("scene-0000", 1.0, 0)
     np.testing.assert_array_equal(ev.apply_colour_shift(rgb, *shift),
                                   ev.apply_colour_shift(rgb, *ev.colour_shift_for("scene-0000", 1.0, 0)))
-    assert not np.array_equal(shift[0], ev.colour_shift_for("scene-0001", 1.0, 0)[0])
+    assert not np.array_equal(shift[0], ev.colour_shift_for("scene-0001", 1.0, 0)[0])  # another image, another shift
+    assert not np.array_equal(ev.apply_colour_shift(rgb, *shift), rgb)
     np.testing.assert_array_equal(ev.apply_colour_shift(rgb, *ev.colour_shift_for("scene-0000", 0.0, 0)), rgb)
 
 
