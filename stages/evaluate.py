@@ -32,9 +32,10 @@ and each method's agreement with the model (docs/evaluation.md, "Imagery without
 
 Outputs (written to a temporary directory, then moved into `--out`; on any error the previous
 metrics.json is removed so nothing stale looks current):
-- `metrics.json` (the headline for `dvc metrics show/diff`): per method and protocol mIoU and
-  pixel accuracy (`<method>.rasters.global` / `.per_raster` for the whole rasters); `ratio_miou`
-  (model / method) per protocol; `tiles` scored of the split's `split_tiles`, `rasters` scored;
+- `metrics.json` (the headline for `dvc metrics show/diff`): per method and protocol mIoU,
+  pixel accuracy and boundary F-score (`boundary_f`, `stages.metrics.BoundaryScore`, within 2 px;
+  `<method>.rasters.global` / `.per_raster` for the whole rasters); `ratio_miou` (model / method)
+  per protocol; `tiles` scored of the split's `split_tiles`, `rasters` scored;
 - `per_class_iou.json`: per method and protocol, IoU of every class by name (null when the class
   is in neither truth nor prediction);
 - `per_group.json`: per method and split group (area, `shards.group_regex`), its tile count and
@@ -76,6 +77,7 @@ from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
 from stages.checkpoints import TrainingError, read_teacher
 from stages.datasets import DatasetError, TileDataset
 from stages.metrics import (
+    BoundaryScore,
     GlobalProtocol,
     PerTileProtocol,
     cooccurrence,
@@ -308,8 +310,8 @@ class MethodRun:
     """One method scored on a set of images (`score_method`).
 
     `preds`: every image's global-protocol cluster ids, uint8 (H, W), in image order.
-    `glob`, `per_image`, `groups`: the labelled protocols' accumulators and scores per group (None
-    without labels). `seed_cooc`: for each extra seed of the global centres, the (k, k)
+    `glob`, `per_image`, `groups`, `edges_*`: the labelled protocols' accumulators, scores per group
+    and boundary scores (None without labels). `seed_cooc`: for each extra seed of the global centres, the (k, k)
     co-occurrence of its labels with `preds`; `jitter_same` / `jitter_total`: pixels whose cluster
     id survives the colour shift of their source image with the same centres (label-free figures;
     empty and 0 when not asked for).
@@ -319,6 +321,8 @@ class MethodRun:
     glob: GlobalProtocol | None = None
     per_image: PerTileProtocol | None = None
     groups: dict | None = None
+    edges_glob: BoundaryScore | None = None
+    edges_per_image: BoundaryScore | None = None
     seed_cooc: list[np.ndarray] = field(default_factory=list)
     jitter_same: int = 0
     jitter_total: int = 0
@@ -342,6 +346,7 @@ def score_method(method: Segmenter, tiles: ScoredImages, k: int, num_classes: in
     run = MethodRun(preds=[])
     if labelled:
         run.glob, run.per_image = GlobalProtocol(k, num_classes), PerTileProtocol(k, num_classes)
+        run.edges_glob, run.edges_per_image = BoundaryScore(), BoundaryScore()
         group_glob = {g: GlobalProtocol(k, num_classes) for g in sorted(set(tiles.groups))}
         group_tile = {g: PerTileProtocol(k, num_classes) for g in group_glob}
     rng = np.random.default_rng(seed)
@@ -371,10 +376,12 @@ def score_method(method: Segmenter, tiles: ScoredImages, k: int, num_classes: in
         if labelled:
             label = tiles.labels[i]
             run.glob.add(pred, label)
+            run.edges_glob.add(pred, label)
             group_glob[tiles.groups[i]].add(pred, label)
             own = method.fit_tile(sample_rows(feats, samples_per_tile, rng), k, seed=seed)
             own_pred = method.labels(feats, shape, own)
             run.per_image.add(own_pred, label)
+            run.edges_per_image.add(own_pred, label)
             group_tile[tiles.groups[i]].add(own_pred, label)
     if labelled:
         run.groups = per_group_scores(run.glob, group_glob, group_tile)
@@ -520,7 +527,8 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
                                         params.global_samples, name, label_free=True)
         metrics[name] = {}
         if labelled:
-            results[name] = {"global": run.glob.result(), "per_tile": run.per_image.result()}
+            results[name] = {"global": scored(run.glob, run.edges_glob),
+                             "per_tile": scored(run.per_image, run.edges_per_image)}
             metrics[name] = {proto: _scores(s) for proto, s in results[name].items()}
             per_class[name] = {proto: dict(zip(names, map(_json_number, s["per_class_iou"])))
                                for proto, s in results[name].items()}
@@ -550,7 +558,8 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
         for name, method in methods.items():
             run = score_method(method, rasters, k, num_classes, params.seed, params.samples_per_tile,
                                params.global_samples, f"{name} (rasters)")
-            results[name]["rasters_global"], results[name]["per_raster"] = run.glob.result(), run.per_image.result()
+            results[name]["rasters_global"] = scored(run.glob, run.edges_glob)
+            results[name]["per_raster"] = scored(run.per_image, run.edges_per_image)
             metrics[name]["rasters"] = {proto: _scores(results[name][key]) for proto, key in
                                         (("global", "rasters_global"), ("per_raster", "per_raster"))}
             for proto in ("rasters_global", "per_raster"):
@@ -585,8 +594,14 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
     return metrics
 
 
+def scored(protocol: GlobalProtocol | PerTileProtocol, edges: BoundaryScore) -> dict:
+    """A protocol's scores with the boundary F-score of the same predictions."""
+    return {**protocol.result(), "boundary_f": edges.result()["f_score"]}
+
+
 def _scores(s: dict) -> dict:
-    return {"miou": _json_number(s["miou"]), "pixel_accuracy": _json_number(s["pixel_accuracy"])}
+    """What metrics.json keeps of a protocol's scores (per_group.json: mIoU and accuracy)."""
+    return {key: _json_number(s[key]) for key in ("miou", "pixel_accuracy", "boundary_f") if key in s}
 
 
 def _remove_outputs(out_dir: Path) -> None:
@@ -617,12 +632,13 @@ def print_table(metrics: dict, per_group: dict | None = None) -> None:
         rows.append((f"whole rasters ({metrics['rasters']})", "global", "per_raster", "raster"))
     for title, glob, own, unit in rows:
         print(f"{title}:")
-        print(f"{'method':<16} {'global mIoU':>11} {'global acc':>10} {unit + ' mIoU':>11} {unit + ' acc':>10}")
+        print(f"{'method':<16} {'global mIoU':>11} {'global acc':>10} {'global bF':>9} {unit + ' mIoU':>11} "
+              f"{unit + ' acc':>10} {unit + ' bF':>9}")
         for name in METHODS:
             scores = metrics[name] if unit == "tile" else metrics[name]["rasters"]
             g, t = scores[glob], scores[own]
-            print(f"{name:<16} {_fmt(g['miou']):>11} {_fmt(g['pixel_accuracy']):>10} {_fmt(t['miou']):>11} "
-                  f"{_fmt(t['pixel_accuracy']):>10}")
+            print(f"{name:<16} {_fmt(g['miou']):>11} {_fmt(g['pixel_accuracy']):>10} {_fmt(g['boundary_f']):>9} "
+                  f"{_fmt(t['miou']):>11} {_fmt(t['pixel_accuracy']):>10} {_fmt(t['boundary_f']):>9}")
     if metrics["labelled"] and per_group and len(per_group["model"]) > 1:
         print("global mIoU per group (the split's one matching):")
         print(f"{'group':<16} {'tiles':>5} " + " ".join(f"{name:>15}" for name in METHODS))

@@ -15,11 +15,16 @@ Two protocols (both reported by `evaluate`):
 Both end in a matched confusion `(C, C + 1)`: rows are true classes, columns the class a pixel's
 cluster was matched to, the last column "matched to no class". `scores_from_matched` turns that
 into IoU and accuracy, so the two protocols share one definition of IoU.
+
+`BoundaryScore` scores the edges of a map against the labels' edges within 2 px (no matching
+needed), and `cooccurrence` / `matched_agreement` / `share_figures` give evaluate's label-free
+figures.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import distance_transform_edt
 from scipy.optimize import linear_sum_assignment
 
 
@@ -202,3 +207,64 @@ def row_percent_records(matched: np.ndarray, class_names: list[str], unmatched_n
         for j, n in enumerate(units):
             records += [{"actual": class_names[t], "predicted": columns[j]}] * int(n)
     return records
+
+
+# Boundary scores: how well the map's edges follow the labels' edges, whatever the cluster ids.
+BOUNDARY_TOLERANCE_PX = 2
+
+
+def boundary_map(ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """bool (H, W): pixels whose right or lower neighbour holds another id, both pixels `valid`."""
+    edge = np.zeros(ids.shape, dtype=bool)
+    right = (ids[:, 1:] != ids[:, :-1]) & valid[:, 1:] & valid[:, :-1]
+    down = (ids[1:] != ids[:-1]) & valid[1:] & valid[:-1]
+    edge[:, :-1] |= right
+    edge[:-1] |= down
+    return edge
+
+
+def _within(edge: np.ndarray, of: np.ndarray, tolerance: float) -> int:
+    """Pixels of `edge` within `tolerance` pixels (Euclidean) of a pixel of `of`."""
+    if not edge.any() or not of.any():
+        return 0
+    return int((edge & (distance_transform_edt(~of) <= tolerance)).sum())
+
+
+class BoundaryScore:
+    """Boundary precision, recall and F-score of a predicted map against the labels, summed over
+    images (the boundary F-measure of the BSDS and Cityscapes benchmarks, on pixel counts).
+
+    Boundaries are `boundary_map`s over labelled pixels only (truth > 0, so neither the edge of an
+    ignored area nor a cluster edge inside one counts). A predicted boundary pixel is right when a
+    label boundary lies within `tolerance` pixels (precision); a label boundary pixel is found when
+    a predicted one does (recall); F = 2PR / (P + R). Cluster ids need no matching: an edge is
+    where the ids change.
+    """
+
+    def __init__(self, tolerance: float = BOUNDARY_TOLERANCE_PX):
+        self.tolerance = tolerance
+        self.pred_hits = self.pred_total = self.truth_hits = self.truth_total = 0
+
+    def add(self, pred: np.ndarray, target: np.ndarray) -> None:
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {pred.shape} != target shape {target.shape}")
+        valid = target > 0
+        truth_edge, pred_edge = boundary_map(target, valid), boundary_map(pred, valid)
+        self.pred_hits += _within(pred_edge, truth_edge, self.tolerance)
+        self.pred_total += int(pred_edge.sum())
+        self.truth_hits += _within(truth_edge, pred_edge, self.tolerance)
+        self.truth_total += int(truth_edge.sum())
+
+    def result(self) -> dict:
+        """{"precision", "recall", "f_score"}. Precision is NaN when no edge was predicted (F is then
+        0: no label edge was found); recall and F are NaN when the labels have no edge."""
+        nan = float("nan")
+        p = self.pred_hits / self.pred_total if self.pred_total else nan
+        r = self.truth_hits / self.truth_total if self.truth_total else nan
+        if not self.truth_total:
+            f = nan
+        elif not self.pred_total or p + r == 0:
+            f = 0.0
+        else:
+            f = 2 * p * r / (p + r)
+        return {"precision": p, "recall": r, "f_score": f}

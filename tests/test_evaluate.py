@@ -226,7 +226,7 @@ def test_metrics_cover_every_method_and_protocol(result):
     for method in ev.METHODS:
         for proto in ("global", "per_tile"):
             s, iou = metrics[method][proto], per_class[method][proto]
-            assert set(s) == {"miou", "pixel_accuracy"}
+            assert set(s) == {"miou", "pixel_accuracy", "boundary_f"} and 0.0 <= s["boundary_f"] <= 1.0
             assert 0.0 <= s["miou"] <= 1.0 and 0.0 <= s["pixel_accuracy"] <= 1.0
             assert list(iou) == ["water", "tree canopy", "bare soil"]
             assert s["miou"] == pytest.approx(np.mean(list(iou.values())), abs=1e-5)
@@ -317,6 +317,7 @@ def test_flat_colour_tiles_are_perfect_for_rgb_kmeans(result):
     for proto in ("global", "per_tile"):
         assert metrics["kmeans_rgb"][proto]["miou"] == 1.0
         assert metrics["kmeans_rgb"][proto]["pixel_accuracy"] == 1.0
+        assert metrics["kmeans_rgb"][proto]["boundary_f"] == 1.0  # every edge where the labels have one
 
 
 def test_labelled_pixel_count_ignores_zero(inputs, result):

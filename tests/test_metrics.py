@@ -173,3 +173,50 @@ def test_row_percent_records_rows_sum_to_100_and_round_fairly():
     assert (count("road", "road"), count("road", "tree"), count("road", "unmatched")) == (99, 1, 0)
     with pytest.raises(ValueError):
         row_percent_records(matched, names[:2])
+
+
+def test_boundary_score_counts_edges_within_two_pixels():
+    from stages.metrics import BoundaryScore
+
+    label = np.ones((20, 20), np.uint8)
+    label[:, 10:] = 2
+    renamed = np.where(label == 1, 5, 0)  # other ids, the same edge
+    score = BoundaryScore()
+    score.add(renamed, label)
+    assert score.result() == {"precision": 1.0, "recall": 1.0, "f_score": 1.0}
+
+    near, far = np.zeros_like(label), np.zeros_like(label)
+    near[:, 12:] = 1  # 2 px off: still found
+    far[:, 16:] = 1   # 6 px off: neither right nor found
+    for pred, f in ((near, 1.0), (far, 0.0)):
+        score = BoundaryScore()
+        score.add(pred, label)
+        assert score.result()["f_score"] == f
+
+    flat = BoundaryScore()
+    flat.add(np.zeros_like(label), label)  # no edge predicted: nothing found
+    r = flat.result()
+    assert np.isnan(r["precision"]) and (r["recall"], r["f_score"]) == (0.0, 0.0)
+
+
+def test_boundary_score_ignores_unlabelled_pixels_and_sums_images():
+    from stages.metrics import BoundaryScore
+
+    label = np.ones((20, 20), np.uint8)
+    label[:, 10:] = 2
+    label[:5] = 0  # ignored rows: an edge predicted there does not count
+    pred = (label == 2).astype(np.uint8)
+    pred[:5] = np.arange(20) % 2  # edges everywhere, but all in the ignored rows
+    score = BoundaryScore()
+    score.add(pred, label)
+    assert score.result() == {"precision": 1.0, "recall": 1.0, "f_score": 1.0}
+    half = np.zeros_like(label)
+    half[:, 10:] = 1
+    half[:, :3] = 1  # a wrong edge at column 2
+    score.add(half, label)
+    r = score.result()
+    assert r["recall"] == 1.0 and 0.5 < r["precision"] < 1.0  # 15 + 15 right of 15 + 30 predicted
+    assert r["precision"] == (15 + 15) / (15 + 30)
+    no_edges = BoundaryScore()
+    no_edges.add(pred, np.ones_like(label))  # labels without an edge: recall and F undefined
+    assert np.isnan(no_edges.result()["recall"]) and np.isnan(no_edges.result()["f_score"])
