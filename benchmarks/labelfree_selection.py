@@ -50,7 +50,7 @@ from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
 from stages.evaluate import apply_colour_shift, colour_shift_for  # noqa: E402
 from stages.params import parse_params  # noqa: E402
 from stages.train import train_teacher  # noqa: E402
-from stages.training import embed_images, global_scores, load_labelled_split, sample_embeddings, spherical_kmeans  # noqa: E402
+from stages.training import embed_images, global_scores, load_labelled_split, sample_embeddings, selection_centres  # noqa: E402
 
 CANDIDATES = ("compact", "nb_cos", "coherence", "agree", "usage_entropy", "agree_x_ent", "shift_agree", "shift_x_ent")
 
@@ -69,7 +69,7 @@ def label_free_root(shards: Path, dst: Path) -> Path:
 @torch.no_grad()
 def label_free_scores(embs: list[torch.Tensor], shifted: list[torch.Tensor], k: int, seed: int = 0) -> dict:
     x = sample_embeddings(embs, 256, seed)
-    centres = spherical_kmeans(x, k, seed, restarts=4)
+    centres = selection_centres(x, k, seed)
     compact = float((x @ centres.T).max(dim=1).values.mean())
     nb_cos = float(torch.cat([(e[:, :, 1:] * e[:, :, :-1]).sum(0).reshape(-1) for e in embs]).mean())
     shuffled = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]

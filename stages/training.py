@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from runtime.cluster import fit_centres
 from runtime.command import check_signals, run_command
 from stages.checkpoints import CHECKPOINT_VERSION, TrainingError, atomic_torch_save, load_checkpoint, read_summary
 from stages.distributed import DistributedError, Ranks, close_ranks, init_ranks, local_threads, relaunch_under_torchrun
@@ -296,31 +296,14 @@ def embed_images(encoder: torch.nn.Module, images: list[np.ndarray], device: tor
     return out
 
 
-def spherical_kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 30, restarts: int = 1) -> torch.Tensor:
-    """k unit centres of unit rows x (N, D): k-means++ seeding on cosine distance, then Lloyd.
-
-    With `restarts` > 1 the run with the highest total cosine similarity wins (less dependence of
-    the validation score on one seeding).
-    """
+def selection_centres(x: torch.Tensor, k: int, seed: int, restarts: int = 4) -> torch.Tensor:
+    """k unit centres of the unit rows x (N, D), fitted as the runtime fits them
+    (`runtime.cluster.fit_centres`: spherical k-means, k-means++ seeding on cosine, Lloyd until no
+    assignment changes, the best of `restarts` seeded starts), without its soft phase, which the
+    validation's softmax at the head's temperature stands in for."""
     if x.shape[0] < k:
         raise TrainingError(f"cannot fit {k} centres to {x.shape[0]} embeddings")
-    if restarts > 1:
-        runs = [spherical_kmeans(x, k, seed * 7919 + r, iters) for r in range(restarts)]
-        return max(runs, key=lambda c: float((x @ c.T).max(dim=1).values.sum()))
-    g = torch.Generator().manual_seed(seed)
-    centres = [x[torch.randint(x.shape[0], (1,), generator=g)].squeeze(0)]
-    dist = (1.0 - x @ centres[0]).clamp_min(0)
-    for _ in range(1, k):
-        probs = dist / dist.sum() if dist.sum() > 0 else torch.full_like(dist, 1.0 / len(dist))
-        centres.append(x[torch.multinomial(probs, 1, generator=g)].squeeze(0))
-        dist = torch.minimum(dist, (1.0 - x @ centres[-1]).clamp_min(0))
-    c = torch.stack(centres)
-    for _ in range(iters):
-        assign = (x @ c.T).argmax(dim=1)
-        sums = torch.zeros_like(c).index_add_(0, assign, x)
-        empty = sums.norm(dim=1) == 0
-        c = torch.where(empty[:, None], c, F.normalize(sums, dim=1, eps=1e-12))
-    return c
+    return torch.from_numpy(fit_centres(x.numpy(), k, temperature=1.0, iters=0, seed=seed, restarts=restarts))
 
 
 def sample_embeddings(embs: list[torch.Tensor], per_image: int, seed: int) -> torch.Tensor:
@@ -342,7 +325,7 @@ def global_scores(embs: list[torch.Tensor], labelled: LabelledSet, temperature: 
     smoothing, fixed-scale bilinear upsampling, argmax.
     """
     k = labelled.num_classes
-    centres = spherical_kmeans(sample_embeddings(embs, samples_per_image, seed), k, seed, restarts=4)
+    centres = selection_centres(sample_embeddings(embs, samples_per_image, seed), k, seed)
     conf = np.zeros((k, k), dtype=np.int64)
     counts = np.zeros(k, dtype=np.int64)
     for e, label in zip(embs, labelled.labels):

@@ -12,7 +12,7 @@ from stages.checkpoints import TrainingError, load_student, load_teacher
 from stages.datasets import TileDataset
 from stages.export import export_model, main
 from stages.model import normalise_rgb, smooth_probs, upsample_to
-from stages.training import spherical_kmeans
+from stages.training import selection_centres
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_runtime_matches_torch(tmp_path, tiny_shards, teacher_dir, student_dir, 
         emb_np = model.embed(rgb)
         assert emb_np.shape == emb_torch.shape
         assert np.abs(emb_np - emb_torch).max() < 1e-4
-        centres = spherical_kmeans(torch.from_numpy(emb_torch.reshape(emb_torch.shape[0], -1).T.copy()), 4, seed=0)
+        centres = selection_centres(torch.from_numpy(emb_torch.reshape(emb_torch.shape[0], -1).T.copy()), 4, seed=0)
         _, lab_torch = torch_labels(encoder, rgb, centres, meta["temperature"], meta["smooth_iters_default"])
         lab_np = model.predict_labels(rgb, 4, centres=centres.numpy())
         matched += int((lab_np == lab_torch).sum())

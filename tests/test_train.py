@@ -11,7 +11,7 @@ from conftest import REPO, tiny_training_params, train_tiny_teacher
 from stages.checkpoints import TrainingError, load_teacher
 from stages.params import TrainParams
 from stages.train import main
-from stages.training import Execution, embed_images, global_scores, load_labelled_split, spherical_kmeans
+from stages.training import Execution, embed_images, global_scores, load_labelled_split, selection_centres
 
 
 def test_train_writes_teacher_logs_and_selects_best(tmp_path, tiny_shards):
@@ -168,11 +168,11 @@ def test_main_reports_missing_shards(tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
-def test_spherical_kmeans_finds_separated_clusters():
+def test_selection_centres_finds_separated_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(3, 5, generator=g), dim=1)
     x = torch.nn.functional.normalize(centres.repeat_interleave(50, 0) + 0.05 * torch.randn(150, 5, generator=g), dim=1)
-    found = spherical_kmeans(x, 3, seed=0)
+    found = selection_centres(x, 3, seed=0)
     assert torch.allclose((found @ centres.T).max(dim=0).values, torch.ones(3), atol=0.01)
 
 
