@@ -9,8 +9,9 @@ PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 DUBAI ?= ../shared/datasets/dubai
+GID5 ?= ../shared/datasets/gid5
 
-.PHONY: setup repro test lint bench dubai plugin clean-venv
+.PHONY: setup repro test lint bench dubai gid5 plugin clean-venv
 
 setup: $(VENV)/.installed
 
@@ -39,6 +40,18 @@ dubai: setup
 		-S "shards.group_regex='t(\d+)_'" -S shards.train_fraction=0.4 \
 		-S +ingest.class_names.1=building -S +ingest.class_names.2=land -S +ingest.class_names.3=road \
 		-S +ingest.class_names.4=vegetation -S +ingest.class_names.5=water \
+		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8 \
+		-S export.cue_size=15
+
+# GID-5 (docs/evaluation.md, "Real imagery: GID-5"): the same configuration on satellite crops of 224 px.
+gid5: setup
+	@test -d $(GID5)/images -a -d $(GID5)/labels || \
+		{ echo "error: $(GID5)/images and $(GID5)/labels not found (make gid5 GID5=/path/to/gid5)" >&2; exit 2; }
+	dvc exp run -n gid5 -S ingest.provider=local -S ingest.dataset=gid5 \
+		-S ingest.local.path=$(GID5)/images -S ingest.local.labels=$(GID5)/labels \
+		-S shards.tile_size=224 -S shards.train_fraction=0.4 \
+		-S +ingest.class_names.1=built-up -S +ingest.class_names.2=farmland -S +ingest.class_names.3=forest \
+		-S +ingest.class_names.4=meadow -S +ingest.class_names.5=water \
 		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8 \
 		-S export.cue_size=15
 
