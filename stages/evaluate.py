@@ -201,6 +201,20 @@ def class_names(summary: dict) -> list[str]:
     return [str(names.get(str(c), f"class_{c}")) for c in range(1, summary["num_classes"] + 1)]
 
 
+def _scored_tiles(ds: TileDataset, with_labels: bool) -> ScoredImages:
+    """The tiles of `ds` in index order, with their labels when `with_labels`."""
+    tiles = ScoredImages([], [], [], [], split_tiles=ds.split_tiles)
+    for i, r in enumerate(ds.records):
+        item = ds[i]
+        tiles.item_ids.append(r.item_id)
+        tiles.images.append(item["image"])
+        tiles.groups.append(r.group)
+        tiles.sources.append(r.source_item)
+        if with_labels:
+            tiles.labels.append(item["label"])
+    return tiles
+
+
 def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val",
                    max_tiles: int = 0) -> ScoredImages:
     """Every tile of `split` with its label, or the fixed subset of `max_tiles` of them
@@ -209,18 +223,11 @@ def load_val_tiles(dataset_root: Path, num_classes: int, split: str = "val",
         ds = TileDataset(dataset_root, split, require_labels=True, max_tiles=max_tiles)
     except DatasetError as e:
         raise EvaluateError(f"{e} (evaluate refuses an empty split and one with no label on some tile)") from None
-    tiles = ScoredImages([], [], [], [], split_tiles=ds.split_tiles)
-    for i, r in enumerate(ds.records):
-        item = ds[i]
-        label = item["label"]
+    tiles = _scored_tiles(ds, with_labels=True)
+    for r, label in zip(ds.records, tiles.labels):
         if label.size and int(label.max()) > num_classes:
             raise EvaluateError(f"{r.target}: label value {int(label.max())} exceeds num_classes "
                                 f"{num_classes} of {dataset_root / 'summary.json'}")
-        tiles.item_ids.append(r.item_id)
-        tiles.images.append(item["image"])
-        tiles.labels.append(label)
-        tiles.groups.append(r.group)
-        tiles.sources.append(r.source_item)
     if not any((lab > 0).any() for lab in tiles.labels):
         raise EvaluateError(f"{dataset_root / split}: every label pixel is 0 (ignored); nothing to score")
     return tiles
@@ -231,13 +238,7 @@ def load_unlabelled_tiles(dataset_root: Path, split: str, max_tiles: int = 0) ->
     ds = TileDataset(dataset_root, split, max_tiles=max_tiles)
     if not ds.records:
         raise EvaluateError(f"{dataset_root / split}: split {split!r} has no tiles; nothing to segment")
-    tiles = ScoredImages([], [], [], [], split_tiles=ds.split_tiles)
-    for i, r in enumerate(ds.records):
-        tiles.item_ids.append(r.item_id)
-        tiles.images.append(ds[i]["image"])
-        tiles.groups.append(r.group)
-        tiles.sources.append(r.source_item)
-    return tiles
+    return _scored_tiles(ds, with_labels=False)
 
 
 def load_val_rasters(raw_dir: Path, tiles: ScoredImages, num_classes: int, fill: np.ndarray) -> ScoredImages:
@@ -388,11 +389,11 @@ def score_method(method: Segmenter, tiles: ScoredImages, k: int, num_classes: in
     return run
 
 
-def label_free_figures(run: MethodRun, k: int) -> dict:
-    """What a method's maps show without labels: cluster shares (`share_figures`), the mean
-    matched agreement of its labels under the other seeds' centres, and the share of pixels whose
-    cluster survives a colour shift of the image (same centres)."""
-    counts = sum(np.bincount(p.ravel(), minlength=k) for p in run.preds)
+def label_free_figures(run: MethodRun, counts: np.ndarray) -> dict:
+    """What a method's maps show without labels: cluster shares (`share_figures` of `counts`, the
+    pixels of each cluster over all images), the mean matched agreement of its labels under the
+    other seeds' centres, and the share of pixels whose cluster survives a colour shift of the
+    image (same centres)."""
     shares = share_figures(counts)
     return {"clusters_used": round(shares["clusters_used"], 6), "largest_share": round(shares["largest_share"], 6),
             "seed_agreement": _json_number(float(np.mean([matched_agreement(c) for c in run.seed_cooc]))),
@@ -532,12 +533,13 @@ def evaluate(dataset_root: Path, model_dir: Path, teacher_path: Path, out_dir: P
             metrics[name] = {proto: _scores(s) for proto, s in results[name].items()}
             per_class[name] = {proto: dict(zip(names, map(_json_number, s["per_class_iou"])))
                                for proto, s in results[name].items()}
-        metrics[name]["label_free"] = label_free_figures(run, k)
+        counts = [np.bincount(p.ravel(), minlength=k) for p in run.preds]  # pixels per cluster, per image
+        metrics[name]["label_free"] = label_free_figures(run, sum(counts))
         per_group[name] = {}
-        shares[name] = {"all": share_figures(sum(np.bincount(p.ravel(), minlength=k) for p in run.preds))["shares"]}
+        shares[name] = {"all": share_figures(sum(counts))["shares"]}
         for g in sorted(set(tiles.groups)):
-            mine = [p for p, pg in zip(run.preds, tiles.groups) if pg == g]
-            shares[name][g] = share_figures(sum(np.bincount(p.ravel(), minlength=k) for p in mine))["shares"]
+            mine = [c for c, pg in zip(counts, tiles.groups) if pg == g]
+            shares[name][g] = share_figures(sum(mine))["shares"]
             per_group[name][g] = {"tiles": len(mine)}
             if labelled:
                 r = run.groups[g]

@@ -231,16 +231,12 @@ def test_without_labelled_tiles_the_contrastive_term_fades_by_default(tmp_path, 
 def test_contrastive_decay_drops_the_term_from_the_total(tmp_path, tiny_shards):
     """With loss.contrastive_decay_steps = 2 the logged total holds the contrastive term at full
     weight at step 0 and not at all from step 2 on (the other terms at their weights)."""
-    import csv
     import dataclasses as dc
 
     aug, model, loss, train = tiny_training_params(steps=3, val_every=3)
     loss = dc.replace(loss, contrastive_decay_steps=2)
     train_tiny_teacher(tmp_path, tiny_shards, (aug, model, loss, train))
-    logs = {}
-    for f in (tmp_path / "results/plots/metrics/train").glob("*.tsv"):
-        rows = list(csv.DictReader(f.open(), delimiter="\t"))
-        logs[f.stem] = [float(r[f.stem]) for r in rows]
+    logs = logged_terms(tmp_path / "results")
     others = ("consistency", "entropy", "marginal_entropy", "smoothness")
 
     def total_at(step: int, contrastive_weight: float) -> float:
