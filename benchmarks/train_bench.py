@@ -30,12 +30,12 @@ from stages.datasets import RandomWindowBatches, split_sources  # noqa: E402
 from stages.distributed import ONE_PROCESS, local_threads  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.train import teacher_losses  # noqa: E402
-from stages.training import Prefetcher  # noqa: E402
+from stages.training import WEIGHT_DECAY, Prefetcher  # noqa: E402
 
 
 def run(batches, p, steps: int, prefetch: bool) -> dict:
     model = build_teacher(teacher_config(p.model)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=p.train.lr, weight_decay=p.train.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.train.lr, weight_decay=WEIGHT_DECAY)
 
     def make(i):
         return make_views(batches.batch(i)[0], i, p.aug)

@@ -35,7 +35,7 @@ from stages.datasets import RandomWindowBatches, split_sources  # noqa: E402
 from stages.distributed import close_ranks, wrap_ddp  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.train import teacher_losses  # noqa: E402
-from stages.training import Execution  # noqa: E402
+from stages.training import WEIGHT_DECAY, Execution  # noqa: E402
 
 
 def worker(params: str, shards: str, steps: int) -> None:
@@ -47,7 +47,7 @@ def worker(params: str, shards: str, steps: int) -> None:
     rows = ranks.slice(p.train.batch_size, "train.batch_size")
     raw = build_teacher(teacher_config(p.model))
     model = wrap_ddp(raw, ranks, device).train()
-    opt = torch.optim.AdamW(raw.parameters(), lr=p.train.lr, weight_decay=p.train.weight_decay)
+    opt = torch.optim.AdamW(raw.parameters(), lr=p.train.lr, weight_decay=WEIGHT_DECAY)
 
     def step(i: int) -> None:
         views = [v.rows(rows) for v in make_views(batches.batch(i)[0], i, p.aug)]

@@ -232,7 +232,6 @@ class LossParams:
     contrastive: float = knob(1.0, "Weight of the dense two-view contrastive (InfoNCE) term on embeddings.",
                               lo=0.0, hi=100.0)
     contrastive_temperature: float = knob(0.2, "Temperature of the dense contrastive term.", lo=1e-3, hi=10.0)
-    contrastive_samples: int = knob(32, "Cells sampled per image for the dense contrastive term.", lo=2, hi=65536)
     contrastive_decay_steps: int = knob(
         -1, "Teacher steps over which the contrastive weight falls to 0 on a half-cosine and stays there, so "
         "the other terms hold the features it built instead of letting it "
@@ -248,7 +247,6 @@ class TrainParams:
     batch_size: int = knob(8, "Samples per step.", lo=1, hi=4096)
     patch_size: int = knob(64, "Training patch size in pixels (a multiple of 4).", lo=16, hi=4096)
     lr: float = knob(0.003, "AdamW learning rate.", lo=1e-7, hi=1.0)
-    weight_decay: float = knob(0.0001, "AdamW weight decay.", lo=0.0, hi=1.0)
     val_every: int = knob(25, "Steps between validation (model selection) runs.", lo=1, hi=10**8)
     val_max_tiles: int = knob(0, "Model selection (teacher and student) scores at most this many "
                               "`metrics_train` tiles, a fixed subset chosen by a hash of the tile ids "
@@ -280,14 +278,12 @@ class DistillParams:
     steps: int = knob(300, "Optimiser steps.", lo=1, hi=10**8)
     batch_size: int = knob(8, "Samples per step.", lo=1, hi=4096)
     lr: float = knob(0.003, "AdamW learning rate.", lo=1e-7, hi=1.0)
-    weight_decay: float = knob(0.0001, "AdamW weight decay.", lo=0.0, hi=1.0)
     ema_decay: float = knob(0.98, "Decay of each patch size's loss EMA used for normalisation.", lo=0.0, hi=0.99999)
     ema_eps: float = knob(1e-06, "Epsilon added to the EMA before dividing.", lo=0.0, hi=1.0)
     feature_weight: float = knob(1.0, "Weight of cosine feature distillation.", lo=0.0, hi=100.0)
     affinity_weight: float = knob(1.0, "Weight of affinity distillation.", lo=0.0, hi=100.0)
     cluster_weight: float = knob(1.0, "Weight of cluster-assignment distillation.", lo=0.0, hi=100.0)
     tv_weight: float = knob(0.1, "Weight of edge-aware total variation.", lo=0.0, hi=100.0)
-    affinity_samples: int = knob(256, "Positions sampled per image for affinity distillation.", lo=2, hi=65536)
     val_every: int = knob(50, "Steps between validation (model selection) runs.", lo=1, hi=10**8)
     checkpoint_every: int = knob(50, "Steps between resumable checkpoints.", lo=1, hi=10**8)
 

@@ -58,6 +58,7 @@ from stages.model import MonolithicSegmenter
 from stages.training import (
     DEFAULT_EXECUTION,
     USAGE_THRESHOLD,
+    WEIGHT_DECAY,
     Execution,
     add_stage_arguments,
     cluster_usage,
@@ -73,6 +74,9 @@ from stages.training import (
 # That loss keeps falling while the features drift, so without labels to see the drift the
 # contrastive term is faded out instead (docs/experiments.md, "Stopping the drift").
 AUTO_DECAY_WITHOUT_LABELS = 300
+# Cells per image of the dense contrastive term: 128 scored level with it on Dubai
+# (docs/experiments.md, "Knobs: removed and kept")
+CONTRASTIVE_SAMPLES = 32
 
 
 def resolved_decay_steps(decay_steps: int, labelled_selection: bool) -> int:
@@ -111,7 +115,7 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
     aligned = [invert_each(p, v.transforms) for p, v in zip(probs_v, views)]
     emb_aligned = [invert_each(e, v.transforms) for e, v in zip(emb_v, views)]
     global_b = b * ranks.world_size  # the cells are drawn for the global batch, whatever the ranks
-    idx = losses.sample_positions(global_b, side * side, loss_params.contrastive_samples,
+    idx = losses.sample_positions(global_b, side * side, CONTRASTIVE_SAMPLES,
                                   generator)[ranks.slice(global_b)]
     terms = {
         "contrastive": losses.dense_contrastive(emb_aligned[0], emb_aligned[1], idx,
@@ -167,7 +171,7 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
 
     config = teacher_config(model_params)
     model = build_teacher(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=train_params.lr, weight_decay=train_params.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=train_params.lr, weight_decay=WEIGHT_DECAY)
     fingerprint = run_fingerprint(aug, model_params, loss_params, train_params,
                                   data_hash=summary.get("params_hash", ""))
     trained_model = wrap_ddp(model, ranks, device)

@@ -7,7 +7,7 @@ the student see the same pixels), and computes, at that patch size (stages.losse
 - feature distillation: 1 - cos between the student's embedding, mapped to the teacher's width by a
   learned 1x1 projection (identity when the widths agree), and the teacher's embedding;
 - affinity distillation: the student's and the teacher's cosine affinities between the same
-  `distill.affinity_samples` cells per image must agree (width-free: it shapes the student's own
+  `AFFINITY_SAMPLES` (256) cells per image must agree (width-free: it shapes the student's own
   embedding space, which is what the runtime clusters);
 - cluster distillation: KL(teacher || student) of soft assignments to the teacher's centres
   (the teacher's prototypes refined on the batch), the student through its projection;
@@ -56,6 +56,7 @@ from stages.model import Encoder, student_from_params
 from stages.training import (
     DEFAULT_EXECUTION,
     USAGE_THRESHOLD,
+    WEIGHT_DECAY,
     Execution,
     add_stage_arguments,
     cluster_usage,
@@ -66,6 +67,10 @@ from stages.training import (
     run_stage,
     selection_sets,
 )
+
+# Cells per image whose affinities the student must match: 64 and 1024 scored level with it on the
+# synthetic default (docs/experiments.md, "Knobs: removed and kept")
+AFFINITY_SAMPLES = 256
 
 
 class Distiller(nn.Module):
@@ -98,7 +103,7 @@ def distill_losses(distiller: Distiller, teacher, x: torch.Tensor, guide: torch.
     s_probs = torch.softmax(s_logits, dim=1)
     b, _, h, w = t_emb.shape
     global_b = b * ranks.world_size  # the cells are drawn for the global batch, whatever the ranks
-    idx = losses.sample_positions(global_b, h * w, distill.affinity_samples, generator)[ranks.slice(global_b)]
+    idx = losses.sample_positions(global_b, h * w, AFFINITY_SAMPLES, generator)[ranks.slice(global_b)]
     terms = ranks.mean_each({  # means over this rank's samples -> the global batch's
         "feature": losses.cosine_distillation(s_proj, t_emb),
         "affinity": losses.affinity_distillation(s_emb, t_emb, idx),
@@ -158,7 +163,7 @@ def _train_student(dataset_root, teacher_path, out_dir, checkpoint_dir, results_
 
     torch.manual_seed(distill.seed)
     distiller = Distiller(student_from_params(student), teacher.encoder.embed_dim).to(device)
-    opt = torch.optim.AdamW(distiller.parameters(), lr=distill.lr, weight_decay=distill.weight_decay)
+    opt = torch.optim.AdamW(distiller.parameters(), lr=distill.lr, weight_decay=WEIGHT_DECAY)
     normaliser = losses.EmaNormaliser(distill.ema_decay, distill.ema_eps)
     fingerprint = run_fingerprint(student, data, distill, data_hash=(
         f"{summary.get('params_hash', '')}:{t_info['fingerprint']}:{loss_params.edge_sigma}:"

@@ -189,7 +189,7 @@ def tiny_training_params(steps=6, **train):
     model = ModelParams(width=16, depth=1, embed_dim=8, max_k=4)
     t = dict(steps=steps, batch_size=2, patch_size=32, val_every=3, checkpoint_every=2)
     t.update(train)
-    return AugParams(), model, LossParams(contrastive_samples=32), TrainParams(**t)
+    return AugParams(), model, LossParams(), TrainParams(**t)
 
 
 def train_tiny_teacher(tmp: Path, dataset: Path, params, **kw):
@@ -209,7 +209,7 @@ def teacher_dir(tmp_path_factory, tiny_shards):
 
 
 def tiny_student(steps=6, **distill):
-    d = dict(steps=steps, batch_size=2, val_every=3, checkpoint_every=2, affinity_samples=16)
+    d = dict(steps=steps, batch_size=2, val_every=3, checkpoint_every=2)
     d.update(distill)
     return StudentParams(width=8, depth=1, embed_dim=6), DataParams(patch_sizes=[32, 48]), DistillParams(**d)
 

@@ -32,8 +32,7 @@ def job(tmp_path_factory) -> Path:
         "train.steps": 24, "train.batch_size": 4, "train.patch_size": 32, "train.val_every": 12,
         "train.checkpoint_every": 4,
         "student.width": 16, "student.depth": 1, "student.embed_dim": 8, "data.patch_sizes": [32, 48],
-        "distill.steps": 6, "distill.batch_size": 4, "distill.val_every": 3, "distill.checkpoint_every": 2,
-        "distill.affinity_samples": 32})
+        "distill.steps": 6, "distill.batch_size": 4, "distill.val_every": 3, "distill.checkpoint_every": 2})
     write_params(root / "params.yaml", raw)
     p = parse_params(raw)
     ingest(p.ingest, root / "raw")

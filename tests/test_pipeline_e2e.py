@@ -41,7 +41,7 @@ TINY = {
     "data": {"patch_sizes": [32, 48]},
     # One validation, at the last step: the exported student is the final one, so the experiment's
     # change of EMA decay reaches model/best (with earlier validations both runs could pick step 2).
-    "distill": {"steps": 4, "batch_size": 2, "val_every": 4, "checkpoint_every": 4, "affinity_samples": 32},
+    "distill": {"steps": 4, "batch_size": 2, "val_every": 4, "checkpoint_every": 4},
     "evaluate": {"samples_per_tile": 256, "global_samples": 4096, "kmeans_iters": 10, "kmeans_restarts": 1,
                  "num_overlays": 1},
 }
