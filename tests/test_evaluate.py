@@ -6,6 +6,7 @@ the untrained networks give arbitrary but deterministic scores.
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -506,6 +507,10 @@ def test_main_writes_metrics(inputs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "kmeans_features" in printed
     assert "global mIoU per group" in printed and "area-0" in printed and "area-1" in printed
+    # a line per method even without a terminal (pytest's capture is not one)
+    tiles = json.loads((out / "metrics.json").read_text())["tiles"]
+    for name in ("model", "teacher", "kmeans_rgb", "kmeans_features"):
+        assert re.search(rf"^{name}: {tiles} images scored in \d+\.\d s$", printed, re.M), name
     assert json.loads((out / "metrics.json").read_text())["kmeans_rgb"]["global"]["miou"] == 1.0
 
 
