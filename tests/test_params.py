@@ -43,6 +43,11 @@ def test_repo_params_load_and_cover_every_knob():
     assert _yaml_keys(raw) == _flat_keys(Params)
 
 
+def test_repo_params_hold_the_schema_defaults():
+    # params.yaml is the defaults written out: a value changed in one place and not the other fails
+    assert load_params(REPO / "params.yaml") == Params()
+
+
 def test_describe_documents_every_knob():
     lines = P.describe()
     assert len(lines) == len(_flat_keys(Params))
