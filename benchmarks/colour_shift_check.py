@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features  # noqa: E402
+from stages.datasets import read_summary  # noqa: E402
 from stages.evaluate import (  # noqa: E402
     RuntimeSegmenter,
     ScoredImages,
@@ -36,7 +37,6 @@ from stages.evaluate import (  # noqa: E402
     colour_shift_for,
     load_model_dir,
     load_val_tiles,
-    read_summary,
     score_method,
 )
 from stages.params import EvaluateParams  # noqa: E402

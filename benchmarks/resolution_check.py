@@ -37,7 +37,8 @@ from raster_scoring import report, segment_and_score  # noqa: E402
 
 from runtime.artifact import load_artifact, write_artifact  # noqa: E402
 from runtime.model import load_model  # noqa: E402
-from stages.evaluate import load_val_tiles, read_summary  # noqa: E402
+from stages.datasets import read_summary  # noqa: E402
+from stages.evaluate import load_val_tiles  # noqa: E402
 from stages.metrics import PerTileProtocol  # noqa: E402
 
 CRS = "EPSG:32640"  # UTM 40N (Dubai); origin on the central meridian

@@ -29,20 +29,6 @@ class TrainingError(RuntimeError):
     """Bad input to a training stage: missing data, checkpoint or teacher, or a mismatch."""
 
 
-def read_summary(dataset_root: Path) -> dict:
-    path = dataset_root / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrainingError(f"{path}: shard summary not found (run the build_shards stage first)") from None
-    except json.JSONDecodeError as e:
-        raise TrainingError(f"{path}: not valid JSON: {e}") from None
-    for key in ("num_classes", "counts", "pixel_size_m", "input_rescale"):
-        if key not in summary:
-            raise TrainingError(f"{path}: missing key {key!r} (written by an older build_shards: rerun it)")
-    return summary
-
-
 def atomic_torch_save(obj: dict, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then rename (never a half-written file).
 

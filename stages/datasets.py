@@ -1,5 +1,6 @@
 """Reading shards for training and evaluation.
 
+- `read_summary(dataset_root)`: the validated summary.json build_shards writes;
 - `read_index(dataset_root, split)` -> `TileRecord`s of one split (validated; paths never escape
   the dataset root);
 - `TileDataset`: map-style dataset of whole tiles (image, label);
@@ -34,6 +35,31 @@ INDEX_KEYS = ("item_id", "split", "input", "target", "source_item", "group", "wi
 
 class DatasetError(ValueError):
     """Shards missing or malformed, or an index entry pointing outside the dataset root."""
+
+
+def read_summary(dataset_root: Path) -> dict:
+    """summary.json of a shard dataset: num_classes (0 for a set without labels), the tile count of
+    every split, the pixel size and input rescale the shards were cut at; DatasetError naming the
+    file and the key otherwise."""
+    path = Path(dataset_root) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: shard summary not found (run the build_shards stage first)") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(summary, dict):
+        raise DatasetError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    for key in ("num_classes", "counts", "pixel_size_m", "input_rescale"):
+        if key not in summary:
+            raise DatasetError(f"{path}: missing key {key!r} (written by an older build_shards: rerun it)")
+    n = summary["num_classes"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise DatasetError(f"{path}: expected an integer num_classes >= 0, got {n!r}")
+    counts = summary["counts"]
+    if not isinstance(counts, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
+        raise DatasetError(f"{path}: expected 'counts', the tile count of every split, got {counts!r}")
+    return summary
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ from runtime.destination import check_folder, child, discard, remove_stale, temp
 from runtime.model import labels_from_cell_proba
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
 from stages.checkpoints import TrainingError, read_teacher
-from stages.datasets import DatasetError, TileDataset
+from stages.datasets import DatasetError, TileDataset, read_summary
 from stages.metrics import (
     BoundaryScore,
     GlobalProtocol,
@@ -177,23 +177,6 @@ class ScoredImages:
     groups: list[str]          # split group (area) of each tile's source raster
     split_tiles: int = 0       # tiles in the split; more than len(images) under evaluate.max_tiles
     sources: list[str] = field(default_factory=list)  # each tile's source raster (item id)
-
-
-def read_summary(dataset_root: Path) -> dict:
-    path = dataset_root / "summary.json"
-    if not path.is_file():
-        raise EvaluateError(f"{path}: dataset summary not found (run build_shards)")
-    try:
-        summary = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EvaluateError(f"{path}: not valid JSON: {e}") from None
-    n = summary.get("num_classes") if isinstance(summary, dict) else None
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise EvaluateError(f"{path}: expected an integer num_classes >= 0, got {n!r}")
-    counts = summary.get("counts")
-    if not isinstance(counts, dict) or not all(isinstance(v, int) for v in counts.values()):
-        raise EvaluateError(f"{path}: expected 'counts', the tile count of every split, got {counts!r}")
-    return summary
 
 
 def class_names(summary: dict) -> list[str]:

@@ -43,7 +43,6 @@ from stages.checkpoints import (
     TEACHER_FORMAT,
     TrainingError,
     build_teacher,
-    read_summary,
     run_fingerprint,
     teacher_config,
     write_output_dir,
@@ -156,7 +155,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
 
 def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, model_params, loss_params,
                    train_params, execution, device, ranks, stop_after, progress) -> dict:
-    from stages.datasets import RandomWindowBatches
+    from stages.datasets import RandomWindowBatches, read_summary
 
     rows = ranks.slice(train_params.batch_size, "train.batch_size")
     summary = read_summary(dataset_root)

@@ -39,7 +39,6 @@ from stages.augment import apply_each, draw_transforms, normalise01, step_genera
 from stages.checkpoints import (
     STUDENT_FORMAT,
     TrainingError,
-    read_summary,
     read_teacher,
     run_fingerprint,
     student_config,
@@ -148,7 +147,7 @@ def train_student(dataset_root: Path, teacher_path: Path, out_dir: Path, checkpo
 
 def _train_student(dataset_root, teacher_path, out_dir, checkpoint_dir, results_dir, model_params, loss_params,
                    student, data, distill, train_params, execution, device, ranks, stop_after, progress) -> dict:
-    from stages.datasets import RandomWindowBatches
+    from stages.datasets import RandomWindowBatches, read_summary
 
     rows = ranks.slice(distill.batch_size, "distill.batch_size")
     teacher, t_info = read_teacher(teacher_path, expect=teacher_config(model_params))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from runtime.cluster import fit_centres
 from runtime.command import check_signals, run_command
-from stages.checkpoints import CHECKPOINT_VERSION, TrainingError, atomic_torch_save, load_checkpoint, read_summary
+from stages.checkpoints import CHECKPOINT_VERSION, TrainingError, atomic_torch_save, load_checkpoint
 from stages.distributed import DistributedError, Ranks, close_ranks, init_ranks, local_threads, relaunch_under_torchrun
 from stages.metrics import confusion, hungarian_scores
 from stages.model import normalise_rgb, smooth_probs, upsample_to
@@ -271,10 +271,11 @@ def load_labelled_split(dataset_root: Path, split: str = "metrics_train",
 
     max_tiles > 0 keeps a fixed subset of that many tiles (`stages.datasets.stable_subset`).
     """
+    from stages.datasets import TileDataset, read_summary
+
     summary = read_summary(dataset_root)
     if int(summary["counts"].get(split, 0)) == 0 or not summary.get("num_classes"):
         return None
-    from stages.datasets import TileDataset
 
     ds = TileDataset(dataset_root, split, require_labels=True, max_tiles=max_tiles)
     images, labels = [], []

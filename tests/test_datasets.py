@@ -16,6 +16,7 @@ from stages.datasets import (
     TileDataset,
     TileRecord,
     read_index,
+    read_summary,
     split_sources,
     stable_subset,
 )
@@ -186,3 +187,32 @@ def test_bad_sources(tmp_path):
         RandomWindowBatches([grey], [16], 1, 0)
     with pytest.raises(DatasetError, match="sampling"):
         RandomWindowBatches([grey], [16], 1, 0, sampling="random")
+
+
+GOOD_SUMMARY = {"num_classes": 5, "counts": {"train": 3, "val": 2}, "pixel_size_m": {"train": 0.3},
+                "input_rescale": {"mode": "none", "limits": None}}
+
+
+@pytest.mark.parametrize("change, drop, expected", [
+    ({"num_classes": -1}, None, "expected an integer num_classes >= 0, got -1"),
+    ({"num_classes": True}, None, "expected an integer num_classes >= 0, got True"),
+    ({"counts": {"train": "3"}}, None, "expected 'counts'"),
+    ({"counts": None}, None, "expected 'counts'"),
+    ({}, "input_rescale", "missing key 'input_rescale'"),
+])
+def test_read_summary_names_the_file_and_the_key(tmp_path, change, drop, expected):
+    summary = {k: v for k, v in {**GOOD_SUMMARY, **change}.items() if k != drop}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(DatasetError, match="summary.json") as err:
+        read_summary(tmp_path)
+    assert expected in str(err.value)
+
+
+def test_read_summary_missing_or_invalid_file(tmp_path):
+    with pytest.raises(DatasetError, match="shard summary not found"):
+        read_summary(tmp_path)
+    (tmp_path / "summary.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        read_summary(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps(GOOD_SUMMARY))
+    assert read_summary(tmp_path) == GOOD_SUMMARY

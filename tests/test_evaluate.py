@@ -68,7 +68,8 @@ def write_dataset(root: Path, n_tiles: int = 4, labels: bool = True, label_fn=No
     (root / "summary.json").write_text(json.dumps({
         "dataset": "handmade", "num_classes": 3 if split == "val" else 0, "class_names": NAMES if split == "val" else {},
         "counts": {"val": 0, "train": 0, "metrics_train": 0, split: n_tiles},
-        "class_hist": {}, "params_hash": "test"}))
+        "class_hist": {}, "params_hash": "test", "pixel_size_m": {split: 0.6},
+        "input_rescale": {"mode": "none", "limits": None}}))
     return root
 
 
