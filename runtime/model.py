@@ -260,9 +260,10 @@ def load_model(path, *, threads: int | None = None) -> Model:
     return Model(art.layers, art.arrays, art.meta, threads=threads)
 
 
-def sample_rows(arrays: list, samples: int, seed: int) -> np.ndarray:
-    """At most `samples` rows drawn uniformly without replacement (seeded) from the concatenation
-    of the (N_i, D) arrays, in index order; all rows when there are fewer."""
+def sample_rows(arrays: list, samples: int, seed: int | np.random.Generator) -> np.ndarray:
+    """At most `samples` rows drawn uniformly without replacement from the concatenation of the
+    (N_i, D) arrays, in index order; all rows when there are fewer. `seed` is a seed or a generator
+    whose stream the draw continues (one generator over many images draws each its own rows)."""
     sizes = np.asarray([a.shape[0] for a in arrays], dtype=np.int64)
     total = int(sizes.sum())
     if total == 0:

@@ -73,7 +73,7 @@ from runtime import Model, load_model
 from runtime.artifact import build_meta, clustering_settings
 from runtime.command import run_command
 from runtime.destination import check_folder, child, discard, remove_stale, temporary
-from runtime.model import labels_from_cell_proba
+from runtime.model import labels_from_cell_proba, sample_rows
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
 from stages.checkpoints import TrainingError, read_teacher
 from stages.datasets import DatasetError, TileDataset, read_summary
@@ -157,13 +157,6 @@ class RuntimeSegmenter:
         h, w = shape
         cells = feats.reshape(output_size(h), output_size(w), -1)
         return labels_from_cell_proba(self.model.cell_proba(cells, centres), h, w)
-
-
-def sample_rows(feats: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """At most n rows, uniformly without replacement, in index order (all rows if fewer)."""
-    if len(feats) <= n:
-        return feats
-    return feats[np.sort(rng.choice(len(feats), n, replace=False))]
 
 
 @dataclass
@@ -342,7 +335,7 @@ def score_method(method: Segmenter, tiles: ScoredImages, k: int, num_classes: in
     # a share of global_samples in proportion to each image's area: the same number from every
     # tile (all one size), more from a larger raster
     pooled = np.concatenate([
-        sample_rows(method.features(rgb), max(k, -(-global_samples * area // total)), rng)
+        sample_rows([method.features(rgb)], max(k, -(-global_samples * area // total)), rng)
         for rgb, area in tqdm(list(zip(tiles.images, areas)), desc=f"{name}: sample", **progress)])
     centres = method.fit(pooled, k, seed=seed)
     other_centres = [method.fit(pooled, k, seed=seed + j) for j in range(1, STABILITY_SEEDS + 1)] if label_free else []
@@ -364,7 +357,7 @@ def score_method(method: Segmenter, tiles: ScoredImages, k: int, num_classes: in
             run.glob.add(pred, label)
             run.edges_glob.add(pred, label)
             group_glob[tiles.groups[i]].add(pred, label)
-            own = method.fit_tile(sample_rows(feats, samples_per_tile, rng), k, seed=seed)
+            own = method.fit_tile(sample_rows([feats], samples_per_tile, rng), k, seed=seed)
             own_pred = method.labels(feats, shape, own)
             run.per_image.add(own_pred, label)
             run.edges_per_image.add(own_pred, label)

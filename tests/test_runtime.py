@@ -78,11 +78,16 @@ def test_labels_and_probabilities_match_torch():
         assert probs.shape == (5, h, w) and labels.shape == (h, w) and labels.dtype == np.uint8
         np.testing.assert_allclose(probs, ref_probs, atol=1e-4, rtol=0)
         np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
-        assert (labels == ref_labels).mean() >= 0.999
+        # the labels agree wherever the reference's best cluster leads by more than the two
+        # probabilities' tolerance; at a near tie float rounding (which differs between CPUs) decides
+        top2 = np.sort(ref_probs, axis=0)[-2:]
+        decided = top2[1] - top2[0] > 2e-4
+        assert decided.mean() >= 0.95
+        assert (labels[decided] == ref_labels[decided]).all()
         # borders included: the outer 4-pixel frame agrees as well as the interior
         frame = np.ones((h, w), bool)
         frame[4:-4, 4:-4] = False
-        assert (labels[frame] == ref_labels[frame]).mean() >= 0.999
+        assert (labels[frame & decided] == ref_labels[frame & decided]).all()
         # banded labels are exactly the argmax of the full probabilities
         np.testing.assert_array_equal(labels, probs.argmax(axis=0))
 
