@@ -12,7 +12,9 @@ Variants scored here, on the same embeddings and the same global centres:
 - `pixel`: each pixel's bilinear weights times exp(-|c_p - mu_j|^2 / 2 s^2) of its own colour
   c_p against the 2 x 2 cells' means (joint bilateral upsampling): the label edge follows the
   image's;
-- both together.
+- both together;
+- `runtime`: the runtime's `smooth_probs_guided` (what an artifact with `smooth_colour_sigma` runs):
+  the same colour weights, as 3-tap passes along the width then the height.
 
 Prints global mIoU and boundary F per variant and sigma, then one JSON object.
 """
@@ -30,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime import cluster  # noqa: E402
-from runtime.model import labels_from_cell_proba, smooth_probs  # noqa: E402
+from runtime.model import cell_colours, labels_from_cell_proba, smooth_probs, smooth_probs_guided  # noqa: E402
 from stages.datasets import read_summary  # noqa: E402
 from stages.evaluate import load_model_dir, load_val_tiles  # noqa: E402
 from stages.metrics import BoundaryScore, GlobalProtocol  # noqa: E402
@@ -105,6 +107,7 @@ def main() -> int:
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.03, 0.06, 0.12])
     ap.add_argument("--global-samples", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runtime-only", action="store_true", help="score only the runtime's guided smoothing")
     args = ap.parse_args()
 
     summary = read_summary(args.shards)
@@ -142,6 +145,10 @@ def main() -> int:
         results[f"plain_iters{it}"] = score(f"plain, {it} passes",
                                             lambda rgb, p, it=it: labels_from_cell_proba(smooth_probs(p, it), *H(rgb)))
     for s in args.sigmas:
+        results[f"runtime_{s}"] = score(f"runtime s={s}", lambda rgb, p, s=s: labels_from_cell_proba(
+            smooth_probs_guided(p, iters, cell_colours(rgb), s), *H(rgb)))
+        if args.runtime_only:
+            continue
         results[f"smooth_{s}"] = score(f"smooth s={s}", lambda rgb, p, s=s: labels_from_cell_proba(
             guided_smooth(p, cell_means(rgb, *p.shape[1:]), iters, s), *H(rgb)))
         results[f"pixel_{s}"] = score(f"pixel s={s}", lambda rgb, p, s=s: guided_labels(

@@ -13,7 +13,8 @@ An artifact is a directory of three files:
                    "provenance": {"git_commit", "params_hash", "created"}}
                   plus optional keys: "cue" (runtime.cue; null = none), "fit_temperature" (the
                   temperature of the soft k-means updates when centres are fitted; absent or null =
-                  "temperature"), "training_pixel_size_m", "input_rescale"; and any informational
+                  "temperature"), "smooth_colour_sigma" (smoothing guided by the image's colours,
+                  runtime.model.smooth_probs_guided; absent, null or 0 = plain smoothing), "training_pixel_size_m", "input_rescale"; and any informational
                   keys (e.g. "source": "student"), which are kept but not used
     metrics.json  a JSON object of the scores the exported model reached (informational)
 
@@ -150,10 +151,11 @@ def cluster_dim(meta: dict) -> int:
 
 
 def clustering_settings(meta: dict) -> dict:
-    """The optional meta keys that change how an artifact's cells are clustered ("cue",
-    "fit_temperature"), as `build_meta` keywords: what another model needs to be clustered the
-    same way (evaluate's teacher)."""
-    return {"cue": meta.get("cue"), "fit_temperature": meta.get("fit_temperature")}
+    """The optional meta keys that change how an artifact's cells are clustered and smoothed ("cue",
+    "fit_temperature", "smooth_colour_sigma"), as `build_meta` keywords: what another model needs
+    to be clustered the same way (evaluate's teacher)."""
+    return {"cue": meta.get("cue"), "fit_temperature": meta.get("fit_temperature"),
+            "smooth_colour_sigma": meta.get("smooth_colour_sigma")}
 
 
 def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> LayerSummary:
@@ -182,6 +184,10 @@ def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> Layer
     fit_t = meta.get("fit_temperature")  # optional: soft k-means temperature when fitting centres
     if fit_t is not None and not (_is_num(fit_t) and fit_t > 0):
         raise ArtifactError(f"{meta_at}: 'fit_temperature' must be null or a number > 0, got {fit_t!r}")
+    sigma = meta.get("smooth_colour_sigma")  # optional: colour-guided smoothing of the cluster map
+    if sigma is not None and not (_is_num(sigma) and 0 <= sigma <= 10):
+        raise ArtifactError(f"{meta_at}: 'smooth_colour_sigma' must be null or a number in [0, 10] "
+                            f"(0 = plain smoothing), got {sigma!r}")
     cue = meta.get("cue")  # optional: the texture cue appended before clustering (runtime.cue)
     if cue is not None:
         if (not isinstance(cue, dict) or set(cue) != {"kind", "size", "scale"} or cue["kind"] != "dark_tophat"

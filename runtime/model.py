@@ -29,7 +29,7 @@ from . import cluster
 from .artifact import FORMAT_NAME, FORMAT_VERSION, cluster_dim, load_artifact, validate
 from .cue import append_cue, dark_tophat_cells
 from .errors import InputError
-from .network import DEFAULT_BAND_BYTES, Network
+from .network import DEFAULT_BAND_BYTES, Network, output_size
 from .resolution import plan_resolution, positive_metres, resample_image, to_source_grid
 
 DEFAULT_SAMPLES = 50_000  # embeddings (cells) drawn to fit centres
@@ -73,6 +73,9 @@ class Model:
     fit_temperature = property(lambda self: self.meta.get("fit_temperature") or self.meta["temperature"])
     receptive_field = property(lambda self: self.meta["receptive_field"])
     smooth_iters_default = property(lambda self: self.meta["smooth_iters_default"])
+    # colour distance (RGB in 0..1) at which smoothing between two neighbour cells falls to
+    # exp(-1/2) of its weight; 0 (or absent) = plain smoothing, blind to the image
+    smooth_colour_sigma = property(lambda self: self.meta.get("smooth_colour_sigma") or 0.0)
     cluster_iters_default = property(lambda self: self.meta["cluster_iters_default"])
     # ground sample distance (metres) of the training imagery; None when unknown
     training_pixel_size_m = property(lambda self: self.meta.get("training_pixel_size_m"))
@@ -184,22 +187,38 @@ class Model:
         return c
 
     # -- probabilities and labels ------------------------------------------------------------------
-    def cell_proba(self, cells: np.ndarray, centres: np.ndarray, smooth_iters: int | None = None) -> np.ndarray:
-        """(h, w, D) embeddings -> (k, h, w) cell probabilities (smoothed `smooth_iters` times)."""
+    def cell_proba(self, cells: np.ndarray, centres: np.ndarray, smooth_iters: int | None = None,
+                   image: np.ndarray | None = None) -> np.ndarray:
+        """(h, w, D) embeddings -> (k, h, w) cell probabilities (smoothed `smooth_iters` times).
+
+        `image`: the uint8 (H, W, 3) image the cells were embedded from. A model with a
+        `smooth_colour_sigma` needs it: its smoothing weighs each neighbour cell by how close the
+        two cells' mean colours are (`smooth_probs_guided`)."""
         h, w, d = cells.shape
         p = cluster.soft_assign_columns(cells.reshape(-1, d), centres, self.temperature,
                                         self.network.map).reshape(-1, h, w)
         smooth = self.smooth_iters_default if smooth_iters is None else smooth_iters
         if isinstance(smooth, bool) or not isinstance(smooth, (int, np.integer)) or smooth < 0:
             raise InputError(f"smooth_iters must be an integer >= 0, got {smooth!r}")
-        return smooth_probs(p, int(smooth), self.network.map)
+        if not self.smooth_colour_sigma or not smooth:
+            return smooth_probs(p, int(smooth), self.network.map)
+        if image is None:
+            raise InputError("this model smooths its cluster map along the image's colour edges "
+                             "(meta.json smooth_colour_sigma): cell_proba needs image=, the RGB array "
+                             "the cells were embedded from")
+        if output_size(image.shape[0]) != h or output_size(image.shape[1]) != w:
+            raise InputError(f"image {image.shape[:2]} does not give the {h} x {w} cells it was passed with "
+                             f"(expected ceil(H / {self.stride}) x ceil(W / {self.stride}))")
+        colours = cell_colours(image, self.stride)
+        return smooth_probs_guided(p, int(smooth), colours, self.smooth_colour_sigma, self.network.map)
 
     def labels_from_cells(self, cells: np.ndarray, centres, height: int, width: int,
-                          smooth_iters: int | None = None) -> np.ndarray:
+                          smooth_iters: int | None = None, image: np.ndarray | None = None) -> np.ndarray:
         """uint8 (height, width) labels from `embed_cells` output and (k, D) centres: lets a caller
-        embed each image once, fit global centres on all of them, then label each."""
+        embed each image once, fit global centres on all of them, then label each (`image` as in
+        `cell_proba`)."""
         c = self.check_centres(self.check_k(len(centres)), centres)
-        return labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), height, width,
+        return labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters, image), height, width,
                                       map_bands=self.network.map)
 
     def _prepare(self, rgb, k, centres, seed, samples, iters, balance=PER_IMAGE_BALANCE):
@@ -239,7 +258,7 @@ class Model:
         grid (nearest), as `segment_raster` does for rasters (`working_image`)."""
         work, scale = self.working_image(rgb, pixel_size_m)
         cells, c = self._prepare(work, k, centres, seed, samples, iters, balance)
-        proba = upsample4(self.cell_proba(cells, c, smooth_iters), work.shape[0], work.shape[1])
+        proba = upsample4(self.cell_proba(cells, c, smooth_iters, work), work.shape[0], work.shape[1])
         return proba if scale == 1.0 else to_source_grid(proba, scale, rgb.shape[0], rgb.shape[1])
 
     def predict_labels(self, rgb: np.ndarray, k: int, centres=None, smooth_iters: int | None = None,
@@ -249,7 +268,7 @@ class Model:
         pixel_size_m and balance as in `predict_proba`."""
         work, scale = self.working_image(rgb, pixel_size_m)
         cells, c = self._prepare(work, k, centres, seed, samples, iters, balance)
-        labels = labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters), work.shape[0], work.shape[1],
+        labels = labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters, work), work.shape[0], work.shape[1],
                                         map_bands=self.network.map)
         return labels if scale == 1.0 else to_source_grid(labels, scale, rgb.shape[0], rgb.shape[1])
 
@@ -356,6 +375,69 @@ def smooth_probs(probs: np.ndarray, iters: int, map_bands=_serial_map) -> np.nda
         band /= np.maximum(band.sum(axis=0), 1e-12)
 
     map_bands(normalise, range(0, h, rows))
+    return out
+
+
+def cell_colours(rgb: np.ndarray, stride: int = 4) -> np.ndarray:
+    """float32 (ceil(H / stride), ceil(W / stride), 3): the mean colour (RGB, 0..1) of each cell's
+    stride x stride pixels (a last row or column of cells over the pixels it has)."""
+    h_px, w_px = rgb.shape[:2]
+    h, w = -(-h_px // stride), -(-w_px // stride)
+    sums = np.zeros((h, w, 3), np.float32)
+    # block sums along the width, then the height (np.add.reduceat: partial last blocks included)
+    rows = np.add.reduceat(rgb.astype(np.float32), np.arange(0, w_px, stride), axis=1)
+    sums[...] = np.add.reduceat(rows, np.arange(0, h_px, stride), axis=0)
+    count_h = np.minimum(stride, h_px - stride * np.arange(h)).astype(np.float32)
+    count_w = np.minimum(stride, w_px - stride * np.arange(w)).astype(np.float32)
+    return sums / (255.0 * count_h[:, None, None] * count_w[None, :, None])
+
+
+def smooth_probs_guided(probs: np.ndarray, iters: int, colours: np.ndarray, sigma: float,
+                        map_bands=_serial_map) -> np.ndarray:
+    """(k, h, w): `iters` passes of colour-guided smoothing, each a 3-tap weighted mean along the
+    width then one along the height. A neighbour cell weighs exp(-|c_i - c_j|^2 / (2 sigma^2))
+    against the cell's own 1, with c the cells' mean colours (`cell_colours`): cells of one
+    colour are smoothed as by `smooth_probs`, while a house or a road of its own colour keeps
+    its cluster instead of melting into its surroundings. Every cluster's plane is smoothed with
+    the same weights, so each cell's probabilities keep summing to 1 (renormalised once at the
+    end for rounding). Planes run through `map_bands` (a thread pool's map). Returns a new array."""
+    if iters <= 0:
+        return probs
+    k, h, w = probs.shape
+    scale = np.float32(-0.5 / (sigma * sigma))
+    # weight between each cell and its right neighbour (h, w - 1), and its lower one (h - 1, w)
+    right = np.exp(((colours[:, 1:] - colours[:, :-1]) ** 2).sum(axis=2) * scale).astype(np.float32)
+    down = np.exp(((colours[1:] - colours[:-1]) ** 2).sum(axis=2) * scale).astype(np.float32)
+    inv_w = np.ones((h, w), np.float32)
+    inv_w[:, 1:] += right
+    inv_w[:, :-1] += right
+    inv_h = np.ones((h, w), np.float32)
+    inv_h[1:] += down
+    inv_h[:-1] += down
+    inv_w, inv_h = 1.0 / inv_w, 1.0 / inv_h
+    out = np.empty_like(probs)
+
+    def plane(c: int) -> None:
+        p = probs[c].copy()
+        acc = np.empty_like(p)
+        tmp = np.empty((h, max(w, 1)), np.float32)
+        for _ in range(iters):
+            for axis_w in (True, False):
+                acc[...] = p
+                if axis_w and w > 1:
+                    np.multiply(right, p[:, :-1], out=tmp[:, :w - 1])
+                    acc[:, 1:] += tmp[:, :w - 1]
+                    np.multiply(right, p[:, 1:], out=tmp[:, :w - 1])
+                    acc[:, :-1] += tmp[:, :w - 1]
+                    np.multiply(acc, inv_w, out=p)
+                elif not axis_w and h > 1:
+                    acc[1:] += down * p[:-1]
+                    acc[:-1] += down * p[1:]
+                    np.multiply(acc, inv_h, out=p)
+        out[c] = p
+
+    map_bands(plane, range(k))
+    out /= np.maximum(out.sum(axis=0), 1e-12)
     return out
 
 

@@ -293,7 +293,7 @@ def _segment_tile(reader: SourceReader, model: Model, centres: np.ndarray, smoot
     core_nodata = nodata[r0 - wr0: r0 - wr0 + rh, c0 - wc0: c0 - wc0 + cw]
     if core_nodata.all():
         return np.full((rh, cw), NODATA, dtype=np.uint8)
-    probs = model.cell_proba(model.embed_cells(rgb), centres, smooth)
+    probs = model.cell_proba(model.embed_cells(rgb), centres, smooth, image=rgb)
     # core cells plus one neighbour cell each side (bilinear upsampling reaches one cell)
     a0, b0 = (r0 - wr0) // s, (c0 - wc0) // s
     a1, b1 = -(-(r0 - wr0 + rh) // s), -(-(c0 - wc0 + cw) // s)

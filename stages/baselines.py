@@ -98,5 +98,6 @@ class KMeansBaseline:
         """A tile's own centres: the same plain k-means (what a GIS user gets for free)."""
         return self.fit(samples, k, seed)
 
-    def labels(self, feats: np.ndarray, shape: tuple[int, int], centres: np.ndarray) -> np.ndarray:
-        return assign(feats, centres).reshape(shape).astype(np.uint8)
+    def labels(self, feats: np.ndarray, rgb: np.ndarray, centres: np.ndarray) -> np.ndarray:
+        """uint8 (H, W) cluster ids of `feats`, the features of the image `rgb`."""
+        return assign(feats, centres).reshape(rgb.shape[:2]).astype(np.uint8)

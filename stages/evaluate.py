@@ -120,7 +120,8 @@ class Segmenter(Protocol):
     `features(rgb)` -> (N, F) float32 rows (pixels for the baselines, stride-4 cells for the
     network); `fit(samples, k, seed)` -> (k, F) centres for the whole split (global protocol) and
     `fit_tile(samples, k, seed)` -> (k, F) centres for one tile (per-tile protocol, the way a user
-    fits centres per raster); `labels(feats, (H, W), centres)` -> uint8 (H, W) cluster ids in [0, k).
+    fits centres per raster); `labels(feats, rgb, centres)` -> uint8 (H, W) cluster ids in [0, k) of
+    the image `rgb` whose `features` are `feats` (the model's smoothing follows its colours).
     """
 
     def features(self, rgb: np.ndarray) -> np.ndarray: ...
@@ -129,7 +130,7 @@ class Segmenter(Protocol):
 
     def fit_tile(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray: ...
 
-    def labels(self, feats: np.ndarray, shape: tuple[int, int], centres: np.ndarray) -> np.ndarray: ...
+    def labels(self, feats: np.ndarray, rgb: np.ndarray, centres: np.ndarray) -> np.ndarray: ...
 
 
 class RuntimeSegmenter:
@@ -153,10 +154,10 @@ class RuntimeSegmenter:
     def fit_tile(self, samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
         return self.fit(samples, k, seed, balance=self.tile_balance)
 
-    def labels(self, feats: np.ndarray, shape: tuple[int, int], centres: np.ndarray) -> np.ndarray:
-        h, w = shape
+    def labels(self, feats: np.ndarray, rgb: np.ndarray, centres: np.ndarray) -> np.ndarray:
+        h, w = rgb.shape[:2]
         cells = feats.reshape(output_size(h), output_size(w), -1)
-        return labels_from_cell_proba(self.model.cell_proba(cells, centres), h, w)
+        return labels_from_cell_proba(self.model.cell_proba(cells, centres, image=rgb), h, w)
 
 
 @dataclass
@@ -266,9 +267,11 @@ def load_model_dir(model_dir: Path) -> Model:
     return load_model(model_dir)
 
 
-def teacher_model(teacher_path: Path, cue: dict | None = None, fit_temperature: float | None = None) -> Model:
+def teacher_model(teacher_path: Path, cue: dict | None = None, fit_temperature: float | None = None,
+                  smooth_colour_sigma: float | None = None) -> Model:
     """The teacher's encoder as an in-memory runtime Model (same settings export would write,
-    `cue` and `fit_temperature` included: model/best's, so that both are clustered the same way)."""
+    `cue`, `fit_temperature` and `smooth_colour_sigma` included: model/best's, so that both are
+    clustered and smoothed the same way)."""
     teacher, info = read_teacher(teacher_path)
     cfg = info["config"]
     encoder = teacher.encoder
@@ -279,7 +282,7 @@ def teacher_model(teacher_path: Path, cue: dict | None = None, fit_temperature: 
                       supports_learned_refine=encoder.refine is not None,
                       receptive_field=encoder.receptive_field, git_commit="in-memory",
                       params_hash="in-memory", created="in-memory", source="teacher", cue=cue,
-                      fit_temperature=fit_temperature)
+                      fit_temperature=fit_temperature, smooth_colour_sigma=smooth_colour_sigma)
     return Model(layers, arrays, meta)
 
 
@@ -342,15 +345,14 @@ def score_method(method: Segmenter, tiles: ScoredImages, k: int, num_classes: in
     run.seed_cooc = [np.zeros((k, k), np.int64) for _ in other_centres]
     del pooled
     for i, rgb in enumerate(tqdm(tiles.images, desc=f"{name}: label", **progress)):
-        shape = rgb.shape[:2]
         feats = method.features(rgb)
-        pred = method.labels(feats, shape, centres)
+        pred = method.labels(feats, rgb, centres)
         run.preds.append(pred)
         for cooc, other in zip(run.seed_cooc, other_centres):
-            cooc += cooccurrence(pred, method.labels(feats, shape, other), k)
+            cooc += cooccurrence(pred, method.labels(feats, rgb, other), k)
         if label_free:
             shifted = apply_colour_shift(rgb, *colour_shift_for(tiles.sources[i], 1.0, seed))
-            run.jitter_same += int((method.labels(method.features(shifted), shape, centres) == pred).sum())
+            run.jitter_same += int((method.labels(method.features(shifted), shifted, centres) == pred).sum())
             run.jitter_total += pred.size
         if labelled:
             label = tiles.labels[i]
@@ -358,7 +360,7 @@ def score_method(method: Segmenter, tiles: ScoredImages, k: int, num_classes: in
             run.edges_glob.add(pred, label)
             group_glob[tiles.groups[i]].add(pred, label)
             own = method.fit_tile(sample_rows([feats], samples_per_tile, rng), k, seed=seed)
-            own_pred = method.labels(feats, shape, own)
+            own_pred = method.labels(feats, rgb, own)
             run.per_image.add(own_pred, label)
             run.edges_per_image.add(own_pred, label)
             group_tile[tiles.groups[i]].add(own_pred, label)

@@ -304,6 +304,12 @@ class ExportParams:
                                   "(model.temperature) still gives the cell probabilities and smoothing. "
                                   "0.05 beat 0.1 on metrics_train of the synthetic default and of Dubai "
                                   "(docs/experiments.md).", lo=0.001, hi=10.0)
+    smooth_colour_sigma: float = knob(0.1, "Colour distance (RGB scaled to 0..1) at which the runtime's "
+                                      "smoothing of the cluster map between two neighbour cells (4 x 4 px "
+                                      "each) falls to 0.61 of its weight (meta.json smooth_colour_sigma): "
+                                      "the map keeps the image's colour edges, so small houses and narrow "
+                                      "roads keep their own cluster. 0 = plain smoothing, blind to the "
+                                      "image.", lo=0.0, hi=10.0)
 
     def check(self, prefix: str) -> None:
         if self.cue_size and not valid_size(self.cue_size):

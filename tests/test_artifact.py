@@ -166,6 +166,8 @@ def test_unknown_format_version_names_the_supported_ones(artifact):
     ("receptive_field", 3, "smaller than the layers'"),
     ("stride", 2, "'stride' must be the integer 4"),
     ("provenance", {"git_commit": "x"}, "'provenance' must be"),
+    ("smooth_colour_sigma", -0.1, r"'smooth_colour_sigma' must be null or a number in \[0, 10\]"),
+    ("smooth_colour_sigma", "0.1", r"'smooth_colour_sigma' must be null or a number"),
 ])
 def test_bad_meta_values_are_rejected(artifact, key, value, message):
     _rewrite_meta(artifact, **{key: value})

@@ -209,7 +209,7 @@ def test_kmeans_baseline_separates_flat_colours():
     rgb, label = make_tile(7)
     b = KMeansBaseline(rgb_features, iters=20)
     feats = b.features(rgb)
-    pred = b.labels(feats, label.shape, b.fit(feats, 3, seed=0))
+    pred = b.labels(feats, rgb, b.fit(feats, 3, seed=0))
     acc = GlobalProtocol(3, 3)
     acc.add(pred, label)
     assert acc.result()["miou"] == 1.0

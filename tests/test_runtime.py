@@ -16,7 +16,7 @@ from runtime_fixtures import encoder_meta, random_encoder, synthetic_rgb, write_
 
 from runtime import cluster
 from runtime.errors import InputError
-from runtime.model import Model, load_model, smooth_probs, upsample4
+from runtime.model import Model, cell_colours, load_model, smooth_probs, smooth_probs_guided, upsample4
 from runtime.network import output_size
 from stages.model import normalise_rgb
 from stages.model import smooth_probs as torch_smooth_probs
@@ -534,3 +534,59 @@ def test_network_with_and_without_direct_sgemm_agree(monkeypatch):
         monkeypatch.undo()
         assert not plain.network._shifted
         np.testing.assert_allclose(fast.embed(rgb), plain.embed(rgb), rtol=0, atol=1e-5)
+
+
+def test_cell_colours_are_the_mean_of_each_cells_pixels():
+    rgb = np.random.default_rng(0).integers(0, 256, (10, 7, 3), dtype=np.uint8)  # partial last cells
+    got = cell_colours(rgb)
+    assert got.shape == (3, 2, 3) and got.dtype == np.float32
+    for i in range(3):
+        for j in range(2):
+            block = rgb[4 * i:4 * i + 4, 4 * j:4 * j + 4].reshape(-1, 3) / 255.0
+            np.testing.assert_allclose(got[i, j], block.mean(axis=0), atol=1e-6)
+
+
+def test_guided_smoothing_without_colour_contrast_is_plain_smoothing():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(4), size=(13, 9)).transpose(2, 0, 1).astype(np.float32)
+    flat = np.full((13, 9, 3), 0.4, np.float32)  # one colour: every weight is 1
+    for iters in (1, 3, 8):
+        np.testing.assert_allclose(smooth_probs_guided(probs, iters, flat, 0.1), smooth_probs(probs, iters),
+                                   atol=2e-6)
+    out = smooth_probs_guided(probs, 3, rng.random((13, 9, 3)).astype(np.float32), 0.1)
+    np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-6)
+    assert smooth_probs_guided(probs, 0, flat, 0.1) is probs
+
+
+def test_guided_smoothing_keeps_a_small_house_that_plain_smoothing_melts():
+    # a 2 x 2-cell house of its own colour in a field: plain smoothing gives its cells to the field
+    h = w = 12
+    colours = np.full((h, w, 3), [0.3, 0.6, 0.2], np.float32)
+    colours[5:7, 5:7] = [0.8, 0.3, 0.3]
+    probs = np.empty((2, h, w), np.float32)
+    probs[0], probs[1] = 0.9, 0.1
+    probs[:, 5:7, 5:7] = np.array([0.4, 0.6], np.float32)[:, None, None]
+    assert (smooth_probs(probs, 8).argmax(axis=0) == 0).all()
+    guided = smooth_probs_guided(probs, 8, colours, 0.1).argmax(axis=0)
+    house = np.zeros((h, w), bool)
+    house[5:7, 5:7] = True
+    np.testing.assert_array_equal(guided == 1, house)
+
+
+def test_a_colour_guided_model_needs_the_image(tmp_path):
+    enc = random_encoder(width=8, depth=0, embed_dim=6, seed=2)
+    model = load_model(write_encoder_artifact(tmp_path / "m", enc, smooth_iters=2, smooth_colour_sigma=0.1))
+    assert model.smooth_colour_sigma == 0.1
+    rgb = synthetic_rgb(33, 21, seed=1)
+    cells = model.embed_cells(rgb)
+    centres = model.fit_centres([rgb], k=3, seed=0)
+    with pytest.raises(InputError, match="needs image="):
+        model.cell_proba(cells, centres)
+    with pytest.raises(InputError, match="does not give the"):
+        model.cell_proba(cells, centres, image=rgb[:20])
+    guided = model.cell_proba(cells, centres, image=rgb)
+    np.testing.assert_allclose(guided, smooth_probs_guided(model.cell_proba(cells, centres, smooth_iters=0), 2,
+                                                           cell_colours(rgb), 0.1), atol=1e-6)
+    # predict_labels passes its image itself
+    labels = model.predict_labels(rgb, 3, centres=centres)
+    np.testing.assert_array_equal(labels, model.labels_from_cells(cells, centres, 33, 21, image=rgb))

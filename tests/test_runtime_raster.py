@@ -76,6 +76,22 @@ def test_tiled_equals_untiled_with_a_deep_encoder(tmp_path, src):
     assert whole.tiles == 1 and tiled.tiles > 1
 
 
+def test_tiled_equals_untiled_with_colour_guided_smoothing(tmp_path, src):
+    # the smoothing weights come from each cell's own pixels: a tile's halo gives them exactly
+    enc = random_encoder(width=16, depth=1, embed_dim=8, seed=7)
+    guided = load_model(write_encoder_artifact(tmp_path / "g", enc, smooth_iters=4, smooth_colour_sigma=0.1))
+    plain = load_model(write_encoder_artifact(tmp_path / "p", enc, smooth_iters=4))
+    results = {}
+    for name, model, tile in (("whole", guided, 1024), ("tiled", guided, 32), ("odd", guided, 52),
+                              ("plain", plain, 1024)):
+        res = segment_raster(src, tmp_path / f"{name}.tif", K, model, tile=tile)
+        results[name] = (res, _read(tmp_path / f"{name}.tif")[0])
+    np.testing.assert_array_equal(results["whole"][1], results["tiled"][1])
+    np.testing.assert_array_equal(results["whole"][1], results["odd"][1])
+    np.testing.assert_array_equal(results["whole"][0].centres, results["plain"][0].centres)
+    assert not np.array_equal(results["whole"][1], results["plain"][1])  # the guidance changes the map
+
+
 def test_raster_labels_equal_array_prediction_with_the_same_centres(tmp_path, rgb):
     # without nodata the raster path is exactly the array path
     enc = random_encoder(width=16, depth=1, embed_dim=8, seed=7)
