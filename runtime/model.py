@@ -76,6 +76,9 @@ class Model:
     # colour distance (RGB in 0..1) at which smoothing between two neighbour cells falls to
     # exp(-1/2) of its weight; 0 (or absent) = plain smoothing, blind to the image
     smooth_colour_sigma = property(lambda self: self.meta.get("smooth_colour_sigma") or 0.0)
+    # the least weight a neighbour cell keeps however far its colour (0..1): texture inside one
+    # cover still gets smoothed
+    smooth_colour_floor = property(lambda self: self.meta.get("smooth_colour_floor") or 0.0)
     cluster_iters_default = property(lambda self: self.meta["cluster_iters_default"])
     # ground sample distance (metres) of the training imagery; None when unknown
     training_pixel_size_m = property(lambda self: self.meta.get("training_pixel_size_m"))
@@ -210,7 +213,8 @@ class Model:
             raise InputError(f"image {image.shape[:2]} does not give the {h} x {w} cells it was passed with "
                              f"(expected ceil(H / {self.stride}) x ceil(W / {self.stride}))")
         colours = cell_colours(image, self.stride)
-        return smooth_probs_guided(p, int(smooth), colours, self.smooth_colour_sigma, self.network.map)
+        return smooth_probs_guided(p, int(smooth), colours, self.smooth_colour_sigma, self.network.map,
+                                   floor=self.smooth_colour_floor)
 
     def labels_from_cells(self, cells: np.ndarray, centres, height: int, width: int,
                           smooth_iters: int | None = None, image: np.ndarray | None = None) -> np.ndarray:
@@ -393,12 +397,14 @@ def cell_colours(rgb: np.ndarray, stride: int = 4) -> np.ndarray:
 
 
 def smooth_probs_guided(probs: np.ndarray, iters: int, colours: np.ndarray, sigma: float,
-                        map_bands=_serial_map) -> np.ndarray:
+                        map_bands=_serial_map, floor: float = 0.0) -> np.ndarray:
     """(k, h, w): `iters` passes of colour-guided smoothing, each a 3-tap weighted mean along the
-    width then one along the height. A neighbour cell weighs exp(-|c_i - c_j|^2 / (2 sigma^2))
-    against the cell's own 1, with c the cells' mean colours (`cell_colours`): cells of one
-    colour are smoothed as by `smooth_probs`, while a house or a road of its own colour keeps
-    its cluster instead of melting into its surroundings. Every cluster's plane is smoothed with
+    width then one along the height. A neighbour cell weighs
+    floor + (1 - floor) exp(-|c_i - c_j|^2 / (2 sigma^2)) against the cell's own 1, with c the
+    cells' mean colours (`cell_colours`): cells of one colour are smoothed as by `smooth_probs`,
+    while a house or a road of its own colour keeps its cluster instead of melting into its
+    surroundings; `floor` keeps some smoothing across texture within one cover (floor 1 is
+    plain smoothing). Every cluster's plane is smoothed with
     the same weights, so each cell's probabilities keep summing to 1 (renormalised once at the
     end for rounding). Planes run through `map_bands` (a thread pool's map). Returns a new array."""
     if iters <= 0:
@@ -408,6 +414,8 @@ def smooth_probs_guided(probs: np.ndarray, iters: int, colours: np.ndarray, sigm
     # weight between each cell and its right neighbour (h, w - 1), and its lower one (h - 1, w)
     right = np.exp(((colours[:, 1:] - colours[:, :-1]) ** 2).sum(axis=2) * scale).astype(np.float32)
     down = np.exp(((colours[1:] - colours[:-1]) ** 2).sum(axis=2) * scale).astype(np.float32)
+    if floor:
+        right, down = (np.float32(floor) + np.float32(1 - floor) * a for a in (right, down))
     inv_w = np.ones((h, w), np.float32)
     inv_w[:, 1:] += right
     inv_w[:, :-1] += right

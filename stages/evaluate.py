@@ -268,10 +268,10 @@ def load_model_dir(model_dir: Path) -> Model:
 
 
 def teacher_model(teacher_path: Path, cue: dict | None = None, fit_temperature: float | None = None,
-                  smooth_colour_sigma: float | None = None) -> Model:
+                  smooth_colour_sigma: float | None = None, smooth_colour_floor: float | None = None) -> Model:
     """The teacher's encoder as an in-memory runtime Model (same settings export would write,
-    `cue`, `fit_temperature` and `smooth_colour_sigma` included: model/best's, so that both are
-    clustered and smoothed the same way)."""
+    `cue`, `fit_temperature` and the smoothing's `smooth_colour_*` included: model/best's, so that
+    both are clustered and smoothed the same way)."""
     teacher, info = read_teacher(teacher_path)
     cfg = info["config"]
     encoder = teacher.encoder
@@ -282,7 +282,8 @@ def teacher_model(teacher_path: Path, cue: dict | None = None, fit_temperature: 
                       supports_learned_refine=encoder.refine is not None,
                       receptive_field=encoder.receptive_field, git_commit="in-memory",
                       params_hash="in-memory", created="in-memory", source="teacher", cue=cue,
-                      fit_temperature=fit_temperature, smooth_colour_sigma=smooth_colour_sigma)
+                      fit_temperature=fit_temperature, smooth_colour_sigma=smooth_colour_sigma,
+                      smooth_colour_floor=smooth_colour_floor)
     return Model(layers, arrays, meta)
 
 

@@ -54,12 +54,12 @@ def training_input_rescale(t_info: dict, teacher_dir: Path) -> dict:
 
 def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Path,
                  cue: dict | None = None, fit_temperature: float | None = None,
-                 smooth_colour_sigma: float = 0.0) -> Path:
+                 smooth_colour_sigma: float = 0.0, smooth_colour_floor: float = 0.0) -> Path:
     """Write model/best from the chosen checkpoint; returns the artifact directory. `cue`: the
     texture cue appended before clustering (`ExportParams.cue`, runtime.cue), or None;
     `fit_temperature`: the soft k-means temperature when the runtime fits centres (None = the
-    head's training temperature); `smooth_colour_sigma`: colour-guided smoothing of the cluster map
-    (0 = plain smoothing)."""
+    head's training temperature); `smooth_colour_sigma`, `smooth_colour_floor`: colour-guided smoothing of
+    the cluster map (sigma 0 = plain smoothing)."""
     teacher, t_info = read_teacher(teacher_dir)
     cfg = t_info["config"]
     if source == "student":
@@ -80,7 +80,8 @@ def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Pat
                       params_hash=info["fingerprint"], source=source,
                       training_pixel_size_m=training_pixel_size(t_info, teacher_dir),
                       input_rescale=training_input_rescale(t_info, teacher_dir), cue=cue,
-                      fit_temperature=fit_temperature, smooth_colour_sigma=float(smooth_colour_sigma))
+                      fit_temperature=fit_temperature, smooth_colour_sigma=float(smooth_colour_sigma),
+                      smooth_colour_floor=float(smooth_colour_floor))
     val = info["val"]
     metrics = {"source": source, "val_metric": val["metric"], "val_score": val["score"], "val_step": val["step"],
                "teacher_val_score": t_info["val"]["score"]}
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         p = load_params(args.params)
         dst = export_model(p.export.source, Path(args.teacher), Path(args.student), Path(args.out),
                            cue=p.export.cue(), fit_temperature=p.export.fit_temperature,
-                           smooth_colour_sigma=p.export.smooth_colour_sigma)
+                           smooth_colour_sigma=p.export.smooth_colour_sigma,
+                           smooth_colour_floor=p.export.smooth_colour_floor)
         print(f"exported {p.export.source} to {dst}")
         return 0
 

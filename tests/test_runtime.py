@@ -556,6 +556,9 @@ def test_guided_smoothing_without_colour_contrast_is_plain_smoothing():
     out = smooth_probs_guided(probs, 3, rng.random((13, 9, 3)).astype(np.float32), 0.1)
     np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-6)
     assert smooth_probs_guided(probs, 0, flat, 0.1) is probs
+    # floor 1: every neighbour keeps its full weight whatever its colour
+    np.testing.assert_allclose(smooth_probs_guided(probs, 3, rng.random((13, 9, 3)).astype(np.float32), 0.1,
+                                                   floor=1.0), smooth_probs(probs, 3), atol=2e-6)
 
 
 def test_guided_smoothing_keeps_a_small_house_that_plain_smoothing_melts():
