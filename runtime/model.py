@@ -387,10 +387,25 @@ def cell_colours(rgb: np.ndarray, stride: int = 4) -> np.ndarray:
     stride x stride pixels (a last row or column of cells over the pixels it has)."""
     h_px, w_px = rgb.shape[:2]
     h, w = -(-h_px // stride), -(-w_px // stride)
-    sums = np.zeros((h, w, 3), np.float32)
-    # block sums along the width, then the height (np.add.reduceat: partial last blocks included)
-    rows = np.add.reduceat(rgb.astype(np.float32), np.arange(0, w_px, stride), axis=1)
-    sums[...] = np.add.reduceat(rows, np.arange(0, h_px, stride), axis=0)
+    fh, fw = h_px // stride, w_px // stride  # whole cells
+    sums = np.empty((h, w, 3), np.float32)
+    # integer block sums (exact in uint16: at most stride^2 x 255), strided row then column slices
+    # added in place: no float copy of the image and no slow strided reduction
+    block = rgb[:fh * stride].reshape(fh, stride, w_px, 3)
+    rows = block[:, 0].astype(np.uint16)
+    for i in range(1, stride):
+        rows += block[:, i]
+    cols = rows[:, :fw * stride].reshape(fh, fw, stride, 3)
+    whole = cols[:, :, 0].copy()
+    for j in range(1, stride):
+        whole += cols[:, :, j]
+    sums[:fh, :fw] = whole
+    if fw < w:  # the last, partial column of cells
+        sums[:, fw] = np.add.reduceat(rgb[:, fw * stride:].sum(axis=1, dtype=np.uint32),
+                                      np.arange(0, h_px, stride), axis=0)
+    if fh < h:  # the last, partial row of cells (its whole cells; the corner is done above)
+        sums[fh, :fw] = rgb[fh * stride:, :fw * stride].reshape(h_px - fh * stride, fw, stride, 3).sum(
+            axis=(0, 2), dtype=np.uint32)
     count_h = np.minimum(stride, h_px - stride * np.arange(h)).astype(np.float32)
     count_w = np.minimum(stride, w_px - stride * np.arange(w)).astype(np.float32)
     return sums / (255.0 * count_h[:, None, None] * count_w[None, :, None])
@@ -428,20 +443,24 @@ def smooth_probs_guided(probs: np.ndarray, iters: int, colours: np.ndarray, sigm
     def plane(c: int) -> None:
         p = probs[c].copy()
         acc = np.empty_like(p)
-        tmp = np.empty((h, max(w, 1)), np.float32)
+        tmp = np.empty_like(p)  # products, preallocated: no fresh pages per pass
         for _ in range(iters):
-            for axis_w in (True, False):
+            if w > 1:
                 acc[...] = p
-                if axis_w and w > 1:
-                    np.multiply(right, p[:, :-1], out=tmp[:, :w - 1])
-                    acc[:, 1:] += tmp[:, :w - 1]
-                    np.multiply(right, p[:, 1:], out=tmp[:, :w - 1])
-                    acc[:, :-1] += tmp[:, :w - 1]
-                    np.multiply(acc, inv_w, out=p)
-                elif not axis_w and h > 1:
-                    acc[1:] += down * p[:-1]
-                    acc[:-1] += down * p[1:]
-                    np.multiply(acc, inv_h, out=p)
+                t = tmp[:, :w - 1]
+                np.multiply(right, p[:, :-1], out=t)
+                acc[:, 1:] += t
+                np.multiply(right, p[:, 1:], out=t)
+                acc[:, :-1] += t
+                np.multiply(acc, inv_w, out=p)
+            if h > 1:
+                acc[...] = p
+                t = tmp[:h - 1]
+                np.multiply(down, p[:-1], out=t)
+                acc[1:] += t
+                np.multiply(down, p[1:], out=t)
+                acc[:-1] += t
+                np.multiply(acc, inv_h, out=p)
         out[c] = p
 
     map_bands(plane, range(k))
