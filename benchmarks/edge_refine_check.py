@@ -8,7 +8,8 @@ pixel from the bilinear mix of its 2 x 2 cells, so an 8-10 px house melts into i
 Variants scored here, on the same embeddings and the same global centres:
 
 - `smooth`: each 3 x 3 mean weighs a neighbour cell by exp(-|mu_i - mu_j|^2 / 2 s^2), mu the mean
-  RGB (0..1) of the cell's 4 x 4 pixels: no smoothing across a colour edge;
+  RGB (0..1) of the cell's 4 x 4 pixels (`runtime.model.cell_colours`): no smoothing across a
+  colour edge;
 - `pixel`: each pixel's bilinear weights times exp(-|c_p - mu_j|^2 / 2 s^2) of its own colour
   c_p against the 2 x 2 cells' means (joint bilateral upsampling): the label edge follows the
   image's;
@@ -36,18 +37,6 @@ from runtime.model import cell_colours, labels_from_cell_proba, smooth_probs, sm
 from stages.datasets import read_summary  # noqa: E402
 from stages.evaluate import load_model_dir, load_val_tiles  # noqa: E402
 from stages.metrics import BoundaryScore, GlobalProtocol  # noqa: E402
-
-
-def cell_means(rgb: np.ndarray, h: int, w: int) -> np.ndarray:
-    """(h, w, 3) mean colour (0..1) of each cell's 4 x 4 pixels (edge cells: the pixels they have)."""
-    H, W = rgb.shape[:2]
-    pad = np.zeros((4 * h, 4 * w, 3), np.float32)
-    cnt = np.zeros((4 * h, 4 * w, 1), np.float32)
-    pad[:H, :W] = rgb[: 4 * h, : 4 * w] / 255.0
-    cnt[:H, :W] = 1
-    s = pad.reshape(h, 4, w, 4, 3).sum(axis=(1, 3))
-    n = cnt.reshape(h, 4, w, 4, 1).sum(axis=(1, 3))
-    return s / np.maximum(n, 1)
 
 
 def guided_smooth(probs: np.ndarray, mu: np.ndarray, iters: int, sigma: float) -> np.ndarray:
@@ -87,14 +76,12 @@ def guided_labels(probs: np.ndarray, mu: np.ndarray, rgb: np.ndarray, sigma: flo
     x0, x1, wx0, wx1 = taps(W, w)
     c = rgb.astype(np.float32) / 255.0
     acc = np.zeros((k, H, W), np.float32)
-    norm = np.zeros((H, W), np.float32)
     for ys, wy in ((y0, wy0), (y1, wy1)):
         for xs, wx in ((x0, wx0), (x1, wx1)):
             m = mu[ys][:, xs]  # (H, W, 3)
             g = np.exp(-((c - m) ** 2).sum(axis=2) / (2 * sigma * sigma))
             wt = (wy[:, None] * wx[None, :]) * g + 1e-12
             acc += wt * probs[:, ys][:, :, xs]
-            norm += wt
     return np.argmax(acc, axis=0).astype(np.uint8)
 
 
@@ -150,14 +137,17 @@ def main() -> int:
         if args.runtime_only:
             continue
         results[f"smooth_{s}"] = score(f"smooth s={s}", lambda rgb, p, s=s: labels_from_cell_proba(
-            guided_smooth(p, cell_means(rgb, *p.shape[1:]), iters, s), *H(rgb)))
+            guided_smooth(p, cell_colours(rgb), iters, s), *H(rgb)))
         results[f"pixel_{s}"] = score(f"pixel s={s}", lambda rgb, p, s=s: guided_labels(
-            smooth_probs(p, iters), cell_means(rgb, *p.shape[1:]), rgb, s))
-        results[f"both_{s}"] = score(f"smooth + pixel s={s}", lambda rgb, p, s=s: guided_labels(
-            guided_smooth(p, cell_means(rgb, *p.shape[1:]), iters, s), cell_means(rgb, *p.shape[1:]), rgb, s))
+            smooth_probs(p, iters), cell_colours(rgb), rgb, s))
+
+        def both(rgb, p, s=s):
+            mu = cell_colours(rgb)
+            return guided_labels(guided_smooth(p, mu, iters, s), mu, rgb, s)
+        results[f"both_{s}"] = score(f"smooth + pixel s={s}", both)
     # sanity: the bilinear argmax of guided_labels with sigma -> inf is the runtime's labels
     p0, rgb0 = raw[0], tiles.images[0]
-    same = (guided_labels(smooth_probs(p0, iters), cell_means(rgb0, *p0.shape[1:]), rgb0, 1e6)
+    same = (guided_labels(smooth_probs(p0, iters), cell_colours(rgb0), rgb0, 1e6)
             == labels_from_cell_proba(smooth_probs(p0, iters), *H(rgb0))).mean()
     print(f"check: guided labels at sigma 1e6 equal the runtime's on {same:.4f} of tile 0's pixels")
     print(json.dumps({"split": args.split, "tiles": len(tiles.images), "results": results}))

@@ -267,11 +267,11 @@ def load_model_dir(model_dir: Path) -> Model:
     return load_model(model_dir)
 
 
-def teacher_model(teacher_path: Path, cue: dict | None = None, fit_temperature: float | None = None,
-                  smooth_colour_sigma: float | None = None, smooth_colour_floor: float | None = None) -> Model:
-    """The teacher's encoder as an in-memory runtime Model (same settings export would write,
-    `cue`, `fit_temperature` and the smoothing's `smooth_colour_*` included: model/best's, so that
-    both are clustered and smoothed the same way)."""
+def teacher_model(teacher_path: Path, **clustering) -> Model:
+    """The teacher's encoder as an in-memory runtime Model (same settings export would write).
+    `clustering`: the artifact's optional clustering and smoothing keys (`cue`, `fit_temperature`,
+    `smooth_colour_sigma`, `smooth_colour_floor`; `runtime.artifact.clustering_settings` of
+    model/best's meta), so that both are clustered and smoothed the same way."""
     teacher, info = read_teacher(teacher_path)
     cfg = info["config"]
     encoder = teacher.encoder
@@ -281,9 +281,7 @@ def teacher_model(teacher_path: Path, cue: dict | None = None, fit_temperature: 
                       input_mean=INPUT_MEAN, input_std=INPUT_STD, input_scale=INPUT_SCALE,
                       supports_learned_refine=encoder.refine is not None,
                       receptive_field=encoder.receptive_field, git_commit="in-memory",
-                      params_hash="in-memory", created="in-memory", source="teacher", cue=cue,
-                      fit_temperature=fit_temperature, smooth_colour_sigma=smooth_colour_sigma,
-                      smooth_colour_floor=smooth_colour_floor)
+                      params_hash="in-memory", created="in-memory", source="teacher", **clustering)
     return Model(layers, arrays, meta)
 
 
