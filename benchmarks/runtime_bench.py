@@ -80,7 +80,10 @@ def write_artifact_for(enc, params, dst: Path) -> Path:
                       cluster_iters_default=m.cluster_iters, smooth_iters_default=m.smooth_iters,
                       input_mean=INPUT_MEAN, input_std=INPUT_STD, input_scale=INPUT_SCALE,
                       supports_learned_refine=enc.refine is not None,
-                      receptive_field=enc.receptive_field, git_commit="bench", params_hash="bench")
+                      receptive_field=enc.receptive_field, git_commit="bench", params_hash="bench",
+                      fit_temperature=params.export.fit_temperature,
+                      smooth_colour_sigma=params.export.smooth_colour_sigma,
+                      smooth_colour_floor=params.export.smooth_colour_floor)
     return write_artifact(dst, layers=layers, arrays=arrays, meta=meta, metrics={}, overwrite=True)
 
 

@@ -133,6 +133,11 @@ class Source:
             return np.stack([_checked(self.ds.GetRasterBand(b).GetMaskBand().ReadAsArray(col0, row0, width, height),
                                       what) for b in bands])
 
+    def all_valid(self, bands) -> bool:
+        """Whether GDAL reports every pixel of these bands valid (no nodata value, alpha or mask
+        band): their masks are then all 255 and need not be read."""
+        return all(self.ds.GetRasterBand(b).GetMaskFlags() == gdal.GMF_ALL_VALID for b in bands)
+
     def _shared_mask(self, bands) -> bool:
         return all(self.ds.GetRasterBand(b).GetMaskFlags() & gdal.GMF_PER_DATASET for b in bands)
 

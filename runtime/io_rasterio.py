@@ -49,6 +49,11 @@ class Source:
             raise RasterReadError(f"{self.path}: GDAL failed to read window rows {row0}..{row0 + height}, "
                                   f"cols {col0}..{col0 + width}: {error_text(e)}") from None
 
+    def all_valid(self, bands) -> bool:
+        """Whether GDAL reports every pixel of these bands valid (no nodata value, alpha or mask
+        band): their masks are then all 255 and need not be read."""
+        return all(self.ds.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands)
+
     def read_masks(self, bands, row0: int, col0: int, height: int, width: int) -> np.ndarray:
         try:
             return self.ds.read_masks(list(bands), window=Window(col0, row0, width, height))

@@ -16,6 +16,7 @@ module provides:
         y = d col + e row + f, pixel corners), georeferenced, nodata (band 1), has_alpha;
         read(bands, row0, col0, height, width) -> (n, h, w) in the raster's dtype;
         read_masks(...) -> (n, h, w) uint8, 0 = masked (nodata value, alpha or mask band);
+        all_valid(bands) -> bool: GDAL reports every pixel of those bands valid (masks need no read);
         read_decimated(bands, out_h, out_w, window=(col0, row0, w, h) | None) -> (values, masks), nearest;
         warped(transform, width, height, resampling, add_alpha=, src_nodata=, nodata=) -> Source:
             a GDAL warped VRT on another grid of the same CRS ("nearest", "bilinear", "average");

@@ -162,6 +162,7 @@ class SourceReader:
         self.ds, self.bands, self.src, self.limits = ds, list(bands), src, limits
         self.floating = has_float_bands(ds, self.bands)
         self.fill = model.nodata_fill
+        self.all_valid = ds.all_valid(self.bands)
 
     def read(self, row0: int, col0: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         data = self._values(row0, col0, height, width)
@@ -193,6 +194,8 @@ class SourceReader:
         return self.ds.read(self.bands, row0, col0, height, width)
 
     def _masked(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
+        if self.all_valid:
+            return np.zeros((height, width), dtype=bool)
         return (self.ds.read_masks(self.bands, row0, col0, height, width) == 0).any(axis=0)
 
 

@@ -125,6 +125,28 @@ def test_nodata_georeferencing_and_format_are_kept(tmp_path, src, rgb, model):
         assert json.loads(o.tags()["landseg_cluster_pixels"]) == res.cluster_pixels.tolist()
 
 
+def test_masks_are_read_only_where_gdal_reports_nodata(tmp_path, rgb, model, monkeypatch):
+    from runtime import io_rasterio
+
+    plain = write_raster(tmp_path / "plain.tif", rgb)
+    with_nodata = write_raster(tmp_path / "nodata.tif", rgb, nodata=0)
+    with io_rasterio.open_source(plain) as a, io_rasterio.open_source(with_nodata) as b:
+        assert a.all_valid([1, 2, 3]) and not b.all_valid([1, 2, 3])
+    read_masks = io_rasterio.Source.read_masks
+    calls = []
+    monkeypatch.setattr(io_rasterio.Source, "read_masks", lambda self, *a: calls.append(a) or read_masks(self, *a))
+    with monkeypatch.context() as m:
+        m.setattr(io_rasterio.Source, "all_valid", lambda self, bands: False)
+        segment_raster(plain, tmp_path / "read.tif", K, model, tile=64)
+    assert calls
+    calls.clear()
+    segment_raster(plain, tmp_path / "skipped.tif", K, model, tile=64)
+    assert calls == []  # an all-valid raster's masks are all 255: not read
+    np.testing.assert_array_equal(_read(tmp_path / "skipped.tif")[0], _read(tmp_path / "read.tif")[0])
+    segment_raster(with_nodata, tmp_path / "masked.tif", K, model, tile=64)
+    assert calls  # a nodata value makes masks that are read
+
+
 def test_artifact_and_given_centres(tmp_path, src, model):
     res = segment_raster(src, tmp_path / "a.tif", K, model, centres="artifact")
     np.testing.assert_array_equal(res.centres, model.artifact_centres(K))
