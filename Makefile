@@ -63,6 +63,7 @@ plugin: setup
 bench: setup
 	python benchmarks/build_shards_bench.py
 	python benchmarks/runtime_bench.py
+	python benchmarks/runtime_bench.py --profile
 	python benchmarks/region_bench.py
 	python benchmarks/train_bench.py
 	python benchmarks/train_dist_bench.py

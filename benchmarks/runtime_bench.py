@@ -4,6 +4,7 @@ and of a whole raster against the network alone.
     python benchmarks/runtime_bench.py                  # everything (`make bench`)
     python benchmarks/runtime_bench.py --skip-rss       # network throughput only
     python benchmarks/runtime_bench.py --size 512 --repeats 1 --skip-rss --skip-other-kernel  # a smoke run
+    python benchmarks/runtime_bench.py --profile        # where an 8192^2 raster's time goes, step by step
 
 Measures, in one process, for the student and the teacher architectures of params.yaml (random
 weights, random batch-norm statistics so that the numpy side runs folded weights):
@@ -133,6 +134,45 @@ def segment_child(src: str, dst: str, model_dir: str, k: int, threads: int) -> N
                       "network_seconds": round(network_seconds, 2)}))
 
 
+# Where a whole raster's time goes: (step, the functions whose cumulative time it is). The
+# network's time on the tiles is embed_cells' minus the sample windows' (inside the fit's time).
+PROFILE_STEPS = (
+    ("fit the centres (sample windows embedded, balanced micro-clusters, k-means)", ("runtime/sampling.py", "fit_raster_centres")),
+    ("  of which reading and embedding the sample windows", ("runtime/sampling.py", "sample_raster_cells")),
+    ("embed the tiles (with their halo)", ("runtime/model.py", "embed_cells")),
+    ("soft assignment", ("runtime/cluster.py", "soft_assign_columns")),
+    ("cells' mean colours", ("runtime/model.py", "cell_colours")),
+    ("smoothing", ("runtime/model.py", "smooth_probs_guided"), ("runtime/model.py", "smooth_probs")),
+    ("labels (upsample, argmax)", ("runtime/model.py", "labels_from_cell_proba")),
+    ("read (tiles and sample windows)", ("runtime/source.py", "read")),
+    ("write", ("runtime/io_rasterio.py", "write"), ("runtime/io_gdal.py", "write")),
+)
+
+
+def profile_child(src: str, dst: str, model_dir: str, k: int, threads: int) -> None:
+    """segment_raster once under cProfile: seconds per step of PROFILE_STEPS; prints JSON."""
+    import cProfile
+    import pstats
+
+    from runtime import load_model, segment_raster
+
+    model = load_model(model_dir, threads=threads)
+    profiler = cProfile.Profile()
+    t = time.perf_counter()
+    profiler.runcall(segment_raster, src, dst, k, model, overwrite=True)
+    total = time.perf_counter() - t
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, ..., tottime, cumtime, callers)
+    cumulative = {}
+    for (file, _, name), row in stats.items():
+        for step, *functions in PROFILE_STEPS:
+            if any(file.endswith(f) and name == n for f, n in functions):
+                cumulative[step] = cumulative.get(step, 0.0) + row[3]
+    samples = cumulative.get(PROFILE_STEPS[1][0], 0.0)
+    cumulative[PROFILE_STEPS[2][0]] = cumulative.get(PROFILE_STEPS[2][0], 0.0) - samples
+    print(json.dumps({"total_s": round(total, 2),
+                      **{step: round(cumulative.get(step, 0.0), 2) for step, *_ in PROFILE_STEPS}}))
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that across execve,
     so a subprocess would report its parent's size at fork time."""
@@ -146,9 +186,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024.0 if sys.platform != "darwin" else 1024.0 ** 2)
 
 
-def measure_segment(size: int, model_dir: Path, workdir: Path, k: int, threads: int) -> dict:
+def measure_segment(size: int, model_dir: Path, workdir: Path, k: int, threads: int, profile: bool = False) -> dict:
     src = synthetic_raster(workdir / f"bench_{size}.tif", size)
-    res = subprocess.run([sys.executable, __file__, "--segment-child", str(src), str(workdir / f"out_{size}.tif"),
+    child = "--profile-child" if profile else "--segment-child"
+    res = subprocess.run([sys.executable, __file__, child, str(src), str(workdir / f"out_{size}.tif"),
                           str(model_dir), str(k), str(threads)], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"segment_raster subprocess failed on {size}^2:\n{res.stderr}")
@@ -273,12 +314,17 @@ def main() -> None:
     ap.add_argument("--skip-rss", action="store_true", help="no whole-raster runs")
     ap.add_argument("--skip-other-kernel", action="store_true", help="no run under the other OpenBLAS setting")
     ap.add_argument("--network-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true",
+                    help="only: where a whole raster's time goes (segment_raster on --profile-size^2 under cProfile)")
+    ap.add_argument("--profile-size", type=int, default=8192)
     ap.add_argument("--segment-child", nargs=5, metavar=("SRC", "DST", "MODEL", "K", "THREADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--profile-child", nargs=5, metavar=("SRC", "DST", "MODEL", "K", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.segment_child:
-        src, dst, model_dir, k, threads = args.segment_child
-        segment_child(src, dst, model_dir, int(k), int(threads))
-        return
+    for child, run in ((args.segment_child, segment_child), (args.profile_child, profile_child)):
+        if child:
+            src, dst, model_dir, k, threads = child
+            run(src, dst, model_dir, int(k), int(threads))
+            return
 
     import torch
 
@@ -291,6 +337,15 @@ def main() -> None:
               "openblas_env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}}
     with tempfile.TemporaryDirectory(prefix="runtime_bench_") as tmp:
         tmp = Path(tmp)
+        if args.profile:
+            enc, params = build_encoder("student")
+            model_dir = write_artifact_for(enc, params, tmp / "model_student")
+            steps = measure_segment(args.profile_size, model_dir, tmp, min(6, params.model.max_k), threads,
+                                    profile=True)
+            for step, seconds in steps.items():
+                print(f"{seconds:8.2f} s  {step}")
+            print(json.dumps({"profile_size": args.profile_size, "threads": threads, **steps}))
+            return
         student, model_dir, params = network_figures("student", args.size, threads, args.repeats, tmp)
         teacher, _, _ = network_figures("teacher", args.size, threads, args.repeats, tmp)
         result.update(student)  # the student is what the plugin and the CLI run
