@@ -135,7 +135,8 @@ def segment_child(src: str, dst: str, model_dir: str, k: int, threads: int) -> N
 
 
 # Where a whole raster's time goes: (step, the functions whose cumulative time it is). The
-# network's time on the tiles is embed_cells' minus the sample windows' (inside the fit's time).
+# tiles' embedding is embed_cells' time less what it spent called from sample_raster_cells
+# (the sample windows, inside the fit's time).
 PROFILE_STEPS = (
     ("fit the centres (sample windows embedded, balanced micro-clusters, k-means)", ("runtime/sampling.py", "fit_raster_centres")),
     ("  of which reading and embedding the sample windows", ("runtime/sampling.py", "sample_raster_cells")),
@@ -167,8 +168,10 @@ def profile_child(src: str, dst: str, model_dir: str, k: int, threads: int) -> N
         for step, *functions in PROFILE_STEPS:
             if any(file.endswith(f) and name == n for f, n in functions):
                 cumulative[step] = cumulative.get(step, 0.0) + row[3]
-    samples = cumulative.get(PROFILE_STEPS[1][0], 0.0)
-    cumulative[PROFILE_STEPS[2][0]] = cumulative.get(PROFILE_STEPS[2][0], 0.0) - samples
+        if file.endswith("runtime/model.py") and name == "embed_cells":
+            for (caller_file, _, caller), timing in row[4].items():
+                if caller_file.endswith("runtime/sampling.py") and caller == "sample_raster_cells":
+                    cumulative[PROFILE_STEPS[2][0]] -= timing[3]
     print(json.dumps({"total_s": round(total, 2),
                       **{step: round(cumulative.get(step, 0.0), 2) for step, *_ in PROFILE_STEPS}}))
 
@@ -344,7 +347,8 @@ def main() -> None:
                                     profile=True)
             for step, seconds in steps.items():
                 print(f"{seconds:8.2f} s  {step}")
-            print(json.dumps({"profile_size": args.profile_size, "threads": threads, **steps}))
+            print(json.dumps({**{k: v for k, v in result.items() if k != "size"}, "profile_size": args.profile_size,
+                              **steps}))
             return
         student, model_dir, params = network_figures("student", args.size, threads, args.repeats, tmp)
         teacher, _, _ = network_figures("teacher", args.size, threads, args.repeats, tmp)
