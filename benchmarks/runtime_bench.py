@@ -5,6 +5,7 @@ and of a whole raster against the network alone.
     python benchmarks/runtime_bench.py --skip-rss       # network throughput only
     python benchmarks/runtime_bench.py --size 512 --repeats 1 --skip-rss --skip-other-kernel  # a smoke run
     python benchmarks/runtime_bench.py --profile        # where an 8192^2 raster's time goes, step by step
+    python benchmarks/runtime_bench.py --layers         # each conv, numpy against onnxruntime's profile
 
 Measures, in one process, for the student and the teacher architectures of params.yaml (random
 weights, random batch-norm statistics so that the numpy side runs folded weights):
@@ -299,6 +300,95 @@ def network_figures(arch: str, size: int, threads: int, repeats: int, workdir: P
     }, model_dir, params
 
 
+def ort_conv_times(session_path: Path, threads: int, rgb: np.ndarray, repeats: int, workdir: Path) -> tuple[list, float]:
+    """onnxruntime's own profile of `repeats` runs: (best ms of each Conv node in execution order,
+    best ms of all other nodes together)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(workdir / "ort_profile")
+    session = ort.InferenceSession(str(session_path), options, providers=["CPUExecutionProvider"])
+    for _ in range(repeats):
+        session.run(None, {"rgb": rgb[None]})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    convs, others = {}, {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            into = convs if e["args"].get("op_name") == "Conv" else others
+            into.setdefault(e["name"], []).append(e["dur"] / 1e3)
+    return [min(v) for v in convs.values()], sum(min(v) for v in others.values())
+
+
+def layer_figures(arch: str, size: int, threads: int, repeats: int, workdir: Path) -> dict:
+    """Each conv of one architecture timed on the numpy side (Network._conv, best of repeats) and
+    in onnxruntime's own profile, with the FLOP rate of both; plus the single-threaded sgemm rate
+    of the shifted convs' operand shape, which bounds what the numpy side can reach."""
+    from runtime import network
+    from runtime._blas import blas_threads
+    from runtime.artifact import load_artifact
+    from runtime.model import Model
+
+    enc, params = build_encoder(arch)
+    art = load_artifact(write_artifact_for(enc, params, workdir / f"model_{arch}"))
+    model = Model(art.layers, art.arrays, art.meta, threads=threads)
+    ort_session(enc, workdir / f"{arch}.onnx", threads, size)
+    rgb = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    conv_ms: dict[str, list] = {}
+    shapes: dict[str, tuple] = {}
+    timed = network.Network._conv
+
+    def timing_conv(self, name, x, fresh_last, skip=None, act=None):
+        t = time.perf_counter()
+        y = timed(self, name, x, fresh_last, skip, act)
+        conv_ms.setdefault(name, []).append((time.perf_counter() - t) * 1e3)
+        shapes[name] = (y.h, y.w)
+        return y
+
+    totals = []
+    network.Network._conv = timing_conv
+    try:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model.embed(rgb)
+            totals.append((time.perf_counter() - t) * 1e3)
+    finally:
+        network.Network._conv = timed
+    ort_convs, ort_rest = ort_conv_times(workdir / f"{arch}.onnx", threads, rgb, repeats, workdir)
+    net = model.network
+    if len(ort_convs) != len(conv_ms):
+        raise SystemExit(f"{arch}: onnxruntime ran {len(ort_convs)} Conv nodes, numpy {len(conv_ms)} convs")
+    rows = []
+    for (name, ms), ort_ms in zip(conv_ms.items(), ort_convs):
+        cw = net.convs[name]
+        gflop = shapes[name][0] * shapes[name][1] * cw.flops_per_output / 1e9
+        rows.append({"conv": name, "kernel": cw.kernel, "stride": cw.stride, "in": cw.cin, "out": cw.cout,
+                     "form": "shifted" if name in net._shifted else ("pointwise" if cw.kernel == 1 else "row taps"),
+                     "gflop": round(gflop, 3), "numpy_ms": round(min(ms), 2), "ort_ms": round(ort_ms, 2),
+                     "numpy_gflop_s": round(gflop / min(ms) * 1e3, 1), "ort_gflop_s": round(gflop / ort_ms * 1e3, 1)})
+    numpy_total = min(totals)
+    # the shifted convs' sgemm: a band of pixels (C_in wide) by one tap's (C_in, C_out) matrix
+    width = max(cw.cin for cw in net.convs.values())
+    a = np.random.default_rng(1).random((16384, width), dtype=np.float32)
+    b = np.random.default_rng(2).random((width, width), dtype=np.float32)
+    out = np.empty((16384, width), np.float32)
+    with blas_threads().single_threaded():
+        best = min(_seconds(lambda: np.matmul(a, b, out=out)) for _ in range(repeats))
+    return {"layers": rows, "numpy_total_ms": round(numpy_total, 1),
+            "numpy_outside_convs_ms": round(numpy_total - sum(r["numpy_ms"] for r in rows), 1),
+            "ort_convs_ms": round(sum(ort_convs), 1), "ort_other_nodes_ms": round(ort_rest, 1),
+            f"sgemm_16384x{width}x{width}_gflop_s_per_thread": round(2 * 16384 * width * width / best / 1e9, 1)}
+
+
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def other_kernel_env() -> tuple[dict, str]:
     env = dict(os.environ)
     if env.get("OPENBLAS_CORETYPE"):
@@ -320,6 +410,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="only: where a whole raster's time goes (segment_raster on --profile-size^2 under cProfile)")
     ap.add_argument("--profile-size", type=int, default=8192)
+    ap.add_argument("--layers", action="store_true",
+                    help="only: each conv's time and FLOP rate, numpy against onnxruntime's own profile")
     ap.add_argument("--segment-child", nargs=5, metavar=("SRC", "DST", "MODEL", "K", "THREADS"), help=argparse.SUPPRESS)
     ap.add_argument("--profile-child", nargs=5, metavar=("SRC", "DST", "MODEL", "K", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -349,6 +441,20 @@ def main() -> None:
                 print(f"{seconds:8.2f} s  {step}")
             print(json.dumps({**{k: v for k, v in result.items() if k != "size"}, "profile_size": args.profile_size,
                               **steps}))
+            return
+        if args.layers:
+            for arch in ("student", "teacher"):
+                figures = layer_figures(arch, args.size, threads, args.repeats, tmp)
+                print(f"{arch}, {args.size}^2 on {threads} threads ({result['blas_kernel']}): "
+                      "conv, form, numpy ms (GFLOP/s), onnxruntime ms (GFLOP/s)")
+                for r in figures["layers"]:
+                    print(f"  {r['conv']:16s} {r['kernel']}x{r['kernel']} s{r['stride']} {r['in']:3d}->{r['out']:<3d} "
+                          f"{r['form']:9s} {r['numpy_ms']:7.1f} ({r['numpy_gflop_s']:5.1f})  "
+                          f"{r['ort_ms']:7.1f} ({r['ort_gflop_s']:5.1f})")
+                print(f"  outside the convs: numpy {figures['numpy_outside_convs_ms']} ms, onnxruntime "
+                      f"{figures['ort_other_nodes_ms']} ms; whole pass numpy {figures['numpy_total_ms']} ms")
+                result[arch] = figures
+            print(json.dumps(result))
             return
         student, model_dir, params = network_figures("student", args.size, threads, args.repeats, tmp)
         teacher, _, _ = network_figures("teacher", args.size, threads, args.repeats, tmp)
