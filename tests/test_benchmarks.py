@@ -16,6 +16,7 @@ from conftest import REPO
     ("train_bench.py", ["--steps", "2", "--repeats", "1"]),
     ("train_dist_bench.py", ["--steps", "2", "--repeats", "1"]),
     ("runtime_bench.py", ["--size", "256", "--repeats", "1", "--skip-rss", "--skip-other-kernel"]),
+    ("runtime_bench.py", ["--layers", "--size", "256", "--repeats", "1"]),
     ("region_bench.py", ["--rasters", "2", "--size", "256", "--workers", "1", "2"]),
 ])
 def test_benchmark_runs_at_toy_size(script, args):  # from the repository root, as `make bench` does
