@@ -2,6 +2,7 @@
 # `make test`:  the same environment + the test suite.
 # `make lint`:  ruff over the whole tree (CI runs it before the tests).
 # `make dubai`:  the real-imagery run of docs/evaluation.md on ../shared/datasets/dubai, as a DVC experiment.
+# `make general`: a model trained on every set's images outside its val split (the plugin's model).
 # `make plugin`: the QGIS plugin zip, dist/landseg-qgis-<version>.zip.
 VENV ?= .venv
 PYTHON ?= python3
@@ -11,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 DUBAI ?= ../shared/datasets/dubai
 GID5 ?= ../shared/datasets/gid5
 
-.PHONY: setup repro test lint bench dubai gid5 plugin clean-venv
+.PHONY: setup repro test lint bench dubai gid5 general plugin clean-venv
 
 setup: $(VENV)/.installed
 
@@ -52,6 +53,19 @@ gid5: setup
 		-S shards.tile_size=224 -S shards.train_fraction=0.4 \
 		-S +ingest.class_names.1=built-up -S +ingest.class_names.2=farmland -S +ingest.class_names.3=forest \
 		-S +ingest.class_names.4=meadow -S +ingest.class_names.5=water \
+		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8 \
+		-S export.cue_size=15
+
+# A general model (docs/evaluation.md, "A general model"): the same configuration trained without labels on
+# the images of both real sets outside their val splits plus the synthetic scenes outside theirs.
+# `make general plugin` bundles it with the plugin.
+general: setup
+	@test -d $(DUBAI)/images -a -d $(GID5)/images || \
+		{ echo "error: $(DUBAI)/images or $(GID5)/images not found (make general DUBAI=... GID5=...)" >&2; exit 2; }
+	python benchmarks/general_images.py --out data/general/images --overwrite --synthetic \
+		--set dubai $(DUBAI) 't(\d+)_' 0.4 --set gid5 $(GID5) '' 0.4
+	dvc exp run -n general -S ingest.provider=local -S ingest.dataset=general \
+		-S ingest.local.path=data/general/images -S shards.tile_size=224 \
 		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8 \
 		-S export.cue_size=15
 

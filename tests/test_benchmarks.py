@@ -56,3 +56,33 @@ def test_shared_centres_check_runs_on_ingested_rasters(tiny_dataset, tmp_path):
     for name in ("per_raster/global", "per_raster/per_raster", "shared/global", "shared/per_raster"):
         assert 0.0 <= result[name] <= 1.0
     assert result["rasters"] >= 2 and len(result["cells"]) == result["rasters"]
+
+
+def test_general_images_leaves_out_each_sets_val(tmp_path):
+    """general_images.py links every image of a set except those build_shards would put in val
+    (labelled, by their group's hash), unlabelled ones included; a bad set writes nothing."""
+    from conftest import blocky_labels, random_rgb, write_raster
+
+    from stages.build_shards import group_key, labelled_split
+
+    root = tmp_path / "set"
+    names = [f"a{g}_{i}" for g in range(6) for i in range(2)]
+    for n, name in enumerate(names):
+        write_raster(root / "images" / f"{name}.tif", random_rgb(8, 8, seed=n))
+        if name != "a0_1":  # one image without a label: always train
+            write_raster(root / "labels" / f"{name}.tif", blocky_labels(8, 8, 2, seed=n)[None])
+    splits = {name: "train" if name == "a0_1" else labelled_split(group_key(name, r"a(\d+)_"), 0.25, 0.3)
+              for name in names}
+    assert "val" in splits.values() and set(splits.values()) - {"val"}
+    script = [sys.executable, str(REPO / "benchmarks" / "general_images.py")]
+    out = tmp_path / "general" / "images"
+    proc = subprocess.run([*script, "--out", str(out), "--set", "s", str(root), r"a(\d+)_", "0.3"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"s_{n}.tif" for n, s in splits.items() if s != "val")
+    assert all((out / f"s_{n}.tif").resolve() == (root / "images" / f"{n}.tif").resolve()
+               for n, s in splits.items() if s != "val")
+    bad = subprocess.run([*script, "--out", str(tmp_path / "none"), "--set", "s", str(tmp_path / "missing"), "", "0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "missing/images is not a folder" in bad.stderr
+    assert not (tmp_path / "none").exists()
