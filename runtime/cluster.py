@@ -133,7 +133,7 @@ def _cosine_logits(emb: np.ndarray, centres: np.ndarray, temperature: float, col
 
 
 def fit_centres(emb: np.ndarray, k: int, temperature: float, iters: int, seed: int = 0,
-                lloyd_iters: int = LLOYD_ITERS, restarts: int = DEFAULT_RESTARTS) -> np.ndarray:
+                lloyd_iters: int = LLOYD_ITERS, restarts: int = DEFAULT_RESTARTS, map_starts=None) -> np.ndarray:
     """Centres of unit rows `emb` (N, D): hard spherical k-means (k-means++ init, Lloyd until no
     assignment changes, at most `lloyd_iters`) from `restarts` seeded starts (seed, seed + 1, ...),
     keeping the one with the highest total cosine to its centres (as scikit-learn's n_init keeps the
@@ -142,14 +142,23 @@ def fit_centres(emb: np.ndarray, k: int, temperature: float, iters: int, seed: i
     centres together). The hard phase is temperature-free, so it separates clusters even when
     embeddings are tightly packed; the soft phase then refines them. The soft result is kept
     only if it did not collapse the clustering (see `_collapsed`); otherwise the hard k-means
-    centres are returned."""
+    centres are returned.
+
+    `map_starts(fn, items)`, when given, runs fn on every item (a thread pool's map, such as
+    `Network.map`): the starts are independent and each is seeded by its index, so running them in
+    parallel gives the same centres; numpy releases the GIL in their products and argmax."""
     x = _normalise_rows(_check_samples(emb, k, "fit_centres"))
     if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 1:
         raise InputError(f"fit_centres: restarts must be an integer >= 1, got {restarts!r}")
-    hard, best = None, -np.inf
-    for r in range(int(restarts)):
+    starts: list = [None] * int(restarts)
+
+    def start(r: int) -> None:
         c = _spherical_lloyd(x, k, np.random.default_rng(seed + r), lloyd_iters)
-        score = float(matmul(x, c.T).max(axis=1).sum(dtype=np.float64))
+        starts[r] = (float(matmul(x, c.T).max(axis=1).sum(dtype=np.float64)), c)
+
+    (map_starts or serial_map)(start, range(len(starts)))
+    hard, best = None, -np.inf
+    for score, c in starts:
         if score > best:  # strict: ties keep the earlier start
             hard, best = c, score
     c = hard
@@ -163,6 +172,13 @@ def fit_centres(emb: np.ndarray, k: int, temperature: float, iters: int, seed: i
     if iters and _collapsed(x, c, hard):
         return hard.astype(np.float32)
     return c.astype(np.float32)
+
+
+def serial_map(fn, items) -> None:
+    """fn(item) for every item, one after another: the default of the `map_*` arguments, which
+    otherwise take a thread pool's map."""
+    for item in items:
+        fn(item)
 
 
 def balanced_rows(emb: np.ndarray, micro: int, seed: int = 0, lloyd_iters: int = LLOYD_ITERS) -> np.ndarray:

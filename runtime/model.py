@@ -177,7 +177,10 @@ class Model:
         it = self.cluster_iters_default if iters is None else iters
         if isinstance(it, bool) or not isinstance(it, (int, np.integer)) or it < 0:
             raise InputError(f"iters must be an integer >= 0, got {it!r}")
-        return cluster.fit_centres(x, k, self.fit_temperature, int(it), seed, restarts=restarts)
+        # the seeded starts run on the band threads, each with single-threaded BLAS
+        with self.network.single_threaded_blas():
+            return cluster.fit_centres(x, k, self.fit_temperature, int(it), seed, restarts=restarts,
+                                       map_starts=self.network.map)
 
     def check_centres(self, k: int, centres) -> np.ndarray:
         """`centres` as a float32 (k, cluster_dim) array; InputError if the shape or values are wrong."""
@@ -339,12 +342,7 @@ def _valid_counts(n: int) -> np.ndarray:
 _SMOOTH_BAND_BYTES = 512 << 10  # rows (then columns) smoothed at a time: a band and its buffers stay in cache
 
 
-def _serial_map(fn, items) -> None:
-    for item in items:
-        fn(item)
-
-
-def smooth_probs(probs: np.ndarray, iters: int, map_bands=_serial_map) -> np.ndarray:
+def smooth_probs(probs: np.ndarray, iters: int, map_bands=cluster.serial_map) -> np.ndarray:
     """(k, h, w): `iters` times a 3x3 mean over valid neighbours (renormalised over k).
 
     The 3x3 mean is a 1-D mean along the width then the height, and its count of valid neighbours
@@ -412,7 +410,7 @@ def cell_colours(rgb: np.ndarray, stride: int = 4) -> np.ndarray:
 
 
 def smooth_probs_guided(probs: np.ndarray, iters: int, colours: np.ndarray, sigma: float,
-                        map_bands=_serial_map, floor: float = 0.0) -> np.ndarray:
+                        map_bands=cluster.serial_map, floor: float = 0.0) -> np.ndarray:
     """(k, h, w): `iters` passes of colour-guided smoothing, each a 3-tap weighted mean along the
     width then one along the height. A neighbour cell weighs
     floor + (1 - floor) exp(-|c_i - c_j|^2 / (2 sigma^2)) against the cell's own 1, with c the
@@ -510,7 +508,7 @@ _SURE_MARGIN = np.float32(1e-5)
 
 
 def labels_from_cell_proba(probs: np.ndarray, height: int, width: int,
-                           band_cells: int = _LABEL_BAND_CELLS, map_bands=_serial_map) -> np.ndarray:
+                           band_cells: int = _LABEL_BAND_CELLS, map_bands=cluster.serial_map) -> np.ndarray:
     """argmax over k of upsample4(probs) as uint8 (height, width), the same values as the full
     upsample, in a fraction of its time and memory.
 

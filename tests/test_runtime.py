@@ -144,6 +144,13 @@ def test_fit_centres_keeps_the_best_of_its_restarts():
     scores = [objective(c) for c in singles]
     assert len({round(v, 3) for v in scores}) > 1          # the starts really differ
     np.testing.assert_array_equal(best, singles[int(np.argmax(scores))])
+    # the starts run on a thread pool's map give the same centres, in the same order of preference
+    from runtime.network import BandPool
+
+    pool = BandPool(2)
+    for iters in (0, 3):
+        np.testing.assert_array_equal(cluster.fit_centres(x, 5, 0.1, iters, seed=10, restarts=4, map_starts=pool.map),
+                                      cluster.fit_centres(x, 5, 0.1, iters, seed=10, restarts=4))
     with pytest.raises(InputError, match="restarts"):
         cluster.fit_centres(x, 5, 0.1, 0, restarts=0)
 
