@@ -36,9 +36,8 @@ _DUPLICATE_COS = 1.0 - 1e-6
 _CHUNK = 65536  # rows per distance block (bounds memory to CHUNK * k)
 LLOYD_ITERS = 30  # cap of hard spherical k-means iterations before the soft updates
 # Cap of the micro-clusters' Lloyd iterations in `balanced_rows`: they only weigh the rows, and
-# with 64 of them Lloyd rarely converges within 30. Capped at 10 the fit takes 0.8x the time and
-# per-image mIoU stays level (Dubai metrics_train 0.4892 -> 0.4896, val over seeds 0-2 0.4664 ->
-# 0.4635 against a spread of 0.016 between seeds; GID-5 0.5067 -> 0.5076; docs/experiments.md).
+# with 64 of them Lloyd rarely converges within 30. Capped at 10 the fit takes 0.8x the time with
+# per-image mIoU level on Dubai and GID-5 (docs/experiments.md, "Runtime: fewer Lloyd iterations").
 MICRO_LLOYD_ITERS = 10
 # Seeded k-means++ starts of the hard phase; the best objective wins. One start alone can land in a
 # poor local optimum (on Dubai the baselines' mIoU swings by several points between starts).
