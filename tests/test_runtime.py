@@ -127,6 +127,37 @@ def test_thread_count_does_not_change_results_and_band_size_only_rounding():
         np.testing.assert_allclose(got, whole, rtol=0, atol=1e-6)
 
 
+def test_band_pool_runs_every_item_once_on_several_threads_and_raises_a_bands_error():
+    import threading
+    import time
+
+    from runtime.network import BandPool
+
+    pool = BandPool(2)
+    seen, threads = [], set()
+
+    def record(i: int) -> None:
+        time.sleep(0.002)  # long enough that the helper thread gets items too
+        seen.append(i)
+        threads.add(threading.get_ident())
+
+    pool.map(record, range(40))
+    assert sorted(seen) == list(range(40)) and len(threads) == 2
+    pool.map(record, [])
+    done = []
+
+    def fail_at_7(i: int) -> None:
+        if i == 7:
+            raise ValueError("band 7")
+        done.append(i)
+
+    with pytest.raises(ValueError, match="band 7"):
+        pool.map(fail_at_7, range(1000))
+    assert len(done) < 999  # the threads stopped taking items
+    pool.map(record, range(3))  # the pool still works after an error
+    assert sorted(seen[-3:]) == [0, 1, 2]
+
+
 def test_fit_centres_keeps_the_best_of_its_restarts():
     # unit vectors in 8 overlapping groups of unequal size: single k-means++ starts at k=5 land in
     # different local optima; `restarts` must return the best start's centres (by total cosine)
