@@ -15,6 +15,10 @@ global mIoU) and with label-free candidates computed on the same images' embeddi
     shift_agree   share of cells whose k-means label stays when the image gets evaluate's colour
                   shift (`colour_shift_for`, strength 1), labelled with the same centres
     shift_x_ent   shift_agree * usage_entropy
+    features_miou global mIoU of the embedding's clusters against the clusters of k-means on
+                  evaluate's hand-crafted features (Lab colour + texture, k = number of classes,
+                  one legend for the split) taken as labels
+    rgb_miou      the same against k-means on RGB
 
 and prints one JSON line per stop, then each candidate's Spearman correlation with the mIoU and
 the mIoU at the step it would pick.
@@ -46,13 +50,22 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features  # noqa: E402
 from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
 from stages.evaluate import apply_colour_shift, colour_shift_for  # noqa: E402
 from stages.params import parse_params  # noqa: E402
 from stages.train import train_teacher  # noqa: E402
-from stages.training import embed_images, global_scores, load_labelled_split, sample_embeddings, selection_centres  # noqa: E402
+from stages.training import (  # noqa: E402
+    LabelledSet,
+    embed_images,
+    global_scores,
+    load_labelled_split,
+    sample_embeddings,
+    selection_centres,
+)
 
-CANDIDATES = ("compact", "nb_cos", "coherence", "agree", "usage_entropy", "agree_x_ent", "shift_agree", "shift_x_ent")
+CANDIDATES = ("compact", "nb_cos", "coherence", "agree", "usage_entropy", "agree_x_ent", "shift_agree", "shift_x_ent",
+              "features_miou", "rgb_miou")
 
 
 def label_free_root(shards: Path, dst: Path) -> Path:
@@ -64,6 +77,18 @@ def label_free_root(shards: Path, dst: Path) -> Path:
     (dst / "summary.json").write_text(json.dumps(summary))
     shutil.copytree(shards / "train", dst / "train")  # a copy: the dataset reader refuses links out of its root
     return dst
+
+
+def baseline_labels(images: list[np.ndarray], features, k: int, seed: int, samples: int = 100_000) -> list[np.ndarray]:
+    """One legend of k-means on `features` for all `images`, as uint8 (H, W) labels 1..k (0 is
+    the scorer's ignore value), fitted on `samples` pixels drawn evenly from the images."""
+    rng = np.random.default_rng(seed)
+    baseline = KMeansBaseline(features, iters=50, restarts=3)
+    feats = [baseline.features(rgb) for rgb in images]
+    per_image = -(-samples // len(images))
+    rows = np.concatenate([f[rng.choice(len(f), min(per_image, len(f)), replace=False)] for f in feats])
+    centres = baseline.fit(rows, k, seed)
+    return [baseline.labels(f, rgb, centres) + 1 for f, rgb in zip(feats, images)]
 
 
 @torch.no_grad()
@@ -99,6 +124,8 @@ def main() -> int:
     ap.add_argument("--shards", type=Path, required=True, help="data/shards/<dataset> with labelled metrics_train")
     ap.add_argument("--label-free", action="store_true",
                     help="train as on a dataset without labels (held-out loss selection), score with labels")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="write every stop's metrics_train embeddings (stop-NNNNN.npy) and rows.jsonl here")
     ap.add_argument("-S", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
     args = ap.parse_args()
 
@@ -113,6 +140,12 @@ def main() -> int:
         raise SystemExit(f"{args.shards}: no labelled metrics_train tiles to compare against")
     shifted_images = [apply_colour_shift(rgb, *colour_shift_for(str(i), 1.0, p.train.seed))
                       for i, rgb in enumerate(labelled.images)]
+    pseudo = {name: LabelledSet(labelled.images, baseline_labels(labelled.images, features, labelled.num_classes,
+                                                                 p.train.seed),
+                                labelled.num_classes, f"{name} clusters")
+              for name, features in (("features_miou", handcrafted_features), ("rgb_miou", rgb_features))}
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
     rows = []
     tmp = Path(tempfile.mkdtemp())
     candidates = CANDIDATES + (("heldout_neg_loss",) if args.label_free else ())
@@ -125,18 +158,28 @@ def main() -> int:
             model = build_teacher(teacher_config(p.model))
             model.load_state_dict(torch.load(tmp / "ckpt" / "last.pt", weights_only=False)["model"])
             model.eval()
+            row_pseudo = {}
             with torch.no_grad():
                 embs = embed_images(model.encoder, labelled.images, torch.device("cpu"))
                 shifted = embed_images(model.encoder, shifted_images, torch.device("cpu"))
                 miou = global_scores(embs, labelled, model.head.temperature, model.smooth_iters,
                                      seed=p.train.seed)["miou"]
+                for name, pseudo_set in pseudo.items():
+                    row_pseudo[name] = global_scores(embs, pseudo_set, model.head.temperature, model.smooth_iters,
+                                                     seed=p.train.seed)["miou"]
             row = {"step": step, "miou": round(miou, 4),
-                   **{k: round(v, 4) for k, v in label_free_scores(embs, shifted, labelled.num_classes).items()}}
+                   **{k: round(v, 4) for k, v in label_free_scores(embs, shifted, labelled.num_classes).items()},
+                   **{k: round(v, 4) for k, v in row_pseudo.items()}}
+            if args.save:
+                np.save(args.save / f"stop-{step:05d}.npy", np.stack([e.numpy() for e in embs]).astype(np.float16))
             if args.label_free:  # the stage's own score at this stop, from its DVCLive log
                 log = (tmp / "results/plots/metrics/val/neg_loss.tsv").read_text().splitlines()
                 row["heldout_neg_loss"] = round(float(log[-1].split("\t")[1]), 4)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.save:
+                with open(args.save / "rows.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
     finally:
         shutil.rmtree(tmp)
     mious = [r["miou"] for r in rows]
