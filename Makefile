@@ -11,6 +11,10 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 DUBAI ?= ../shared/datasets/dubai
 GID5 ?= ../shared/datasets/gid5
+# The one training configuration for real imagery, the same for every set (chosen on Dubai and GID-5
+# together: docs/experiments.md, "One configuration for real imagery"); the synthetic default keeps params.yaml.
+REAL_CONFIG = -S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=16 \
+	-S student.embed_dim=16 -S export.cue_size=15
 
 .PHONY: setup repro test lint bench dubai gid5 general plugin clean-venv
 
@@ -31,8 +35,8 @@ test: setup
 lint: setup
 	ruff check .
 
-# Real imagery (docs/evaluation.md, "Real imagery: Dubai"): the Dubai ingest and split settings plus the selected
-# configuration. Results land in the workspace; `dvc exp show` / `dvc metrics show` list them.
+# Real imagery (docs/evaluation.md, "Real imagery: Dubai"): the Dubai ingest and split settings plus
+# REAL_CONFIG. Results land in the workspace; `dvc exp show` / `dvc metrics show` list them.
 dubai: setup
 	@test -d $(DUBAI)/images -a -d $(DUBAI)/labels || \
 		{ echo "error: $(DUBAI)/images and $(DUBAI)/labels not found (make dubai DUBAI=/path/to/dubai)" >&2; exit 2; }
@@ -41,10 +45,9 @@ dubai: setup
 		-S "shards.group_regex='t(\d+)_'" -S shards.train_fraction=0.4 \
 		-S +ingest.class_names.1=building -S +ingest.class_names.2=land -S +ingest.class_names.3=road \
 		-S +ingest.class_names.4=vegetation -S +ingest.class_names.5=water \
-		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8 \
-		-S export.cue_size=15
+		$(REAL_CONFIG)
 
-# GID-5 (docs/evaluation.md, "Real imagery: GID-5"): the same configuration on satellite crops of 224 px.
+# GID-5 (docs/evaluation.md, "Real imagery: GID-5"): REAL_CONFIG on satellite crops of 224 px.
 gid5: setup
 	@test -d $(GID5)/images -a -d $(GID5)/labels || \
 		{ echo "error: $(GID5)/images and $(GID5)/labels not found (make gid5 GID5=/path/to/gid5)" >&2; exit 2; }
@@ -53,10 +56,9 @@ gid5: setup
 		-S shards.tile_size=224 -S shards.train_fraction=0.4 \
 		-S +ingest.class_names.1=built-up -S +ingest.class_names.2=farmland -S +ingest.class_names.3=forest \
 		-S +ingest.class_names.4=meadow -S +ingest.class_names.5=water \
-		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8 \
-		-S export.cue_size=15
+		$(REAL_CONFIG)
 
-# A general model (docs/evaluation.md, "A general model"): the same configuration trained without labels on
+# A general model (docs/evaluation.md, "A general model"): REAL_CONFIG trained without labels on
 # the images of both real sets outside their val splits plus the synthetic scenes outside theirs.
 # `make general plugin` bundles it with the plugin.
 general: setup
@@ -66,8 +68,7 @@ general: setup
 		--set dubai $(DUBAI) 't(\d+)_' 0.4 --set gid5 $(GID5) '' 0.4
 	dvc exp run -n general -S ingest.provider=local -S ingest.dataset=general \
 		-S ingest.local.path=data/general/images -S shards.tile_size=224 \
-		-S train.steps=600 -S train.lr=0.001 -S train.val_every=50 -S model.embed_dim=8 -S student.embed_dim=8 \
-		-S export.cue_size=15
+		$(REAL_CONFIG)
 
 # The QGIS plugin zip (dist/landseg-qgis-<version>.zip) with model/best bundled: run `make repro`
 # (or `dvc pull`) first. Install it from QGIS's "Install from ZIP".
