@@ -146,6 +146,7 @@ def main() -> int:
               for name, features in (("features_miou", handcrafted_features), ("rgb_miou", rgb_features))}
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
+        (args.save / "rows.jsonl").write_text("")  # this run's stops only
     rows = []
     tmp = Path(tempfile.mkdtemp())
     candidates = CANDIDATES + (("heldout_neg_loss",) if args.label_free else ())
