@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))
 
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features  # noqa: E402
 from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
-from stages.evaluate import apply_colour_shift, colour_shift_for  # noqa: E402
+from stages.evaluate import ScoredImages, apply_colour_shift, colour_shift_for, score_method  # noqa: E402
 from stages.params import parse_params  # noqa: E402
 from stages.train import train_teacher  # noqa: E402
 from stages.training import (  # noqa: E402
@@ -80,15 +80,13 @@ def label_free_root(shards: Path, dst: Path) -> Path:
 
 
 def baseline_labels(images: list[np.ndarray], features, k: int, seed: int, samples: int = 100_000) -> list[np.ndarray]:
-    """One legend of k-means on `features` for all `images`, as uint8 (H, W) labels 1..k (0 is
-    the scorer's ignore value), fitted on `samples` pixels drawn evenly from the images."""
-    rng = np.random.default_rng(seed)
-    baseline = KMeansBaseline(features, iters=50, restarts=3)
-    feats = [baseline.features(rgb) for rgb in images]
-    per_image = -(-samples // len(images))
-    rows = np.concatenate([f[rng.choice(len(f), min(per_image, len(f)), replace=False)] for f in feats])
-    centres = baseline.fit(rows, k, seed)
-    return [baseline.labels(f, rgb, centres) + 1 for f, rgb in zip(feats, images)]
+    """The global-protocol maps of k-means on `features` over `images` as evaluate makes them
+    (`score_method`: one legend fitted on `samples` pixels), as uint8 (H, W) labels 1..k (0 is
+    the scorer's ignore value)."""
+    unlabelled = ScoredImages([str(i) for i in range(len(images))], images, [], [""] * len(images))
+    run = score_method(KMeansBaseline(features, iters=50, restarts=3), unlabelled, k, 0, seed, 0, samples,
+                       features.__name__)
+    return [pred + 1 for pred in run.preds]
 
 
 @torch.no_grad()
@@ -159,26 +157,22 @@ def main() -> int:
             model = build_teacher(teacher_config(p.model))
             model.load_state_dict(torch.load(tmp / "ckpt" / "last.pt", weights_only=False)["model"])
             model.eval()
-            row_pseudo = {}
             with torch.no_grad():
                 embs = embed_images(model.encoder, labelled.images, torch.device("cpu"))
                 shifted = embed_images(model.encoder, shifted_images, torch.device("cpu"))
-                miou = global_scores(embs, labelled, model.head.temperature, model.smooth_iters,
-                                     seed=p.train.seed)["miou"]
-                for name, pseudo_set in pseudo.items():
-                    row_pseudo[name] = global_scores(embs, pseudo_set, model.head.temperature, model.smooth_iters,
-                                                     seed=p.train.seed)["miou"]
-            row = {"step": step, "miou": round(miou, 4),
+                scores = {name: global_scores(embs, scored, model.head.temperature, model.smooth_iters,
+                                              seed=p.train.seed)["miou"]
+                          for name, scored in (("miou", labelled), *pseudo.items())}
+            row = {"step": step, "miou": round(scores.pop("miou"), 4),
                    **{k: round(v, 4) for k, v in label_free_scores(embs, shifted, labelled.num_classes).items()},
-                   **{k: round(v, 4) for k, v in row_pseudo.items()}}
-            if args.save:
-                np.save(args.save / f"stop-{step:05d}.npy", np.stack([e.numpy() for e in embs]).astype(np.float16))
+                   **{k: round(v, 4) for k, v in scores.items()}}
             if args.label_free:  # the stage's own score at this stop, from its DVCLive log
                 log = (tmp / "results/plots/metrics/val/neg_loss.tsv").read_text().splitlines()
                 row["heldout_neg_loss"] = round(float(log[-1].split("\t")[1]), 4)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.save:
+                np.save(args.save / f"stop-{step:05d}.npy", np.stack([e.numpy() for e in embs]).astype(np.float16))
                 with open(args.save / "rows.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
     finally:
