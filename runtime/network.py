@@ -40,7 +40,6 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ._blas import blas_threads, direct_sgemm, matmul
-from .cluster import serial_map
 from .errors import ArtifactError, InputError
 
 ACTIVATIONS = ("relu", "none")
@@ -293,7 +292,11 @@ def conv2d_shifted_into(xbuf: np.ndarray, cw: ConvWeights, ybuf: np.ndarray, sge
 
 def _each(fn, items, pool: BandPool | None) -> None:
     """fn(item) for every item: on the pool's threads, or one after another without a pool."""
-    (serial_map if pool is None else pool.map)(fn, items)
+    if pool is None:
+        for item in items:
+            fn(item)
+    else:
+        pool.map(fn, items)
 
 
 def _elementwise_rows(width: int, channels: int) -> int:
@@ -380,7 +383,7 @@ class BandPool:
         items = list(items)
         helpers = min(self.threads, len(items)) - 1
         if helpers <= 0:
-            serial_map(fn, items)
+            _each(fn, items, None)
             return
         queue = iter(items)
 
