@@ -25,9 +25,10 @@ the mIoU at the step it would pick.
 
 With `--label-free` the teacher trains exactly as it would on a dataset without labelled tiles:
 it sees a copy of the dataset root whose `metrics_train` split is hidden, so it holds out a tenth
-of the train tiles and validates by minus the loss on a fixed batch of them (`heldout_neg_loss`,
-the stage's own selection score, also listed as a candidate), while the mIoU is still computed
-on the real labelled split. That shows what a run without labels would keep.
+of the train tiles and validates by minus the mean loss on fixed batches of them
+(`heldout_neg_loss`, the stage's own selection score, also listed as a candidate; `heldout_1batch`
+is the same score on the first of those batches alone), while the mIoU is still computed on the
+real labelled split. That shows what a run without labels would keep.
 
     python benchmarks/labelfree_selection.py --params params.yaml --shards data/shards/dubai \
         -S model.embed_dim=8 -S train.steps=600 -S train.lr=0.001 -S train.val_every=50
@@ -36,6 +37,7 @@ on the real labelled split. That shows what a run without labels would keep.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import shutil
@@ -52,9 +54,10 @@ sys.path.insert(0, str(REPO))
 
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features  # noqa: E402
 from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
+from stages.distributed import ONE_PROCESS  # noqa: E402
 from stages.evaluate import ScoredImages, apply_colour_shift, colour_shift_for, score_method  # noqa: E402
 from stages.params import parse_params  # noqa: E402
-from stages.train import train_teacher  # noqa: E402
+from stages.train import heldout_score, train_teacher  # noqa: E402
 from stages.training import (  # noqa: E402
     LabelledSet,
     embed_images,
@@ -62,6 +65,7 @@ from stages.training import (  # noqa: E402
     load_labelled_split,
     sample_embeddings,
     selection_centres,
+    selection_sets,
 )
 
 CANDIDATES = ("compact", "nb_cos", "coherence", "agree", "usage_entropy", "agree_x_ent", "shift_agree", "shift_x_ent",
@@ -147,9 +151,14 @@ def main() -> int:
         (args.save / "rows.jsonl").write_text("")  # this run's stops only
     rows = []
     tmp = Path(tempfile.mkdtemp())
-    candidates = CANDIDATES + (("heldout_neg_loss",) if args.label_free else ())
+    candidates = CANDIDATES + (("heldout_neg_loss", "heldout_1batch") if args.label_free else ())
     try:
         train_root = label_free_root(args.shards, tmp / "labelfree") if args.label_free else args.shards
+        if args.label_free:  # the stage's held-out batches, and its first batch alone
+            _, _, heldout = selection_sets(train_root, p.train.val_max_tiles, p.train.patch_size,
+                                           p.train.batch_size, p.train.seed + 1, ONE_PROCESS)
+            first = copy.copy(heldout)
+            first.batches = heldout.batches[:1]
         for step in range(p.train.val_every, p.train.steps + 1, p.train.val_every):
             train_teacher(train_root, tmp / "teacher", tmp / "ckpt", tmp / "results", p.aug, p.model, p.loss,
                           dataclasses.replace(p.train, checkpoint_every=p.train.val_every), stop_after=step,
@@ -169,6 +178,7 @@ def main() -> int:
             if args.label_free:  # the stage's own score at this stop, from its DVCLive log
                 log = (tmp / "results/plots/metrics/val/neg_loss.tsv").read_text().splitlines()
                 row["heldout_neg_loss"] = round(float(log[-1].split("\t")[1]), 4)
+                row["heldout_1batch"] = round(heldout_score(model, first, p.aug, p.loss, torch.device("cpu"))[0], 4)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.save:

@@ -59,6 +59,7 @@ from stages.training import (
     USAGE_THRESHOLD,
     WEIGHT_DECAY,
     Execution,
+    HeldOutBatches,
     add_stage_arguments,
     cluster_usage,
     embed_images,
@@ -153,6 +154,22 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
                               progress and ranks.is_main)
 
 
+@torch.no_grad()
+def heldout_score(model: MonolithicSegmenter, heldout: HeldOutBatches, aug, loss_params,
+                  device: torch.device) -> tuple[float, torch.Tensor]:
+    """(minus the mean loss over the held-out batches, cluster shares over them): the selection
+    score of a run without labelled tiles. Fixed views and contrastive cells per batch index, and
+    the full contrastive weight, so stops along a run compare. `model` must be in eval mode."""
+    totals, probs = [], []
+    for i, batch in enumerate(heldout.batches):
+        views = make_views(batch, i, aug)
+        views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
+        terms = teacher_losses(model, views, loss_params, torch.Generator().manual_seed(i))
+        totals.append(float(terms["total"]))
+        probs.append(terms["_probs"])
+    return -sum(totals) / len(totals), cluster_usage(torch.cat(probs))
+
+
 def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, model_params, loss_params,
                    train_params, execution, device, ranks, stop_after, progress) -> dict:
     from stages.datasets import RandomWindowBatches, read_summary
@@ -186,11 +203,8 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
                 usage = cluster_usage(probs[:, :, 0, 0])
                 metric, score = f"{labelled.split}/miou", scores["miou"]
             else:
-                views = make_views(heldout.batch, 0, aug)
-                views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
-                terms = teacher_losses(model, views, loss_params, torch.Generator().manual_seed(0))
-                usage = cluster_usage(terms["_probs"])
-                metric, score = "heldout/neg_loss", -float(terms["total"])
+                score, usage = heldout_score(model, heldout, aug, loss_params, device)
+                metric = "heldout/neg_loss"
         model.train()
         clusters = int((usage >= USAGE_THRESHOLD).sum())
         return {"metric": metric, "score": score, "keep": {"clusters_ge_2pct": clusters},

@@ -178,11 +178,15 @@ def _train_student(dataset_root, teacher_path, out_dir, checkpoint_dir, results_
                                        seed=distill.seed)
                 metric, score, share = f"{labelled.split}/miou", scores["miou"], scores["min_cluster_share"]
             else:
-                x, guide = prepare_batch(heldout.batch, distill.seed + 1, 0)
-                terms = distill_losses(distiller, teacher, x.to(device), guide.to(device), distill,
-                                       loss_params.edge_sigma, torch.Generator().manual_seed(distill.seed))
-                metric, score = "heldout/neg_loss", -float(terms["raw"])
-                share = float(cluster_usage(terms["_probs"]).min())
+                raws, probs = [], []
+                for i, batch in enumerate(heldout.batches):  # fixed transforms and draws per batch index
+                    x, guide = prepare_batch(batch, distill.seed + 1, i)
+                    terms = distill_losses(distiller, teacher, x.to(device), guide.to(device), distill,
+                                           loss_params.edge_sigma, torch.Generator().manual_seed(distill.seed + i))
+                    raws.append(float(terms["raw"]))
+                    probs.append(terms["_probs"])
+                metric, score = "heldout/neg_loss", -sum(raws) / len(raws)
+                share = float(cluster_usage(torch.cat(probs)).min())
         distiller.train()
         return {"metric": metric, "score": score,
                 "logs": {f"val/{metric.split('/', 1)[1]}": score, "val/min_cluster_share": share}}

@@ -33,6 +33,7 @@ from stages.params import Params, ParamsError, load_params
 # synthetic default (docs/experiments.md, "Knobs: removed and kept")
 WEIGHT_DECAY = 1e-4
 USAGE_THRESHOLD = 0.02  # a cluster "holds" pixels when it has at least 2 % of them
+HELDOUT_BATCHES = 16  # batches in the held-out selection set of a run without labelled tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,11 +176,11 @@ def training_sources(dataset_root: Path) -> list[Path]:
 
 
 def selection_sets(dataset_root: Path, max_tiles: int, patch_size: int, batch_size: int, seed: int,
-                   ranks: Ranks) -> tuple[list[Path], LabelledSet | None, HeldOutBatch | None]:
-    """(training sources, labelled selection tiles, held-out batch) of a training stage.
+                   ranks: Ranks) -> tuple[list[Path], LabelledSet | None, HeldOutBatches | None]:
+    """(training sources, labelled selection tiles, held-out batches) of a training stage.
 
     Model selection scores the labelled `metrics_train` tiles (loaded on rank 0, which alone
-    validates); without any, a fixed batch of `patch_size` windows from the last tenth of the
+    validates); without any, fixed batches of `patch_size` windows from the last tenth of the
     train tiles (seed `seed`), which then leave the training sources on every rank.
     """
     sources = training_sources(dataset_root)
@@ -190,7 +191,7 @@ def selection_sets(dataset_root: Path, max_tiles: int, patch_size: int, batch_si
         raise TrainingError(f"{dataset_root}: no labelled metrics_train tiles and fewer than 2 train "
                             "tiles: nothing to hold out for model selection")
     n_held = max(1, len(sources) // 10)
-    heldout = HeldOutBatch(sources[-n_held:], patch_size, batch_size, seed) if ranks.is_main else None
+    heldout = HeldOutBatches(sources[-n_held:], patch_size, batch_size, seed) if ranks.is_main else None
     return sources[:-n_held], None, heldout
 
 
@@ -397,14 +398,19 @@ def open_live(results_dir: Path, resume_step: int):
     return live
 
 
-class HeldOutBatch:
-    """Fallback model-selection set when no labelled tiles exist: a fixed batch, fixed views."""
+class HeldOutBatches:
+    """Fallback model-selection set when no labelled tiles exist: `count` fixed batches of
+    `batch_size` windows of `patch_size` pixels from the held-out tiles (seed `seed`), scored
+    with fixed views. The score is the mean over the batches: with one batch of 8 windows the
+    held-out loss moved more between neighbouring stops than along the whole run
+    (docs/experiments.md, "A larger held-out set")."""
 
-    def __init__(self, sources: list[Path], patch_size: int, batch_size: int, seed: int):
+    def __init__(self, sources: list[Path], patch_size: int, batch_size: int, seed: int,
+                 count: int = HELDOUT_BATCHES):
         from stages.datasets import RandomWindowBatches
 
-        self.batch, _ = RandomWindowBatches(sources, [patch_size], batch_size, seed,
-                                            "cycle", True).batch(0)
+        windows = RandomWindowBatches(sources, [patch_size], batch_size, seed, "cycle", True)
+        self.batches = [windows.batch(i)[0] for i in range(count)]
 
 
 @dataclasses.dataclass

@@ -228,6 +228,31 @@ def test_without_labelled_tiles_the_contrastive_term_fades_by_default(tmp_path, 
         assert best["metric"] == ("heldout/neg_loss" if name == "unlabelled" else "metrics_train/miou")
 
 
+def test_heldout_score_is_the_mean_loss_over_fixed_batches(tiny_shards):
+    """Without labelled tiles a run selects by minus the mean loss over HELDOUT_BATCHES fixed
+    batches of held-out windows, each with its own fixed views: the same set twice, distinct batches."""
+    from stages.augment import make_views
+    from stages.checkpoints import build_teacher, teacher_config
+    from stages.train import heldout_score, teacher_losses
+    from stages.training import HeldOutBatches, training_sources
+
+    aug, model_params, loss, train = tiny_training_params()
+    sources = training_sources(tiny_shards)
+    heldout = HeldOutBatches(sources, train.patch_size, train.batch_size, seed=1, count=3)
+    again = HeldOutBatches(sources, train.patch_size, train.batch_size, seed=1, count=3)
+    assert len(heldout.batches) == 3 and heldout.batches[0].shape == (2, 32, 32, 3)
+    assert all((a == b).all() for a, b in zip(heldout.batches, again.batches))
+    assert not (heldout.batches[0] == heldout.batches[1]).all()
+    torch.manual_seed(0)
+    model = build_teacher(teacher_config(model_params)).eval()
+    score, usage = heldout_score(model, heldout, aug, loss, torch.device("cpu"))
+    with torch.no_grad():
+        totals = [float(teacher_losses(model, make_views(b, i, aug), loss, torch.Generator().manual_seed(i))["total"])
+                  for i, b in enumerate(heldout.batches)]
+    assert score == pytest.approx(-sum(totals) / 3, abs=1e-6)
+    assert len(set(totals)) == 3 and usage.shape == (4,) and usage.sum() == pytest.approx(1.0)
+
+
 def test_contrastive_decay_drops_the_term_from_the_total(tmp_path, tiny_shards):
     """With loss.contrastive_decay_steps = 2 the logged total holds the contrastive term at full
     weight at step 0 and not at all from step 2 on (the other terms at their weights)."""
