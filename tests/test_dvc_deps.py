@@ -82,3 +82,17 @@ def test_stage_deps_are_exactly_its_imports(name):
     listed = {d for d in stage["deps"] if d.endswith(".py")}
     assert listed == imported, (f"{name}: missing from dvc.yaml {sorted(imported - listed)}, "
                                 f"listed but never imported {sorted(listed - imported)}")
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_lock_records_the_code_in_the_tree(name):
+    """dvc.lock holds the hash of every code dependency as it is in the tree, so the committed
+    models and metrics are what this code computes (and `dvc status` lists no stage as changed by
+    code). A code change is committed with the `dvc repro` that records it."""
+    import hashlib
+
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    assert name in lock, f"dvc.lock has no stage {name!r}: run `dvc repro`"
+    stale = [d["path"] for d in lock[name]["deps"] if d["path"].endswith(".py")
+             and hashlib.md5((REPO / d["path"]).read_bytes()).hexdigest() != d["md5"]]
+    assert not stale, f"{name}: dvc.lock records other versions of {stale}: run `dvc repro`"
