@@ -34,6 +34,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -156,7 +157,7 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
 
 @torch.no_grad()
 def heldout_score(model: MonolithicSegmenter, heldout: HeldOutBatches, aug, loss_params,
-                  device: torch.device) -> tuple[float, torch.Tensor]:
+                  device: torch.device) -> tuple[float, np.ndarray]:
     """(minus the mean loss over the held-out batches, cluster shares over them): the selection
     score of a run without labelled tiles. Fixed views and contrastive cells per batch index, and
     the full contrastive weight, so stops along a run compare. `model` must be in eval mode."""
