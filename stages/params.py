@@ -238,6 +238,11 @@ class LossParams:
         "keep pulling cells apart; 0 = constant weight; -1 = 0 when labelled metrics_train tiles select "
         "the step and 300 when the held-out loss does (it cannot see the features drift). Held-out "
         "validation scores the full weight.", lo=-1, hi=10_000_000)
+    pseudo_labels: float = knob(
+        0.3, "Weight of the pseudo-label term: the teacher's embedding predicts, for every cell, its "
+        "cluster among 16 k-means clusters of the hand-crafted colour and texture features fitted once "
+        "over the training windows (one legend across images, stages.pseudo_labels); 0 = off.",
+        lo=0.0, hi=100.0)
 
 
 @dataclass

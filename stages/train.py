@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from stages import losses
@@ -55,6 +56,7 @@ from stages.distributed import (
     wrap_ddp,
 )
 from stages.model import MonolithicSegmenter
+from stages.pseudo_labels import PseudoLabelHead, PseudoLabels
 from stages.training import (
     DEFAULT_EXECUTION,
     USAGE_THRESHOLD,
@@ -98,14 +100,15 @@ def contrastive_weight_at(step: int, weight: float, decay_steps: int) -> float:
 
 
 def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: torch.Generator,
-                   contrastive_weight: float | None = None,
-                   ranks: Ranks = ONE_PROCESS) -> dict[str, torch.Tensor]:
+                   contrastive_weight: float | None = None, ranks: Ranks = ONE_PROCESS,
+                   pseudo: tuple[PseudoLabelHead, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """All teacher loss terms for a list of two views; both views share one set of centres.
 
     `generator` draws the cells of the dense contrastive term. `contrastive_weight` replaces
     `loss.contrastive` in the total (the scheduled weight, `contrastive_weight_at`). With several
     `ranks` the views are this rank's slice of the global batch and every term is the global
-    batch's value.
+    batch's value. `pseudo`: the pseudo-label head and the batch's targets (B, h, w) on the source
+    grid (`PseudoLabels.targets`), for the `pseudo_labels` term (weight `loss.pseudo_labels`).
     """
     b = views[0].input.shape[0]
     out = model(torch.cat([v.input for v in views]))  # one forward: the views share batch statistics
@@ -123,6 +126,9 @@ def teacher_losses(model: MonolithicSegmenter, views, loss_params, generator: to
                                                 loss_params.contrastive_temperature, ranks),
         "consistency": losses.consistency(aligned[0], aligned[1]),
     }
+    if pseudo is not None:
+        head, targets = pseudo
+        terms["pseudo_labels"] = sum(F.cross_entropy(head(e), targets) for e in emb_aligned) / len(emb_aligned)
     # over the whole two-view batch
     terms["entropy"] = losses.pixel_entropy(probs)
     terms["marginal_entropy"] = losses.marginal_entropy(probs, ranks)
@@ -157,15 +163,18 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
 
 @torch.no_grad()
 def heldout_score(model: MonolithicSegmenter, heldout: HeldOutBatches, aug, loss_params,
-                  device: torch.device) -> tuple[float, np.ndarray]:
+                  device: torch.device, pseudo: tuple[PseudoLabelHead, list[torch.Tensor]] | None = None
+                  ) -> tuple[float, np.ndarray]:
     """(minus the mean loss over the held-out batches, cluster shares over them): the selection
     score of a run without labelled tiles. Fixed views and contrastive cells per batch index, and
-    the full contrastive weight, so stops along a run compare. `model` must be in eval mode."""
+    the full contrastive weight, so stops along a run compare. `model` must be in eval mode.
+    `pseudo`: the pseudo-label head and each held-out batch's targets."""
     totals, probs = [], []
     for i, batch in enumerate(heldout.batches):
         views = make_views(batch, i, aug)
         views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
-        terms = teacher_losses(model, views, loss_params, torch.Generator().manual_seed(i))
+        terms = teacher_losses(model, views, loss_params, torch.Generator().manual_seed(i),
+                               pseudo=None if pseudo is None else (pseudo[0], pseudo[1][i].to(device)))
         totals.append(float(terms["total"]))
         probs.append(terms["_probs"])
     return -sum(totals) / len(totals), cluster_usage(torch.cat(probs))
@@ -188,10 +197,21 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
 
     config = teacher_config(model_params)
     model = build_teacher(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=train_params.lr, weight_decay=WEIGHT_DECAY)
+    trained = list(model.parameters())
+    pseudo_labels, head, heldout_targets = None, None, None
+    if loss_params.pseudo_labels > 0:
+        # seed + 1 draws the held-out batches; the clusters' windows have their own seed
+        pseudo_labels = PseudoLabels.from_sources(sources, train_params.patch_size, train_params.batch_size,
+                                                  train_params.seed + 2)
+        head = PseudoLabelHead(model_params.embed_dim, pseudo_labels.k, model_params.seed).to(device)
+        trained += list(head.parameters())
+        if heldout is not None:
+            heldout_targets = [pseudo_labels.targets(b) for b in heldout.batches]
+    opt = torch.optim.AdamW(trained, lr=train_params.lr, weight_decay=WEIGHT_DECAY)
     fingerprint = run_fingerprint(aug, model_params, loss_params, train_params,
                                   data_hash=summary.get("params_hash", ""))
     trained_model = wrap_ddp(model, ranks, device)
+    trained_head = None if head is None else wrap_ddp(head, ranks, device)
 
     def validate() -> dict:
         model.eval()
@@ -204,7 +224,8 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
                 usage = cluster_usage(probs[:, :, 0, 0])
                 metric, score = f"{labelled.split}/miou", scores["miou"]
             else:
-                score, usage = heldout_score(model, heldout, aug, loss_params, device)
+                score, usage = heldout_score(model, heldout, aug, loss_params, device,
+                                             None if head is None else (head, heldout_targets))
                 metric = "heldout/neg_loss"
         model.train()
         clusters = int((usage >= USAGE_THRESHOLD).sum())
@@ -212,12 +233,19 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
                 "logs": {f"val/{metric.split('/', 1)[1]}": score, "val/clusters_ge_2pct": clusters,
                          "val/min_cluster_share": float(usage.min())}}
 
-    def train_step(step: int, views, lr: float):
+    def make_batch(step: int):
+        """This rank's rows of the step's views and, with pseudo-labels, of their targets."""
+        batch = batches.batch(step)[0]
+        views = [v.rows(rows) for v in make_views(batch, step, aug)]
+        return views, None if pseudo_labels is None else pseudo_labels.targets(batch)[rows]
+
+    def train_step(step: int, data, lr: float):
+        views, targets = data
         views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
         terms = teacher_losses(trained_model, views, loss_params,
                                torch.Generator().manual_seed(train_params.seed * 1_000_003 + step),
                                contrastive_weight_at(step, loss_params.contrastive, decay_steps),
-                               ranks)
+                               ranks, None if targets is None else (trained_head, targets.to(device)))
         usage = usage_over_ranks(cluster_usage(terms["_probs"].detach()), ranks)
         metrics = {f"train/{name}": float(value.detach()) for name, value in terms.items() if not name.startswith("_")}
         metrics["train/lr"] = lr
@@ -226,10 +254,11 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
 
     fitted = fit(stage="train", what="teacher training", steps=train_params.steps, base_lr=train_params.lr,
                  val_every=train_params.val_every, checkpoint_every=train_params.checkpoint_every,
-                 model=model, opt=opt, extra_state={}, fingerprint=fingerprint,
+                 model=model, opt=opt, extra_state={} if head is None else {"pseudo_label_head": head},
+                 fingerprint=fingerprint,
                  checkpoint_path=checkpoint_dir / "last.pt", results_dir=results_dir,
                  # every rank draws the global batch and its augmentations, and keeps its rows
-                 make_batch=lambda i: [v.rows(rows) for v in make_views(batches.batch(i)[0], i, aug)],
+                 make_batch=make_batch,
                  train_step=train_step, validate=validate,
                  kept_weights=lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                  ranks=ranks, prefetch=execution.prefetch, progress=progress,

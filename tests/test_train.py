@@ -219,7 +219,7 @@ def test_without_labelled_tiles_the_contrastive_term_fades_by_default(tmp_path, 
     (unlabelled / "summary.json").write_text(json.dumps(summary))
     aug, model, loss, train = tiny_training_params(steps=3, val_every=3)
     assert loss.contrastive_decay_steps == -1  # the default
-    others = ("consistency", "entropy", "marginal_entropy", "smoothness")
+    others = ("consistency", "entropy", "marginal_entropy", "smoothness", "pseudo_labels")
     for name, root, weight_at_2 in (("unlabelled", unlabelled, 0.0), ("labelled", tiny_shards, loss.contrastive)):
         best = train_tiny_teacher(tmp_path / name, root, (aug, model, loss, train))
         logs = logged_terms(tmp_path / name / "results")
@@ -262,7 +262,7 @@ def test_contrastive_decay_drops_the_term_from_the_total(tmp_path, tiny_shards):
     loss = dc.replace(loss, contrastive_decay_steps=2)
     train_tiny_teacher(tmp_path, tiny_shards, (aug, model, loss, train))
     logs = logged_terms(tmp_path / "results")
-    others = ("consistency", "entropy", "marginal_entropy", "smoothness")
+    others = ("consistency", "entropy", "marginal_entropy", "smoothness", "pseudo_labels")
 
     def total_at(step: int, contrastive_weight: float) -> float:
         return (contrastive_weight * logs["contrastive"][step]
