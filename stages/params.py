@@ -241,7 +241,8 @@ class LossParams:
     pseudo_labels: float = knob(
         0.3, "Weight of the pseudo-label term: the teacher's embedding predicts, for every cell, its "
         "cluster among 16 k-means clusters of the hand-crafted colour and texture features fitted once "
-        "over the training windows (one legend across images, stages.pseudo_labels); 0 = off.",
+        "over the training windows (one legend across images, stages.pseudo_labels); 0 = off, as the "
+        "configuration for real imagery sets it (a gain on the synthetic scenes only).",
         lo=0.0, hi=100.0)
 
 

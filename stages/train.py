@@ -4,12 +4,13 @@ Objective (stages.losses, weights in params.yaml `loss`): two augmented views of
 (stages.augment) go through the network in one batch and share one set of soft k-means centres;
 their assignment maps are mapped back to the source pixel grid and must agree (consistency), be
 confident (pixel entropy), use every cluster (marginal entropy) and change mostly across image edges
-(edge-aware TV).
+(edge-aware TV); their embeddings must predict each cell's cluster in one colour-texture legend of
+the whole training set (pseudo-labels, stages.pseudo_labels).
 
 Model selection: every `train.val_every` steps the encoder is scored by Hungarian-matched mIoU on
 the labelled `metrics_train` split under the global protocol (one set of k-means centres for the
 whole split, k = number of classes), and the best weights are kept. Without labelled tiles the score
-is minus the training loss on a fixed held-out batch from tiles excluded from training.
+is minus the training loss on fixed held-out batches from tiles excluded from training.
 
 Resumable: the full state (weights, optimiser, best weights, step) is written every
 `train.checkpoint_every` steps to model/checkpoints/teacher/last.pt (DVC-persisted). Data windows and

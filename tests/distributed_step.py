@@ -20,6 +20,7 @@ from stages.datasets import RandomWindowBatches, split_sources  # noqa: E402
 from stages.distributed import close_ranks, wrap_ddp  # noqa: E402
 from stages.model import student_from_params  # noqa: E402
 from stages.params import load_params  # noqa: E402
+from stages.pseudo_labels import PseudoLabelHead, PseudoLabels  # noqa: E402
 from stages.train import teacher_losses  # noqa: E402
 from stages.train_distill import Distiller, distill_losses, prepare_batch  # noqa: E402
 from stages.training import Execution  # noqa: E402
@@ -31,15 +32,22 @@ def main(params_path: str, shards: str, out: str) -> None:
     sources = split_sources(Path(shards) / p.ingest.dataset, "train")
     result = {}
 
-    # teacher
+    # teacher, with its pseudo-label head
     batches = RandomWindowBatches(sources, [p.train.patch_size], p.train.batch_size, p.train.seed)
-    views = [v.rows(ranks.slice(p.train.batch_size)) for v in make_views(batches.batch(0)[0], 0, p.aug)]
+    batch = batches.batch(0)[0]
+    rows = ranks.slice(p.train.batch_size)
+    views = [v.rows(rows) for v in make_views(batch, 0, p.aug)]
     raw = build_teacher(teacher_config(p.model))
     model = wrap_ddp(raw, ranks, device).train()
-    terms = teacher_losses(model, views, p.loss, torch.Generator().manual_seed(0), ranks=ranks)
+    labels = PseudoLabels.from_sources(sources, p.train.patch_size, p.train.batch_size, p.train.seed + 2)
+    raw_head = PseudoLabelHead(p.model.embed_dim, labels.k, p.model.seed)
+    head = wrap_ddp(raw_head, ranks, device)
+    terms = teacher_losses(model, views, p.loss, torch.Generator().manual_seed(0), ranks=ranks,
+                           pseudo=(head, labels.targets(batch)[rows]))
     terms["total"].backward()
     result["teacher_terms"] = {k: float(v.detach()) for k, v in terms.items() if not k.startswith("_")}
-    result["teacher_grads"] = {n: q.grad.clone() for n, q in raw.named_parameters()}
+    result["teacher_grads"] = {**{n: q.grad.clone() for n, q in raw.named_parameters()},
+                               **{f"pseudo_head.{n}": q.grad.clone() for n, q in raw_head.named_parameters()}}
     result["teacher_running_var"] = raw.encoder.stem[0].norm.running_var.clone()
 
     # student, distilled from the (untrained) teacher above in eval mode
