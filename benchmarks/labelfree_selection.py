@@ -57,7 +57,8 @@ from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
 from stages.distributed import ONE_PROCESS  # noqa: E402
 from stages.evaluate import ScoredImages, apply_colour_shift, colour_shift_for, score_method  # noqa: E402
 from stages.params import parse_params  # noqa: E402
-from stages.train import heldout_score, train_teacher  # noqa: E402
+from stages.pseudo_labels import PSEUDO_LABEL_CLUSTERS, PseudoLabelHead  # noqa: E402
+from stages.train import heldout_score, pseudo_label_legend, train_teacher  # noqa: E402
 from stages.training import (  # noqa: E402
     LabelledSet,
     embed_images,
@@ -155,16 +156,20 @@ def main() -> int:
     try:
         train_root = label_free_root(args.shards, tmp / "labelfree") if args.label_free else args.shards
         if args.label_free:  # the stage's held-out batches, and its first batch alone
-            _, _, heldout = selection_sets(train_root, p.train.val_max_tiles, p.train.patch_size,
-                                           p.train.batch_size, p.train.seed + 1, ONE_PROCESS)
+            train_sources, _, heldout = selection_sets(train_root, p.train.val_max_tiles, p.train.patch_size,
+                                                       p.train.batch_size, p.train.seed + 1, ONE_PROCESS)
             first = copy.copy(heldout)
             first.batches = heldout.batches[:1]
+            # the held-out loss holds the pseudo-label term too: the stage's legend, the stop's head
+            first_targets = ([pseudo_label_legend(train_sources, p.train).targets(first.batches[0])]
+                             if p.loss.pseudo_labels > 0 else None)
         for step in range(p.train.val_every, p.train.steps + 1, p.train.val_every):
             train_teacher(train_root, tmp / "teacher", tmp / "ckpt", tmp / "results", p.aug, p.model, p.loss,
                           dataclasses.replace(p.train, checkpoint_every=p.train.val_every), stop_after=step,
                           progress=False)
             model = build_teacher(teacher_config(p.model))
-            model.load_state_dict(torch.load(tmp / "ckpt" / "last.pt", weights_only=False)["model"])
+            checkpoint = torch.load(tmp / "ckpt" / "last.pt", weights_only=False)
+            model.load_state_dict(checkpoint["model"])
             model.eval()
             with torch.no_grad():
                 embs = embed_images(model.encoder, labelled.images, torch.device("cpu"))
@@ -178,7 +183,12 @@ def main() -> int:
             if args.label_free:  # the stage's own score at this stop, from its DVCLive log
                 log = (tmp / "results/plots/metrics/val/neg_loss.tsv").read_text().splitlines()
                 row["heldout_neg_loss"] = round(float(log[-1].split("\t")[1]), 4)
-                row["heldout_1batch"] = round(heldout_score(model, first, p.aug, p.loss, torch.device("cpu"))[0], 4)
+                head = None
+                if first_targets is not None:
+                    head = PseudoLabelHead(p.model.embed_dim, PSEUDO_LABEL_CLUSTERS)
+                    head.load_state_dict(checkpoint["pseudo_label_head"])
+                row["heldout_1batch"] = round(heldout_score(model, first, p.aug, p.loss, torch.device("cpu"),
+                                                            None if head is None else (head, first_targets))[0], 4)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.save:

@@ -162,6 +162,12 @@ def train_teacher(dataset_root: Path, out_dir: Path, checkpoint_dir: Path, resul
                               progress and ranks.is_main)
 
 
+def pseudo_label_legend(sources: list[Path], train_params) -> PseudoLabels:
+    """The teacher's pseudo-label legend, fitted on windows of the training `sources` drawn with
+    their own seed (`train.seed` + 1 draws the held-out batches)."""
+    return PseudoLabels.from_sources(sources, train_params.patch_size, train_params.batch_size, train_params.seed + 2)
+
+
 @torch.no_grad()
 def heldout_score(model: MonolithicSegmenter, heldout: HeldOutBatches, aug, loss_params,
                   device: torch.device, pseudo: tuple[PseudoLabelHead, list[torch.Tensor]] | None = None
@@ -201,9 +207,7 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
     trained = list(model.parameters())
     pseudo_labels, head, heldout_targets = None, None, None
     if loss_params.pseudo_labels > 0:
-        # seed + 1 draws the held-out batches; the clusters' windows have their own seed
-        pseudo_labels = PseudoLabels.from_sources(sources, train_params.patch_size, train_params.batch_size,
-                                                  train_params.seed + 2)
+        pseudo_labels = pseudo_label_legend(sources, train_params)
         head = PseudoLabelHead(model_params.embed_dim, pseudo_labels.k, model_params.seed).to(device)
         trained += list(head.parameters())
         if heldout is not None:

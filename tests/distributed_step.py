@@ -20,8 +20,8 @@ from stages.datasets import RandomWindowBatches, split_sources  # noqa: E402
 from stages.distributed import close_ranks, wrap_ddp  # noqa: E402
 from stages.model import student_from_params  # noqa: E402
 from stages.params import load_params  # noqa: E402
-from stages.pseudo_labels import PseudoLabelHead, PseudoLabels  # noqa: E402
-from stages.train import teacher_losses  # noqa: E402
+from stages.pseudo_labels import PseudoLabelHead  # noqa: E402
+from stages.train import pseudo_label_legend, teacher_losses  # noqa: E402
 from stages.train_distill import Distiller, distill_losses, prepare_batch  # noqa: E402
 from stages.training import Execution  # noqa: E402
 
@@ -39,7 +39,7 @@ def main(params_path: str, shards: str, out: str) -> None:
     views = [v.rows(rows) for v in make_views(batch, 0, p.aug)]
     raw = build_teacher(teacher_config(p.model))
     model = wrap_ddp(raw, ranks, device).train()
-    labels = PseudoLabels.from_sources(sources, p.train.patch_size, p.train.batch_size, p.train.seed + 2)
+    labels = pseudo_label_legend(sources, p.train)
     raw_head = PseudoLabelHead(p.model.embed_dim, labels.k, p.model.seed)
     head = wrap_ddp(raw_head, ranks, device)
     terms = teacher_losses(model, views, p.loss, torch.Generator().manual_seed(0), ranks=ranks,
