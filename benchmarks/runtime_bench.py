@@ -85,7 +85,8 @@ def write_artifact_for(enc, params, dst: Path) -> Path:
                       receptive_field=enc.receptive_field, git_commit="bench", params_hash="bench",
                       fit_temperature=params.export.fit_temperature,
                       smooth_colour_sigma=params.export.smooth_colour_sigma,
-                      smooth_colour_floor=params.export.smooth_colour_floor)
+                      smooth_colour_floor=params.export.smooth_colour_floor,
+                      label_colour_sigma=params.export.label_colour_sigma)
     return write_artifact(dst, layers=layers, arrays=arrays, meta=meta, metrics={}, overwrite=True)
 
 

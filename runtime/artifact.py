@@ -15,7 +15,9 @@ An artifact is a directory of three files:
                   temperature of the soft k-means updates when centres are fitted; absent or null =
                   "temperature"), "smooth_colour_sigma" and "smooth_colour_floor" (smoothing
                   guided by the image's colours, runtime.model.smooth_probs_guided; sigma absent,
-                  null or 0 = plain smoothing; floor absent or null = 0), "training_pixel_size_m", "input_rescale"; and any informational
+                  null or 0 = plain smoothing; floor absent or null = 0), "label_colour_sigma"
+                  (labels whose edges follow the image's, runtime.model.upsample4_guided; absent, null
+                  or 0 = plain bilinear labels), "training_pixel_size_m", "input_rescale"; and any informational
                   keys (e.g. "source": "student"), which are kept but not used
     metrics.json  a JSON object of the scores the exported model reached (informational)
 
@@ -152,12 +154,12 @@ def cluster_dim(meta: dict) -> int:
 
 
 def clustering_settings(meta: dict) -> dict:
-    """The optional meta keys that change how an artifact's cells are clustered and smoothed ("cue",
-    "fit_temperature", "smooth_colour_sigma", "smooth_colour_floor"), as `build_meta` keywords:
-    what another model needs to be clustered the same way (evaluate's teacher)."""
-    return {"cue": meta.get("cue"), "fit_temperature": meta.get("fit_temperature"),
-            "smooth_colour_sigma": meta.get("smooth_colour_sigma"),
-            "smooth_colour_floor": meta.get("smooth_colour_floor")}
+    """The optional meta keys that change how an artifact's cells are clustered, smoothed and
+    labelled ("cue", "fit_temperature", "smooth_colour_sigma", "smooth_colour_floor",
+    "label_colour_sigma"), as `build_meta` keywords: what another model needs to be clustered the
+    same way (evaluate's teacher)."""
+    return {key: meta.get(key) for key in ("cue", "fit_temperature", "smooth_colour_sigma",
+                                           "smooth_colour_floor", "label_colour_sigma")}
 
 
 def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> LayerSummary:
@@ -190,6 +192,10 @@ def validate(layers, arrays: dict, meta: dict, where: str = "artifact") -> Layer
     if sigma is not None and not (_is_num(sigma) and 0 <= sigma <= 10):
         raise ArtifactError(f"{meta_at}: 'smooth_colour_sigma' must be null or a number in [0, 10] "
                             f"(0 = plain smoothing), got {sigma!r}")
+    label_sigma = meta.get("label_colour_sigma")  # optional: colour-guided labels
+    if label_sigma is not None and not (_is_num(label_sigma) and 0 <= label_sigma <= 10):
+        raise ArtifactError(f"{meta_at}: 'label_colour_sigma' must be null or a number in [0, 10] "
+                            f"(0 = plain bilinear labels), got {label_sigma!r}")
     floor = meta.get("smooth_colour_floor")  # optional: the least weight of that smoothing
     if floor is not None and not (_is_num(floor) and 0 <= floor <= 1):
         raise ArtifactError(f"{meta_at}: 'smooth_colour_floor' must be null or a number in [0, 1], got {floor!r}")

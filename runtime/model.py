@@ -79,6 +79,9 @@ class Model:
     # the least weight a neighbour cell keeps however far its colour (0..1): texture inside one
     # cover still gets smoothed
     smooth_colour_floor = property(lambda self: self.meta.get("smooth_colour_floor") or 0.0)
+    # colour distance (RGB in 0..1) at which a cell's weight in a pixel's label falls to exp(-1/2):
+    # label edges follow the image's inside the 4 px cells; 0 (or absent) = plain bilinear labels
+    label_colour_sigma = property(lambda self: self.meta.get("label_colour_sigma") or 0.0)
     cluster_iters_default = property(lambda self: self.meta["cluster_iters_default"])
     # ground sample distance (metres) of the training imagery; None when unknown
     training_pixel_size_m = property(lambda self: self.meta.get("training_pixel_size_m"))
@@ -225,8 +228,20 @@ class Model:
         embed each image once, fit global centres on all of them, then label each (`image` as in
         `cell_proba`)."""
         c = self.check_centres(self.check_k(len(centres)), centres)
-        return labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters, image), height, width,
-                                      map_bands=self.network.map)
+        return self.labels_from_proba(self.cell_proba(cells, c, smooth_iters, image), height, width, image)
+
+    def labels_from_proba(self, probs: np.ndarray, height: int, width: int,
+                          image: np.ndarray | None = None) -> np.ndarray:
+        """uint8 (height, width) labels from (k, h, w) cell probabilities (`cell_proba`); `image`,
+        the uint8 (height, width, 3) pixels the cells cover, is needed by a model with a
+        `label_colour_sigma` (its labels follow the image's edges, `upsample4_guided`)."""
+        sigma = self.label_colour_sigma
+        if sigma and image is None:
+            raise InputError("this model draws its label edges along the image's colour edges "
+                             "(meta.json label_colour_sigma): labelling needs image=, the RGB array "
+                             "the cells were embedded from")
+        return labels_from_cell_proba(probs, height, width, map_bands=self.network.map,
+                                      image=image if sigma else None, colour_sigma=sigma)
 
     def _prepare(self, rgb, k, centres, seed, samples, iters, balance=PER_IMAGE_BALANCE):
         k = self.check_k(k)
@@ -265,7 +280,9 @@ class Model:
         grid (nearest), as `segment_raster` does for rasters (`working_image`)."""
         work, scale = self.working_image(rgb, pixel_size_m)
         cells, c = self._prepare(work, k, centres, seed, samples, iters, balance)
-        proba = upsample4(self.cell_proba(cells, c, smooth_iters, work), work.shape[0], work.shape[1])
+        probs = self.cell_proba(cells, c, smooth_iters, work)
+        proba = (upsample4_guided(probs, work, self.label_colour_sigma) if self.label_colour_sigma
+                 else upsample4(probs, work.shape[0], work.shape[1]))
         return proba if scale == 1.0 else to_source_grid(proba, scale, rgb.shape[0], rgb.shape[1])
 
     def predict_labels(self, rgb: np.ndarray, k: int, centres=None, smooth_iters: int | None = None,
@@ -275,8 +292,8 @@ class Model:
         pixel_size_m and balance as in `predict_proba`."""
         work, scale = self.working_image(rgb, pixel_size_m)
         cells, c = self._prepare(work, k, centres, seed, samples, iters, balance)
-        labels = labels_from_cell_proba(self.cell_proba(cells, c, smooth_iters, work), work.shape[0], work.shape[1],
-                                        map_bands=self.network.map)
+        labels = self.labels_from_proba(self.cell_proba(cells, c, smooth_iters, work), work.shape[0], work.shape[1],
+                                        work)
         return labels if scale == 1.0 else to_source_grid(labels, scale, rgb.shape[0], rgb.shape[1])
 
 
@@ -508,9 +525,12 @@ _SURE_MARGIN = np.float32(1e-5)
 
 
 def labels_from_cell_proba(probs: np.ndarray, height: int, width: int,
-                           band_cells: int = _LABEL_BAND_CELLS, map_bands=cluster.serial_map) -> np.ndarray:
+                           band_cells: int = _LABEL_BAND_CELLS, map_bands=cluster.serial_map,
+                           image: np.ndarray | None = None, colour_sigma: float = 0.0) -> np.ndarray:
     """argmax over k of upsample4(probs) as uint8 (height, width), the same values as the full
-    upsample, in a fraction of its time and memory.
+    upsample, in a fraction of its time and memory. With `colour_sigma` > 0 and `image`, the uint8
+    (height, width, 3) pixels the cells cover: argmax of `upsample4_guided(probs, image,
+    colour_sigma)` instead, so that a label edge follows the image's own edge inside its 4 px cell.
 
     A pixel's bilinear value mixes the 2 x 2 cells around it (pixels 4i+2 .. 4i+5 mix cell rows i
     and i+1). Where those four cells agree on the most probable cluster, each by more than
@@ -519,6 +539,12 @@ def labels_from_cell_proba(probs: np.ndarray, height: int, width: int,
     the same float32 operations as `upsample4`. Bands of `band_cells` block rows run through
     `map_bands(fn, starts)` (a thread pool's map), each writing its own pixel rows."""
     k, h, w = probs.shape
+    guide = None
+    if colour_sigma:
+        if image is None or image.shape != (height, width, 3):
+            raise InputError(f"colour-guided labels need the ({height}, {width}, 3) image the cells cover, "
+                             f"got {None if image is None else image.shape}")
+        guide = (image, cell_colours(image), _colour_scale(colour_sigma))
     out = np.empty((height, width), dtype=np.uint8)
     cols = np.clip(np.arange(-1, w + 1), 0, w - 1)
     bx = (np.arange(width) + 2) // 4  # pixel x lies in block column (x + 2) // 4
@@ -540,7 +566,10 @@ def labels_from_cell_proba(probs: np.ndarray, height: int, width: int,
         out[y0:y1] = t[:-1, :-1].astype(np.uint8)[(np.arange(y0, y1) + 2) // 4 - b0][:, bx]
         bi, bj = np.nonzero(~agree)
         if len(bi):
-            _interpolate_blocks(probs, bi + b0 - 1, bj - 1, out, height, width)
+            if guide is None:
+                _interpolate_blocks(probs, bi + b0 - 1, bj - 1, out, height, width)
+            else:
+                _interpolate_blocks_guided(probs, bi + b0 - 1, bj - 1, out, *guide)
 
     map_bands(band, range(0, h + 1, band_cells))
     return out
@@ -573,3 +602,84 @@ def _interpolate_blocks(probs: np.ndarray, bi: np.ndarray, bj: np.ndarray, out: 
             x = 4 * bj + 2 + v
             ok = (y >= 0) & (y < height) & (x >= 0) & (x < width)
             out[y[ok], x[ok]] = np.argmax(vals[:, ok], axis=0)
+
+
+def _colour_scale(sigma: float) -> np.float32:
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise InputError(f"colour_sigma must be a number > 0, got {sigma!r}")
+    return np.float32(-0.5 / (sigma * sigma))
+
+
+def _guided_mix(probs: list, colours: list, pixels: np.ndarray, bilinear: list, scale: np.float32) -> np.ndarray:
+    """Probabilities of pixels that each mix 4 cells: the cells' (k, ...) `probs`, their mean
+    colours (..., 3) (`cell_colours`, 0..1) and bilinear weights, all broadcast against the uint8
+    (..., 3) `pixels`. A cell weighs its bilinear weight times exp(scale |pixel - cell colour|^2),
+    normalised over the 4; distances are taken relative to the closest cell's, whose colour factor
+    is then 1, so the weights never all vanish."""
+    pix = pixels.astype(np.float32) * np.float32(1 / 255)
+    d2 = []
+    for col in colours:
+        diff = pix - col
+        diff *= diff
+        d2.append(diff[..., 0] + diff[..., 1] + diff[..., 2])
+    nearest = np.minimum(np.minimum(d2[0], d2[1]), np.minimum(d2[2], d2[3]))
+    wts = [b * np.exp((d - nearest) * scale) for b, d in zip(bilinear, d2)]
+    inv = np.float32(1) / (wts[0] + wts[1] + wts[2] + wts[3])
+    out = (wts[0] * inv) * probs[0]
+    for wt, p in zip(wts[1:], probs[1:]):
+        out += (wt * inv) * p
+    return out
+
+
+# bilinear weight of the first (upper or left) cell of a block for its pixel offsets 0..3
+_FIRST_CELL_WEIGHT = np.array([wc if own == 0 else wo for own, wc, wo in _BLOCK_TAPS], np.float32)
+
+
+def _interpolate_blocks_guided(probs: np.ndarray, bi: np.ndarray, bj: np.ndarray, out: np.ndarray,
+                               image: np.ndarray, colours: np.ndarray, scale: np.float32) -> None:
+    """`_interpolate_blocks` with colour-guided weights (`_guided_mix`): the labels of
+    `upsample4_guided`, exactly. All 16 pixels of each block at once: (n, 4, 4) per cell."""
+    k, h, w = probs.shape
+    height, width = out.shape
+    r = (np.clip(bi, 0, h - 1), np.clip(bi + 1, 0, h - 1))
+    c = (np.clip(bj, 0, w - 1), np.clip(bj + 1, 0, w - 1))
+    y = 4 * bi[:, None] + 2 + np.arange(4)  # (n, 4) pixel rows and columns of each block
+    x = 4 * bj[:, None] + 2 + np.arange(4)
+    pixels = image[np.clip(y, 0, height - 1)[:, :, None], np.clip(x, 0, width - 1)[:, None, :]]  # (n, 4, 4, 3)
+    wy = (_FIRST_CELL_WEIGHT[:, None], np.float32(1) - _FIRST_CELL_WEIGHT[:, None])  # (4, 1): by row offset
+    wx = (_FIRST_CELL_WEIGHT, np.float32(1) - _FIRST_CELL_WEIGHT)  # (4,): by column offset
+    cells = [(a, b) for a in range(2) for b in range(2)]
+    vals = _guided_mix([probs[:, r[a], c[b]][:, :, None, None] for a, b in cells],
+                       [colours[r[a], c[b]][:, None, None] for a, b in cells], pixels,
+                       [wy[a] * wx[b] for a, b in cells], scale)
+    labels = np.argmax(vals, axis=0).astype(np.uint8)  # (n, 4, 4)
+    ok = ((y >= 0) & (y < height))[:, :, None] & ((x >= 0) & (x < width))[:, None, :]
+    n_idx = np.nonzero(ok)
+    out[y[n_idx[0], n_idx[1]], x[n_idx[0], n_idx[2]]] = labels[n_idx]
+
+
+def upsample4_guided(probs: np.ndarray, image: np.ndarray, sigma: float) -> np.ndarray:
+    """(k, h, w) cells -> (k, H, W) pixel probabilities for the uint8 (H, W, 3) `image` they
+    cover: joint bilateral upsampling. Each pixel mixes the 2 x 2 cells `upsample4` mixes, each
+    cell's bilinear weight times exp(-|c_p - c_j|^2 / (2 sigma^2)), c_p the pixel's colour and c_j
+    the cell's mean colour (RGB, 0..1), normalised: a pixel on the bright side of an edge takes the
+    bright cell's clusters. sigma -> infinity is `upsample4`."""
+    k, h, w = probs.shape
+    height, width = image.shape[:2]
+    if (output_size(height), output_size(width)) != (h, w):
+        raise InputError(f"image {image.shape[:2]} does not give the {h} x {w} cells it was passed with")
+
+    def taps(n_px: int, n_cells: int):  # cells mixed by each pixel and their bilinear weights
+        lo = (np.arange(n_px) + 2) // 4 - 1
+        frac = ((np.arange(n_px) + 2) % 4 * 2 + 1).astype(np.float32) * np.float32(0.125)
+        return (np.clip(lo, 0, n_cells - 1), np.clip(lo + 1, 0, n_cells - 1)), (np.float32(1) - frac, frac)
+
+    (r0, r1), (wy0, wy1) = taps(height, h)
+    (c0, c1), (wx0, wx1) = taps(width, w)
+    rows, cols = (r0[:, None], r1[:, None]), (c0[None, :], c1[None, :])
+    wy, wx = (wy0[:, None], wy1[:, None]), (wx0[None, :], wx1[None, :])
+    cells = [(a, b) for a in range(2) for b in range(2)]
+    colours = cell_colours(image)
+    vals = _guided_mix([probs[:, rows[a], cols[b]] for a, b in cells], [colours[rows[a], cols[b]] for a, b in cells],
+                       image, [wy[a] * wx[b] for a, b in cells], _colour_scale(sigma))
+    return vals.reshape(k, height, width)

@@ -51,7 +51,7 @@ from .cluster import DEFAULT_RESTARTS
 from .command import check_signals
 from .destination import atomic_file, discard, temporary
 from .errors import Cancelled, InputError
-from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE, Model, labels_from_cell_proba, load_model
+from .model import DEFAULT_SAMPLES, PER_IMAGE_BALANCE, Model, load_model
 from .raster_io import backend
 from .sampling import fit_raster_centres
 from .source import GDAL_CACHE_MB, SourceReader, check_int, working_grid
@@ -299,8 +299,8 @@ def _segment_tile(reader: SourceReader, model: Model, centres: np.ndarray, smoot
     a1, b1 = -(-(r0 - wr0 + rh) // s), -(-(c0 - wc0 + cw) // s)
     p0, q0 = max(a0 - 1, 0), max(b0 - 1, 0)
     p1, q1 = min(a1 + 1, probs.shape[1]), min(b1 + 1, probs.shape[2])
-    labels = labels_from_cell_proba(probs[:, p0:p1, q0:q1], min(4 * (p1 - p0), (wr1 - wr0) - 4 * p0),
-                                    min(4 * (q1 - q0), (wc1 - wc0) - 4 * q0), map_bands=model.network.map)
+    lh, lw = min(4 * (p1 - p0), (wr1 - wr0) - 4 * p0), min(4 * (q1 - q0), (wc1 - wc0) - 4 * q0)
+    labels = model.labels_from_proba(probs[:, p0:p1, q0:q1], lh, lw, rgb[4 * p0:4 * p0 + lh, 4 * q0:4 * q0 + lw])
     y0, x0 = (r0 - wr0) - 4 * p0, (c0 - wc0) - 4 * q0
     core = labels[y0:y0 + rh, x0:x0 + cw].copy()
     core[core_nodata] = NODATA

@@ -73,7 +73,7 @@ from runtime import Model, load_model
 from runtime.artifact import build_meta, clustering_settings
 from runtime.command import run_command
 from runtime.destination import check_folder, child, discard, remove_stale, temporary
-from runtime.model import labels_from_cell_proba, sample_rows
+from runtime.model import sample_rows
 from stages.baselines import KMeansBaseline, handcrafted_features, rgb_features
 from stages.checkpoints import TrainingError, read_teacher
 from stages.datasets import DatasetError, TileDataset, read_summary
@@ -135,7 +135,7 @@ class Segmenter(Protocol):
 
 class RuntimeSegmenter:
     """A runtime `Model` as a `Segmenter`, through the same calls `Model.predict_labels` makes
-    (embed_cells -> fit_centres_from_cells -> cell_proba -> labels_from_cell_proba), so each tile
+    (embed_cells -> fit_centres_from_cells -> cell_proba -> labels_from_proba), so each tile
     is embedded once per pass instead of once per call. Centres for the split are fitted plainly
     (as `Model.fit_centres`); a tile's own centres with `tile_balance` micro-clusters of
     density-balanced fitting (as `segment_raster` and `predict_*` fit them per raster or image)."""
@@ -157,7 +157,7 @@ class RuntimeSegmenter:
     def labels(self, feats: np.ndarray, rgb: np.ndarray, centres: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
         cells = feats.reshape(output_size(h), output_size(w), -1)
-        return labels_from_cell_proba(self.model.cell_proba(cells, centres, image=rgb), h, w)
+        return self.model.labels_from_proba(self.model.cell_proba(cells, centres, image=rgb), h, w, rgb)
 
 
 @dataclass
@@ -270,7 +270,7 @@ def load_model_dir(model_dir: Path) -> Model:
 def teacher_model(teacher_path: Path, **clustering) -> Model:
     """The teacher's encoder as an in-memory runtime Model (same settings export would write).
     `clustering`: the artifact's optional clustering and smoothing keys (`cue`, `fit_temperature`,
-    `smooth_colour_sigma`, `smooth_colour_floor`; `runtime.artifact.clustering_settings` of
+    `smooth_colour_sigma`, `smooth_colour_floor`, `label_colour_sigma`; `runtime.artifact.clustering_settings` of
     model/best's meta), so that both are clustered and smoothed the same way."""
     teacher, info = read_teacher(teacher_path)
     cfg = info["config"]

@@ -54,12 +54,14 @@ def training_input_rescale(t_info: dict, teacher_dir: Path) -> dict:
 
 def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Path,
                  cue: dict | None = None, fit_temperature: float | None = None,
-                 smooth_colour_sigma: float = 0.0, smooth_colour_floor: float = 0.0) -> Path:
+                 smooth_colour_sigma: float = 0.0, smooth_colour_floor: float = 0.0,
+                 label_colour_sigma: float = 0.0) -> Path:
     """Write model/best from the chosen checkpoint; returns the artifact directory. `cue`: the
     texture cue appended before clustering (`ExportParams.cue`, runtime.cue), or None;
     `fit_temperature`: the soft k-means temperature when the runtime fits centres (None = the
     head's training temperature); `smooth_colour_sigma`, `smooth_colour_floor`: colour-guided smoothing of
-    the cluster map (sigma 0 = plain smoothing)."""
+    the cluster map (sigma 0 = plain smoothing); `label_colour_sigma`: colour-guided labels (0 = plain
+    bilinear labels)."""
     teacher, t_info = read_teacher(teacher_dir)
     cfg = t_info["config"]
     if source == "student":
@@ -81,7 +83,8 @@ def export_model(source: str, teacher_dir: Path, student_dir: Path, out_dir: Pat
                       training_pixel_size_m=training_pixel_size(t_info, teacher_dir),
                       input_rescale=training_input_rescale(t_info, teacher_dir), cue=cue,
                       fit_temperature=fit_temperature, smooth_colour_sigma=float(smooth_colour_sigma),
-                      smooth_colour_floor=float(smooth_colour_floor))
+                      smooth_colour_floor=float(smooth_colour_floor),
+                      label_colour_sigma=float(label_colour_sigma))
     val = info["val"]
     metrics = {"source": source, "val_metric": val["metric"], "val_score": val["score"], "val_step": val["step"],
                "teacher_val_score": t_info["val"]["score"]}
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         dst = export_model(p.export.source, Path(args.teacher), Path(args.student), Path(args.out),
                            cue=p.export.cue(), fit_temperature=p.export.fit_temperature,
                            smooth_colour_sigma=p.export.smooth_colour_sigma,
-                           smooth_colour_floor=p.export.smooth_colour_floor)
+                           smooth_colour_floor=p.export.smooth_colour_floor,
+                           label_colour_sigma=p.export.label_colour_sigma)
         print(f"exported {p.export.source} to {dst}")
         return 0
 

@@ -169,6 +169,7 @@ def test_unknown_format_version_names_the_supported_ones(artifact):
     ("smooth_colour_sigma", -0.1, r"'smooth_colour_sigma' must be null or a number in \[0, 10\]"),
     ("smooth_colour_sigma", "0.1", r"'smooth_colour_sigma' must be null or a number"),
     ("smooth_colour_floor", 1.5, r"'smooth_colour_floor' must be null or a number in \[0, 1\]"),
+    ("label_colour_sigma", -0.05, r"'label_colour_sigma' must be null or a number in \[0, 10\]"),
 ])
 def test_bad_meta_values_are_rejected(artifact, key, value, message):
     _rewrite_meta(artifact, **{key: value})

@@ -16,7 +16,15 @@ from runtime_fixtures import encoder_meta, random_encoder, synthetic_rgb, write_
 
 from runtime import cluster
 from runtime.errors import InputError
-from runtime.model import Model, cell_colours, load_model, smooth_probs, smooth_probs_guided, upsample4
+from runtime.model import (
+    Model,
+    cell_colours,
+    load_model,
+    smooth_probs,
+    smooth_probs_guided,
+    upsample4,
+    upsample4_guided,
+)
 from runtime.network import output_size
 from stages.model import normalise_rgb
 from stages.model import smooth_probs as torch_smooth_probs
@@ -614,6 +622,46 @@ def test_guided_smoothing_keeps_a_small_house_that_plain_smoothing_melts():
     np.testing.assert_array_equal(guided == 1, house)
 
 
+def test_guided_labels_equal_the_argmax_of_the_guided_upsample():
+    """With colour guidance the block shortcut and the guided blocks give exactly
+    argmax(upsample4_guided), on random images, ties, one-cell rows and cropped blocks."""
+    from runtime.model import labels_from_cell_proba
+
+    rng = np.random.default_rng(3)
+    for k, h, w, height, width in ((6, 40, 52, 160, 208), (2, 10, 7, 37, 26), (8, 1, 1, 3, 4),
+                                   (5, 33, 1, 130, 2), (3, 2, 3, 5, 9), (4, 17, 23, 66, 91)):
+        p = rng.random((k, h, w)).astype(np.float32) ** 6
+        p = smooth_probs(p / p.sum(axis=0), 3)
+        p[:, : h // 2, : w // 2] = np.float32(1.0 / k)
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        for sigma in (0.02, 0.05, 0.3):
+            up = upsample4_guided(p, image, sigma)
+            np.testing.assert_allclose(up.sum(axis=0), 1.0, atol=1e-5)
+            np.testing.assert_array_equal(
+                labels_from_cell_proba(p, height, width, band_cells=3, image=image, colour_sigma=sigma),
+                np.argmax(up, axis=0))
+        # far from every colour distance the guide is plain bilinear upsampling
+        np.testing.assert_allclose(upsample4_guided(p, image, 1e4), upsample4(p, height, width), atol=1e-6)
+    with pytest.raises(InputError, match="colour-guided labels need"):
+        labels_from_cell_proba(p, height, width, image=image[:-1], colour_sigma=0.05)
+
+
+def test_guided_labels_put_the_edge_where_the_image_has_it():
+    # black left of column 10, white from it on; the cells' clusters follow the cells' majority
+    # colour (cells 0-2 black-ish, 3-5 white), so plain bilinear labels put the edge half way
+    # between the centres of cells 2 and 3 (column 12), the guided ones at the image's edge
+    from runtime.model import labels_from_cell_proba
+
+    image = np.zeros((8, 24, 3), np.uint8)
+    image[:, 10:] = 255
+    probs = np.empty((2, 2, 6), np.float32)
+    probs[0], probs[1] = 0.9, 0.1
+    probs[:, :, 3:] = np.array([0.1, 0.9], np.float32)[:, None, None]
+    edge = np.broadcast_to(np.arange(24) >= 10, (8, 24))
+    np.testing.assert_array_equal(labels_from_cell_proba(probs, 8, 24, image=image, colour_sigma=0.05), edge)
+    np.testing.assert_array_equal(labels_from_cell_proba(probs, 8, 24), np.broadcast_to(np.arange(24) >= 12, (8, 24)))
+
+
 def test_a_colour_guided_model_needs_the_image(tmp_path):
     enc = random_encoder(width=8, depth=0, embed_dim=6, seed=2)
     model = load_model(write_encoder_artifact(tmp_path / "m", enc, smooth_iters=2, smooth_colour_sigma=0.1))
@@ -630,4 +678,14 @@ def test_a_colour_guided_model_needs_the_image(tmp_path):
                                                            cell_colours(rgb), 0.1), atol=1e-6)
     # predict_labels passes its image itself
     labels = model.predict_labels(rgb, 3, centres=centres)
+    np.testing.assert_array_equal(labels, model.labels_from_cells(cells, centres, 33, 21, image=rgb))
+
+    # guided labels too: the labels are the argmax of the probabilities, and the image is needed
+    model = load_model(write_encoder_artifact(tmp_path / "l", enc, smooth_iters=2, smooth_colour_sigma=0.1,
+                                              label_colour_sigma=0.05))
+    assert model.label_colour_sigma == 0.05
+    with pytest.raises(InputError, match="label_colour_sigma"):
+        model.labels_from_proba(model.cell_proba(cells, centres, image=rgb), 33, 21)
+    labels = model.predict_labels(rgb, 3, centres=centres)
+    np.testing.assert_array_equal(labels, model.predict_proba(rgb, 3, centres=centres).argmax(axis=0))
     np.testing.assert_array_equal(labels, model.labels_from_cells(cells, centres, 33, 21, image=rgb))

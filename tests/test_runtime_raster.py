@@ -76,11 +76,12 @@ def test_tiled_equals_untiled_with_a_deep_encoder(tmp_path, src):
     assert whole.tiles == 1 and tiled.tiles > 1
 
 
-def test_tiled_equals_untiled_with_colour_guided_smoothing(tmp_path, src):
-    # the smoothing weights come from each cell's own pixels: a tile's halo gives them exactly
+def test_tiled_equals_untiled_with_colour_guided_smoothing_and_labels(tmp_path, src):
+    # the smoothing and label weights come from each cell's own pixels and each pixel's colour: a
+    # tile's halo gives them exactly
     enc = random_encoder(width=16, depth=1, embed_dim=8, seed=7)
     guided = load_model(write_encoder_artifact(tmp_path / "g", enc, smooth_iters=4, smooth_colour_sigma=0.1,
-                                              smooth_colour_floor=0.3))
+                                              smooth_colour_floor=0.3, label_colour_sigma=0.05))
     plain = load_model(write_encoder_artifact(tmp_path / "p", enc, smooth_iters=4))
     results = {}
     for name, model, tile in (("whole", guided, 1024), ("tiled", guided, 32), ("odd", guided, 52),
