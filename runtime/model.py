@@ -197,12 +197,13 @@ class Model:
 
     # -- probabilities and labels ------------------------------------------------------------------
     def cell_proba(self, cells: np.ndarray, centres: np.ndarray, smooth_iters: int | None = None,
-                   image: np.ndarray | None = None) -> np.ndarray:
+                   image: np.ndarray | None = None, colours: np.ndarray | None = None) -> np.ndarray:
         """(h, w, D) embeddings -> (k, h, w) cell probabilities (smoothed `smooth_iters` times).
 
         `image`: the uint8 (H, W, 3) image the cells were embedded from. A model with a
         `smooth_colour_sigma` needs it: its smoothing weighs each neighbour cell by how close the
-        two cells' mean colours are (`smooth_probs_guided`)."""
+        two cells' mean colours are (`smooth_probs_guided`). `colours`: `cell_colours(image)`,
+        when the caller has them (`image_colours`)."""
         h, w, d = cells.shape
         p = cluster.soft_assign_columns(cells.reshape(-1, d), centres, self.temperature,
                                         self.network.map).reshape(-1, h, w)
@@ -218,7 +219,8 @@ class Model:
         if output_size(image.shape[0]) != h or output_size(image.shape[1]) != w:
             raise InputError(f"image {image.shape[:2]} does not give the {h} x {w} cells it was passed with "
                              f"(expected ceil(H / {self.stride}) x ceil(W / {self.stride}))")
-        colours = cell_colours(image, self.stride)
+        if colours is None:
+            colours = cell_colours(image, self.stride)
         return smooth_probs_guided(p, int(smooth), colours, self.smooth_colour_sigma, self.network.map,
                                    floor=self.smooth_colour_floor)
 
@@ -228,20 +230,31 @@ class Model:
         embed each image once, fit global centres on all of them, then label each (`image` as in
         `cell_proba`)."""
         c = self.check_centres(self.check_k(len(centres)), centres)
-        return self.labels_from_proba(self.cell_proba(cells, c, smooth_iters, image), height, width, image)
+        colours = self.image_colours(image)
+        return self.labels_from_proba(self.cell_proba(cells, c, smooth_iters, image, colours), height, width,
+                                      image, colours)
+
+    def image_colours(self, image: np.ndarray | None) -> np.ndarray | None:
+        """`cell_colours(image)` when this model's smoothing or labels are guided by colour (else
+        None): computed once, for `cell_proba` and `labels_from_proba` both."""
+        if image is None or not (self.smooth_colour_sigma or self.label_colour_sigma):
+            return None
+        return cell_colours(image, self.stride)
 
     def labels_from_proba(self, probs: np.ndarray, height: int, width: int,
-                          image: np.ndarray | None = None) -> np.ndarray:
+                          image: np.ndarray | None = None, colours: np.ndarray | None = None) -> np.ndarray:
         """uint8 (height, width) labels from (k, h, w) cell probabilities (`cell_proba`); `image`,
         the uint8 (height, width, 3) pixels the cells cover, is needed by a model with a
-        `label_colour_sigma` (its labels follow the image's edges, `upsample4_guided`)."""
+        `label_colour_sigma` (its labels follow the image's edges, `upsample4_guided`); `colours`
+        as in `cell_proba`."""
         sigma = self.label_colour_sigma
         if sigma and image is None:
             raise InputError("this model draws its label edges along the image's colour edges "
                              "(meta.json label_colour_sigma): labelling needs image=, the RGB array "
                              "the cells were embedded from")
         return labels_from_cell_proba(probs, height, width, map_bands=self.network.map,
-                                      image=image if sigma else None, colour_sigma=sigma)
+                                      image=image if sigma else None, colour_sigma=sigma,
+                                      colours=colours if sigma else None)
 
     def _prepare(self, rgb, k, centres, seed, samples, iters, balance=PER_IMAGE_BALANCE):
         k = self.check_k(k)
@@ -292,8 +305,9 @@ class Model:
         pixel_size_m and balance as in `predict_proba`."""
         work, scale = self.working_image(rgb, pixel_size_m)
         cells, c = self._prepare(work, k, centres, seed, samples, iters, balance)
-        labels = self.labels_from_proba(self.cell_proba(cells, c, smooth_iters, work), work.shape[0], work.shape[1],
-                                        work)
+        colours = self.image_colours(work)
+        labels = self.labels_from_proba(self.cell_proba(cells, c, smooth_iters, work, colours), work.shape[0],
+                                        work.shape[1], work, colours)
         return labels if scale == 1.0 else to_source_grid(labels, scale, rgb.shape[0], rgb.shape[1])
 
 
@@ -526,11 +540,13 @@ _SURE_MARGIN = np.float32(1e-5)
 
 def labels_from_cell_proba(probs: np.ndarray, height: int, width: int,
                            band_cells: int = _LABEL_BAND_CELLS, map_bands=cluster.serial_map,
-                           image: np.ndarray | None = None, colour_sigma: float = 0.0) -> np.ndarray:
+                           image: np.ndarray | None = None, colour_sigma: float = 0.0,
+                           colours: np.ndarray | None = None) -> np.ndarray:
     """argmax over k of upsample4(probs) as uint8 (height, width), the same values as the full
     upsample, in a fraction of its time and memory. With `colour_sigma` > 0 and `image`, the uint8
     (height, width, 3) pixels the cells cover: argmax of `upsample4_guided(probs, image,
-    colour_sigma)` instead, so that a label edge follows the image's own edge inside its 4 px cell.
+    colour_sigma)` instead, so that a label edge follows the image's own edge inside its 4 px cell
+    (`colours`: `cell_colours(image)`, when the caller has them).
 
     A pixel's bilinear value mixes the 2 x 2 cells around it (pixels 4i+2 .. 4i+5 mix cell rows i
     and i+1). Where those four cells agree on the most probable cluster, each by more than
@@ -544,7 +560,11 @@ def labels_from_cell_proba(probs: np.ndarray, height: int, width: int,
         if image is None or image.shape != (height, width, 3):
             raise InputError(f"colour-guided labels need the ({height}, {width}, 3) image the cells cover, "
                              f"got {None if image is None else image.shape}")
-        guide = (image, cell_colours(image), _colour_scale(colour_sigma))
+        if colours is None:
+            colours = cell_colours(image)
+        elif colours.shape != (h, w, 3):
+            raise InputError(f"colours {colours.shape} are not the ({h}, {w}, 3) cell colours of the image")
+        guide = (image, _planes(colours), _colour_scale(colour_sigma))
     out = np.empty((height, width), dtype=np.uint8)
     cols = np.clip(np.arange(-1, w + 1), 0, w - 1)
     bx = (np.arange(width) + 2) // 4  # pixel x lies in block column (x + 2) // 4
@@ -610,25 +630,30 @@ def _colour_scale(sigma: float) -> np.float32:
     return np.float32(-0.5 / (sigma * sigma))
 
 
-def _guided_mix(probs: list, colours: list, pixels: np.ndarray, bilinear: list, scale: np.float32) -> np.ndarray:
-    """Probabilities of pixels that each mix 4 cells: the cells' (k, ...) `probs`, their mean
-    colours (..., 3) (`cell_colours`, 0..1) and bilinear weights, all broadcast against the uint8
-    (..., 3) `pixels`. A cell weighs its bilinear weight times exp(scale |pixel - cell colour|^2),
-    normalised over the 4; distances are taken relative to the closest cell's, whose colour factor
-    is then 1, so the weights never all vanish."""
-    pix = pixels.astype(np.float32) * np.float32(1 / 255)
+def _guided_weights(colours: list, pixels: list, bilinear: list, scale: np.float32) -> list:
+    """The normalised weights of the 4 cells each pixel mixes: the cells' mean colours (each a
+    list of the R, G, B planes, `cell_colours`, 0..1) and bilinear weights, broadcast against the
+    pixels' R, G, B planes (float32, 0..1). A cell weighs its bilinear weight times
+    exp(scale |pixel - cell colour|^2), normalised over the 4; distances are taken relative to the
+    closest cell's, whose colour factor is then 1, so the weights never all vanish. A pixel's
+    probabilities are then sum_i weight_i x probs_i, added in the order of the cells."""
     d2 = []
     for col in colours:
-        diff = pix - col
-        diff *= diff
-        d2.append(diff[..., 0] + diff[..., 1] + diff[..., 2])
+        dist = None
+        for pc, cc in zip(pixels, col):
+            diff = pc - cc
+            diff *= diff
+            dist = diff if dist is None else np.add(dist, diff, out=dist)
+        d2.append(dist)
     nearest = np.minimum(np.minimum(d2[0], d2[1]), np.minimum(d2[2], d2[3]))
     wts = [b * np.exp((d - nearest) * scale) for b, d in zip(bilinear, d2)]
     inv = np.float32(1) / (wts[0] + wts[1] + wts[2] + wts[3])
-    out = (wts[0] * inv) * probs[0]
-    for wt, p in zip(wts[1:], probs[1:]):
-        out += (wt * inv) * p
-    return out
+    return [wt * inv for wt in wts]
+
+
+def _planes(a: np.ndarray, scale: float = 1.0) -> list:
+    """The R, G, B planes of a (..., 3) array as float32 times `scale` (1 / 255 for uint8 pixels)."""
+    return [a[..., c].astype(np.float32) * np.float32(scale) for c in range(3)]
 
 
 # bilinear weight of the first (upper or left) cell of a block for its pixel offsets 0..3
@@ -637,7 +662,7 @@ _FIRST_CELL_WEIGHT = np.array([wc if own == 0 else wo for own, wc, wo in _BLOCK_
 
 def _interpolate_blocks_guided(probs: np.ndarray, bi: np.ndarray, bj: np.ndarray, out: np.ndarray,
                                image: np.ndarray, colours: np.ndarray, scale: np.float32) -> None:
-    """`_interpolate_blocks` with colour-guided weights (`_guided_mix`): the labels of
+    """`_interpolate_blocks` with colour-guided weights (`_guided_weights`): the labels of
     `upsample4_guided`, exactly. All 16 pixels of each block at once: (n, 4, 4) per cell."""
     k, h, w = probs.shape
     height, width = out.shape
@@ -645,17 +670,31 @@ def _interpolate_blocks_guided(probs: np.ndarray, bi: np.ndarray, bj: np.ndarray
     c = (np.clip(bj, 0, w - 1), np.clip(bj + 1, 0, w - 1))
     y = 4 * bi[:, None] + 2 + np.arange(4)  # (n, 4) pixel rows and columns of each block
     x = 4 * bj[:, None] + 2 + np.arange(4)
-    pixels = image[np.clip(y, 0, height - 1)[:, :, None], np.clip(x, 0, width - 1)[:, None, :]]  # (n, 4, 4, 3)
+    flat = np.clip(y, 0, height - 1)[:, :, None] * width + np.clip(x, 0, width - 1)[:, None, :]  # (n, 4, 4)
+    pixels = _planes(image.reshape(-1, 3)[flat], 1 / 255)
     wy = (_FIRST_CELL_WEIGHT[:, None], np.float32(1) - _FIRST_CELL_WEIGHT[:, None])  # (4, 1): by row offset
     wx = (_FIRST_CELL_WEIGHT, np.float32(1) - _FIRST_CELL_WEIGHT)  # (4,): by column offset
     cells = [(a, b) for a in range(2) for b in range(2)]
-    vals = _guided_mix([probs[:, r[a], c[b]][:, :, None, None] for a, b in cells],
-                       [colours[r[a], c[b]][:, None, None] for a, b in cells], pixels,
-                       [wy[a] * wx[b] for a, b in cells], scale)
-    labels = np.argmax(vals, axis=0).astype(np.uint8)  # (n, 4, 4)
+    wts = _guided_weights([[p[r[a], c[b]][:, None, None] for p in colours] for a, b in cells], pixels,
+                          [wy[a] * wx[b] for a, b in cells], scale)  # 4 x (n, 4, 4)
+    corner = [probs[:, r[a], c[b]][:, :, None, None] for a, b in cells]  # 4 x (k, n, 1, 1)
+    # one cluster at a time (arrays of one block row's size stay in cache), keeping the first
+    # best as argmax does
+    best = np.empty_like(wts[0])
+    labels = np.zeros(wts[0].shape, np.uint8)
+    acc, term = np.empty_like(wts[0]), np.empty_like(wts[0])
+    for j in range(k):
+        np.multiply(wts[0], corner[0][j], out=acc)
+        for wt, cp in zip(wts[1:], corner[1:]):
+            acc += np.multiply(wt, cp[j], out=term)
+        if j == 0:
+            best[...] = acc
+            continue
+        better = acc > best
+        labels[better] = j
+        np.maximum(best, acc, out=best)
     ok = ((y >= 0) & (y < height))[:, :, None] & ((x >= 0) & (x < width))[:, None, :]
-    n_idx = np.nonzero(ok)
-    out[y[n_idx[0], n_idx[1]], x[n_idx[0], n_idx[2]]] = labels[n_idx]
+    out.reshape(-1)[flat[ok]] = labels[ok]
 
 
 def upsample4_guided(probs: np.ndarray, image: np.ndarray, sigma: float) -> np.ndarray:
@@ -679,7 +718,10 @@ def upsample4_guided(probs: np.ndarray, image: np.ndarray, sigma: float) -> np.n
     rows, cols = (r0[:, None], r1[:, None]), (c0[None, :], c1[None, :])
     wy, wx = (wy0[:, None], wy1[:, None]), (wx0[None, :], wx1[None, :])
     cells = [(a, b) for a in range(2) for b in range(2)]
-    colours = cell_colours(image)
-    vals = _guided_mix([probs[:, rows[a], cols[b]] for a, b in cells], [colours[rows[a], cols[b]] for a, b in cells],
-                       image, [wy[a] * wx[b] for a, b in cells], _colour_scale(sigma))
+    colours = _planes(cell_colours(image))
+    wts = _guided_weights([[p[rows[a], cols[b]] for p in colours] for a, b in cells], _planes(image, 1 / 255),
+                          [wy[a] * wx[b] for a, b in cells], _colour_scale(sigma))
+    vals = wts[0] * probs[:, rows[0], cols[0]]
+    for wt, (a, b) in zip(wts[1:], cells[1:]):
+        vals += wt * probs[:, rows[a], cols[b]]
     return vals.reshape(k, height, width)

@@ -293,14 +293,16 @@ def _segment_tile(reader: SourceReader, model: Model, centres: np.ndarray, smoot
     core_nodata = nodata[r0 - wr0: r0 - wr0 + rh, c0 - wc0: c0 - wc0 + cw]
     if core_nodata.all():
         return np.full((rh, cw), NODATA, dtype=np.uint8)
-    probs = model.cell_proba(model.embed_cells(rgb), centres, smooth, image=rgb)
+    colours = model.image_colours(rgb)
+    probs = model.cell_proba(model.embed_cells(rgb), centres, smooth, image=rgb, colours=colours)
     # core cells plus one neighbour cell each side (bilinear upsampling reaches one cell)
     a0, b0 = (r0 - wr0) // s, (c0 - wc0) // s
     a1, b1 = -(-(r0 - wr0 + rh) // s), -(-(c0 - wc0 + cw) // s)
     p0, q0 = max(a0 - 1, 0), max(b0 - 1, 0)
     p1, q1 = min(a1 + 1, probs.shape[1]), min(b1 + 1, probs.shape[2])
     lh, lw = min(4 * (p1 - p0), (wr1 - wr0) - 4 * p0), min(4 * (q1 - q0), (wc1 - wc0) - 4 * q0)
-    labels = model.labels_from_proba(probs[:, p0:p1, q0:q1], lh, lw, rgb[4 * p0:4 * p0 + lh, 4 * q0:4 * q0 + lw])
+    labels = model.labels_from_proba(probs[:, p0:p1, q0:q1], lh, lw, rgb[4 * p0:4 * p0 + lh, 4 * q0:4 * q0 + lw],
+                                     None if colours is None else colours[p0:p1, q0:q1])
     y0, x0 = (r0 - wr0) - 4 * p0, (c0 - wc0) - 4 * q0
     core = labels[y0:y0 + rh, x0:x0 + cw].copy()
     core[core_nodata] = NODATA

@@ -157,7 +157,9 @@ class RuntimeSegmenter:
     def labels(self, feats: np.ndarray, rgb: np.ndarray, centres: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
         cells = feats.reshape(output_size(h), output_size(w), -1)
-        return self.model.labels_from_proba(self.model.cell_proba(cells, centres, image=rgb), h, w, rgb)
+        colours = self.model.image_colours(rgb)
+        return self.model.labels_from_proba(self.model.cell_proba(cells, centres, image=rgb, colours=colours), h, w,
+                                            rgb, colours)
 
 
 @dataclass
