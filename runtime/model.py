@@ -5,7 +5,8 @@ stride-4 grid of cells (cell (i, j) covers pixels 4i..4i+3, 4j..4j+3; ceil(H/4) 
 Probabilities are softmax(cos(embedding, centre) / temperature) on cells, optionally smoothed by
 `smooth_probs` (3x3 mean over valid neighbours, renormalised), then upsampled to pixels by
 `upsample4` (bilinear, fixed scale 4, half-pixel centres, cropped): the same maths as
-`stages.model.smooth_probs` / `upsample_to`, which the tests check numerically.
+`stages.model.smooth_probs` / `upsample_to`, which the tests check numerically. An artifact may
+guide both by the image's colours (`smooth_probs_guided`, `upsample4_guided`).
 
 Centres: `fit_centres(images, k)` fits one set of k centres for many images (the "global"
 protocol: the same id means the same cluster everywhere); `predict_*(rgb, k)` with centres=None
@@ -678,7 +679,7 @@ def _interpolate_blocks_guided(probs: np.ndarray, bi: np.ndarray, bj: np.ndarray
     wts = _guided_weights([[p[r[a], c[b]][:, None, None] for p in colours] for a, b in cells], pixels,
                           [wy[a] * wx[b] for a, b in cells], scale)  # 4 x (n, 4, 4)
     corner = [probs[:, r[a], c[b]][:, :, None, None] for a, b in cells]  # 4 x (k, n, 1, 1)
-    # one cluster at a time (arrays of one block row's size stay in cache), keeping the first
+    # one cluster at a time (arrays of one band's mixed blocks stay in cache), keeping the first
     # best as argmax does
     best = np.empty_like(wts[0])
     labels = np.zeros(wts[0].shape, np.uint8)
@@ -724,4 +725,4 @@ def upsample4_guided(probs: np.ndarray, image: np.ndarray, sigma: float) -> np.n
     vals = wts[0] * probs[:, rows[0], cols[0]]
     for wt, (a, b) in zip(wts[1:], cells[1:]):
         vals += wt * probs[:, rows[a], cols[b]]
-    return vals.reshape(k, height, width)
+    return vals
