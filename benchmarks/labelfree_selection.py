@@ -57,7 +57,7 @@ from stages.checkpoints import build_teacher, teacher_config  # noqa: E402
 from stages.distributed import ONE_PROCESS  # noqa: E402
 from stages.evaluate import ScoredImages, apply_colour_shift, colour_shift_for, score_method  # noqa: E402
 from stages.params import parse_params  # noqa: E402
-from stages.pseudo_labels import PSEUDO_LABEL_CLUSTERS, PseudoLabelHead  # noqa: E402
+from stages.pseudo_labels import PseudoLabelHead  # noqa: E402
 from stages.train import heldout_score, pseudo_label_legend, train_teacher  # noqa: E402
 from stages.training import (  # noqa: E402
     LabelledSet,
@@ -161,8 +161,8 @@ def main() -> int:
             first = copy.copy(heldout)
             first.batches = heldout.batches[:1]
             # the held-out loss holds the pseudo-label term too: the stage's legend, the stop's head
-            first_targets = ([pseudo_label_legend(train_sources, p.train).targets(first.batches[0])]
-                             if p.loss.pseudo_labels > 0 else None)
+            legend = pseudo_label_legend(train_sources, p.train) if p.loss.pseudo_labels > 0 else None
+            first_targets = None if legend is None else [legend.targets(first.batches[0])]
         for step in range(p.train.val_every, p.train.steps + 1, p.train.val_every):
             train_teacher(train_root, tmp / "teacher", tmp / "ckpt", tmp / "results", p.aug, p.model, p.loss,
                           dataclasses.replace(p.train, checkpoint_every=p.train.val_every), stop_after=step,
@@ -185,7 +185,7 @@ def main() -> int:
                 row["heldout_neg_loss"] = round(float(log[-1].split("\t")[1]), 4)
                 head = None
                 if first_targets is not None:
-                    head = PseudoLabelHead(p.model.embed_dim, PSEUDO_LABEL_CLUSTERS)
+                    head = PseudoLabelHead(p.model.embed_dim, legend.k)
                     head.load_state_dict(checkpoint["pseudo_label_head"])
                 row["heldout_1batch"] = round(heldout_score(model, first, p.aug, p.loss, torch.device("cpu"),
                                                             None if head is None else (head, first_targets))[0], 4)

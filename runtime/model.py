@@ -306,9 +306,7 @@ class Model:
         pixel_size_m and balance as in `predict_proba`."""
         work, scale = self.working_image(rgb, pixel_size_m)
         cells, c = self._prepare(work, k, centres, seed, samples, iters, balance)
-        colours = self.image_colours(work)
-        labels = self.labels_from_proba(self.cell_proba(cells, c, smooth_iters, work, colours), work.shape[0],
-                                        work.shape[1], work, colours)
+        labels = self.labels_from_cells(cells, c, work.shape[0], work.shape[1], smooth_iters, work)
         return labels if scale == 1.0 else to_source_grid(labels, scale, rgb.shape[0], rgb.shape[1])
 
 

@@ -135,7 +135,7 @@ class Segmenter(Protocol):
 
 class RuntimeSegmenter:
     """A runtime `Model` as a `Segmenter`, through the same calls `Model.predict_labels` makes
-    (embed_cells -> fit_centres_from_cells -> cell_proba -> labels_from_proba), so each tile
+    (embed_cells -> fit_centres_from_cells -> labels_from_cells), so each tile
     is embedded once per pass instead of once per call. Centres for the split are fitted plainly
     (as `Model.fit_centres`); a tile's own centres with `tile_balance` micro-clusters of
     density-balanced fitting (as `segment_raster` and `predict_*` fit them per raster or image)."""
@@ -157,9 +157,7 @@ class RuntimeSegmenter:
     def labels(self, feats: np.ndarray, rgb: np.ndarray, centres: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
         cells = feats.reshape(output_size(h), output_size(w), -1)
-        colours = self.model.image_colours(rgb)
-        return self.model.labels_from_proba(self.model.cell_proba(cells, centres, image=rgb, colours=colours), h, w,
-                                            rgb, colours)
+        return self.model.labels_from_cells(cells, centres, h, w, image=rgb)
 
 
 @dataclass

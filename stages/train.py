@@ -242,7 +242,7 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
         """This rank's rows of the step's views and, with pseudo-labels, of their targets."""
         batch = batches.batch(step)[0]
         views = [v.rows(rows) for v in make_views(batch, step, aug)]
-        return views, None if pseudo_labels is None else pseudo_labels.targets(batch)[rows]
+        return views, None if pseudo_labels is None else pseudo_labels.targets(batch[rows])
 
     def train_step(step: int, data, lr: float):
         views, targets = data

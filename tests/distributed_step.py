@@ -43,7 +43,7 @@ def main(params_path: str, shards: str, out: str) -> None:
     raw_head = PseudoLabelHead(p.model.embed_dim, labels.k, p.model.seed)
     head = wrap_ddp(raw_head, ranks, device)
     terms = teacher_losses(model, views, p.loss, torch.Generator().manual_seed(0), ranks=ranks,
-                           pseudo=(head, labels.targets(batch)[rows]))
+                           pseudo=(head, labels.targets(batch[rows])))
     terms["total"].backward()
     result["teacher_terms"] = {k: float(v.detach()) for k, v in terms.items() if not k.startswith("_")}
     result["teacher_grads"] = {**{n: q.grad.clone() for n, q in raw.named_parameters()},
