@@ -28,7 +28,8 @@ it sees a copy of the dataset root whose `metrics_train` split is hidden, so it 
 of the train tiles and validates by minus the mean loss on fixed batches of them
 (`heldout_neg_loss`, the stage's own selection score, also listed as a candidate; `heldout_1batch`
 is the same score on the first of those batches alone), while the mIoU is still computed on the
-real labelled split. That shows what a run without labels would keep.
+real labelled split. That shows what a run without labels would keep. Each term of the held-out
+loss is a candidate too (`heldout_<term>`: minus its mean over the same batches).
 
     python benchmarks/labelfree_selection.py --params params.yaml --shards data/shards/dubai \
         -S model.embed_dim=8 -S train.steps=600 -S train.lr=0.001 -S train.val_every=50
@@ -58,7 +59,7 @@ from stages.distributed import ONE_PROCESS  # noqa: E402
 from stages.evaluate import ScoredImages, apply_colour_shift, colour_shift_for, score_method  # noqa: E402
 from stages.params import parse_params  # noqa: E402
 from stages.pseudo_labels import PseudoLabelHead  # noqa: E402
-from stages.train import heldout_score, pseudo_label_legend, train_teacher  # noqa: E402
+from stages.train import heldout_losses, pseudo_label_legend, train_teacher  # noqa: E402
 from stages.training import (  # noqa: E402
     LabelledSet,
     embed_images,
@@ -162,7 +163,8 @@ def main() -> int:
             first.batches = heldout.batches[:1]
             # the held-out loss holds the pseudo-label term too: the stage's legend, the stop's head
             legend = pseudo_label_legend(train_sources, p.train) if p.loss.pseudo_labels > 0 else None
-            first_targets = None if legend is None else [legend.targets(first.batches[0])]
+            heldout_targets = None if legend is None else [legend.targets(b) for b in heldout.batches]
+            first_targets = None if legend is None else heldout_targets[:1]
         for step in range(p.train.val_every, p.train.steps + 1, p.train.val_every):
             train_teacher(train_root, tmp / "teacher", tmp / "ckpt", tmp / "results", p.aug, p.model, p.loss,
                           dataclasses.replace(p.train, checkpoint_every=p.train.val_every), stop_after=step,
@@ -187,8 +189,12 @@ def main() -> int:
                 if first_targets is not None:
                     head = PseudoLabelHead(p.model.embed_dim, legend.k)
                     head.load_state_dict(checkpoint["pseudo_label_head"])
-                row["heldout_1batch"] = round(heldout_score(model, first, p.aug, p.loss, torch.device("cpu"),
-                                                            None if head is None else (head, first_targets))[0], 4)
+                first_means, _ = heldout_losses(model, first, p.aug, p.loss, torch.device("cpu"),
+                                                None if head is None else (head, first_targets))
+                row["heldout_1batch"] = round(-first_means["total"], 4)
+                means, _ = heldout_losses(model, heldout, p.aug, p.loss, torch.device("cpu"),
+                                          None if head is None else (head, heldout_targets))
+                row.update({f"heldout_{name}": round(-value, 4) for name, value in means.items() if name != "total"})
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.save:
@@ -198,6 +204,7 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp)
     mious = [r["miou"] for r in rows]
+    candidates += tuple(key for key in rows[0] if key.startswith("heldout_") and key not in candidates)
     for key in candidates:
         picked = max(rows, key=lambda r: r[key])
         print(f"{key}: spearman {spearmanr(mious, [r[key] for r in rows]).correlation:.2f}; "

@@ -169,22 +169,25 @@ def pseudo_label_legend(sources: list[Path], train_params) -> PseudoLabels:
 
 
 @torch.no_grad()
-def heldout_score(model: MonolithicSegmenter, heldout: HeldOutBatches, aug, loss_params,
-                  device: torch.device, pseudo: tuple[PseudoLabelHead, list[torch.Tensor]] | None = None
-                  ) -> tuple[float, np.ndarray]:
-    """(minus the mean loss over the held-out batches, cluster shares over them): the selection
-    score of a run without labelled tiles. Fixed views and contrastive cells per batch index, and
-    the full contrastive weight, so stops along a run compare. `model` must be in eval mode.
-    `pseudo`: the pseudo-label head and each held-out batch's targets."""
-    totals, probs = [], []
+def heldout_losses(model: MonolithicSegmenter, heldout: HeldOutBatches, aug, loss_params,
+                   device: torch.device, pseudo: tuple[PseudoLabelHead, list[torch.Tensor]] | None = None
+                   ) -> tuple[dict[str, float], np.ndarray]:
+    """(each loss term and the total, averaged over the held-out batches; cluster shares over
+    them). Minus the total is the selection score of a run without labelled tiles. Fixed views
+    and contrastive cells per batch index, and the full contrastive weight, so stops along a run
+    compare. `model` must be in eval mode. `pseudo`: the pseudo-label head and each held-out
+    batch's targets."""
+    sums, probs = {}, []
     for i, batch in enumerate(heldout.batches):
         views = make_views(batch, i, aug)
         views = [dataclasses.replace(v, input=v.input.to(device), guide=v.guide.to(device)) for v in views]
         terms = teacher_losses(model, views, loss_params, torch.Generator().manual_seed(i),
                                pseudo=None if pseudo is None else (pseudo[0], pseudo[1][i].to(device)))
-        totals.append(float(terms["total"]))
+        for name, value in terms.items():
+            if not name.startswith("_"):
+                sums[name] = sums.get(name, 0.0) + float(value)
         probs.append(terms["_probs"])
-    return -sum(totals) / len(totals), cluster_usage(torch.cat(probs))
+    return {name: total / len(heldout.batches) for name, total in sums.items()}, cluster_usage(torch.cat(probs))
 
 
 def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, model_params, loss_params,
@@ -229,8 +232,9 @@ def _train_teacher(dataset_root, out_dir, checkpoint_dir, results_dir, aug, mode
                 usage = cluster_usage(probs[:, :, 0, 0])
                 metric, score = f"{labelled.split}/miou", scores["miou"]
             else:
-                score, usage = heldout_score(model, heldout, aug, loss_params, device,
-                                             None if head is None else (head, heldout_targets))
+                means, usage = heldout_losses(model, heldout, aug, loss_params, device,
+                                              None if head is None else (head, heldout_targets))
+                score = -means["total"]
                 metric = "heldout/neg_loss"
         model.train()
         clusters = int((usage >= USAGE_THRESHOLD).sum())

@@ -74,10 +74,10 @@ def test_the_pseudo_label_term_enters_the_total_and_resumes_exactly(tmp_path, ti
     assert not all(torch.equal(v, off["state_dict"][k]) for k, v in full["state_dict"].items())
 
 
-def test_heldout_score_includes_the_pseudo_label_term(tiny_shards):
+def test_heldout_losses_include_the_pseudo_label_term(tiny_shards):
     from stages.augment import make_views
     from stages.checkpoints import build_teacher, teacher_config
-    from stages.train import heldout_score, teacher_losses
+    from stages.train import heldout_losses, teacher_losses
     from stages.training import HeldOutBatches
 
     aug, model_params, loss, train = tiny_training_params()
@@ -89,10 +89,12 @@ def test_heldout_score_includes_the_pseudo_label_term(tiny_shards):
     torch.manual_seed(0)
     model = build_teacher(teacher_config(model_params)).eval()
     head = PseudoLabelHead(model_params.embed_dim, labels.k)
-    score, _ = heldout_score(model, heldout, aug, loss, torch.device("cpu"), (head, targets))
-    plain, _ = heldout_score(model, heldout, aug, loss, torch.device("cpu"))
+    means, _ = heldout_losses(model, heldout, aug, loss, torch.device("cpu"), (head, targets))
+    plain, _ = heldout_losses(model, heldout, aug, loss, torch.device("cpu"))
+    score = -means["total"]
     with torch.no_grad():
         terms = [teacher_losses(model, make_views(b, i, aug), loss, torch.Generator().manual_seed(i),
                                 pseudo=(head, t)) for i, (b, t) in enumerate(zip(heldout.batches, targets))]
     assert score == pytest.approx(-sum(float(t["total"]) for t in terms) / 2, abs=1e-6)
-    assert plain - score == pytest.approx(0.5 * sum(float(t["pseudo_labels"]) for t in terms) / 2, abs=1e-5)
+    assert -plain["total"] - score == pytest.approx(0.5 * sum(float(t["pseudo_labels"]) for t in terms) / 2,
+                                                    abs=1e-5)

@@ -228,12 +228,13 @@ def test_without_labelled_tiles_the_contrastive_term_fades_by_default(tmp_path, 
         assert best["metric"] == ("heldout/neg_loss" if name == "unlabelled" else "metrics_train/miou")
 
 
-def test_heldout_score_is_the_mean_loss_over_fixed_batches(tiny_shards):
+def test_heldout_losses_are_the_mean_terms_over_fixed_batches(tiny_shards):
     """Without labelled tiles a run selects by minus the mean loss over HELDOUT_BATCHES fixed
-    batches of held-out windows, each with its own fixed views: the same set twice, distinct batches."""
+    batches of held-out windows, each with its own fixed views: the same set twice, distinct
+    batches; every term is averaged the same way."""
     from stages.augment import make_views
     from stages.checkpoints import build_teacher, teacher_config
-    from stages.train import heldout_score, teacher_losses
+    from stages.train import heldout_losses, teacher_losses
     from stages.training import HeldOutBatches, training_sources
 
     aug, model_params, loss, train = tiny_training_params()
@@ -245,11 +246,15 @@ def test_heldout_score_is_the_mean_loss_over_fixed_batches(tiny_shards):
     assert not (heldout.batches[0] == heldout.batches[1]).all()
     torch.manual_seed(0)
     model = build_teacher(teacher_config(model_params)).eval()
-    score, usage = heldout_score(model, heldout, aug, loss, torch.device("cpu"))
+    means, usage = heldout_losses(model, heldout, aug, loss, torch.device("cpu"))
     with torch.no_grad():
-        totals = [float(teacher_losses(model, make_views(b, i, aug), loss, torch.Generator().manual_seed(i))["total"])
-                  for i, b in enumerate(heldout.batches)]
-    assert score == pytest.approx(-sum(totals) / 3, abs=1e-6)
+        terms = [teacher_losses(model, make_views(b, i, aug), loss, torch.Generator().manual_seed(i))
+                 for i, b in enumerate(heldout.batches)]
+    totals = [float(t["total"]) for t in terms]
+    assert means["total"] == pytest.approx(sum(totals) / 3, abs=1e-6)
+    assert set(means) == {name for name in terms[0] if not name.startswith("_")}
+    for name in means:
+        assert means[name] == pytest.approx(sum(float(t[name]) for t in terms) / 3, abs=1e-6), name
     assert len(set(totals)) == 3 and usage.shape == (4,) and usage.sum() == pytest.approx(1.0)
 
 
