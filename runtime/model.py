@@ -254,8 +254,7 @@ class Model:
                              "(meta.json label_colour_sigma): labelling needs image=, the RGB array "
                              "the cells were embedded from")
         return labels_from_cell_proba(probs, height, width, map_bands=self.network.map,
-                                      image=image if sigma else None, colour_sigma=sigma,
-                                      colours=colours if sigma else None)
+                                      image=image, colour_sigma=sigma, colours=colours)
 
     def _prepare(self, rgb, k, centres, seed, samples, iters, balance=PER_IMAGE_BALANCE):
         k = self.check_k(k)
@@ -709,8 +708,8 @@ def upsample4_guided(probs: np.ndarray, image: np.ndarray, sigma: float) -> np.n
 
     def taps(n_px: int, n_cells: int):  # cells mixed by each pixel and their bilinear weights
         lo = (np.arange(n_px) + 2) // 4 - 1
-        frac = ((np.arange(n_px) + 2) % 4 * 2 + 1).astype(np.float32) * np.float32(0.125)
-        return (np.clip(lo, 0, n_cells - 1), np.clip(lo + 1, 0, n_cells - 1)), (np.float32(1) - frac, frac)
+        first = _FIRST_CELL_WEIGHT[(np.arange(n_px) + 2) % 4]
+        return (np.clip(lo, 0, n_cells - 1), np.clip(lo + 1, 0, n_cells - 1)), (first, np.float32(1) - first)
 
     (r0, r1), (wy0, wy1) = taps(height, h)
     (c0, c1), (wx0, wx1) = taps(width, w)
